@@ -1,0 +1,355 @@
+"""DeepSeek-V3 decoder as used by Kimi-VL (Moonlight): MLA attention, sigmoid-routed MoE, RMSNorm.
+
+Module and parameter names follow the official checkpoint (``language_model.model.layers.N.self_attn.q_proj``
+and so on) so the loader maps keys one to one. The one exception is the routed experts: the checkpoint
+stores one ``gate_proj/up_proj/down_proj`` per expert, while we keep them stacked in three 3-D tensors so
+that expert compute is a batched kernel, not a Python loop; ``ExpertBank.checkpoint_slices`` tells the
+loader which official key lands in which slice.
+
+Numerics follow the official remote code (spec §2.8): fp32 RMSNorm, interleaved ("GPT-J") RoPE on the 64 rope
+dims, softmax scale 1/sqrt(qk_head_dim) times YaRN's mscale² when YaRN is on, router in fp32 with the
+correction bias used only for selection, group-limited top-k with masked groups filled with 0.0 (official;
+only differs from -inf when biased scores can be negative).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------- RoPE / YaRN
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
+    return (dim * math.log(max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+
+class RotaryEmbedding(nn.Module):
+    """Interleaved rotary embedding over the ``qk_rope_head_dim`` dims, with DeepSeek YaRN when configured."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+        exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+        inv_freq = 1.0 / (base**exponents)
+        self.cos_sin_scale = 1.0
+        self.softmax_scale = cfg.qk_head_dim**-0.5
+        yarn = cfg.yarn
+        if yarn is not None:
+            low = math.floor(_yarn_correction_dim(yarn.beta_fast, dim, base, yarn.original_max_position_embeddings))
+            high = math.ceil(_yarn_correction_dim(yarn.beta_slow, dim, base, yarn.original_max_position_embeddings))
+            low, high = max(low, 0), min(high, dim - 1)
+            if low == high:
+                high += 0.001
+            ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+            extrapolate = 1.0 - ramp
+            inv_freq = inv_freq / yarn.factor * (1 - extrapolate) + inv_freq * extrapolate
+            self.cos_sin_scale = _yarn_mscale(yarn.factor, yarn.mscale) / _yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+            if yarn.mscale_all_dim:
+                self.softmax_scale *= _yarn_mscale(yarn.factor, yarn.mscale_all_dim) ** 2
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (..., L) -> cos, sin (..., L, dim/2) in fp32."""
+        angles = positions.float()[..., None] * self.inv_freq.to(positions.device)
+        return angles.cos() * self.cos_sin_scale, angles.sin() * self.cos_sin_scale
+
+
+def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (2j, 2j+1) of the last dim; cos/sin broadcast over (..., L, dim/2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------- attention
+@dataclass
+class LatentCache:
+    """Contiguous per-layer cache of the MLA latent (normed c_kv and rotated k_pe) for the reference generate.
+
+    The serving runtime keeps the same two tensors in a paged pool; this one simply concatenates.
+    """
+
+    compressed_kv: list[torch.Tensor | None] = field(default_factory=list)
+    k_pe: list[torch.Tensor | None] = field(default_factory=list)
+
+    def length(self) -> int:
+        return 0 if not self.compressed_kv or self.compressed_kv[0] is None else self.compressed_kv[0].shape[1]
+
+    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        while len(self.compressed_kv) <= layer:
+            self.compressed_kv.append(None)
+            self.k_pe.append(None)
+        if self.compressed_kv[layer] is not None:
+            c_kv = torch.cat([self.compressed_kv[layer], c_kv], dim=1)
+            k_pe = torch.cat([self.k_pe[layer], k_pe], dim=1)
+        self.compressed_kv[layer], self.k_pe[layer] = c_kv, k_pe
+        return c_kv, k_pe
+
+
+class DeepseekV3Attention(nn.Module):
+    """Multi-head latent attention; this reference path expands K/V from the latent for every call."""
+
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_head_dim, self.kv_lora_rank = cfg.v_head_dim, cfg.kv_lora_rank
+        self.q_head_dim = cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.q_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # official code builds it without eps
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.num_heads * self.q_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias
+        )
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)  # official code builds it without eps
+        self.kv_b_proj = nn.Linear(
+            cfg.kv_lora_rank, self.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def project_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x -> (normed compressed kv, un-rotated shared rope key)."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        softmax_scale: float,
+        cache: LatentCache | None = None,
+    ) -> torch.Tensor:
+        bsz, q_len, _ = x.shape
+        q = self.project_q(x).view(bsz, q_len, self.num_heads, self.q_head_dim).transpose(1, 2)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_interleaved_rope(q_pe, cos[:, None], sin[:, None])
+
+        c_kv, k_pe = self.project_latent(x)
+        k_pe = apply_interleaved_rope(k_pe, cos, sin)
+        if cache is not None:
+            c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)
+        kv_len = c_kv.shape[1]
+
+        kv = self.kv_b_proj(c_kv).view(bsz, kv_len, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.transpose(1, 2).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(-1, self.num_heads, -1, -1)], dim=-1)
+        query = torch.cat([q_nope, q_pe], dim=-1)
+
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.v_head_dim))
+
+
+# --------------------------------------------------------------------------------------------- FFN / MoE
+class DeepseekV3MLP(nn.Module):
+    """SwiGLU without biases (dense layers and the fused shared experts)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGate(nn.Module):
+    """Router: scores, optional correction bias for selection, group-limited top-k, normalise and scale."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        assert cfg.n_routed_experts is not None and cfg.num_experts_per_tok is not None
+        self.top_k = cfg.num_experts_per_tok
+        self.n_experts = cfg.n_routed_experts
+        self.n_group, self.topk_group = cfg.n_group or 1, cfg.topk_group or 1
+        self.topk_method, self.scoring_func = cfg.topk_method, cfg.scoring_func
+        self.norm_topk_prob, self.routed_scaling_factor = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        if self.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, D) -> (expert ids (T, k) long, weights (T, k) fp32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        if self.topk_method == "greedy":
+            weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
+        else:
+            choice = scores + self.e_score_correction_bias.float() if self.topk_method == "noaux_tc" else scores
+            if self.n_group > 1:
+                grouped = choice.view(x.shape[0], self.n_group, -1)
+                if self.topk_method == "noaux_tc":
+                    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                else:
+                    group_scores = grouped.max(dim=-1).values
+                keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+                group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0).bool()
+                choice = grouped.masked_fill(~group_mask[..., None], 0.0).flatten(1)
+            ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+            weights = scores.gather(1, ids)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights * self.routed_scaling_factor
+
+
+class ExpertBank(nn.Module):
+    """All routed experts' SwiGLU weights stacked: gate/up (E, I, D), down (E, D, I)."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+
+    def checkpoint_slices(self) -> dict[str, tuple[str, int]]:
+        """Official per-expert key (relative to this module) -> (stacked parameter name, expert index)."""
+        out = {}
+        for e in range(self.gate_proj.shape[0]):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{e}.{name}.weight"] = (name, e)
+        return out
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Tokens sorted by expert, one matmul per expert that has tokens (no per-token Python loop)."""
+        n_tokens, top_k = ids.shape
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0]).tolist()
+        token_of = order // top_k
+        gathered = x[token_of]
+        outputs = torch.empty(gathered.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            chunk = gathered[start : start + count]
+            hidden = F.silu(chunk @ self.gate_proj[expert].T) * (chunk @ self.up_proj[expert].T)
+            outputs[start : start + count] = (hidden @ self.down_proj[expert].T).float()
+            start += count
+        outputs *= weights.flatten()[order, None].float()
+        combined = torch.zeros(n_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+        combined.index_add_(0, token_of, outputs)
+        return combined.to(x.dtype)
+
+
+class DeepseekV3MoE(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        assert cfg.n_routed_experts is not None
+        self.gate = MoEGate(cfg)
+        self.experts = ExpertBank(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        if cfg.n_shared_experts:
+            self.shared_experts = DeepseekV3MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ids, weights = self.gate(flat)
+        out = self.experts(flat, ids, weights).view(shape)
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x)
+        return out
+
+
+# --------------------------------------------------------------------------------------------- layers / model
+class DeepseekV3DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = DeepseekV3Attention(cfg, layer_idx)
+        self.mlp: nn.Module = (
+            DeepseekV3MoE(cfg) if cfg.is_moe_layer(layer_idx) else DeepseekV3MLP(cfg.hidden_size, cfg.intermediate_size)
+        )
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, mask, softmax_scale, cache=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, softmax_scale, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+    ) -> torch.Tensor:
+        """inputs_embeds (B, L, D); position_ids (B, L); attention_mask (B, past+L) with 1 = real token."""
+        bsz, q_len, _ = inputs_embeds.shape
+        past = cache.length() if cache is not None else 0
+        mask = build_causal_mask(bsz, q_len, past, attention_mask, inputs_embeds.dtype, inputs_embeds.device)
+        cos, sin = self.rotary_emb.cos_sin(position_ids)
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, self.rotary_emb.softmax_scale, cache)
+        return self.norm(h)
+
+
+def build_causal_mask(
+    bsz: int, q_len: int, past: int, attention_mask: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Additive (B, 1, q, past+q) mask: causal, and padded keys hidden. Finite minimum keeps pad rows NaN-free."""
+    kv_len = past + q_len
+    q_pos = torch.arange(past, kv_len, device=device)[:, None]
+    allowed = torch.arange(kv_len, device=device)[None, :] <= q_pos
+    allowed = allowed[None, None].expand(bsz, 1, q_len, kv_len)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :kv_len].bool()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    """``language_model.*`` of the checkpoint: ``model`` (decoder stack) and an untied ``lm_head``."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekV3Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None) -> torch.Tensor:
+        return self.lm_head(self.model(inputs_embeds, position_ids, attention_mask, cache)).float()
