@@ -150,7 +150,7 @@ class DeepseekV3Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         softmax_scale: float,
         cache: LatentCache | None = None,
     ) -> torch.Tensor:
@@ -170,7 +170,8 @@ class DeepseekV3Attention(nn.Module):
         k = torch.cat([k_nope, k_pe[:, None].expand(-1, self.num_heads, -1, -1)], dim=-1)
         query = torch.cat([q_nope, q_pe], dim=-1)
 
-        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=softmax_scale)
+        causal = mask is None and q_len > 1  # only produced when the queries start at position 0
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=causal, scale=softmax_scale)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.v_head_dim))
 
 
@@ -330,8 +331,14 @@ class DeepseekV3Model(nn.Module):
 
 def build_causal_mask(
     bsz: int, q_len: int, past: int, attention_mask: torch.Tensor | None, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Additive (B, 1, q, past+q) mask: causal, and padded keys hidden. Finite minimum keeps pad rows NaN-free."""
+) -> torch.Tensor | None:
+    """Additive (B, 1, q, past+q) mask: causal, and padded keys hidden. Finite minimum keeps pad rows NaN-free.
+
+    None when no padding and either a fresh prompt (SDPA's own causal flag, which allows flash kernels) or a
+    single decode step (it may see every cached key).
+    """
+    if attention_mask is None and (past == 0 or q_len == 1):
+        return None
     kv_len = past + q_len
     q_pos = torch.arange(past, kv_len, device=device)[:, None]
     allowed = torch.arange(kv_len, device=device)[None, :] <= q_pos

@@ -1,0 +1,63 @@
+"""The full-size Kimi-VL-A3B architecture (spec §1) with random weights, built directly on the GPU.
+
+Benchmarks use this instead of a download: same shapes and dtypes as the official checkpoint, values random.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from engine.config import KimiVLConfig, parse_config
+from engine.loader import build_empty_model
+
+A3B_CONFIG: dict[str, Any] = {
+    "model_type": "kimi_vl",
+    "architectures": ["KimiVLForConditionalGeneration"],
+    "media_placeholder_token_id": 163605,
+    "torch_dtype": "bfloat16",
+    "vision_config": {
+        "model_type": "moonvit", "patch_size": 14, "hidden_size": 1152, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "intermediate_size": 4304, "init_pos_emb_height": 64,
+        "init_pos_emb_width": 64, "merge_kernel_size": [2, 2],
+    },
+    "text_config": {
+        "model_type": "deepseek_v3", "vocab_size": 163840, "hidden_size": 2048, "intermediate_size": 11264,
+        "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 64, "num_experts_per_tok": 6,
+        "n_shared_experts": 2, "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.446, "n_group": 1,
+        "topk_group": 1, "hidden_act": "silu", "rope_theta": 800000.0, "rope_scaling": None,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "attention_bias": False,
+        "tie_word_embeddings": False, "bos_token_id": 163584, "eos_token_id": 163585,
+    },
+}
+
+
+def a3b_config() -> KimiVLConfig:
+    return parse_config(A3B_CONFIG)
+
+
+@torch.no_grad()
+def random_a3b_model(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """Random weights scaled like a trained model (unit-RMS activations), so routing is not degenerate."""
+    torch.manual_seed(seed)
+    model = build_empty_model(a3b_config(), torch.device(device), dtype)
+    for name, param in model.named_parameters():
+        if name.endswith("e_score_correction_bias"):
+            param.uniform_(0, 0.1)
+        elif "norm" in name and name.endswith("weight"):
+            param.fill_(1.0)
+        elif name.endswith("bias"):
+            param.zero_()
+        elif param.dim() >= 2:
+            fan_in = param.shape[-1] if param.dim() != 4 else math.prod(param.shape[1:])
+            if name.endswith("pos_emb.weight") or name.endswith("embed_tokens.weight"):
+                fan_in = 1 if "embed_tokens" in name else 1e4
+            param.normal_(0, 1 / math.sqrt(fan_in))
+        else:
+            param.normal_(0, 0.02)
+    return model
