@@ -5,6 +5,7 @@ Benchmarks use this instead of a download: same shapes and dtypes as the officia
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -37,15 +38,22 @@ A3B_CONFIG: dict[str, Any] = {
 }
 
 
-def a3b_config() -> KimiVLConfig:
-    return parse_config(A3B_CONFIG)
+def a3b_config(layers: int | None = None) -> KimiVLConfig:
+    """The A3B config; ``layers`` shrinks both towers (smoke runs on small machines)."""
+    raw = copy.deepcopy(A3B_CONFIG)
+    if layers is not None:
+        raw["text_config"]["num_hidden_layers"] = layers
+        raw["vision_config"]["num_hidden_layers"] = layers
+    return parse_config(raw)
 
 
 @torch.no_grad()
-def random_a3b_model(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+def random_a3b_model(
+    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0, layers: int | None = None
+):
     """Random weights scaled like a trained model (unit-RMS activations), so routing is not degenerate."""
     torch.manual_seed(seed)
-    model = build_empty_model(a3b_config(), torch.device(device), dtype)
+    model = build_empty_model(a3b_config(layers), torch.device(device), dtype)
     for name, param in model.named_parameters():
         if name.endswith("e_score_correction_bias"):
             param.uniform_(0, 0.1)

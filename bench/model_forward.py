@@ -27,20 +27,30 @@ from engine.config import ProcessorConfig  # noqa: E402
 from engine.processor import image_grid  # noqa: E402
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
 def timed(fn, repeats: int) -> tuple[float, float, object]:
     """Median seconds over ``repeats`` after one warm-up, and peak memory (GiB) during the runs."""
     out = fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _sync()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         del out
-        torch.cuda.synchronize()
+        _sync()
         start = time.perf_counter()
         out = fn()
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30, out
+    return statistics.median(times), _peak_gib(), out
 
 
 def screenshot_inputs(device: str):
@@ -55,12 +65,14 @@ def screenshot_inputs(device: str):
     return input_ids, pixel_values, grids, n_tokens
 
 
-def hf_model_from(ours, device: str):
+def hf_model_from(ours, device: str, layers: int | None = None):
     """transformers' DeepseekV3ForCausalLM holding the same decoder weights (experts re-fused its way)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     text = dict(A3B_CONFIG["text_config"])
     text["rope_interleave"] = True
+    if layers is not None:
+        text["num_hidden_layers"] = layers
     config = DeepseekV3Config(**text)
     config._attn_implementation = "sdpa"
     previous = torch.get_default_dtype()
@@ -92,7 +104,7 @@ def hf_model_from(ours, device: str):
         for name, buf in hf.named_buffers():
             if name.endswith("inv_freq") or name.endswith("original_inv_freq"):
                 head = config.qk_rope_head_dim
-                inv = 1.0 / (config.rope_theta ** (torch.arange(0, head, 2, dtype=torch.float, device=device) / head))
+                inv = 1.0 / (A3B_CONFIG["text_config"]["rope_theta"] ** (torch.arange(0, head, 2, dtype=torch.float, device=device) / head))
                 buf.copy_(inv)
     return hf
 
@@ -103,13 +115,15 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=8192)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--layers", type=int, help="shrink both towers (smoke runs only)")
     args = parser.parse_args()
-    device = "cuda"
-    results: dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    device = args.device
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    results: dict[str, object] = {"device": name, "torch": torch.__version__, "layers": args.layers or 27}
 
-    model = random_a3b_model(device)
-    weights_gib = torch.cuda.memory_allocated() / 2**30
-    results["weights_gib"] = round(weights_gib, 2)
+    model = random_a3b_model(device, layers=args.layers)
+    results["weights_gib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)
     input_ids, pixel_values, grids, n_image_tokens = screenshot_inputs(device)
     results["screenshot_tokens"] = {"image": n_image_tokens, "total": int(input_ids.shape[1])}
 
@@ -133,12 +147,14 @@ def main() -> None:
         pre_logits_cpu = pre_logits[0, -64:].float().cpu()
         del shot_logits, pre_logits, feats
         gc.collect()
-        torch.cuda.empty_cache()
-        hf = hf_model_from(model, device)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        hf = hf_model_from(model, device, args.layers)
         # drop our decoder (keep the embeddings we already computed) so both never share the GPU's memory budget
         del model
         gc.collect()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         with torch.inference_mode():
             t_hf_shot, m_hf_shot, hf_shot = timed(lambda: hf(inputs_embeds=embeds).logits, args.repeats)
             t_hf_pre, m_hf_pre, hf_pre = timed(lambda: hf(prefill_ids).logits, args.repeats)
@@ -149,10 +165,19 @@ def main() -> None:
             "prefill_tok_per_s": round(args.prefill / t_hf_pre, 1),
             "prefill_peak_gib": round(m_hf_pre, 2),
         }
-        results["max_abs_logit_diff_last64"] = {
-            "screenshot": float((hf_shot[0, -64:].float().cpu() - shot_logits_cpu).abs().max()),
-            "prefill": float((hf_pre[0, -64:].float().cpu() - pre_logits_cpu).abs().max()),
-            "logit_scale": float(pre_logits_cpu.abs().max()),
+        # bf16 kernels differ in rounding; with random weights the router's near-ties then pick other experts
+        # for some tokens, so report agreement statistics rather than one max (fp32 parity is a CPU test).
+        results["logit_agreement_last64"] = {
+            name: {
+                "max_abs_diff": float((theirs - ours_).abs().max()),
+                "median_abs_diff": float((theirs - ours_).abs().median()),
+                "argmax_agree": float((theirs.argmax(-1) == ours_.argmax(-1)).float().mean()),
+                "logit_scale": float(ours_.abs().max()),
+            }
+            for name, theirs, ours_ in (
+                ("screenshot", hf_shot[0, -64:].float().cpu(), shot_logits_cpu),
+                ("prefill", hf_pre[0, -64:].float().cpu(), pre_logits_cpu),
+            )
         }
         results["speedup_prefill"] = round(t_hf_pre / t_pre, 2)
     print(json.dumps(results, indent=1))
