@@ -109,6 +109,36 @@ def hf_model_from(ours, device: str, layers: int | None = None):
     return hf
 
 
+def precision_check(device: str, layers: int, tokens: int) -> dict[str, object]:
+    """bf16 error of ours and of transformers against an fp32 run of the same weights (first ``layers`` layers).
+
+    Shows whether a bf16 disagreement between the two is rounding noise both share or a real difference.
+    """
+    fp32 = random_a3b_model(device, dtype=torch.float32, layers=layers, seed=1)
+    ids = torch.randint(0, 163584, (1, tokens), device=device, generator=torch.Generator(device=device).manual_seed(1))
+    with torch.inference_mode():
+        reference = fp32(ids)[0].float()
+    with torch.no_grad():
+        for name, param in fp32.named_parameters():
+            if not name.endswith("e_score_correction_bias"):
+                param.data = param.data.to(torch.bfloat16)
+    bf16 = fp32
+    with torch.inference_mode():
+        ours = bf16(ids)[0].float()
+    hf = hf_model_from(bf16, device, layers)
+    with torch.inference_mode():
+        theirs = hf(ids).logits[0].float()
+
+    def stats(x: torch.Tensor) -> dict[str, float]:
+        return {
+            "max_abs_diff_vs_fp32": round(float((x - reference).abs().max()), 4),
+            "median_abs_diff_vs_fp32": round(float((x - reference).abs().median()), 5),
+            "argmax_agree_with_fp32": round(float((x.argmax(-1) == reference.argmax(-1)).float().mean()), 4),
+        }
+
+    return {"layers": layers, "tokens": tokens, "ours_bf16": stats(ours), "transformers_bf16": stats(theirs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
@@ -117,6 +147,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--layers", type=int, help="shrink both towers (smoke runs only)")
+    parser.add_argument("--precision-layers", type=int, default=4, help="layers for the bf16-vs-fp32 check (0: skip)")
     args = parser.parse_args()
     device = args.device
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
@@ -180,6 +211,12 @@ def main() -> None:
             )
         }
         results["speedup_prefill"] = round(t_hf_pre / t_pre, 2)
+        del hf, hf_shot, hf_pre, embeds
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if args.precision_layers:
+        results["precision"] = precision_check(device, args.precision_layers, 1024)
     print(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -228,14 +229,29 @@ class MoEGate(nn.Module):
         return ids, weights * self.routed_scaling_factor
 
 
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """torch's grouped GEMM runs on CPU (any float dtype) and on CUDA for bf16 on SM80+."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
+
+
 class ExpertBank(nn.Module):
-    """All routed experts' SwiGLU weights stacked: gate/up (E, I, D), down (E, D, I)."""
+    """All routed experts' SwiGLU weights stacked: gate/up (E, I, D), down (E, D, I).
+
+    Tokens are sorted by expert and each projection is one grouped GEMM over all experts (``backend``
+    "grouped"), with no host sync; "loop" runs one matmul per expert that has tokens, the plain reference
+    that also serves torch builds or devices without grouped GEMM.
+    """
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+        self.backend: Literal["auto", "grouped", "loop"] = "auto"
 
     def checkpoint_slices(self) -> dict[str, tuple[str, int]]:
         """Official per-expert key (relative to this module) -> (stacked parameter name, expert index)."""
@@ -246,26 +262,39 @@ class ExpertBank(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Tokens sorted by expert, one matmul per expert that has tokens (no per-token Python loop)."""
         n_tokens, top_k = ids.shape
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0]).tolist()
         token_of = order // top_k
         gathered = x[token_of]
-        outputs = torch.empty(gathered.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            chunk = gathered[start : start + count]
-            hidden = F.silu(chunk @ self.gate_proj[expert].T) * (chunk @ self.up_proj[expert].T)
-            outputs[start : start + count] = (hidden @ self.down_proj[expert].T).float()
-            start += count
-        outputs *= weights.flatten()[order, None].float()
+        counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0])
+        use_grouped = self.backend == "grouped" or (self.backend == "auto" and grouped_mm_available(x))
+        if use_grouped:
+            outputs = self._grouped(gathered, counts)
+        else:
+            outputs = self._loop(gathered, counts)
+        outputs = outputs.float() * weights.flatten()[order, None].float()
         combined = torch.zeros(n_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
         combined.index_add_(0, token_of, outputs)
         return combined.to(x.dtype)
+
+    def _grouped(self, sorted_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate = F.grouped_mm(sorted_x, self.gate_proj.transpose(1, 2), offs=offsets)
+        up = F.grouped_mm(sorted_x, self.up_proj.transpose(1, 2), offs=offsets)
+        return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+
+    def _loop(self, sorted_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        outputs = torch.empty_like(sorted_x)
+        start = 0
+        for expert, count in enumerate(counts.tolist()):
+            if count == 0:
+                continue
+            chunk = sorted_x[start : start + count]
+            hidden = F.silu(chunk @ self.gate_proj[expert].T) * (chunk @ self.up_proj[expert].T)
+            outputs[start : start + count] = hidden @ self.down_proj[expert].T
+            start += count
+        return outputs
 
 
 class DeepseekV3MoE(nn.Module):
