@@ -26,3 +26,20 @@ def test_grouped_gemm_experts_match_loop_on_gpu() -> None:
         bank.backend = "loop"
         looped = bank(x, ids, weights).float()
     assert (grouped - looped).abs().max() <= 2e-2 * looped.abs().max()
+
+
+@pytest.mark.gpu
+def test_tiny_checkpoint_on_gpu_matches_cpu(tiny_checkpoint) -> None:
+    """The same loader and model on CUDA (fp32 and bf16) agree with the CPU fp32 run."""
+    from engine.loader import load_model
+
+    cpu = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    gpu = load_model(tiny_checkpoint, device="cuda", dtype=torch.float32)
+    gpu_bf16 = load_model(tiny_checkpoint, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 700, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = cpu(ids)
+        actual = gpu(ids.cuda()).cpu()
+        rough = gpu_bf16(ids.cuda()).cpu()
+    assert (actual - expected).abs().max() < 1e-3
+    assert (rough - expected).abs().median() < 0.1
