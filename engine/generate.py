@@ -109,7 +109,7 @@ def generate(bundle: Any, messages: list[dict[str, Any]], params: SamplingParams
     )
     text_ids = token_ids[:-1] if finish == "stop" else token_ids
     return GenerationResult(
-        text=bundle.tokenizer.decode(text_ids),
+        text=bundle.tokenizer.decode(text_ids, skip_special_tokens=True),
         token_ids=token_ids,
         finish_reason=finish,
         prompt_tokens=int(inputs.input_ids.shape[-1]),
