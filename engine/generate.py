@@ -75,7 +75,8 @@ def generate_ids(
         logits = model.language_model(embeds, positions, None, cache)[0, -1]
     else:
         image_features = model.encode_images(pixel_values, grids) if pixel_values is not None else None
-        logits = _uncached_logits(model, ids, image_features)
+        prompt_embeds = model.embed(ids, image_features=image_features)
+        logits = _uncached_logits(model, prompt_embeds, [])
     for step in range(params.max_new_tokens):
         token = sample_next(logits, params, generator)
         out.append(token)
@@ -83,19 +84,26 @@ def generate_ids(
             return out, "stop"
         if step + 1 == params.max_new_tokens:
             break
-        next_id = torch.tensor([[token]], device=device)
         if params.use_cache:
             position = torch.tensor([[cache.length()]], device=device)
-            logits = model.language_model(model.embed(next_id), position, None, cache)[0, -1]
+            next_embed = _embed_generated(model, [token], device)
+            logits = model.language_model(next_embed, position, None, cache)[0, -1]
         else:
-            ids = torch.cat([ids, next_id], dim=1)
-            logits = _uncached_logits(model, ids, image_features)
+            logits = _uncached_logits(model, prompt_embeds, out)
     return out, "length"
 
 
-def _uncached_logits(model: Any, ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
-    embeds = model.embed(ids, image_features=image_features)
-    positions = torch.arange(ids.shape[1], device=ids.device)[None]
+def _embed_generated(model: Any, tokens: list[int], device: torch.device) -> torch.Tensor:
+    """Generated tokens are plain tokens (a generated <|media_pad|> carries no image)."""
+    return model.language_model.model.embed_tokens(torch.tensor([tokens], device=device))
+
+
+def _uncached_logits(model: Any, prompt_embeds: torch.Tensor, generated: list[int]) -> torch.Tensor:
+    """Recompute the whole sequence from scratch: the no-cache baseline other paths are checked against."""
+    embeds = prompt_embeds
+    if generated:
+        embeds = torch.cat([prompt_embeds, _embed_generated(model, generated, prompt_embeds.device)], dim=1)
+    positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
     return model.language_model(embeds, positions)[0, -1]
 
 

@@ -1,0 +1,1 @@
+"""Serving runtime: continuous batching over a paged MLA latent cache (see ``engine.runtime.engine``)."""

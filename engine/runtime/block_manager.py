@@ -1,0 +1,155 @@
+"""Paged cache blocks with hash-based prefix caching.
+
+A block holds ``block_size`` consecutive tokens' MLA latents. A full block's identity is a hash chained over
+every earlier block, its own token ids, and — because all placeholder tokens of all images share one id —
+the content hash of each image whose placeholders fall inside it (with the offset into that image). Hashes are
+published only once the block's latents have actually been computed, so no request can read a block that is
+still being filled. Freed blocks keep their hash and stay reusable until the allocator hands them out again
+(oldest freed first, i.e. LRU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+from engine.runtime.sequence import ImageSpan, Sequence
+
+
+class NoFreeBlocksError(RuntimeError):
+    pass
+
+
+def block_extra_keys(images: list[ImageSpan], start: int, end: int) -> bytes:
+    """Image identities for positions [start, end): content hash and the offset where the block enters it."""
+    parts = []
+    for image in images:
+        if image.start < end and image.end > start:
+            parts.append(image.content_hash + max(start - image.start, 0).to_bytes(4, "little"))
+    return b"".join(parts)
+
+
+def chain_hash(previous: bytes, token_ids: list[int], extra: bytes) -> bytes:
+    digest = hashlib.blake2b(previous, digest_size=16)
+    digest.update(len(token_ids).to_bytes(4, "little"))
+    digest.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
+    digest.update(extra)
+    return digest.digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.hash_to_block: dict[bytes, int] = {}
+        # Free blocks in LRU order (oldest freed first). Both never-used and cached-but-free blocks live here.
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hits = 0
+        self.queries = 0
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """Extra blocks ``seq`` needs to hold ``num_tokens`` tokens in total."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks
+
+    # ------------------------------------------------------------------ prefix cache
+    def _prompt_block_hashes(self, seq: Sequence, upto_tokens: int) -> list[bytes]:
+        tokens = seq.token_ids
+        hashes = list(seq.block_hashes)
+        bs = self.block_size
+        for b in range(len(hashes), upto_tokens // bs):
+            start = b * bs
+            previous = hashes[-1] if hashes else b""
+            extra = block_extra_keys(seq.images, start, start + bs)
+            hashes.append(chain_hash(previous, tokens[start : start + bs], extra))
+        return hashes
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks that hold the leading tokens of ``seq`` (never all of them: one token is recomputed)."""
+        cacheable = (len(seq) - 1) // self.block_size
+        hashes = self._prompt_block_hashes(seq, cacheable * self.block_size)
+        found = []
+        for h in hashes:
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            found.append(block)
+        self.queries += cacheable
+        self.hits += len(found)
+        return found
+
+    def admit(self, seq: Sequence) -> None:
+        """Attach the cached prefix blocks of a sequence that holds no blocks yet."""
+        assert not seq.block_table
+        cached = self.match_prefix(seq)
+        for block in cached:
+            self._take(block)
+        seq.block_table = list(cached)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * self.block_size
+        seq.block_hashes = self._prompt_block_hashes(seq, seq.num_computed_tokens)
+        seq.num_registered_blocks = len(cached)
+
+    def publish(self, seq: Sequence) -> None:
+        """Publish hashes of blocks that became full and computed, so later requests can reuse them."""
+        full = seq.num_computed_tokens // self.block_size
+        if full <= seq.num_registered_blocks:
+            return
+        seq.block_hashes = self._prompt_block_hashes(seq, full * self.block_size)
+        for b in range(seq.num_registered_blocks, full):
+            h, block = seq.block_hashes[b], seq.block_table[b]
+            owner = self.hash_to_block.get(h)
+            if owner is None:
+                self.hash_to_block[h] = block
+                self.block_hash[block] = h
+        seq.num_registered_blocks = full
+
+    # ------------------------------------------------------------------ allocation
+    def _take(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free[block]
+        self.ref_counts[block] += 1
+
+    def _allocate_fresh(self) -> int:
+        if not self.free:
+            raise NoFreeBlocksError("no free cache blocks")
+        block, _ = self.free.popitem(last=False)
+        old = self.block_hash[block]
+        if old is not None:  # evict: this block's old content is about to be overwritten
+            if self.hash_to_block.get(old) == block:
+                del self.hash_to_block[old]
+            self.block_hash[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Make ``seq`` hold at least ``num_tokens`` tokens; raises NoFreeBlocksError without partial change."""
+        needed = self.blocks_needed(seq, num_tokens)
+        if needed > len(self.free):
+            raise NoFreeBlocksError(f"need {needed} blocks, {len(self.free)} free")
+        for _ in range(needed):
+            seq.block_table.append(self._allocate_fresh())
+
+    def release(self, seq: Sequence) -> None:
+        """Drop the sequence's references; blocks at zero references return to the free list (hash kept)."""
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] >= 0
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

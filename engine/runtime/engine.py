@@ -1,0 +1,435 @@
+"""The serving engine: ``LLMEngine`` (synchronous schedule -> run -> postprocess) and ``AsyncEngine`` on top.
+
+``AsyncEngine.generate(request)`` streams ``Delta`` objects. Requests are preprocessed (chat template, image
+decoding, patching, content hashing) off the engine thread, so a slow or bad image never stalls the batch and
+a bad input fails only its own call. The engine thread runs steps while any request is active.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from engine.loader import KimiVLBundle, load
+from engine.runtime.block_manager import BlockManager
+from engine.runtime.detokenizer import IncrementalDetokenizer
+from engine.runtime.request import Delta, GenerateRequest, TokenLogprob, Usage
+from engine.runtime.runner import ModelRunner
+from engine.runtime.sampler import SamplerInput, make_generator, sample
+from engine.runtime.scheduler import Scheduler, SchedulerConfig
+from engine.runtime.sequence import ImageSpan, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests are queued; retry later (the service maps this to HTTP 503)."""
+
+
+class RequestTooLongError(ValueError):
+    """Prompt plus max_tokens exceed the model's context or the cache (HTTP 400)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; the health check reports it."""
+
+
+class EngineOptions(BaseModel):
+    block_size: int = Field(16, ge=1)
+    cache_tokens: int | None = Field(None, ge=1, description="latent cache size in tokens (default: from memory)")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=0.99)
+    cpu_cache_tokens: int = Field(65536, ge=1)
+    max_model_len: int | None = None
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=16)
+    max_waiting: int = Field(1024, ge=0)
+    vision_cache_rows: int = Field(65536, ge=0)
+    reasoning: bool | Literal["auto"] = "auto"
+    enable_prefix_caching: bool = True
+
+
+def _image_spans(input_ids: list[int], pad_id: int, pixel_values, grids, counts: list[int]) -> list[ImageSpan]:
+    """Locate each image's placeholder run and fingerprint its pixels (the prefix-cache key for those tokens)."""
+    spans: list[ImageSpan] = []
+    pos, patch_offset = 0, 0
+    for k, count in enumerate(counts):
+        while input_ids[pos] != pad_id:
+            pos += 1
+        h, w = (int(x) for x in grids[k])
+        pixels = pixel_values[patch_offset : patch_offset + h * w].contiguous()
+        patch_offset += h * w
+        digest = hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16)
+        digest.update(f"{h}x{w}".encode())
+        spans.append(ImageSpan(start=pos, length=count, content_hash=digest.digest(), pixel_values=pixels, grid_hw=(h, w)))
+        pos += count
+    return spans
+
+
+class LLMEngine:
+    """Synchronous core. Not thread-safe: one thread calls ``add``/``abort``/``step`` (the AsyncEngine's)."""
+
+    def __init__(self, bundle: KimiVLBundle, options: EngineOptions | None = None) -> None:
+        self.bundle = bundle
+        self.options = options = options or EngineOptions()
+        self.tokenizer = bundle.tokenizer
+        self.model = bundle.model
+        cfg = bundle.config.text_config
+        self.max_model_len = min(options.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        num_blocks = self._num_blocks(options)
+        self.blocks = BlockManager(num_blocks, options.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=options.max_num_seqs,
+                max_num_batched_tokens=options.max_num_batched_tokens,
+                max_waiting=options.max_waiting,
+            ),
+            self.blocks,
+        )
+        self.runner = ModelRunner(self.model, num_blocks, options.block_size, options.vision_cache_rows)
+        self.reasoning = (
+            "thinking" in str(bundle.path).lower() if options.reasoning == "auto" else bool(options.reasoning)
+        )
+        self._guided = None
+        self.by_id: dict[str, Sequence] = {}
+        self.steps = 0
+
+    def _num_blocks(self, options: EngineOptions) -> int:
+        bs = options.block_size
+        if options.cache_tokens is not None:
+            tokens = options.cache_tokens
+        elif self.model.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.model.device)
+            per_token = ModelRunner.cache_bytes_per_token(self.bundle.config.text_config, self.model.language_model.lm_head.weight.dtype)
+            reserve = 4 * 2**30  # activations of a full prefill step, logits, vision
+            tokens = int(max(free * options.gpu_memory_utilization - reserve, per_token * bs) // per_token)
+        else:
+            tokens = options.cpu_cache_tokens
+        return max(1, tokens // bs)
+
+    @property
+    def cache_capacity_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
+
+    # ------------------------------------------------------------------ admission
+    @property
+    def guided(self):
+        if self._guided is None:
+            from engine.runtime.guided import GuidedDecoding
+
+            self._guided = GuidedDecoding(self.tokenizer)
+        return self._guided
+
+    def make_sequence(self, request: GenerateRequest | dict[str, Any]) -> Sequence:
+        """Validate and preprocess a request (thread-safe; runs outside the engine thread)."""
+        if not isinstance(request, GenerateRequest):
+            request = GenerateRequest.model_validate(request)
+        inputs = self.bundle.processor(request.messages, add_generation_prompt=request.add_generation_prompt)
+        prompt = inputs.input_ids[0].tolist()
+        images: list[ImageSpan] = []
+        if inputs.pixel_values is not None:
+            images = _image_spans(
+                prompt, self.tokenizer.media_pad_id, inputs.pixel_values, inputs.image_grid_hws, inputs.num_image_tokens
+            )
+        total = len(prompt) + request.max_tokens
+        if total > self.max_model_len:
+            raise RequestTooLongError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) = {total} exceeds the "
+                f"context window of {self.max_model_len} tokens"
+            )
+        if total > self.cache_capacity_tokens:
+            raise RequestTooLongError(
+                f"prompt + max_tokens = {total} tokens exceeds the KV cache capacity ({self.cache_capacity_tokens})"
+            )
+        vocab = self.bundle.config.text_config.vocab_size
+        bad_stops = [t for t in request.stop_token_ids if not 0 <= t < vocab]
+        if bad_stops:
+            raise ValueError(f"stop_token_ids outside the vocabulary: {bad_stops}")
+        stops = set(request.stop_token_ids) | (set() if request.ignore_eos else set(self.tokenizer.stop_token_ids))
+        matcher = self.guided.matcher(request.json_schema) if request.json_schema is not None else None
+        prompt_text = getattr(inputs, "prompt", "") or ""
+        reasoning_started = self.reasoning and prompt_text.rstrip().endswith("◁think▷")
+        detok = IncrementalDetokenizer(
+            self.tokenizer,
+            stop=request.stop,
+            skip_special_tokens=True,
+            split_reasoning=self.reasoning and matcher is None,
+            reasoning_started=reasoning_started,
+        )
+        return Sequence(
+            request=request,
+            prompt_ids=prompt,
+            images=images,
+            sampling=request.sampling(),
+            stop_token_ids=stops,
+            generator=make_generator(request.seed),
+            matcher=matcher,
+            detokenizer=detok,
+            arrival=time.monotonic(),
+        )
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.scheduler.waiting) >= self.options.max_waiting:
+            raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests already queued")
+        if seq.request_id in self.by_id:
+            raise ValueError(f"request_id {seq.request_id!r} is already running")
+        self.by_id[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> Delta | None:
+        seq = self.by_id.get(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, "cancelled")
+
+    def has_work(self) -> bool:
+        return len(self.scheduler) > 0
+
+    # ------------------------------------------------------------------ step
+    def _finish(self, seq: Sequence, reason: str, text: str = "", reasoning: str = "", error: str | None = None) -> Delta:
+        self.scheduler.remove(seq)
+        self.by_id.pop(seq.request_id, None)
+        seq.finish_reason = reason
+        seq.error = error
+        usage = Usage(
+            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), cached_tokens=seq.num_cached_tokens
+        )
+        return Delta(
+            request_id=seq.request_id, text=text, reasoning_text=reasoning, finish_reason=reason, usage=usage,
+            error=error,
+        )
+
+    def step(self) -> list[Delta]:
+        """One schedule -> run -> postprocess cycle; returns the deltas it produced."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self.steps += 1
+        try:
+            meta = self.runner.prepare(batch.seqs, batch.num_new_tokens)
+            logits = self.runner.forward(meta)
+        except Exception as exc:  # a failed forward fails this step's requests, not the engine
+            log.exception("forward failed")
+            return [self._finish(s, "error", error=f"model forward failed: {exc}") for s in batch.seqs]
+
+        sampling: list[Sequence] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            if self.options.enable_prefix_caching:
+                self.blocks.publish(seq)
+            if seq.num_computed_tokens == len(seq):
+                sampling.append(seq)
+        if not sampling:
+            return []
+        return self._sample_and_emit(sampling, logits)
+
+    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Delta]:
+        deltas: list[Delta] = []
+        vocab = logits.shape[-1]
+        masks = None
+        alive = list(range(len(seqs)))
+        if any(s.matcher is not None for s in seqs):
+            masks = torch.ones(len(seqs), vocab, dtype=torch.bool)
+            for i, seq in enumerate(seqs):
+                if seq.matcher is None:
+                    continue
+                try:
+                    masks[i] = seq.matcher.allowed_mask(vocab)
+                except Exception as exc:
+                    deltas.append(self._finish(seq, "error", error=f"guided decoding failed: {exc}"))
+                    alive.remove(i)
+            masks = masks.to(logits.device)
+        if not alive:
+            return deltas
+        index = torch.tensor(alive, device=logits.device)
+        live = [seqs[i] for i in alive]
+        out = sample(
+            SamplerInput(
+                logits=logits[index],
+                params=[s.sampling for s in live],
+                generators=[s.generator for s in live],
+                prompt_token_ids=[s.prompt_ids for s in live],
+                output_token_ids=[s.output_ids for s in live],
+                allowed_mask=None if masks is None else masks[index],
+            )
+        )
+        for seq, token, logprob in zip(live, out.token_ids, out.logprobs):
+            try:
+                deltas.append(self._postprocess(seq, token, logprob))
+            except Exception as exc:
+                log.exception("postprocess failed for %s", seq.request_id)
+                deltas.append(self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}"))
+        return deltas
+
+    def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> Delta:
+        seq.output_ids.append(token)
+        if seq.matcher is not None:
+            seq.matcher.accept(token)
+        logprobs = [logprob] if logprob is not None else None
+        if token in seq.stop_token_ids:
+            tail = seq.detokenizer.finish()
+            delta = self._finish(seq, "stop", tail.text, tail.reasoning_text)
+            delta.token_ids, delta.logprobs = [token], logprobs
+            return delta
+        piece = seq.detokenizer.feed([token])
+        if piece.stopped:
+            delta = self._finish(seq, "stop", piece.text, piece.reasoning_text)
+        elif len(seq.output_ids) >= seq.max_tokens or len(seq) >= self.max_model_len:
+            tail = seq.detokenizer.finish()
+            delta = self._finish(seq, "length", piece.text + tail.text, piece.reasoning_text + tail.reasoning_text)
+        else:
+            delta = Delta(request_id=seq.request_id, text=piece.text, reasoning_text=piece.reasoning_text)
+        delta.token_ids, delta.logprobs = [token], logprobs
+        return delta
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "cache_usage": round(self.blocks.usage(), 4),
+            "free_blocks": self.blocks.num_free_blocks,
+            "num_blocks": self.blocks.num_blocks,
+            "prefix_cache_hit_blocks": self.blocks.hits,
+            "prefix_cache_query_blocks": self.blocks.queries,
+            "vision_cache_hits": self.runner.vision_cache.hits,
+            "vision_cache_misses": self.runner.vision_cache.misses,
+            "steps": self.steps,
+            "preemptions": self.scheduler.num_preemptions,
+        }
+
+
+class AsyncEngine:
+    """Asyncio front of ``LLMEngine``: ``async for delta in engine.generate(request)``.
+
+    Closing the iterator early (client gone, task cancelled) aborts the request and frees its cache blocks.
+    """
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delta | BaseException]]] = {}
+        self._wake = threading.Condition()
+        self._stopped = False
+        self.last_step_at = time.monotonic()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="kimiray-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None, **options: Any
+    ) -> "AsyncEngine":
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        bundle = load(path, device=device, dtype=dtype)
+        return cls(LLMEngine(bundle, EngineOptions(**options)))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None and not self._stopped
+
+    # ------------------------------------------------------------------ engine thread
+    def _deliver(self, delta: Delta | BaseException, request_id: str) -> None:
+        target = self._queues.get(request_id)
+        if target is None:
+            return
+        loop, queue = target
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, delta)
+        except RuntimeError:  # the caller's loop is closed
+            self._queues.pop(request_id, None)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                with self._wake:
+                    while not self._inbox and not engine.has_work() and not self._stopped:
+                        self._wake.wait(timeout=1.0)
+                        self.last_step_at = time.monotonic()
+                    if self._stopped and not engine.has_work() and not self._inbox:
+                        return
+                    inbox = list(self._inbox)
+                    self._inbox.clear()
+                for kind, payload in inbox:
+                    if kind == "add":
+                        try:
+                            engine.add(payload)
+                        except Exception as exc:
+                            self._deliver(exc, payload.request_id)
+                    elif kind == "abort":
+                        delta = engine.abort(payload)
+                        if delta is not None:
+                            self._deliver(delta, payload)
+                for delta in engine.step():
+                    self._deliver(delta, delta.request_id)
+                self.last_step_at = time.monotonic()
+        except BaseException as exc:  # pragma: no cover - a bug in the engine itself
+            log.exception("engine thread died")
+            self.error = exc
+            for request_id in list(self._queues):
+                self._deliver(EngineDeadError(f"engine stopped: {exc}"), request_id)
+
+    def _post(self, kind: str, payload: Any) -> None:
+        with self._wake:
+            self._inbox.append((kind, payload))
+            self._wake.notify()
+
+    # ------------------------------------------------------------------ public API
+    async def generate(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Delta]:
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        if not isinstance(request, GenerateRequest):
+            request = GenerateRequest.model_validate(request)
+        if len(self.engine.scheduler.waiting) + len(self._inbox) >= self.engine.options.max_waiting:
+            raise EngineOverloadedError("too many queued requests; retry later")
+        if request.request_id in self._queues:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        seq = await asyncio.to_thread(self.engine.make_sequence, request)
+        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        self._queues[request.request_id] = (asyncio.get_running_loop(), queue)
+        finished = False
+        try:
+            self._post("add", seq)
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request.request_id, None)
+            if not finished:
+                self._post("abort", request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.engine.stats(), "alive": self.alive, "seconds_since_step": time.monotonic() - self.last_step_at}
+
+    async def shutdown(self, drain: bool = True) -> None:
+        """Stop the engine thread; with ``drain`` the running requests finish first."""
+        if not drain:
+            for request_id in list(self.engine.by_id):
+                self._post("abort", request_id)
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        await asyncio.to_thread(self._thread.join)

@@ -1,0 +1,257 @@
+"""Runs one scheduled step through the model over the paged MLA latent cache.
+
+The cache holds, per layer and per token slot, the normalised compressed KV (``kv_lora_rank``) and the rotated
+shared rope key (``qk_rope_head_dim``) — 576 values per token per layer for A3B, never expanded K/V.
+
+Attention, per step, over a flat batch of tokens from many sequences:
+- decode rows (one new token): absorbed-weight MLA in latent space, batched over sequences:
+  q̃ = W_UKᵀ q_nope, scores = q̃·c + q_pe·k_pe, z = Σ p·c, out = W_UV z;
+- prompt chunks: the chunk's queries against the sequence's cached latents expanded through ``kv_b_proj``.
+Dense projections and the MoE run once over all tokens of the step.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.model.decoder import apply_interleaved_rope
+from engine.model.kimi_vl import KimiVLForConditionalGeneration
+from engine.runtime.sequence import ImageSpan, Sequence
+
+
+@dataclass
+class PrefillChunk:
+    q_start: int  # first row of this chunk in the step's flat token batch
+    q_len: int
+    ctx_len: int  # keys the chunk attends to (cached prefix + the chunk itself)
+    slots: torch.Tensor  # (ctx_len,) cache slots of those keys
+
+
+@dataclass
+class StepMetadata:
+    input_ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (T,)
+    slot_mapping: torch.Tensor  # (T,) where each new token's latent is written
+    decode_rows: torch.Tensor  # (Sd,) rows of one-token sequences
+    decode_slots: torch.Tensor  # (Sd, Lmax) cache slots each decode row attends to (padded)
+    decode_mask: torch.Tensor  # (Sd, Lmax) bool, True = real key
+    prefills: list[PrefillChunk]
+    logit_rows: torch.Tensor  # (R,) rows whose next token is sampled
+    image_rows: torch.Tensor | None  # (P,) rows that are image placeholders
+    image_features: torch.Tensor | None  # (P, hidden) their features
+
+
+class VisionCache:
+    """Projected image features by content hash (LRU, bounded in rows), so resent images aren't re-encoded."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self.rows = 0
+        self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: bytes, value: torch.Tensor) -> None:
+        if key in self.entries:
+            return
+        self.entries[key] = value
+        self.rows += value.shape[0]
+        while self.rows > self.max_rows and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.rows -= old.shape[0]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: KimiVLForConditionalGeneration,
+        num_blocks: int,
+        block_size: int,
+        vision_cache_rows: int = 65536,
+    ) -> None:
+        self.model = model
+        self.config = model.config.text_config
+        self.device = model.device
+        self.dtype = model.language_model.lm_head.weight.dtype
+        self.block_size = block_size
+        cfg = self.config
+        self.latent_dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        self.kv_cache = torch.zeros(
+            cfg.num_hidden_layers, num_blocks * block_size, self.latent_dim, dtype=self.dtype, device=self.device
+        )
+        self.vision_cache = VisionCache(vision_cache_rows)
+        heads = cfg.num_attention_heads
+        self.absorbed = []
+        for layer in model.language_model.model.layers:
+            w = layer.self_attn.kv_b_proj.weight.view(heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+            self.absorbed.append((w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :]))  # W_UK, W_UV views
+
+    @staticmethod
+    def cache_bytes_per_token(config, dtype: torch.dtype) -> int:
+        latent = config.kv_lora_rank + config.qk_rope_head_dim
+        return config.num_hidden_layers * latent * torch.empty((), dtype=dtype).element_size()
+
+    # ------------------------------------------------------------------ inputs
+    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        positions = torch.arange(start, end)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def _image_features(self, images: list[ImageSpan]) -> dict[bytes, torch.Tensor]:
+        """Features for the given images, encoding the uncached ones in one packed vision call."""
+        found: dict[bytes, torch.Tensor] = {}
+        todo: list[ImageSpan] = []
+        for image in images:
+            if image.content_hash in found:
+                continue
+            cached = self.vision_cache.get(image.content_hash)
+            if cached is not None:
+                self.vision_cache.hits += 1
+                found[image.content_hash] = cached
+            elif all(image.content_hash != t.content_hash for t in todo):
+                todo.append(image)
+        if todo:
+            self.vision_cache.misses += len(todo)
+            pixels = torch.cat([t.pixel_values for t in todo]).to(self.device)
+            grids = torch.tensor([t.grid_hw for t in todo], device=self.device)
+            features = self.model.encode_images(pixels, grids)
+            offset = 0
+            for image in todo:
+                rows = features[offset : offset + image.length]
+                offset += image.length
+                self.vision_cache.put(image.content_hash, rows)
+                found[image.content_hash] = rows
+        return found
+
+    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> StepMetadata:
+        ids, positions, slots, logit_rows = [], [], [], []
+        decode_rows, decode_slot_lists, prefills = [], [], []
+        needed_images: list[ImageSpan] = []
+        image_places: list[tuple[int, ImageSpan, int, int]] = []  # (row, image, first feature row, count)
+        row = 0
+        for seq, n in zip(seqs, num_new_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            tokens = seq.token_ids
+            ids.extend(tokens[start:end])
+            positions.extend(range(start, end))
+            seq_slots = self._slots(seq, 0, end)
+            slots.append(seq_slots[start:end])
+            if n == 1 and start > 0:
+                decode_rows.append(row)
+                decode_slot_lists.append(seq_slots)
+            else:
+                prefills.append(PrefillChunk(row, n, end, seq_slots.to(self.device)))
+            for image in seq.images:
+                lo, hi = max(image.start, start), min(image.end, end)
+                if lo < hi:
+                    needed_images.append(image)
+                    image_places.append((row + lo - start, image, lo - image.start, hi - lo))
+            if end == len(seq):
+                logit_rows.append(row + n - 1)
+            row += n
+
+        image_rows = image_features = None
+        if image_places:
+            features = self._image_features(needed_images)
+            image_rows = torch.cat([torch.arange(r, r + c) for r, _, _, c in image_places]).to(self.device)
+            image_features = torch.cat([features[im.content_hash][f : f + c] for _, im, f, c in image_places])
+
+        if decode_rows:
+            longest = max(len(s) for s in decode_slot_lists)
+            decode_slots = torch.zeros(len(decode_rows), longest, dtype=torch.long)
+            decode_mask = torch.zeros(len(decode_rows), longest, dtype=torch.bool)
+            for i, s in enumerate(decode_slot_lists):
+                decode_slots[i, : len(s)] = s
+                decode_mask[i, : len(s)] = True
+        else:
+            decode_slots = torch.zeros(0, 1, dtype=torch.long)
+            decode_mask = torch.zeros(0, 1, dtype=torch.bool)
+        dev = self.device
+        return StepMetadata(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.cat(slots).to(dev),
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
+            decode_slots=decode_slots.to(dev),
+            decode_mask=decode_mask.to(dev),
+            prefills=prefills,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            image_rows=image_rows,
+            image_features=image_features,
+        )
+
+    # ------------------------------------------------------------------ forward
+    def _attention(self, layer_idx: int, attn, h: torch.Tensor, cos, sin, meta: StepMetadata, softmax_scale: float):
+        cfg = self.config
+        n_tokens = h.shape[0]
+        heads, nope, rope, v_dim, rank = (
+            cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank,
+        )
+        q = attn.project_q(h).view(n_tokens, heads, nope + rope)
+        q_nope, q_pe = q.split([nope, rope], dim=-1)
+        q_pe = apply_interleaved_rope(q_pe, cos[:, None], sin[:, None])
+        c_kv, k_pe = attn.project_latent(h)
+        k_pe = apply_interleaved_rope(k_pe, cos, sin)
+        cache = self.kv_cache[layer_idx]
+        cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype)
+
+        out = h.new_empty(n_tokens, heads, v_dim)
+        if meta.decode_rows.numel():
+            w_uk, w_uv = self.absorbed[layer_idx]
+            rows = meta.decode_rows
+            q_latent = torch.einsum("shd,hdr->shr", q_nope[rows], w_uk)
+            latents = cache[meta.decode_slots]  # (Sd, L, rank + rope)
+            c, kp = latents.split([rank, rope], dim=-1)
+            scores = torch.einsum("shr,slr->shl", q_latent, c) + torch.einsum("shp,slp->shl", q_pe[rows], kp)
+            scores = (scores.float() * softmax_scale).masked_fill(~meta.decode_mask[:, None, :], float("-inf"))
+            probs = scores.softmax(dim=-1).to(c.dtype)
+            z = torch.einsum("shl,slr->shr", probs, c)
+            out[rows] = torch.einsum("shr,hvr->shv", z, w_uv)
+        for chunk in meta.prefills:
+            latents = cache[chunk.slots]
+            c, kp = latents.split([rank, rope], dim=-1)
+            kv = attn.kv_b_proj(c).view(chunk.ctx_len, heads, nope + v_dim)
+            k_nope, v = kv.split([nope, v_dim], dim=-1)
+            k = torch.cat([k_nope, kp[:, None].expand(-1, heads, -1)], dim=-1)
+            sl = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+            query = torch.cat([q_nope[sl], q_pe[sl]], dim=-1)
+            offset = chunk.ctx_len - chunk.q_len
+            if offset == 0:
+                mask, causal = None, chunk.q_len > 1
+            else:
+                key_pos = torch.arange(chunk.ctx_len, device=h.device)
+                query_pos = torch.arange(offset, chunk.ctx_len, device=h.device)
+                mask, causal = key_pos[None, :] <= query_pos[:, None], False
+            o = F.scaled_dot_product_attention(
+                query.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                attn_mask=mask, is_causal=causal, scale=softmax_scale,
+            )
+            out[sl] = o.transpose(0, 1)
+        return attn.o_proj(out.view(n_tokens, heads * v_dim))
+
+    @torch.inference_mode()
+    def forward(self, meta: StepMetadata) -> torch.Tensor:
+        """Computes the step's latents into the cache; returns float32 logits for ``meta.logit_rows``."""
+        lm = self.model.language_model
+        h = lm.model.embed_tokens(meta.input_ids)
+        if meta.image_rows is not None:
+            h[meta.image_rows] = meta.image_features.to(h.dtype)
+        rotary = lm.model.rotary_emb
+        cos, sin = rotary.cos_sin(meta.positions)
+        for idx, layer in enumerate(lm.model.layers):
+            h = h + self._attention(idx, layer.self_attn, layer.input_layernorm(h), cos, sin, meta, rotary.softmax_scale)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if meta.logit_rows.numel() == 0:
+            return torch.empty(0, lm.config.vocab_size, device=self.device)
+        return lm.lm_head(lm.model.norm(h[meta.logit_rows])).float()

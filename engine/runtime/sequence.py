@@ -1,0 +1,79 @@
+"""A request's state inside the runtime: tokens, images, cache blocks, and per-request helpers."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.runtime.request import GenerateRequest, SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """One image's placeholder run in the prompt. ``content_hash`` identifies its pixels (and sampling)."""
+
+    start: int  # index of the first <|media_pad|> of this image in the prompt
+    length: int  # number of placeholder tokens (= merged feature rows)
+    content_hash: bytes
+    pixel_values: torch.Tensor  # (h*w, 3, p, p) on CPU
+    grid_hw: tuple[int, int]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerateRequest
+    prompt_ids: list[int]
+    images: list[ImageSpan]
+    sampling: SamplingParams
+    stop_token_ids: set[int]
+    generator: torch.Generator | None = None
+    matcher: Any = None  # guided-decoding state (engine.runtime.guided.GrammarMatcher) or None
+    detokenizer: Any = None  # engine.runtime.detokenizer.IncrementalDetokenizer
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose latent KV is in the cache
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at (the latest) admission
+    num_registered_blocks: int = 0  # leading full blocks whose hash is published for reuse
+    block_hashes: list[bytes] = field(default_factory=list)  # hash chain of the leading full blocks
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    arrival: float = 0.0
+    preemptions: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self) - self.num_computed_tokens
+
+    @property
+    def max_tokens(self) -> int:
+        return self.request.max_tokens

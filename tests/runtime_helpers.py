@@ -1,0 +1,51 @@
+"""Helpers for runtime tests: deterministic images, message builders, the plain uncached reference."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import torch
+from PIL import Image
+
+from engine.generate import SamplingParams, generate_ids
+from engine.runtime.request import Delta
+
+
+def image(seed: int, size: tuple[int, int] = (84, 56)) -> Image.Image:
+    gen = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(size[1], size[0], 3, generator=gen) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels, "RGB")
+
+
+def text_message(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+def image_message(images: list[Image.Image], text: str) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = [{"type": "image", "image": im} for im in images]
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def reference_tokens(bundle, messages, max_tokens: int, stop_ids: list[int] | None = None) -> list[int]:
+    """What the plain model generates alone, greedy, without any cache."""
+    inputs = bundle.processor(messages, add_generation_prompt=True)
+    stops = list(bundle.tokenizer.stop_token_ids) if stop_ids is None else stop_ids
+    ids, _ = generate_ids(
+        bundle.model, inputs.input_ids, inputs.pixel_values, inputs.image_grid_hws,
+        SamplingParams(max_new_tokens=max_tokens, use_cache=False), stops,
+    )
+    return ids
+
+
+async def collect(engine, request: dict[str, Any]) -> list[Delta]:
+    return [delta async for delta in engine.generate(request)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def tokens_of(deltas: list[Delta]) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
