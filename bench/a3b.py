@@ -69,3 +69,59 @@ def random_a3b_model(
         else:
             param.normal_(0, 0.02)
     return model
+
+
+def write_a3b_files(directory) -> None:
+    """config.json, preprocessor_config.json and a tokenizer in the official format with the full 163,840-id
+    vocabulary (256 byte tokens + distinct 3-byte tokens + the 256 special slots), so the engine runs unchanged
+    on the random A3B model: the processor, chat template and detokenizer all see real-sized ids."""
+    import base64
+    import json
+    from pathlib import Path
+
+    from engine.tiny import tiny_preprocessor_config
+    from engine.tiny_tokenizer import write_tiny_tokenizer
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(A3B_CONFIG))
+    pre = tiny_preprocessor_config()
+    pre["in_token_limit"] = 4096
+    (out / "preprocessor_config.json").write_text(json.dumps(pre))
+    small = 768
+    write_tiny_tokenizer(out, num_base_tokens=small)
+    base = A3B_CONFIG["text_config"]["vocab_size"] - 256
+    lines = [f"{base64.b64encode(bytes([i])).decode()} {i}" for i in range(256)]
+    rank = 256
+    for a in range(256):
+        for b in range(256):
+            for c in range(256):
+                if rank == base:
+                    break
+                lines.append(f"{base64.b64encode(bytes([a, b, c])).decode()} {rank}")
+                rank += 1
+            if rank == base:
+                break
+        if rank == base:
+            break
+    (out / "tiktoken.model").write_text("\n".join(lines) + "\n")
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {
+        str(int(k) - small + base): v for k, v in config["added_tokens_decoder"].items()
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
+
+def a3b_bundle(directory, device: str = "cuda", layers: int | None = None):
+    """A KimiVLBundle around the random A3B model, with processor and tokenizer loaded from ``directory``."""
+    from pathlib import Path
+
+    from engine.loader import KimiVLBundle
+    from engine.processor import KimiVLProcessor
+    from engine.tokenizer import KimiTokenizer
+
+    write_a3b_files(directory)
+    tokenizer = KimiTokenizer.from_pretrained(directory)
+    processor = KimiVLProcessor.from_pretrained(directory, tokenizer)
+    model = random_a3b_model(device, layers=layers)
+    return KimiVLBundle(model=model, processor=processor, tokenizer=tokenizer, config=model.config, path=Path(directory))

@@ -245,3 +245,27 @@ def test_stop_string_and_max_tokens(tiny_bundle) -> None:
     assert stopped[-1].finish_reason == "stop"
     assert stopped_text == text[: text.index(stop)]
     run(engine.shutdown())
+
+
+def test_padded_decode_step_equals_unpadded(tiny_bundle) -> None:
+    """The CUDA-graph decode path pads batch and key length; run eagerly, padding must not change real rows."""
+    from engine.runtime.runner import pad_decode_metadata
+
+    engine = LLMEngine(tiny_bundle, EngineOptions(cache_tokens=2048, block_size=8))
+    for i in range(3):
+        engine.add(engine.make_sequence({"messages": text_message(_long_text(10 + 7 * i, seed=i)), "max_tokens": 5,
+                                         "ignore_eos": True}))
+    engine.step()  # prefill all three, sample their first token
+    batch = engine.scheduler.schedule()
+    assert all(n == 1 for n in batch.num_new_tokens) and len(batch.seqs) == 3
+    meta = engine.runner.prepare(batch.seqs, batch.num_new_tokens)
+    cache_before = engine.runner.kv_cache.clone()
+    expected = engine.runner.forward_eager(meta)
+    cache_after = engine.runner.kv_cache.clone()
+    engine.runner.kv_cache.copy_(cache_before)
+    padded = pad_decode_metadata(meta, 8, 256, engine.runner.scratch_slot)
+    actual = engine.runner.forward_eager(padded)[:3]
+    assert torch.isfinite(actual).all()
+    assert (actual - expected).abs().max() < 1e-4
+    real = engine.runner.scratch_slot  # padded rows may only have written into the scratch block
+    assert (engine.runner.kv_cache[:, :real] - cache_after[:, :real]).abs().max() < 1e-5

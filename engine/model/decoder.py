@@ -267,7 +267,10 @@ class ExpertBank(nn.Module):
         order = flat_ids.argsort(stable=True)
         token_of = order // top_k
         gathered = x[token_of]
-        counts = torch.bincount(flat_ids, minlength=self.gate_proj.shape[0])
+        # scatter_add instead of bincount: bincount's output size depends on the data (a host sync), which would
+        # also break CUDA-graph capture of the decode step
+        counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=x.device)
+        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
         use_grouped = self.backend == "grouped" or (self.backend == "auto" and grouped_mm_available(x))
         if use_grouped:
             outputs = self._grouped(gathered, counts)

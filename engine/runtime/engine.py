@@ -56,6 +56,7 @@ class EngineOptions(BaseModel):
     vision_cache_rows: int = Field(65536, ge=0)
     reasoning: bool | Literal["auto"] = "auto"
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = Field(True, description="replay CUDA graphs for pure-decode steps on GPU")
 
 
 def _image_spans(input_ids: list[int], pad_id: int, pixel_values, grids, counts: list[int]) -> list[ImageSpan]:
@@ -95,7 +96,9 @@ class LLMEngine:
             ),
             self.blocks,
         )
-        self.runner = ModelRunner(self.model, num_blocks, options.block_size, options.vision_cache_rows)
+        self.runner = ModelRunner(
+            self.model, num_blocks, options.block_size, options.vision_cache_rows, use_cuda_graphs=options.cuda_graphs
+        )
         self.reasoning = (
             "thinking" in str(bundle.path).lower() if options.reasoning == "auto" else bool(options.reasoning)
         )
@@ -133,10 +136,19 @@ class LLMEngine:
         """Validate and preprocess a request (thread-safe; runs outside the engine thread)."""
         if not isinstance(request, GenerateRequest):
             request = GenerateRequest.model_validate(request)
-        inputs = self.bundle.processor(request.messages, add_generation_prompt=request.add_generation_prompt)
-        prompt = inputs.input_ids[0].tolist()
+        vocab = self.bundle.config.text_config.vocab_size
         images: list[ImageSpan] = []
-        if inputs.pixel_values is not None:
+        if request.prompt_token_ids is not None:
+            prompt = list(request.prompt_token_ids)
+            bad = [t for t in prompt if not 0 <= t < vocab or t == self.tokenizer.media_pad_id]
+            if bad:
+                raise ValueError(f"prompt_token_ids has ids outside the vocabulary or image placeholders: {bad[:10]}")
+            prompt_text = ""
+        else:
+            inputs = self.bundle.processor(request.messages, add_generation_prompt=request.add_generation_prompt)
+            prompt = inputs.input_ids[0].tolist()
+            prompt_text = getattr(inputs, "prompt", "") or ""
+        if request.prompt_token_ids is None and inputs.pixel_values is not None:
             images = _image_spans(
                 prompt, self.tokenizer.media_pad_id, inputs.pixel_values, inputs.image_grid_hws, inputs.num_image_tokens
             )
@@ -150,13 +162,11 @@ class LLMEngine:
             raise RequestTooLongError(
                 f"prompt + max_tokens = {total} tokens exceeds the KV cache capacity ({self.cache_capacity_tokens})"
             )
-        vocab = self.bundle.config.text_config.vocab_size
         bad_stops = [t for t in request.stop_token_ids if not 0 <= t < vocab]
         if bad_stops:
             raise ValueError(f"stop_token_ids outside the vocabulary: {bad_stops}")
         stops = set(request.stop_token_ids) | (set() if request.ignore_eos else set(self.tokenizer.stop_token_ids))
         matcher = self.guided.matcher(request.json_schema) if request.json_schema is not None else None
-        prompt_text = getattr(inputs, "prompt", "") or ""
         reasoning_started = self.reasoning and prompt_text.rstrip().endswith("◁think▷")
         detok = IncrementalDetokenizer(
             self.tokenizer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -35,7 +35,10 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    messages: list[Any] = Field(..., min_length=1)
+    messages: list[Any] | None = Field(None, min_length=1)
+    prompt_token_ids: list[int] | None = Field(
+        None, min_length=1, description="an already tokenized prompt (text only), instead of messages"
+    )
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -65,6 +68,12 @@ class GenerateRequest(BaseModel):
         if any(s == "" for s in value):
             raise ValueError("stop strings must be non-empty")
         return value
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "GenerateRequest":
+        if (self.messages is None) == (self.prompt_token_ids is None):
+            raise ValueError("give exactly one of messages or prompt_token_ids")
+        return self
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(

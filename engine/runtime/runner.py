@@ -78,6 +78,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         vision_cache_rows: int = 65536,
+        use_cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.config = model.config.text_config
@@ -86,9 +87,12 @@ class ModelRunner:
         self.block_size = block_size
         cfg = self.config
         self.latent_dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        # one extra block at the end is scratch space: padded rows of a CUDA-graph batch write and read there
+        self.scratch_slot = num_blocks * block_size
         self.kv_cache = torch.zeros(
-            cfg.num_hidden_layers, num_blocks * block_size, self.latent_dim, dtype=self.dtype, device=self.device
+            cfg.num_hidden_layers, (num_blocks + 1) * block_size, self.latent_dim, dtype=self.dtype, device=self.device
         )
+        self.graphs = DecodeGraphs(self) if (use_cuda_graphs and self.device.type == "cuda") else None
         self.vision_cache = VisionCache(vision_cache_rows)
         heads = cfg.num_attention_heads
         self.absorbed = []
@@ -243,6 +247,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, meta: StepMetadata) -> torch.Tensor:
         """Computes the step's latents into the cache; returns float32 logits for ``meta.logit_rows``."""
+        if self.graphs is not None and self.graphs.applicable(meta):
+            return self.graphs.run(meta)
+        return self.forward_eager(meta)
+
+    def forward_eager(self, meta: StepMetadata) -> torch.Tensor:
         lm = self.model.language_model
         h = lm.model.embed_tokens(meta.input_ids)
         if meta.image_rows is not None:
@@ -255,3 +264,100 @@ class ModelRunner:
         if meta.logit_rows.numel() == 0:
             return torch.empty(0, lm.config.vocab_size, device=self.device)
         return lm.lm_head(lm.model.norm(h[meta.logit_rows])).float()
+
+
+def pad_decode_metadata(meta: StepMetadata, batch: int, keys: int, scratch_slot: int) -> StepMetadata:
+    """A pure-decode step padded to ``batch`` rows and ``keys`` key slots: extra rows write to and attend only
+    the scratch slot, so they never touch real cache blocks and never produce NaNs."""
+    n, length = meta.decode_slots.shape
+    dev = meta.input_ids.device
+    slots = torch.full((batch, keys), scratch_slot, dtype=torch.long, device=dev)
+    slots[:n, :length] = meta.decode_slots
+    mask = torch.zeros(batch, keys, dtype=torch.bool, device=dev)
+    mask[:n, :length] = meta.decode_mask
+    mask[n:, 0] = True
+    ids = torch.zeros(batch, dtype=torch.long, device=dev)
+    ids[:n] = meta.input_ids
+    positions = torch.zeros(batch, dtype=torch.long, device=dev)
+    positions[:n] = meta.positions
+    slot_mapping = torch.full((batch,), scratch_slot, dtype=torch.long, device=dev)
+    slot_mapping[:n] = meta.slot_mapping
+    rows = torch.arange(batch, device=dev)
+    return StepMetadata(
+        input_ids=ids, positions=positions, slot_mapping=slot_mapping, decode_rows=rows, decode_slots=slots,
+        decode_mask=mask, prefills=[], logit_rows=rows, image_rows=None, image_features=None,
+    )
+
+
+class DecodeGraphs:
+    """CUDA graphs of the whole decode step, one per (batch bucket, key-length bucket), captured on first use.
+
+    Decode is launch-bound at small batch (hundreds of small kernels per step); replaying a graph removes the
+    per-kernel CPU cost. Inputs are copied into static buffers; padding follows ``pad_decode_metadata``.
+    """
+
+    BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+    MIN_KEYS = 256
+
+    def __init__(self, runner: "ModelRunner", max_keys: int | None = None) -> None:
+        self.runner = runner
+        self.max_keys = max_keys or runner.config.max_position_embeddings
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, StepMetadata, torch.Tensor]] = {}
+        self.pool = None
+        self.replays = 0
+
+    @staticmethod
+    def _bucket(value: int, buckets) -> int | None:
+        return next((b for b in buckets if b >= value), None)
+
+    def key_bucket(self, keys: int) -> int:
+        size = self.MIN_KEYS
+        while size < keys:
+            size *= 2
+        return size
+
+    def applicable(self, meta: StepMetadata) -> bool:
+        n = meta.decode_rows.numel()
+        return (
+            n > 0 and not meta.prefills and meta.image_rows is None and n == meta.input_ids.numel()
+            and meta.logit_rows.numel() == n and n <= self.BATCH_BUCKETS[-1]
+            and meta.decode_slots.shape[1] <= self.max_keys
+        )
+
+    def _capture(self, batch: int, keys: int) -> tuple[torch.cuda.CUDAGraph, StepMetadata, torch.Tensor]:
+        runner = self.runner
+        dev = runner.device
+        empty = StepMetadata(
+            input_ids=torch.zeros(0, dtype=torch.long, device=dev), positions=torch.zeros(0, dtype=torch.long, device=dev),
+            slot_mapping=torch.zeros(0, dtype=torch.long, device=dev), decode_rows=torch.zeros(0, dtype=torch.long, device=dev),
+            decode_slots=torch.zeros(0, 1, dtype=torch.long, device=dev), decode_mask=torch.zeros(0, 1, dtype=torch.bool, device=dev),
+            prefills=[], logit_rows=torch.zeros(0, dtype=torch.long, device=dev), image_rows=None, image_features=None,
+        )
+        static = pad_decode_metadata(empty, batch, keys, runner.scratch_slot)
+        stream = torch.cuda.Stream(device=dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels and autotuning outside the capture
+                runner.forward_eager(static)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = runner.forward_eager(static)
+        return graph, static, output
+
+    def run(self, meta: StepMetadata) -> torch.Tensor:
+        n = meta.decode_rows.numel()
+        batch = self._bucket(n, self.BATCH_BUCKETS)
+        keys = self.key_bucket(meta.decode_slots.shape[1])
+        key = (batch, keys)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(batch, keys)
+        graph, static, output = self.graphs[key]
+        padded = pad_decode_metadata(meta, batch, keys, self.runner.scratch_slot)
+        for name in ("input_ids", "positions", "slot_mapping", "decode_slots", "decode_mask"):
+            getattr(static, name).copy_(getattr(padded, name))
+        graph.replay()
+        self.replays += 1
+        return output[:n]

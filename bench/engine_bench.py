@@ -1,0 +1,266 @@
+"""AsyncEngine's core (LLMEngine) on the full-size A3B architecture with random bf16 weights, one GPU.
+
+Measures, with the production code path (scheduler, paged latent cache, CUDA-graph decode, sampler,
+detokenizer): decode tokens/s at several batch sizes (512-token prompts, 128 new tokens), prefill tokens/s at
+8K and 32K, TTFT for a 1280x720 screenshot + ~200 text tokens, and the longest prompt that runs. Then, in the
+same process, transformers' DeepseekV3ForCausalLM.generate on the same decoder weights, and the memory-bandwidth
+bound of each decode figure (bytes a step must read / measured copy bandwidth).
+
+Usage: python bench/engine_bench.py --json out.json [--batches 1 8 32 64] [--skip-hf] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.a3b import A3B_CONFIG, a3b_bundle  # noqa: E402
+from engine.runtime.engine import EngineOptions, LLMEngine  # noqa: E402
+
+PROMPT = 512
+NEW = 128
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def random_ids(n: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 160000, (n,), generator=gen).tolist()
+
+
+def run_until_done(engine: LLMEngine) -> int:
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    return steps
+
+
+def decode_throughput(engine: LLMEngine, batch: int, seed: int) -> dict[str, float]:
+    """All prompts prefilled first; then time the steps that only decode."""
+    for i in range(batch):
+        engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, seed + i), "max_tokens": NEW,
+                                         "ignore_eos": True}))
+    while any(not s.output_ids for s in engine.by_id.values()):
+        engine.step()
+    sync()
+    start = time.perf_counter()
+    produced = sum(len(s.output_ids) for s in engine.by_id.values())
+    seqs = list(engine.by_id.values())
+    run_until_done(engine)
+    sync()
+    elapsed = time.perf_counter() - start
+    produced = sum(len(s.output_ids) for s in seqs) - produced
+    return {"batch": batch, "decode_tokens": produced, "seconds": round(elapsed, 4),
+            "tok_per_s": round(produced / elapsed, 1), "ms_per_step": round(1000 * elapsed / (NEW - 1), 3)}
+
+
+def prefill_throughput(engine: LLMEngine, tokens: int, chunk: int, seed: int) -> dict[str, float]:
+    engine.scheduler.config.max_num_batched_tokens = chunk
+    engine.add(engine.make_sequence({"prompt_token_ids": random_ids(tokens, seed), "max_tokens": 1}))
+    sync()
+    start = time.perf_counter()
+    steps = run_until_done(engine)
+    sync()
+    elapsed = time.perf_counter() - start
+    return {"tokens": tokens, "chunk": chunk, "steps": steps, "seconds": round(elapsed, 4),
+            "tok_per_s": round(tokens / elapsed, 1)}
+
+
+def screenshot_ttft(engine: LLMEngine) -> dict[str, float]:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(720, 1280, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    shot = Image.fromarray(pixels, "RGB")
+    words = " ".join(["click", "the", "blue", "button", "next", "to", "search", "field"] * 9)
+    engine.scheduler.config.max_num_batched_tokens = 8192
+    request = {"messages": [{"role": "user", "content": [{"type": "image", "image": shot},
+                                                         {"type": "text", "text": words}]}],
+               "max_tokens": 1}
+    sync()
+    start = time.perf_counter()
+    seq = engine.make_sequence(request)
+    prepared = time.perf_counter()
+    engine.add(seq)
+    run_until_done(engine)
+    sync()
+    done = time.perf_counter()
+    image_tokens = sum(s.length for s in seq.images)
+    return {"prompt_tokens": len(seq.prompt_ids), "image_tokens": image_tokens,
+            "text_tokens": len(seq.prompt_ids) - image_tokens,
+            "preprocess_s": round(prepared - start, 4), "ttft_s": round(done - start, 4)}
+
+
+def measure_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (reads + writes), the practical HBM ceiling."""
+    src = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync()
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync()
+    elapsed = time.perf_counter() - start
+    del src, dst
+    return 2 * 2 * 2**30 * 10 / elapsed
+
+
+def decode_bytes_per_step(batch: int, context: int) -> float:
+    """Weights and cache a decode step must read at least once (bf16), for ``batch`` sequences."""
+    t = A3B_CONFIG["text_config"]
+    d, layers, moe_layers = t["hidden_size"], t["num_hidden_layers"], t["num_hidden_layers"] - 1
+    heads = t["num_attention_heads"]
+    attn = d * heads * 192 + d * 576 + 512 + 512 * heads * 256 + heads * 128 * d
+    dense = 3 * d * t["intermediate_size"]
+    shared = 3 * d * t["moe_intermediate_size"] * t["n_shared_experts"]
+    expert = 3 * d * t["moe_intermediate_size"]
+    experts = t["n_routed_experts"]
+    distinct = experts * (1 - (1 - t["num_experts_per_tok"] / experts) ** batch)  # expected, uniform routing
+    lm_head = t["vocab_size"] * d
+    params = layers * attn + dense + moe_layers * (shared + d * experts + distinct * expert) + lm_head
+    cache = batch * context * layers * 576
+    return 2.0 * (params + cache)
+
+
+def hf_generate(bundle, batches: list[int]) -> dict[str, object]:
+    from bench.model_forward import hf_model_from
+
+    hf = hf_model_from(bundle.model, "cuda")
+    bundle.model = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    out: dict[str, object] = {}
+    for batch in batches:
+        ids = torch.tensor([random_ids(PROMPT, 1000 + i) for i in range(batch)], device="cuda")
+        kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        hf.generate(ids, **(kwargs | {"max_new_tokens": 4, "min_new_tokens": 4}))  # warm-up
+        sync()
+        start = time.perf_counter()
+        hf.generate(ids, **kwargs)
+        sync()
+        elapsed = time.perf_counter() - start
+        out[f"batch_{batch}"] = {"tok_per_s": round(batch * NEW / elapsed, 1), "seconds": round(elapsed, 3)}
+    prompt = torch.tensor([random_ids(8192, 7)], device="cuda")
+    with torch.inference_mode():
+        hf(prompt)
+        sync()
+        start = time.perf_counter()
+        hf(prompt)
+        sync()
+    out["prefill_8k_tok_per_s"] = round(8192 / (time.perf_counter() - start), 1)
+    return out
+
+
+def profile_steps(engine: LLMEngine, path: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, 77), "max_tokens": 6, "ignore_eos": True}))
+    engine.step()
+    engine.runner.graphs, graphs = None, engine.runner.graphs  # profile the eager decode to see its kernels
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        sync()
+    engine.runner.graphs = graphs
+    run_until_done(engine)
+    engine.scheduler.config.max_num_batched_tokens = 8192
+    engine.add(engine.make_sequence({"prompt_token_ids": random_ids(8192, 78), "max_tokens": 1}))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof2:
+        run_until_done(engine)
+        sync()
+    text = "== eager decode step, batch 1 ==\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    text += "\n== 8K prefill step ==\n" + prof2.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--profile", type=Path)
+    parser.add_argument("--longest", type=int, default=131072 - 2)
+    parser.add_argument("--prefill", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--layers", type=int, help="shrink the model (smoke runs only)")
+    args = parser.parse_args()
+    on_gpu = args.device.startswith("cuda")
+    results: dict[str, object] = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__}
+    workdir = Path(tempfile.mkdtemp())
+    bundle = a3b_bundle(workdir, args.device, layers=args.layers)
+    engine = LLMEngine(bundle, EngineOptions(max_num_seqs=max(64, max(args.batches)), max_num_batched_tokens=8192,
+                                             cache_tokens=args.longest + 4096, block_size=16))
+    results["cache_tokens"] = engine.cache_capacity_tokens
+    results["bandwidth_GBps"] = round(measure_bandwidth() / 1e9, 1) if on_gpu else float("nan")
+    bandwidth = results["bandwidth_GBps"] * 1e9
+
+    # warm-up: graph capture for each batch bucket, kernels, allocator
+    for batch in args.batches:
+        for i in range(batch):
+            engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, 500 + i), "max_tokens": 4,
+                                             "ignore_eos": True}))
+        run_until_done(engine)
+    decode = []
+    for batch in args.batches:
+        row = decode_throughput(engine, batch, seed=batch * 1000)
+        step_bytes = decode_bytes_per_step(batch, PROMPT + NEW // 2)
+        row["bandwidth_bound_tok_per_s"] = round(batch * bandwidth / step_bytes, 1)
+        row["fraction_of_bound"] = round(row["tok_per_s"] / row["bandwidth_bound_tok_per_s"], 3)
+        decode.append(row)
+        print(json.dumps(row), flush=True)
+    results["decode"] = decode
+    results["graph_replays"] = engine.runner.graphs.replays if engine.runner.graphs else 0
+
+    prefill_throughput(engine, args.prefill[0], 8192, seed=1)  # warm-up
+    results["prefill"] = [prefill_throughput(engine, n, 8192, seed=2 + i) for i, n in enumerate(args.prefill)]
+    print(json.dumps(results["prefill"]), flush=True)
+    screenshot_ttft(engine)  # warm-up (vision kernels)
+    engine.runner.vision_cache.entries.clear()
+    engine.runner.vision_cache.rows = 0
+    results["screenshot_ttft"] = screenshot_ttft(engine)
+    print(json.dumps(results["screenshot_ttft"]), flush=True)
+    try:
+        longest = prefill_throughput(engine, args.longest, 8192, seed=4)
+        longest["completed"] = True
+    except Exception as exc:  # report, don't crash the rest of the benchmark
+        longest = {"tokens": args.longest, "completed": False, "error": repr(exc)}
+    longest["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None
+    results["longest_prompt"] = longest
+    print(json.dumps(longest), flush=True)
+    if args.profile:
+        profile_steps(engine, args.profile)
+    results["stats"] = engine.stats()
+
+    if not args.skip_hf:
+        engine.runner.kv_cache = None
+        engine.runner.graphs = None
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        results["transformers"] = hf_generate(bundle, [1, 32])
+        for row in decode:
+            ref = results["transformers"].get(f"batch_{row['batch']}")
+            if ref:
+                row["speedup_vs_transformers"] = round(row["tok_per_s"] / ref["tok_per_s"], 2)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
