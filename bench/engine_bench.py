@@ -70,14 +70,17 @@ def decode_throughput(engine: LLMEngine, batch: int, seed: int) -> dict[str, flo
 
 def prefill_throughput(engine: LLMEngine, tokens: int, chunk: int, seed: int) -> dict[str, float]:
     engine.scheduler.config.max_num_batched_tokens = chunk
-    engine.add(engine.make_sequence({"prompt_token_ids": random_ids(tokens, seed), "max_tokens": 1}))
+    seq = engine.make_sequence({"prompt_token_ids": random_ids(tokens, seed), "max_tokens": 1})
+    engine.add(seq)
     sync()
     start = time.perf_counter()
     steps = run_until_done(engine)
     sync()
     elapsed = time.perf_counter() - start
+    if seq.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"prefill of {tokens} tokens ended with {seq.finish_reason}: {seq.error}")
     return {"tokens": tokens, "chunk": chunk, "steps": steps, "seconds": round(elapsed, 4),
-            "tok_per_s": round(tokens / elapsed, 1)}
+            "tok_per_s": round(tokens / elapsed, 1), "finish_reason": seq.finish_reason}
 
 
 def screenshot_ttft(engine: LLMEngine, seed: int) -> dict[str, float]:
@@ -179,12 +182,22 @@ def profile_steps(engine: LLMEngine, path: Path) -> None:
         sync()
     engine.runner.graphs = graphs
     run_until_done(engine)
+    for i in range(64):
+        engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, 900 + i), "max_tokens": 6,
+                                         "ignore_eos": True}))
+    while any(not s.output_ids for s in engine.by_id.values()):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof64:
+        engine.step()  # graph replay: shows the step's CPU side and total GPU time
+        sync()
+    run_until_done(engine)
     engine.scheduler.config.max_num_batched_tokens = 8192
     engine.add(engine.make_sequence({"prompt_token_ids": random_ids(8192, 78), "max_tokens": 1}))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof2:
         run_until_done(engine)
         sync()
     text = "== eager decode step, batch 1 ==\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    text += "\n== decode step, batch 64 (graph) ==\n" + prof64.key_averages().table(sort_by="cpu_time_total", row_limit=25)
     text += "\n== 8K prefill step ==\n" + prof2.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     path.write_text(text)
 

@@ -32,10 +32,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # one fused kernel; it normalises in fp32 internally like the official code
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 # --------------------------------------------------------------------------------------------- RoPE / YaRN
@@ -72,18 +70,21 @@ class RotaryEmbedding(nn.Module):
                 self.softmax_scale *= _yarn_mscale(yarn.factor, yarn.mscale_all_dim) ** 2
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (..., L) -> cos, sin (..., L, dim/2) in fp32."""
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (..., L) -> cos, sin (..., L, dim/2), computed in fp32 and cast to ``dtype`` once per
+        forward (the official code also applies them in the activation dtype)."""
         angles = positions.float()[..., None] * self.inv_freq.to(positions.device)
-        return angles.cos() * self.cos_sin_scale, angles.sin() * self.cos_sin_scale
+        cos, sin = angles.cos() * self.cos_sin_scale, angles.sin() * self.cos_sin_scale
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (2j, 2j+1) of the last dim; cos/sin broadcast over (..., L, dim/2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    return rotated.flatten(-2)
 
 
 # --------------------------------------------------------------------------------------------- attention
@@ -265,37 +266,41 @@ class ExpertBank(nn.Module):
         n_tokens, top_k = ids.shape
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
-        token_of = order // top_k
-        gathered = x[token_of]
+        gathered = x[order // top_k]
         # scatter_add instead of bincount: bincount's output size depends on the data (a host sync), which would
         # also break CUDA-graph capture of the decode step
         counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=x.device)
         counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+        # the routing weight scales the expert's hidden activation (the down projection is linear, so this
+        # equals weighting its output) and the k slots of a token are then summed with fp32 accumulation:
+        # one gather and one reduction instead of float atomics
+        row_weights = weights.flatten()[order].to(x.dtype)[:, None]
         use_grouped = self.backend == "grouped" or (self.backend == "auto" and grouped_mm_available(x))
         if use_grouped:
-            outputs = self._grouped(gathered, counts)
+            outputs = self._grouped(gathered, counts, row_weights)
         else:
-            outputs = self._loop(gathered, counts)
-        outputs = outputs.float() * weights.flatten()[order, None].float()
-        combined = torch.zeros(n_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
-        combined.index_add_(0, token_of, outputs)
-        return combined.to(x.dtype)
+            outputs = self._loop(gathered, counts, row_weights)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=x.device)
+        return outputs[inverse].view(n_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
-    def _grouped(self, sorted_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, sorted_x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
         gate = F.grouped_mm(sorted_x, self.gate_proj.transpose(1, 2), offs=offsets)
         up = F.grouped_mm(sorted_x, self.up_proj.transpose(1, 2), offs=offsets)
-        return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        hidden = F.silu(gate) * up * row_weights
+        return F.grouped_mm(hidden, self.down_proj.transpose(1, 2), offs=offsets)
 
-    def _loop(self, sorted_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _loop(self, sorted_x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         outputs = torch.empty_like(sorted_x)
         start = 0
         for expert, count in enumerate(counts.tolist()):
             if count == 0:
                 continue
-            chunk = sorted_x[start : start + count]
-            hidden = F.silu(chunk @ self.gate_proj[expert].T) * (chunk @ self.up_proj[expert].T)
-            outputs[start : start + count] = hidden @ self.down_proj[expert].T
+            rows = slice(start, start + count)
+            chunk = sorted_x[rows]
+            hidden = F.silu(chunk @ self.gate_proj[expert].T) * (chunk @ self.up_proj[expert].T) * row_weights[rows]
+            outputs[rows] = hidden @ self.down_proj[expert].T
             start += count
         return outputs
 
@@ -354,7 +359,7 @@ class DeepseekV3Model(nn.Module):
         bsz, q_len, _ = inputs_embeds.shape
         past = cache.length() if cache is not None else 0
         mask = build_causal_mask(bsz, q_len, past, attention_mask, inputs_embeds.dtype, inputs_embeds.device)
-        cos, sin = self.rotary_emb.cos_sin(position_ids)
+        cos, sin = self.rotary_emb.cos_sin(position_ids, inputs_embeds.dtype)
         h = inputs_embeds
         for layer in self.layers:
             h = layer(h, cos, sin, mask, self.rotary_emb.softmax_scale, cache)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
-from engine.model.decoder import apply_interleaved_rope
+from engine.model.decoder import apply_interleaved_rope, grouped_mm_available
 from engine.model.kimi_vl import KimiVLForConditionalGeneration
 from engine.runtime.sequence import ImageSpan, Sequence
 
@@ -92,7 +93,10 @@ class ModelRunner:
         self.kv_cache = torch.zeros(
             cfg.num_hidden_layers, (num_blocks + 1) * block_size, self.latent_dim, dtype=self.dtype, device=self.device
         )
-        self.graphs = DecodeGraphs(self) if (use_cuda_graphs and self.device.type == "cuda") else None
+        capturable = self.device.type == "cuda" and grouped_mm_available(
+            torch.empty(1, device=self.device, dtype=self.dtype)
+        )  # the per-expert loop fallback syncs with the host, which a CUDA graph cannot contain
+        self.graphs = DecodeGraphs(self) if (use_cuda_graphs and capturable) else None
         self.vision_cache = VisionCache(vision_cache_rows)
         heads = cfg.num_attention_heads
         self.absorbed = []
@@ -230,18 +234,17 @@ class ModelRunner:
             k = torch.cat([k_nope, kp[:, None].expand(-1, heads, -1)], dim=-1)
             sl = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             query = torch.cat([q_nope[sl], q_pe[sl]], dim=-1)
-            offset = chunk.ctx_len - chunk.q_len
-            if offset == 0:
+            # 4-D (1, heads, len, dim) so SDPA picks a fused kernel; a chunk after a cached prefix uses a
+            # lower-right causal bias, which fused kernels apply without materialising a (q, ctx) mask
+            if chunk.ctx_len == chunk.q_len:
                 mask, causal = None, chunk.q_len > 1
             else:
-                key_pos = torch.arange(chunk.ctx_len, device=h.device)
-                query_pos = torch.arange(offset, chunk.ctx_len, device=h.device)
-                mask, causal = key_pos[None, :] <= query_pos[:, None], False
+                mask, causal = causal_lower_right(chunk.q_len, chunk.ctx_len), False
             o = F.scaled_dot_product_attention(
-                query.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                query.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                 attn_mask=mask, is_causal=causal, scale=softmax_scale,
             )
-            out[sl] = o.transpose(0, 1)
+            out[sl] = o[0].transpose(0, 1)
         return attn.o_proj(out.view(n_tokens, heads * v_dim))
 
     @torch.inference_mode()
@@ -257,7 +260,7 @@ class ModelRunner:
         if meta.image_rows is not None:
             h[meta.image_rows] = meta.image_features.to(h.dtype)
         rotary = lm.model.rotary_emb
-        cos, sin = rotary.cos_sin(meta.positions)
+        cos, sin = rotary.cos_sin(meta.positions, h.dtype)
         for idx, layer in enumerate(lm.model.layers):
             h = h + self._attention(idx, layer.self_attn, layer.input_layernorm(h), cos, sin, meta, rotary.softmax_scale)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
