@@ -65,14 +65,13 @@ class BlockManager:
 
     # ------------------------------------------------------------------ prefix cache
     def _prompt_block_hashes(self, seq: Sequence, upto_tokens: int) -> list[bytes]:
-        tokens = seq.token_ids
         hashes = list(seq.block_hashes)
         bs = self.block_size
         for b in range(len(hashes), upto_tokens // bs):
             start = b * bs
             previous = hashes[-1] if hashes else b""
             extra = block_extra_keys(seq.images, start, start + bs)
-            hashes.append(chain_hash(previous, tokens[start : start + bs], extra))
+            hashes.append(chain_hash(previous, seq.tokens_between(start, start + bs), extra))
         return hashes
 
     def match_prefix(self, seq: Sequence) -> list[int]:

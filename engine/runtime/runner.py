@@ -142,23 +142,36 @@ class ModelRunner:
         return found
 
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> StepMetadata:
-        ids, positions, slots, logit_rows = [], [], [], []
-        decode_rows, decode_slot_lists, prefills = [], [], []
+        """Flat token batch of the step plus the cache addressing each attention path needs.
+
+        Decode rows address their keys through their block tables in one vectorised expansion (no per-token
+        Python work), so a step's CPU cost grows with the number of sequences, not their lengths.
+        """
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        logit_rows: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
         needed_images: list[ImageSpan] = []
         image_places: list[tuple[int, ImageSpan, int, int]] = []  # (row, image, first feature row, count)
         row = 0
         for seq, n in zip(seqs, num_new_tokens):
             start = seq.num_computed_tokens
             end = start + n
-            tokens = seq.token_ids
-            ids.extend(tokens[start:end])
+            ids.extend(seq.tokens_between(start, end))
             positions.extend(range(start, end))
-            seq_slots = self._slots(seq, 0, end)
-            slots.append(seq_slots[start:end])
             if n == 1 and start > 0:
                 decode_rows.append(row)
-                decode_slot_lists.append(seq_slots)
+                decode_tables.append(seq.block_table)
+                decode_lens.append(end)
+                slot_mapping.append(seq.block_table[start // bs] * bs + start % bs)
             else:
+                seq_slots = self._slots(seq, 0, end)
+                slot_mapping.extend(seq_slots[start:end].tolist())
                 prefills.append(PrefillChunk(row, n, end, seq_slots.to(self.device)))
             for image in seq.images:
                 lo, hi = max(image.start, start), min(image.end, end)
@@ -176,25 +189,23 @@ class ModelRunner:
             image_features = torch.cat([features[im.content_hash][f : f + c] for _, im, f, c in image_places])
 
         if decode_rows:
-            longest = max(len(s) for s in decode_slot_lists)
-            decode_slots = torch.zeros(len(decode_rows), longest, dtype=torch.long)
-            decode_mask = torch.zeros(len(decode_rows), longest, dtype=torch.bool)
-            for i, s in enumerate(decode_slot_lists):
-                decode_slots[i, : len(s)] = s
-                decode_mask[i, : len(s)] = True
+            width = max(len(t) for t in decode_tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long)
+            decode_slots = (tables[:, :, None] * bs + torch.arange(bs)).view(len(decode_rows), width * bs)
+            decode_mask = torch.arange(width * bs)[None, :] < torch.tensor(decode_lens)[:, None]
         else:
             decode_slots = torch.zeros(0, 1, dtype=torch.long)
             decode_mask = torch.zeros(0, 1, dtype=torch.bool)
         dev = self.device
         return StepMetadata(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.cat(slots).to(dev),
-            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
-            decode_slots=decode_slots.to(dev),
-            decode_mask=decode_mask.to(dev),
+            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+            positions=torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long).to(dev, non_blocking=True),
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long).to(dev, non_blocking=True),
+            decode_slots=decode_slots.to(dev, non_blocking=True),
+            decode_mask=decode_mask.to(dev, non_blocking=True),
             prefills=prefills,
-            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long).to(dev, non_blocking=True),
             image_rows=image_rows,
             image_features=image_features,
         )
