@@ -87,10 +87,11 @@ def _parameters_on_meta() -> Iterator[None]:
 
 
 def build_empty_model(config: KimiVLConfig, device: torch.device, dtype: torch.dtype) -> KimiVLForConditionalGeneration:
-    """Model with uninitialised parameters at (device, dtype); router correction biases stay fp32."""
+    """Model with uninitialised parameters at (device, dtype). Router weights and correction biases stay fp32:
+    the official router computes in fp32 anyway, so keeping them there saves a cast per layer and step."""
     with _parameters_on_meta():
         model = KimiVLForConditionalGeneration(config)
-    keep_fp32 = {id(m.e_score_correction_bias) for m in model.modules() if isinstance(m, MoEGate) and hasattr(m, "e_score_correction_bias")}
+    keep_fp32 = {id(p) for m in model.modules() if isinstance(m, MoEGate) for p in m.parameters(recurse=False)}
     materialised: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name, param in list(module._parameters.items()):

@@ -56,6 +56,7 @@ def test_bf16_load_keeps_router_bias_fp32(tiny_checkpoint: Path) -> None:
     model = load_model(tiny_checkpoint, dtype="bfloat16")
     assert model.language_model.lm_head.weight.dtype == torch.bfloat16
     assert model.language_model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    assert model.language_model.model.layers[1].mlp.gate.weight.dtype == torch.float32
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]]))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

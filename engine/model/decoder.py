@@ -208,7 +208,7 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, D) -> (expert ids (T, k) long, weights (T, k) fp32)."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight.float())  # no-op cast when loaded (the loader keeps it fp32)
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         if self.topk_method == "greedy":
             weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
