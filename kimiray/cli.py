@@ -63,6 +63,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kimiray.serve_cli import run_serve
+
+    return run_serve(args.config, address=args.address, timeout_s=args.timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimiray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     demo.set_defaults(func=cmd_demo)
+    serve = sub.add_parser("serve", help="run the Ray Serve application from ray_config.yaml")
+    serve.add_argument("config", nargs="?", default="ray_config.yaml")
+    serve.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    serve.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the app to be ready")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

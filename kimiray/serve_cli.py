@@ -1,0 +1,104 @@
+"""``kimiray serve``: run ray_config.yaml the way ``serve run`` does, with progress and a "ready at URL" line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SAFE_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SystemExit(f"kimiray serve: cannot read {path}: {exc}") from None
+    if not isinstance(config, dict) or "applications" not in config:
+        raise SystemExit(f"kimiray serve: {path} is not a Ray Serve config (no 'applications')")
+    return config
+
+
+def _check_keys(config: dict[str, Any]) -> None:
+    """Refuse to expose an unauthenticated service beyond loopback, before anything starts."""
+    from serve_app.auth import AuthConfigError, check_bind_allowed, load_api_keys
+    from serve_app.config import AppConfig
+
+    host = (config.get("http_options") or {}).get("host", "127.0.0.1")
+    for app in config["applications"]:
+        app_config = AppConfig.model_validate(app.get("args") or {})
+        if app_config.host != host:
+            raise SystemExit(
+                f"kimiray serve: application {app.get('name')!r} has args.host={app_config.host!r} but "
+                f"http_options.host={host!r}; set both to the same address"
+            )
+        try:
+            check_bind_allowed(host, bool(load_api_keys(app_config.auth)))
+        except AuthConfigError as exc:
+            raise SystemExit(f"kimiray serve: {exc}") from None
+
+
+def run_serve(config_path: str, address: str | None = None, timeout_s: float = 900.0) -> int:
+    import ray
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    for key, value in SAFE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    path = Path(config_path)
+    raw = _load_config(path)
+    _check_keys(raw)
+    schema = ServeDeploySchema.model_validate(raw)
+    print(f"[kimiray] starting Ray ({'local' if not address else address}) …", flush=True)
+    started = time.monotonic()
+    ray.init(address=address, include_dashboard=False, namespace="serve",
+             runtime_env={"working_dir": None} if address else None)
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
+    )
+    client.deploy_apps(schema, _blocking=False)
+    print(f"[kimiray] deploying {len(schema.applications)} application(s) from {path} …", flush=True)
+    last = ""
+    while True:
+        status = serve.status()
+        apps = status.applications
+        line = ", ".join(f"{name}: {app.status}" for name, app in apps.items()) or "waiting for controller"
+        if line != last:
+            print(f"[kimiray] {line} ({time.monotonic() - started:.0f}s)", flush=True)
+            last = line
+        states = [str(app.status) for app in apps.values()]
+        if apps and all(s.endswith("RUNNING") for s in states):
+            break
+        failed = [f"{n}: {a.message}" for n, a in apps.items() if str(a.status).endswith(("DEPLOY_FAILED", "UNHEALTHY"))]
+        if failed:
+            print("[kimiray] deployment failed:\n  " + "\n  ".join(failed), file=sys.stderr, flush=True)
+            serve.shutdown()
+            ray.shutdown()
+            return 1
+        if time.monotonic() - started > timeout_s:
+            print("[kimiray] timed out waiting for the application", file=sys.stderr, flush=True)
+            return 1
+        time.sleep(1.0)
+    http = schema.http_options
+    print(f"[kimiray] ready at http://{http.host}:{http.port}/v1 (docs: http://{http.host}:{http.port}/docs)",
+          flush=True)
+
+    stop = {"now": False}
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop["now"]:
+        time.sleep(0.5)
+    print("[kimiray] shutting down (draining in-flight requests) …", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0

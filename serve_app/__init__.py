@@ -1,0 +1,1 @@
+"""Ray Serve application: ModelServer replicas behind an OpenAI-compatible FastAPI ingress."""

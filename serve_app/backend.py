@@ -1,0 +1,79 @@
+"""How the ingress reaches a model: in-process (tests, benchmarks) or through a Ray Serve handle (the service).
+
+Both stream ``Delta`` objects and both cancel the generation when the consumer stops iterating, which is how a
+disconnected HTTP client frees its cache blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from engine.runtime.request import Delta, GenerateRequest
+
+
+class Backend(Protocol):
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+    async def ready(self) -> bool: ...
+
+
+class LocalBackend:
+    """The engine in this process."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        stream = self.engine.generate(request)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            await stream.aclose()
+
+    async def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    async def ready(self) -> bool:
+        return bool(self.engine.alive)
+
+
+def unwrap_remote_error(exc: BaseException) -> BaseException:
+    """Ray wraps a replica's exception; return the original (its type drives the HTTP status)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+class RayBackend:
+    """A ModelServer deployment behind a Serve handle; the stream is cancelled if the caller stops reading."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.stream_handle = handle.options(stream=True)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        response = self.stream_handle.generate.remote(request)
+        finished = False
+        try:
+            async for item in response:
+                delta = item if isinstance(item, Delta) else Delta.model_validate(item)
+                yield delta
+                if delta.finish_reason is not None:
+                    finished = True
+        except Exception as exc:
+            raise unwrap_remote_error(exc) from None
+        finally:
+            if not finished:
+                response.cancel()
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.handle.stats.remote()
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self.handle.ready.remote())
+        except Exception:
+            return False

@@ -1,0 +1,312 @@
+"""OpenAI-compatible HTTP ingress (FastAPI, served by Ray Serve through ``serve.ingress``).
+
+Every route reads its collaborators from ``app.state`` (backend, config, auth, limiter, metrics), so the same
+app runs behind Ray Serve (``RayBackend``) and in-process for tests and benchmarks (``LocalBackend``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.runtime.request import Delta, GenerateRequest
+from serve_app import openai_api
+from serve_app.auth import ApiKeyAuth, AuthError, KeyLimiter, RateLimited, load_api_keys
+from serve_app.backend import Backend
+from serve_app.config import AppConfig
+from serve_app.media import MediaError
+from serve_app.metrics import ServeMetrics
+
+log = logging.getLogger("kimiray.ingress")
+PUBLIC_ROUTES = {"/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and OpenAI-style body."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers, self.param = status, code, message, headers or {}, param
+
+
+def classify(exc: BaseException) -> ApiError:
+    """Map an exception from validation, media loading or the engine to an HTTP error."""
+    from engine.runtime.engine import EngineDeadError, EngineOverloadedError, RequestTooLongError
+
+    try:
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+    except ImportError:  # pragma: no cover - ray is a dependency of serve_app
+        BackPressureError = DeploymentUnavailableError = ()  # type: ignore[assignment,misc]
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, (EngineOverloadedError, BackPressureError)):
+        return ApiError(503, "overloaded", "the model is at capacity; retry shortly", {"Retry-After": "1"})
+    if isinstance(exc, (EngineDeadError, DeploymentUnavailableError)):
+        return ApiError(503, "unavailable", "the model is not available right now", {"Retry-After": "5"})
+    if isinstance(exc, (MediaError, openai_api.RequestError)):
+        return ApiError(exc.status_code, exc.code, exc.message, param=exc.param)
+    if isinstance(exc, RequestTooLongError):
+        return ApiError(400, "context_length_exceeded", str(exc))
+    if isinstance(exc, (ValidationError, ValueError)):
+        return ApiError(400, "invalid_request", str(exc))
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return ApiError(504, "timeout", "the request took longer than the server's timeout")
+    log.exception("unexpected error", exc_info=exc)
+    return ApiError(500, "internal_error", "internal error")
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(
+        openai_api.error_body(err.status, err.code, err.message, err.param), status_code=err.status,
+        headers=err.headers
+    )
+
+
+class IngressState:
+    """What the routes use: config, backend, auth, per-key limiter, metrics."""
+
+    def __init__(self, config: AppConfig, backend: Backend) -> None:
+        from serve_app.auth import check_bind_allowed
+
+        self.config = config
+        self.backend = backend
+        self.auth = ApiKeyAuth(load_api_keys(config.auth), config.auth)
+        check_bind_allowed(config.host, self.auth.enabled)  # no keys -> loopback only, or refuse to start
+        self.limiter = KeyLimiter(config.auth.requests_per_minute, config.auth.max_concurrent_per_key)
+        self.metrics = ServeMetrics(model=config.model.served_name)
+
+
+# Ray Serve runs the user constructor before it attaches its own copy of the FastAPI app, so a replica keeps
+# its state here; in-process apps (tests, benchmarks) keep theirs on ``app.state.kimiray``.
+_replica_state: IngressState | None = None
+
+
+def install_state(app: FastAPI | None, config: AppConfig, backend: Backend) -> IngressState:
+    """Attach state to ``app`` (in-process use) or, with ``app=None``, to this replica process."""
+    global _replica_state
+    state = IngressState(config, backend)
+    if app is None:
+        _replica_state = state
+    else:
+        app.state.kimiray = state
+    return state
+
+
+def _state(request: Request) -> IngressState:
+    state = getattr(request.app.state, "kimiray", None) or _replica_state
+    if state is None:
+        raise ApiError(503, "starting", "the service is starting", {"Retry-After": "2"})
+    return state
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="kimiray",
+        description="Kimi-VL served on Ray: OpenAI-compatible chat completions with images, video frames, "
+        "streaming and JSON-schema output.",
+        version="0.1.0",
+    )
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started = time.perf_counter()
+        path = request.url.path
+        key_id = "-"
+        try:
+            state = _state(request)
+            if path not in PUBLIC_ROUTES:
+                try:
+                    identity = state.auth.authenticate(request.headers.get("authorization"))
+                except AuthError as exc:
+                    raise ApiError(exc.status, exc.code, "a valid API key is required (Authorization: Bearer …)")
+                key_id = identity.key_id
+                request.state.key_id = key_id
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > state.config.limits.max_body_bytes:
+                raise ApiError(413, "body_too_large", f"request body over {state.config.limits.max_body_bytes} bytes")
+            response = await call_next(request)
+        except ApiError as err:
+            response = error_response(err)
+        if _replica_state is not None or hasattr(request.app.state, "kimiray"):
+            _state(request).metrics.request(path, response.status_code, key_id, time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()
+        )
+        return error_response(ApiError(422, "invalid_request", problems or "invalid request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(ApiError(exc.status_code, "http_error", str(exc.detail)))
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError):
+        return error_response(exc)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """Liveness of the ingress itself (no auth)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz(request: Request):
+        """Ready when a model replica answers (no auth)."""
+        if await _state(request).backend.ready():
+            return {"status": "ready"}
+        return JSONResponse({"status": "not ready"}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models(request: Request) -> dict[str, Any]:
+        return openai_api.models_response([_state(request).config.model.served_name])
+
+    @app.get("/v1/stats", tags=["ops"])
+    async def stats(request: Request) -> dict[str, Any]:
+        """Engine statistics: queue depth, cache usage, prefix- and vision-cache hits."""
+        state = _state(request)
+        data = await state.backend.stats()
+        state.metrics.engine_stats(data)
+        return data
+
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat_completions(request: Request, body: openai_api.ChatCompletionRequest):
+        state = _state(request)
+        config: AppConfig = state.config
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        key_id = getattr(request.state, "key_id", "-")
+        try:
+            slot = state.limiter.acquire(key_id)
+            await slot.__aenter__()
+        except RateLimited as exc:
+            raise ApiError(429, "rate_limited", "too many requests for this API key",
+                           {"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))}) from None
+        released = False
+        handed_off = False  # once a StreamingResponse exists, its generator releases the slot
+
+        async def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                await slot.__aexit__(None, None, None)
+
+        try:
+            try:
+                generate_request = await asyncio.wait_for(
+                    openai_api.to_generate_request(body, config.limits, request_id), config.limits.url_fetch_timeout_s * 2
+                )
+            except Exception as exc:
+                raise classify(exc) from None
+            stream = state.backend.generate(generate_request)
+            deadline = time.monotonic() + config.request_timeout_s
+            try:
+                first = await asyncio.wait_for(stream.__anext__(), config.request_timeout_s)
+            except StopAsyncIteration:
+                raise ApiError(500, "internal_error", "the model returned no output") from None
+            except Exception as exc:
+                await stream.aclose()
+                raise classify(exc) from None
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                events = _sse_events(body, request_id, first, stream, deadline, include_usage, state, release)
+                handed_off = True
+                return StreamingResponse(events, media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+            try:
+                deltas = [first]
+                if first.finish_reason is None:
+                    deltas += await asyncio.wait_for(_drain(stream), max(0.001, deadline - time.monotonic()))
+            except Exception as exc:
+                raise classify(exc) from None
+            finally:
+                await stream.aclose()
+            final = deltas[-1]
+            if final.finish_reason == "error":
+                raise ApiError(500, "generation_failed", final.error or "generation failed")
+            _count_tokens(state, final)
+            return JSONResponse(openai_api.completion_response(
+                request_id=request_id, model=body.model or config.model.served_name,
+                text="".join(d.text for d in deltas), reasoning="".join(d.reasoning_text for d in deltas),
+                finish_reason=final.finish_reason, usage=final.usage,
+                logprobs=[lp for d in deltas for lp in (d.logprobs or [])] if body.logprobs else None,
+            ), headers={"X-Request-Id": request_id})
+        finally:
+            if not handed_off:
+                await release()
+
+    return app
+
+
+async def _drain(stream: AsyncIterator[Delta]) -> list[Delta]:
+    return [delta async for delta in stream]
+
+
+def _count_tokens(state: Any, final: Delta) -> None:
+    if final.usage is not None:
+        state.metrics.tokens(final.usage.prompt_tokens, final.usage.completion_tokens)
+
+
+async def _sse_events(
+    body: Any, request_id: str, first: Delta, stream: AsyncIterator[Delta], deadline: float, include_usage: bool,
+    state: Any, release,
+) -> AsyncIterator[bytes]:
+    """OpenAI SSE: role chunk, content chunks, a finish chunk, optional usage chunk, then [DONE].
+
+    If the client goes away, Starlette stops this generator; closing ``stream`` cancels the generation.
+    """
+    model = body.model or state.config.model.served_name
+    created = int(time.time())
+
+    def event(payload: dict[str, Any]) -> bytes:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+    try:
+        yield event(openai_api.chunk(request_id, model, created, role="assistant"))
+        delta: Delta | None = first
+        while delta is not None:
+            if delta.text or delta.reasoning_text or (delta.logprobs and body.logprobs):
+                yield event(openai_api.chunk(
+                    request_id, model, created, content=delta.text or None,
+                    reasoning=delta.reasoning_text or None,
+                    logprobs=delta.logprobs if body.logprobs else None,
+                ))
+            if delta.finish_reason is not None:
+                if delta.finish_reason == "error":
+                    yield event(openai_api.error_body(500, "generation_failed", delta.error or "generation failed"))
+                else:
+                    yield event(openai_api.chunk(request_id, model, created, finish_reason=delta.finish_reason))
+                    if include_usage and delta.usage is not None:
+                        yield event(openai_api.chunk(request_id, model, created, usage=delta.usage))
+                    _count_tokens(state, delta)
+                break
+            remaining = deadline - time.monotonic()
+            try:
+                delta = await asyncio.wait_for(stream.__anext__(), max(0.001, remaining))
+            except StopAsyncIteration:
+                delta = None
+            except Exception as exc:
+                err = classify(exc)
+                yield event(openai_api.error_body(err.status, err.code, err.message))
+                break
+        yield b"data: [DONE]\n\n"
+    finally:
+        await stream.aclose()
+        await release()
+
+
+# The module-level app that Ray Serve wraps; ``serve_app.app`` attaches its state in the Ingress replica.
+app = create_app()

@@ -1,0 +1,66 @@
+"""ModelServer: one AsyncEngine per replica (one replica per GPU, or a CPU replica for the tiny checkpoint)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from engine.runtime.request import Delta, GenerateRequest
+from serve_app.config import AppConfig
+
+log = logging.getLogger("kimiray.model_server")
+
+# A replica whose engine has work but made no step for this long is wedged: the health check fails and
+# Serve replaces the replica.
+WEDGED_AFTER_S = 120.0
+
+
+@serve.deployment(
+    name="ModelServer",
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_wait_loop_s=2,
+    graceful_shutdown_timeout_s=120,
+)
+class ModelServer:
+    def __init__(self, config: dict[str, Any]) -> None:
+        import torch
+
+        from engine.runtime.engine import AsyncEngine
+        from kimiray.paths import tiny_checkpoint_dir
+
+        cfg = AppConfig.model_validate(config)
+        path = cfg.model.model or str(tiny_checkpoint_dir())
+        device = cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        started = time.monotonic()
+        self.engine = AsyncEngine.from_pretrained(path, device=device, dtype=cfg.model.dtype, **cfg.model.engine)
+        self.name = cfg.model.served_name
+        log.info("ModelServer loaded %s on %s in %.1fs", path, device, time.monotonic() - started)
+
+    async def generate(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Delta]:
+        async for delta in self.engine.generate(request):
+            yield delta
+
+    async def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    async def ready(self) -> bool:
+        return self.engine.alive
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        stats = self.engine.stats()
+        if not stats["alive"]:
+            raise RuntimeError("engine thread is not running")
+        busy = stats["running"] + stats["waiting"] > 0
+        if busy and stats["seconds_since_step"] > WEDGED_AFTER_S:
+            raise RuntimeError(f"engine wedged: no step for {stats['seconds_since_step']:.0f}s with work queued")
+
+    async def __del__(self) -> None:
+        # Serve has already stopped routing new requests and waited for in-flight ones (graceful shutdown);
+        # stop the engine thread cleanly.
+        await self.engine.shutdown(drain=True)

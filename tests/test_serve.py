@@ -1,0 +1,166 @@
+"""The Serve application end to end: real local Ray, real HTTP, the official openai client, tiny checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+
+import httpx
+import pytest
+from openai import APIStatusError, AsyncOpenAI, OpenAI
+from PIL import Image
+
+from tests.serve_harness import running_service
+
+KEY = "sk-test-kimiray-123"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    args = {
+        "request_timeout_s": 60,
+        "model": {"engine": {"cache_tokens": 16384, "max_waiting": 64}},
+        "auth": {"requests_per_minute": 100000, "max_concurrent_per_key": 64},
+    }
+    options = {"ModelServer": {"max_ongoing_requests": 64, "max_queued_requests": 64}}
+    with running_service(tmp_path_factory.mktemp("home"), f"{KEY},sk-other", args, options) as url:
+        yield url
+
+
+def _client(url: str) -> OpenAI:
+    return OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _png_data_url(seed: int = 0, size=(84, 56)) -> str:
+    image = Image.new("RGB", size, (seed * 40 % 255, 120, 200))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_health_ready_models_docs(service) -> None:
+    assert httpx.get(f"{service}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{service}/readyz").status_code == 200
+    assert httpx.get(f"{service}/openapi.json").status_code == 200
+    models = _client(service).models.list()
+    assert [m.id for m in models.data] == ["kimi-vl"]
+
+
+def test_chat_round_trip(service) -> None:
+    reply = _client(service).chat.completions.create(
+        model="kimi-vl", messages=[{"role": "user", "content": "Hello there"}], max_tokens=8, temperature=0,
+    )
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 5
+    again = _client(service).chat.completions.create(
+        model="kimi-vl", messages=[{"role": "user", "content": "Hello there"}], max_tokens=8, temperature=0,
+    )
+    assert again.choices[0].message.content == reply.choices[0].message.content  # greedy is deterministic
+
+
+def test_streaming_with_usage_chunk(service) -> None:
+    stream = _client(service).chat.completions.create(
+        model="kimi-vl", messages=[{"role": "user", "content": "Stream please"}], max_tokens=10,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_image_message(service) -> None:
+    reply = _client(service).chat.completions.create(
+        model="kimi-vl", max_tokens=6,
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _png_data_url(1)}},
+            {"type": "text", "text": "What is in the image?"}]}],
+    )
+    assert reply.usage.prompt_tokens > 10  # the image's placeholder tokens are counted
+
+
+def test_json_schema_response_format(service) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                                "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    reply = _client(service).chat.completions.create(
+        model="kimi-vl", max_tokens=200, temperature=1.0, seed=3,
+        messages=[{"role": "user", "content": "Give me a person."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+    )
+    value = json.loads(reply.choices[0].message.content)
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int) and 0 <= value["age"] <= 120
+    obj = _client(service).chat.completions.create(
+        model="kimi-vl", max_tokens=200, temperature=1.0, seed=4,
+        messages=[{"role": "user", "content": "Any JSON object."}], response_format={"type": "json_object"},
+    )
+    content = obj.choices[0].message.content
+    assert content.startswith("{")
+    if obj.choices[0].finish_reason == "stop":  # free-form strings may run past max_tokens with random weights
+        assert isinstance(json.loads(content), dict)
+
+
+def test_32_parallel_requests(service) -> None:
+    client = AsyncOpenAI(base_url=f"{service}/v1", api_key=KEY, max_retries=0, timeout=300)
+
+    async def one(i: int):
+        return await client.chat.completions.create(
+            model="kimi-vl", messages=[{"role": "user", "content": f"request {i}"}], max_tokens=5,
+        )
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    replies = asyncio.run(main())
+    assert len(replies) == 32 and all(r.choices[0].finish_reason in ("stop", "length") for r in replies)
+
+
+def test_auth_errors(service) -> None:
+    assert httpx.get(f"{service}/v1/models").status_code == 401
+    bad = httpx.get(f"{service}/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+    assert "wrong" not in bad.text
+    other = httpx.get(f"{service}/v1/models", headers={"Authorization": "Bearer sk-other"})
+    assert other.status_code == 200
+
+
+def test_bad_input_is_4xx_json(service) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    cases = [
+        ({"model": "kimi-vl"}, 422),  # no messages
+        ({"model": "kimi-vl", "messages": [{"role": "user", "content": "x"}], "max_tokens": -3}, 422),
+        ({"model": "kimi-vl", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90LWFuLWltYWdl"}}]}]}, 415),
+        ({"model": "kimi-vl", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data"}}]}]}, 400),
+        ({"model": "kimi-vl", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 422),
+    ]
+    for body, status in cases:
+        response = httpx.post(f"{service}/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert response.status_code == status, (body, response.text)
+        assert response.json()["error"]["message"]
+    huge = httpx.post(f"{service}/v1/chat/completions", content=b"x" * (33 * 2**20),
+                      headers=headers | {"Content-Type": "application/json"}, timeout=60)
+    assert huge.status_code == 413
+
+
+def test_disconnect_cancels_generation(service) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "kimi-vl", "messages": [{"role": "user", "content": "long one"}], "max_tokens": 3000,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{service}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        for i, _line in enumerate(r.iter_lines()):
+            if i > 6:
+                break  # leave mid-stream
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        stats = httpx.get(f"{service}/v1/stats", headers=headers).json()
+        if stats["running"] == 0 and stats["waiting"] == 0 and stats["cache_usage"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["running"] == 0 and stats["cache_usage"] == 0, stats
