@@ -51,6 +51,12 @@ class ModelServer:
     async def ready(self) -> bool:
         return self.engine.alive
 
+    async def node_id(self) -> str:
+        """The Ray node this replica runs on (placement checks in multi-node tests and ops tooling)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
         stats = self.engine.stats()
