@@ -39,6 +39,9 @@ class ModelServer:
         started = time.monotonic()
         self.engine = AsyncEngine.from_pretrained(path, device=device, dtype=cfg.model.dtype, **cfg.model.engine)
         self.name = cfg.model.served_name
+        from serve_app.metrics import ServeMetrics
+
+        self.metrics = ServeMetrics(model=self.name)
         log.info("ModelServer loaded %s on %s in %.1fs", path, device, time.monotonic() - started)
 
     async def generate(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Delta]:
@@ -58,8 +61,12 @@ class ModelServer:
         return ray.get_runtime_context().get_node_id()
 
     async def check_health(self) -> None:
-        """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        """Serve calls this periodically; raising marks the replica unhealthy and replaces it. It also exports
+        the engine's gauges (queue depth, cache usage, cache hit ratios) to Ray's metrics."""
         stats = self.engine.stats()
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.engine_stats(stats)
         if not stats["alive"]:
             raise RuntimeError("engine thread is not running")
         busy = stats["running"] + stats["waiting"] > 0
