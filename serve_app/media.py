@@ -569,7 +569,7 @@ async def _load_video_url(url: Any, limits: Limits, budget: int, trusted_origins
     return await asyncio.to_thread(_decode_video, data, limits, budget)
 
 
-def _decode_video(data: bytes, limits: Limits, budget: int) -> VideoFrames:  # pragma: no cover - needs PyAV
+def _decode_video(data: bytes, limits: Limits, budget: int) -> VideoFrames:
     """Decode with PyAV and sample ~1 frame/s (``sample_frame_indices``), at most ``budget`` frames."""
     import av  # type: ignore[import-not-found]
 

@@ -164,3 +164,18 @@ def test_disconnect_cancels_generation(service) -> None:
             break
         time.sleep(0.2)
     assert stats["running"] == 0 and stats["cache_usage"] == 0, stats
+
+
+def test_video_frames_and_video_url(service) -> None:
+    from tests.test_video_url import make_video
+
+    frames = {"type": "video", "video": {"frames": [_png_data_url(k) for k in range(3)], "fps": 1.0}}
+    clip = {"type": "video_url",
+            "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(make_video(2.0)).decode()}}
+    for part in (frames, clip):
+        reply = _client(service).chat.completions.create(
+            model="kimi-vl", max_tokens=4,
+            messages=[{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}],
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.usage.prompt_tokens > 20  # several frames' placeholders
