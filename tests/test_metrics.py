@@ -95,15 +95,10 @@ def test_disabled_is_always_noop():
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
+    from tests.serve_harness import SAFE_ENV
+
     env = {
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "HTTP_PROXY": "http://127.0.0.1:9",
-        "HTTPS_PROXY": "http://127.0.0.1:9",
-        "http_proxy": "http://127.0.0.1:9",
-        "https_proxy": "http://127.0.0.1:9",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
+        **SAFE_ENV,
         # workers import serve_app and this module by name
         "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p),
     }

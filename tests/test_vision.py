@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import parse_config
+from engine.tiny import tiny_config
 from engine.model.projector import KimiVLMultiModalProjector, encode_images
 from engine.model.vision import (
     MoonVitPretrainedModel,
@@ -21,54 +22,8 @@ from engine.model.vision import (
     rope_cos_sin,
 )
 
-TINY = {
-    "model_type": "kimi_vl",
-    "media_placeholder_token_id": 1000,
-    "vision_config": {
-        "model_type": "moonvit",
-        "patch_size": 14,
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 128,
-        "init_pos_emb_height": 8,
-        "init_pos_emb_width": 8,
-        "merge_kernel_size": [2, 2],
-    },
-    "text_config": {
-        "model_type": "deepseek_v3",
-        "vocab_size": 1024,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "q_lora_rank": None,
-        "kv_lora_rank": 32,
-        "qk_nope_head_dim": 16,
-        "qk_rope_head_dim": 8,
-        "v_head_dim": 16,
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 2,
-        "n_shared_experts": 1,
-        "first_k_dense_replace": 1,
-        "moe_layer_freq": 1,
-        "n_group": 4,
-        "topk_group": 2,
-        "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid",
-        "norm_topk_prob": True,
-        "routed_scaling_factor": 2.446,
-        "rope_theta": 800000.0,
-        "rope_scaling": None,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "tie_word_embeddings": False,
-    },
-}
+# the project's tiny checkpoint config (spec §7.1 Config A): vision 64 wide, 4 heads, 2 layers, 8x8 pos-emb
+TINY = tiny_config()
 
 # identity (8,8), downsample (2,2)/(4,6)/(6,4)/(2,14 mixed), upsample (8,10)/(4,22); repeats exercise the
 # batched-by-size attention groups, contiguous (2,2)+(2,2) and scattered (4,6)...(4,6)
