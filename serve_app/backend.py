@@ -6,6 +6,7 @@ disconnected HTTP client frees its cache blocks.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -14,6 +15,8 @@ from engine.runtime.request import Delta, GenerateRequest
 
 class Backend(Protocol):
     def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]: ...
+
+    async def complete(self, request: GenerateRequest) -> list[Delta]: ...
 
     async def stats(self) -> dict[str, Any]: ...
 
@@ -33,6 +36,9 @@ class LocalBackend:
                 yield delta
         finally:
             await stream.aclose()
+
+    async def complete(self, request: GenerateRequest) -> list[Delta]:
+        return [delta async for delta in self.generate(request)]
 
     async def stats(self) -> dict[str, Any]:
         return self.engine.stats()
@@ -68,6 +74,17 @@ class RayBackend:
         finally:
             if not finished:
                 response.cancel()
+
+    async def complete(self, request: GenerateRequest) -> list[Delta]:
+        response = self.handle.complete.remote(request)
+        try:
+            items = await response
+        except asyncio.CancelledError:  # the HTTP client went away: stop the generation in the replica too
+            response.cancel()
+            raise
+        except Exception as exc:
+            raise unwrap_remote_error(exc) from None
+        return [item if isinstance(item, Delta) else Delta.model_validate(item) for item in items]
 
     async def stats(self) -> dict[str, Any]:
         return await self.handle.stats.remote()

@@ -54,7 +54,9 @@ def classify(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, (EngineOverloadedError, BackPressureError)):
         return ApiError(503, "overloaded", "the model is at capacity; retry shortly", {"Retry-After": "1"})
-    if isinstance(exc, (EngineDeadError, DeploymentUnavailableError)):
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    if isinstance(exc, (EngineDeadError, DeploymentUnavailableError, ActorDiedError, ActorUnavailableError)):
         return ApiError(503, "unavailable", "the model is not available right now", {"Retry-After": "5"})
     if isinstance(exc, (MediaError, openai_api.RequestError)):
         return ApiError(exc.status_code, exc.code, exc.message, param=exc.param)
@@ -211,29 +213,28 @@ def create_app() -> FastAPI:
                 )
             except Exception as exc:
                 raise classify(exc) from None
-            stream = state.backend.generate(generate_request)
             deadline = time.monotonic() + config.request_timeout_s
-            try:
-                first = await asyncio.wait_for(stream.__anext__(), config.request_timeout_s)
-            except StopAsyncIteration:
-                raise ApiError(500, "internal_error", "the model returned no output") from None
-            except Exception as exc:
-                await stream.aclose()
-                raise classify(exc) from None
             if body.stream:
+                stream = state.backend.generate(generate_request)
+                try:
+                    first = await asyncio.wait_for(stream.__anext__(), config.request_timeout_s)
+                except StopAsyncIteration:
+                    raise ApiError(500, "internal_error", "the model returned no output") from None
+                except Exception as exc:
+                    await stream.aclose()
+                    raise classify(exc) from None
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 events = _sse_events(body, request_id, first, stream, deadline, include_usage, state, release)
                 handed_off = True
                 return StreamingResponse(events, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
             try:
-                deltas = [first]
-                if first.finish_reason is None:
-                    deltas += await asyncio.wait_for(_drain(stream), max(0.001, deadline - time.monotonic()))
+                # one round trip for the whole generation (a stream would cost one per token)
+                deltas = await asyncio.wait_for(state.backend.complete(generate_request), config.request_timeout_s)
             except Exception as exc:
                 raise classify(exc) from None
-            finally:
-                await stream.aclose()
+            if not deltas:
+                raise ApiError(500, "internal_error", "the model returned no output")
             final = deltas[-1]
             if final.finish_reason == "error":
                 raise ApiError(500, "generation_failed", final.error or "generation failed")
@@ -251,8 +252,7 @@ def create_app() -> FastAPI:
     return app
 
 
-async def _drain(stream: AsyncIterator[Delta]) -> list[Delta]:
-    return [delta async for delta in stream]
+
 
 
 def _count_tokens(state: Any, final: Delta) -> None:

@@ -48,6 +48,11 @@ class ModelServer:
         async for delta in self.engine.generate(request):
             yield delta
 
+    async def complete(self, request: GenerateRequest | dict[str, Any]) -> list[Delta]:
+        """The whole generation in one reply: a non-streaming HTTP request then costs one Ray round trip instead
+        of one per token. Cancelling the call (client gone) cancels the generation."""
+        return [delta async for delta in self.engine.generate(request)]
+
     async def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 

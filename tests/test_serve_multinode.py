@@ -136,21 +136,35 @@ def _model_server_state() -> tuple[str, str, dict[str, int]]:
     return name(app.status), name(dep.status), {name(k): v for k, v in dep.replica_states.items()}
 
 
+def _model_replicas() -> set[str]:
+    """Names of the live ModelServer replica actors (Serve names them ``SERVE_REPLICA::app#deployment#id``)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{APP}#ModelServer#"
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
+
+
 def _healthy_with_two_running() -> bool:
     app_status, dep_status, replicas = _model_server_state()
     return app_status == "RUNNING" and dep_status == "HEALTHY" and replicas == {"RUNNING": 2}
 
 
 def test_replicas_on_workers_and_recovery_from_node_loss(tmp_path, monkeypatch) -> None:
-    import ray
-    from ray import serve
-    from ray.cluster_utils import Cluster
-
     ray_tmp = tempfile.mkdtemp(prefix="kr-mn-", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**SAFE_ENV, "KIMIRAY_HOME": str(tmp_path / "home"), "KIMIRAY_API_KEYS": KEY, "RAY_TMPDIR": ray_tmp}
     for name, value in env.items():
         monkeypatch.setenv(name, value)  # the nodes started below inherit this environment
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    import ray
+    import ray._private.ray_constants as ray_constants
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (SAFE_ENV) keeps the node processes on loopback, but Ray reads it at
+    # import: if this process imported ray earlier, ray.init(address="127.0.0.1:…") would rewrite the address to
+    # the machine's IP. Apply the same setting here.
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     from kimiray.paths import tiny_checkpoint_dir
 
     tiny_checkpoint_dir()  # write it once here, not racing in replicas
@@ -197,6 +211,8 @@ def test_replicas_on_workers_and_recovery_from_node_loss(tmp_path, monkeypatch) 
 
         _wait_for("replicas on both workers", both_workers, timeout=30)
         assert seen == worker_ids, (seen, worker_ids)
+        original = _model_replicas()
+        assert len(original) == 2, original
 
         # (b) requests through the head's HTTP proxy
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
@@ -218,18 +234,29 @@ def test_replicas_on_workers_and_recovery_from_node_loss(tmp_path, monkeypatch) 
             killed_at = time.monotonic()
             cluster.remove_node(victim)
 
+            states: list[tuple[float, tuple[str, str, dict[str, int]]]] = []
+
             def recovered() -> bool:
-                if traffic.streak_since(killed_at) < STREAK or not _healthy_with_two_running():
+                state = _model_server_state()
+                if not states or states[-1][1] != state:
+                    states.append((time.monotonic() - killed_at, state))
+                replicas = _model_replicas()
+                # the lost replica is gone and a new one replaced it (so the controller has seen the loss)
+                replaced = len(replicas) == 2 and len(replicas & original) == 1
+                if not replaced or traffic.streak_since(killed_at) < STREAK or not _healthy_with_two_running():
                     return False
                 return set(_replica_nodes(handle)) == {survivor.node_id}
 
-            _wait_for(f"{STREAK} consecutive successes, ModelServer HEALTHY with 2 replicas on the survivor",
+            _wait_for(f"{STREAK} consecutive successes and ModelServer HEALTHY with a replacement replica",
                       recovered, timeout=RECOVERY_S, interval=0.5)
             recovered_at = time.monotonic()
+        in_flight = [o for o in traffic.snapshot() if o.started < killed_at <= o.ended]
         after = [o for o in traffic.snapshot() if o.started >= killed_at]
         failed = [o for o in after if o.status != 200]
-        print(f"node loss: recovered in {recovered_at - killed_at:.1f}s; {len(after)} requests after the loss, "
-              f"{len(failed)} failed: {sorted({o.detail[:80] for o in failed})}")
+        print(f"node loss: recovered in {recovered_at - killed_at:.1f}s; in flight at the loss: {len(in_flight)}, "
+              f"{sum(o.status != 200 for o in in_flight)} failed; started after it: {len(after)}, "
+              f"{len(failed)} failed: {sorted({o.detail[:80] for o in failed})}; "
+              f"ModelServer states seen: {[(round(t, 1), st) for t, st in states]}")
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert victim.node_id not in alive and survivor.node_id in alive
 
