@@ -212,29 +212,23 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--layers", type=int, help="shrink the model (smoke runs only)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (EngineOptions)")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     results: dict[str, object] = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__}
     workdir = Path(tempfile.mkdtemp())
     bundle = a3b_bundle(workdir, args.device, layers=args.layers)
     engine = LLMEngine(bundle, EngineOptions(max_num_seqs=max(64, max(args.batches)), max_num_batched_tokens=8192,
-                                             cache_tokens=args.longest + 4096, block_size=16,
-                                             compile_decode=args.compile))
-    results["compile_decode"] = args.compile
+                                             cache_tokens=args.longest + 4096, block_size=16))
     results["cache_tokens"] = engine.cache_capacity_tokens
     results["bandwidth_GBps"] = round(measure_bandwidth() / 1e9, 1) if on_gpu else float("nan")
     bandwidth = results["bandwidth_GBps"] * 1e9
 
     # warm-up: graph capture for each batch bucket, kernels, allocator
-    warm_start = time.perf_counter()
     for batch in args.batches:
         for i in range(batch):
             engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, 500 + i), "max_tokens": 4,
                                              "ignore_eos": True}))
         run_until_done(engine)
-    results["warmup_s"] = round(time.perf_counter() - warm_start, 1)
-    print(json.dumps({"warmup_s": results["warmup_s"]}), flush=True)
     decode = []
     for batch in args.batches:
         row = decode_throughput(engine, batch, seed=batch * 1000)

@@ -57,7 +57,6 @@ class EngineOptions(BaseModel):
     reasoning: bool | Literal["auto"] = "auto"
     enable_prefix_caching: bool = True
     cuda_graphs: bool = Field(True, description="replay CUDA graphs for pure-decode steps on GPU")
-    compile_decode: bool = Field(False, description="torch.compile the decode step before graph capture (GPU)")
 
 
 def _image_spans(input_ids: list[int], pad_id: int, pixel_values, grids, counts: list[int]) -> list[ImageSpan]:
@@ -98,8 +97,7 @@ class LLMEngine:
             self.blocks,
         )
         self.runner = ModelRunner(
-            self.model, num_blocks, options.block_size, options.vision_cache_rows, use_cuda_graphs=options.cuda_graphs,
-            compile_decode=options.compile_decode,
+            self.model, num_blocks, options.block_size, options.vision_cache_rows, use_cuda_graphs=options.cuda_graphs
         )
         self.reasoning = (
             "thinking" in str(bundle.path).lower() if options.reasoning == "auto" else bool(options.reasoning)

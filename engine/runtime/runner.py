@@ -80,7 +80,6 @@ class ModelRunner:
         block_size: int,
         vision_cache_rows: int = 65536,
         use_cuda_graphs: bool = True,
-        compile_decode: bool = False,
     ) -> None:
         self.model = model
         self.config = model.config.text_config
@@ -97,7 +96,7 @@ class ModelRunner:
         capturable = self.device.type == "cuda" and grouped_mm_available(
             torch.empty(1, device=self.device, dtype=self.dtype)
         )  # the per-expert loop fallback syncs with the host, which a CUDA graph cannot contain
-        self.graphs = DecodeGraphs(self, compile_step=compile_decode) if (use_cuda_graphs and capturable) else None
+        self.graphs = DecodeGraphs(self) if (use_cuda_graphs and capturable) else None
         self.vision_cache = VisionCache(vision_cache_rows)
         heads = cfg.num_attention_heads
         self.absorbed = []
@@ -314,10 +313,8 @@ class DecodeGraphs:
     BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
     MIN_KEYS = 256
 
-    def __init__(self, runner: "ModelRunner", max_keys: int | None = None, compile_step: bool = False) -> None:
+    def __init__(self, runner: "ModelRunner", max_keys: int | None = None) -> None:
         self.runner = runner
-        # torch.compile fuses the step's many small elementwise kernels before the graph is captured
-        self.step = torch.compile(runner.forward_eager, dynamic=False) if compile_step else runner.forward_eager
         self.max_keys = max_keys or runner.config.max_position_embeddings
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, StepMetadata, torch.Tensor]] = {}
         self.pool = None
@@ -354,14 +351,14 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up kernels, compilation and autotuning outside the capture
-                self.step(static)
+            for _ in range(2):  # warm up kernels and autotuning outside the capture
+                runner.forward_eager(static)
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            output = self.step(static)
+            output = runner.forward_eager(static)
         return graph, static, output
 
     def run(self, meta: StepMetadata) -> torch.Tensor:
