@@ -236,7 +236,12 @@ def load_model(
     path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
 ) -> KimiVLForConditionalGeneration:
     root = resolve_checkpoint(path)
-    config = load_config(root)
+    return _load_model(root, load_config(root), device, dtype)
+
+
+def _load_model(
+    root: Path, config: KimiVLConfig, device: str | torch.device, dtype: str | torch.dtype | None
+) -> KimiVLForConditionalGeneration:
     device = torch.device(device)
     model = build_empty_model(config, device, resolve_dtype(dtype, config, device))
     load_weights(model, root)
@@ -254,5 +259,5 @@ def load(
     config = load_config(root)
     tokenizer = KimiTokenizer.from_pretrained(root)
     processor = KimiVLProcessor.from_pretrained(root, tokenizer)
-    model = load_model(root, device=device, dtype=dtype)
+    model = _load_model(root, config, device, dtype)
     return KimiVLBundle(model=model, processor=processor, tokenizer=tokenizer, config=config, path=root)

@@ -25,7 +25,7 @@ from serve_app import openai_api
 from serve_app.auth import ApiKeyAuth, AuthError, KeyLimiter, RateLimited, load_api_keys
 from serve_app.backend import Backend
 from serve_app.config import AppConfig
-from serve_app.media import MediaError
+from serve_app.errors import ClientInputError
 from serve_app.metrics import ServeMetrics
 
 log = logging.getLogger("kimiray.ingress")
@@ -58,7 +58,7 @@ def classify(exc: BaseException) -> ApiError:
 
     if isinstance(exc, (EngineDeadError, DeploymentUnavailableError, ActorDiedError, ActorUnavailableError)):
         return ApiError(503, "unavailable", "the model is not available right now", {"Retry-After": "5"})
-    if isinstance(exc, (MediaError, openai_api.RequestError)):
+    if isinstance(exc, ClientInputError):
         return ApiError(exc.status_code, exc.code, exc.message, param=exc.param)
     if isinstance(exc, RequestTooLongError):
         return ApiError(400, "context_length_exceeded", str(exc))

@@ -71,6 +71,7 @@ from PIL import Image
 
 from engine.processor import ImageInputError, ProcessorError, VideoFrames, load_image, sample_frame_indices
 from serve_app.config import Limits
+from serve_app.errors import ClientInputError
 
 __all__ = [
     "MediaError",
@@ -106,19 +107,14 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
-class MediaError(ValueError):
+class MediaError(ClientInputError):
     """A media input we refuse. ``status_code``: 400 (bad / not allowed / fetch failed or timed out),
     413 (over a size, pixel, count or duration limit), 415 (not an image / video), 422 (unsupported form).
     ``code``: short machine string (``url_not_allowed``, ``image_too_large``, ...). ``param``: where in the
     request (set by the API layer, e.g. ``messages[0].content[1].image_url.url``)."""
 
-    def __init__(self, message: str, *, status_code: int = 400, code: str = "invalid_media",
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
-        self.code = code
-        self.param = param
+    default_status = 400
+    default_code = "invalid_media"
 
 
 def _short(url: str, n: int = 100) -> str:

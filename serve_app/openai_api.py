@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from engine.runtime.request import Delta, GenerateRequest, TokenLogprob, Usage
 from serve_app.config import Limits
+from serve_app.errors import ClientInputError
 from serve_app.media import FETCH_CONCURRENCY, MediaError, _bounded_gather, load_image_part, load_video_part
 
 __all__ = [
@@ -95,16 +96,11 @@ MAX_STOP_STRINGS = 16
 TokenBytes = Callable[[int], bytes]
 
 
-class RequestError(ValueError):
+class RequestError(ClientInputError):
     """A request that is well-formed JSON but cannot be served as asked (status 4xx, OpenAI error code)."""
 
-    def __init__(self, message: str, *, status_code: int = 422, code: str = "invalid_request",
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
-        self.code = code
-        self.param = param
+    default_status = 422
+    default_code = "invalid_request"
 
 
 # ----------------------------------------------------------------------------------------------------------
