@@ -211,7 +211,10 @@ class ModelRunner:
         )
 
     # ------------------------------------------------------------------ forward
-    def _attention(self, layer_idx: int, attn, h: torch.Tensor, cos, sin, meta: StepMetadata, softmax_scale: float):
+    def _attention(
+        self, layer_idx: int, attn, h: torch.Tensor, cos, sin, meta: StepMetadata, softmax_scale: float,
+        decode_bias: torch.Tensor | None,
+    ):
         cfg = self.config
         n_tokens = h.shape[0]
         heads, nope, rope, v_dim, rank = (
@@ -219,24 +222,31 @@ class ModelRunner:
         )
         q = attn.project_q(h).view(n_tokens, heads, nope + rope)
         q_nope, q_pe = q.split([nope, rope], dim=-1)
-        q_pe = apply_interleaved_rope(q_pe, cos[:, None], sin[:, None])
         c_kv, k_pe = attn.project_latent(h)
-        k_pe = apply_interleaved_rope(k_pe, cos, sin)
+        # one RoPE pass for the query heads and the shared key
+        rotated = apply_interleaved_rope(torch.cat([q_pe, k_pe[:, None]], dim=1), cos[:, None], sin[:, None])
+        q_pe, k_pe = rotated[:, :heads], rotated[:, heads]
         cache = self.kv_cache[layer_idx]
         cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype)
 
         out = h.new_empty(n_tokens, heads, v_dim)
         if meta.decode_rows.numel():
             w_uk, w_uv = self.absorbed[layer_idx]
+            pure = not meta.prefills  # every row is a decode row, in order: no gather / scatter of rows
             rows = meta.decode_rows
-            q_latent = torch.einsum("shd,hdr->shr", q_nope[rows], w_uk)
-            latents = cache[meta.decode_slots]  # (Sd, L, rank + rope)
-            c, kp = latents.split([rank, rope], dim=-1)
-            scores = torch.einsum("shr,slr->shl", q_latent, c) + torch.einsum("shp,slp->shl", q_pe[rows], kp)
-            scores = (scores.float() * softmax_scale).masked_fill(~meta.decode_mask[:, None, :], float("-inf"))
-            probs = scores.softmax(dim=-1).to(c.dtype)
-            z = torch.einsum("shl,slr->shr", probs, c)
-            out[rows] = torch.einsum("shr,hvr->shv", z, w_uv)
+            q_nope_d, q_pe_d = (q_nope, q_pe) if pure else (q_nope[rows], q_pe[rows])
+            # absorbed query [W_UKᵀ q_nope | q_pe] against the cached latents [c | k_pe] in one product
+            q_latent = torch.bmm(q_nope_d.transpose(0, 1), w_uk).transpose(0, 1)  # (S, H, rank)
+            query = torch.cat([q_latent, q_pe_d], dim=-1)  # (S, H, rank + rope)
+            latents = cache[meta.decode_slots]  # (S, L, rank + rope)
+            scores = torch.bmm(query, latents.transpose(1, 2))  # (S, H, L)
+            probs = torch.softmax(scores.float() * softmax_scale + decode_bias[:, None, :], dim=-1).to(latents.dtype)
+            z = torch.bmm(probs, latents[..., :rank])  # (S, H, rank)
+            values = torch.bmm(z.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # (S, H, v)
+            if pure:
+                out = values.contiguous()
+            else:
+                out[rows] = values
         for chunk in meta.prefills:
             latents = cache[chunk.slots]
             c, kp = latents.split([rank, rope], dim=-1)
@@ -272,8 +282,14 @@ class ModelRunner:
             h[meta.image_rows] = meta.image_features.to(h.dtype)
         rotary = lm.model.rotary_emb
         cos, sin = rotary.cos_sin(meta.positions, h.dtype)
+        decode_bias = None
+        if meta.decode_rows.numel():  # additive key mask shared by every layer's decode attention
+            decode_bias = torch.zeros(meta.decode_mask.shape, dtype=torch.float32, device=h.device)
+            decode_bias.masked_fill_(~meta.decode_mask, float("-inf"))
         for idx, layer in enumerate(lm.model.layers):
-            h = h + self._attention(idx, layer.self_attn, layer.input_layernorm(h), cos, sin, meta, rotary.softmax_scale)
+            h = h + self._attention(
+                idx, layer.self_attn, layer.input_layernorm(h), cos, sin, meta, rotary.softmax_scale, decode_bias
+            )
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         if meta.logit_rows.numel() == 0:
             return torch.empty(0, lm.config.vocab_size, device=self.device)
