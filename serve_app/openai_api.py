@@ -503,10 +503,12 @@ def usage_dict(usage: Usage | Mapping[str, Any] | None) -> dict[str, Any] | None
     }
 
 
-def _token_entry(token_id: int, logprob: float, token_bytes: TokenBytes | None) -> dict[str, Any]:
-    if token_bytes is None:
+def _token_entry(token_id: int, logprob: float, token_bytes: TokenBytes | None,
+                 known: bytes | None = None) -> dict[str, Any]:
+    """``known``: bytes the engine attached; else ``token_bytes``; else the token reads ``token_id:<id>``."""
+    if known is None and token_bytes is None:
         return {"token": f"token_id:{token_id}", "logprob": float(logprob), "bytes": None}
-    raw = bytes(token_bytes(int(token_id)))
+    raw = bytes(known) if known is not None else bytes(token_bytes(int(token_id)))
     return {"token": raw.decode("utf-8", errors="replace"), "logprob": float(logprob), "bytes": list(raw)}
 
 
@@ -519,8 +521,11 @@ def format_logprobs(items: Sequence[TokenLogprob | Mapping[str, Any]] | None,
     out = []
     for it in items:
         it = it if isinstance(it, TokenLogprob) else TokenLogprob.model_validate(it)
-        entry = _token_entry(it.token_id, it.logprob, token_bytes)
-        entry["top_logprobs"] = [_token_entry(t, lp, token_bytes) for t, lp in it.top]
+        entry = _token_entry(it.token_id, it.logprob, token_bytes, it.token_bytes)
+        top_bytes = it.top_bytes if it.top_bytes is not None and len(it.top_bytes) == len(it.top) else None
+        entry["top_logprobs"] = [
+            _token_entry(t, lp, token_bytes, top_bytes[k] if top_bytes else None) for k, (t, lp) in enumerate(it.top)
+        ]
         out.append(entry)
     return out
 

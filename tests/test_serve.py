@@ -104,6 +104,19 @@ def test_json_schema_response_format(service) -> None:
         assert isinstance(json.loads(content), dict)
 
 
+def test_logprobs_show_real_tokens(service) -> None:
+    reply = _client(service).chat.completions.create(
+        model="kimi-vl", messages=[{"role": "user", "content": "Hello"}], max_tokens=4, logprobs=True, top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(not c.token.startswith("token_id:") and c.bytes for c in content)
+    assert "".join(bytes(c.bytes).decode("utf-8", "replace") for c in content).startswith(
+        reply.choices[0].message.content[:1]
+    )
+
+
 def test_32_parallel_requests(service) -> None:
     client = AsyncOpenAI(base_url=f"{service}/v1", api_key=KEY, max_retries=0, timeout=300)
 

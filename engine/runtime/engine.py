@@ -284,7 +284,11 @@ class LLMEngine:
         seq.output_ids.append(token)
         if seq.matcher is not None:
             seq.matcher.accept(token)
-        logprobs = [logprob] if logprob is not None else None
+        logprobs = None
+        if logprob is not None:
+            logprob.token_bytes = self.tokenizer.token_bytes(token)
+            logprob.top_bytes = [self.tokenizer.token_bytes(t) for t, _ in logprob.top]
+            logprobs = [logprob]
         if token in seq.stop_token_ids:
             tail = seq.detokenizer.finish()
             delta = self._finish(seq, "stop", tail.text, tail.reasoning_text)

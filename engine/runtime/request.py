@@ -97,6 +97,9 @@ class TokenLogprob(BaseModel):
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = Field(default_factory=list)
+    # the tokens' bytes, filled by the engine (which has the tokenizer) so API layers can show real tokens
+    token_bytes: bytes | None = None
+    top_bytes: list[bytes] | None = None
 
 
 class Delta(BaseModel):
