@@ -106,3 +106,25 @@ def test_max_tokens_and_usage(tiny_bundle) -> None:
     assert len(tokens_of(deltas)) == 7 == deltas[-1].usage.completion_tokens
     assert deltas[-1].usage.prompt_tokens == len(tiny_bundle.processor(text_message("hello")).input_ids[0])
     run(engine.shutdown())
+
+
+def test_sampling_failure_fails_the_request_not_the_engine(tiny_bundle, monkeypatch) -> None:
+    import engine.runtime.engine as engine_module
+
+    engine = _engine(tiny_bundle, cache_tokens=4096)
+    calls = {"n": 0}
+    real_sample = engine_module.sample
+
+    def flaky(inp):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("sampler exploded")
+        return real_sample(inp)
+
+    monkeypatch.setattr(engine_module, "sample", flaky)
+    broken = run(collect(engine, {"messages": text_message("one"), "max_tokens": 5, "ignore_eos": True}))
+    assert broken[-1].finish_reason == "error" and "sampler exploded" in broken[-1].error
+    after = run(collect(engine, {"messages": text_message("two"), "max_tokens": 3, "ignore_eos": True}))
+    assert after[-1].finish_reason == "length" and engine.alive
+    assert engine.engine.blocks.num_free_blocks == engine.engine.blocks.num_blocks
+    run(engine.shutdown())

@@ -254,6 +254,8 @@ class LLMEngine:
                     continue
                 try:
                     masks[i] = seq.matcher.allowed_mask(vocab)
+                    if not masks[i].any():
+                        raise RuntimeError("the grammar allows no next token")
                 except Exception as exc:
                     deltas.append(self._finish(seq, "error", error=f"guided decoding failed: {exc}"))
                     alive.remove(i)
@@ -262,16 +264,20 @@ class LLMEngine:
             return deltas
         index = torch.tensor(alive, device=logits.device)
         live = [seqs[i] for i in alive]
-        out = sample(
-            SamplerInput(
-                logits=logits[index],
-                params=[s.sampling for s in live],
-                generators=[s.generator for s in live],
-                prompt_token_ids=[s.prompt_ids for s in live],
-                output_token_ids=[s.output_ids for s in live],
-                allowed_mask=None if masks is None else masks[index],
+        try:
+            out = sample(
+                SamplerInput(
+                    logits=logits[index],
+                    params=[s.sampling for s in live],
+                    generators=[s.generator for s in live],
+                    prompt_token_ids=[s.prompt_ids for s in live],
+                    output_token_ids=[s.output_ids for s in live],
+                    allowed_mask=None if masks is None else masks[index],
+                )
             )
-        )
+        except Exception as exc:  # fail these requests, never the engine thread
+            log.exception("sampling failed")
+            return deltas + [self._finish(s, "error", error=f"sampling failed: {exc}") for s in live]
         for seq, token, logprob in zip(live, out.token_ids, out.logprobs):
             try:
                 deltas.append(self._postprocess(seq, token, logprob))
