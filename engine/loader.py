@@ -60,10 +60,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: KimiVLConfig, device:
         if device.type == "cpu":
             return torch.float32
         dtype = config.torch_dtype or "bfloat16"
-    if isinstance(dtype, torch.dtype):
-        name = str(dtype).removeprefix("torch.")
-    else:
-        name = str(dtype).removeprefix("torch.")
+    name = str(dtype).removeprefix("torch.")
     if name not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}: choose one of {', '.join(SUPPORTED_DTYPES)}")
     return SUPPORTED_DTYPES[name]

@@ -127,6 +127,7 @@ def create_app() -> FastAPI:
         started = time.perf_counter()
         path = request.url.path
         key_id = "-"
+        state: IngressState | None = None
         try:
             state = _state(request)
             if path not in PUBLIC_ROUTES:
@@ -142,8 +143,8 @@ def create_app() -> FastAPI:
             response = await call_next(request)
         except ApiError as err:
             response = error_response(err)
-        if _replica_state is not None or hasattr(request.app.state, "kimiray"):
-            _state(request).metrics.request(path, response.status_code, key_id, time.perf_counter() - started)
+        if state is not None:
+            state.metrics.request(path, response.status_code, key_id, time.perf_counter() - started)
         return response
 
     @app.exception_handler(RequestValidationError)

@@ -11,19 +11,14 @@ import torch
 from PIL import Image
 
 from engine.generate import SamplingParams, generate, generate_ids
+from tests.runtime_helpers import image as _image
+from tests.runtime_helpers import image_message
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _image(seed: int, size=(84, 56)) -> Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    pixels = (torch.rand(size[1], size[0], 3, generator=gen) * 255).to(torch.uint8).numpy()
-    return Image.fromarray(pixels, "RGB")
-
-
 def _messages(*images: Image.Image, question: str = "Describe the images.") -> list[dict]:
-    content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": question}]
-    return [{"role": "user", "content": content}]
+    return image_message(list(images), question)
 
 
 def test_greedy_cached_equals_uncached_with_images(tiny_bundle) -> None:
