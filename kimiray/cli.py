@@ -1,4 +1,4 @@
-"""``kimiray`` command line. Until the service lands, ``kimiray demo`` answers one image question locally."""
+"""``kimiray`` command line: ``demo``, ``serve``, ``submit``, ``tasks``, ``worker``."""
 
 from __future__ import annotations
 
@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     serve.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the app to be ready")
     serve.set_defaults(func=cmd_serve)
+    from agents.worker import add_worker_command
+    from kimiray.task_cli import add_task_commands
+
+    add_task_commands(sub)
+    add_worker_command(sub)
     return parser
 
 

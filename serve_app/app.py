@@ -1,4 +1,5 @@
-"""The Ray Serve application: ``Ingress`` (FastAPI) -> ``ModelServer`` replicas.
+"""The Ray Serve application: ``Ingress`` (FastAPI) -> ``ModelServer`` replicas, and ``TaskRunner`` replicas
+that run agents against the same model.
 
 ``serve run ray_config.yaml`` imports ``serve_app.app:build_app`` and passes the config's ``args``.
 """
@@ -15,12 +16,15 @@ from serve_app.config import AppConfig
 from serve_app.ingress import app as fastapi_app
 from serve_app.ingress import install_state
 from serve_app.model_server import ModelServer
+from serve_app.task_runner import TaskRunnerDeployment
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress(fastapi_app)
 class Ingress:
-    def __init__(self, model_server: Any, config: dict[str, Any]) -> None:
+    def __init__(self, model_server: Any, config: dict[str, Any], task_runner: Any = None) -> None:
+        # the TaskRunner handle is not called per request; binding it makes Serve deploy the runners
+        self.task_runner = task_runner
         install_state(None, AppConfig.model_validate(config), RayBackend(model_server))
 
 
@@ -28,4 +32,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """Application builder for ``serve run`` / ``serve deploy`` (``args`` = the config file's ``args``)."""
     config = AppConfig.model_validate(args or {})
     payload = config.model_dump()
-    return Ingress.bind(ModelServer.bind(payload), payload)
+    model = ModelServer.bind(payload)
+    return Ingress.bind(model, payload, TaskRunnerDeployment.bind(model, payload))

@@ -42,6 +42,26 @@ class ModelConfig(BaseModel):
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineOptions fields")
 
 
+class TasksConfig(BaseModel):
+    """The task and session layer: where state lives, which agents run, and how runners lease work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stores_url: str | None = Field(
+        None, description="redis://host:port/db, sqlite:///dir, or None: $KIMIRAY_STORES_URL, else $REDIS_URL, "
+        "else the embedded SQLite store under $KIMIRAY_HOME")
+    agent_modules: list[str] = Field(default_factory=list, description="extra modules that register agents")
+    max_attempts: int = Field(3, ge=1, le=100, description="runs of one task before it fails (runner deaths)")
+    retention_s: float = Field(7 * 24 * 3600.0, gt=0, description="ended tasks are kept this long")
+    lease_s: float = Field(30.0, gt=0.5, description="a runner silent this long loses its tasks")
+    runner_concurrency: int = Field(4, ge=1, le=256, description="tasks one TaskRunner replica runs at once")
+    session_ttl_s: float | None = Field(7 * 24 * 3600.0, gt=0, description="sessions expire this long after "
+                                        "their last write")
+    blob_threshold: int = Field(64 * 1024, ge=0, description="media larger than this go to the blob store")
+    sse_keepalive_s: float = Field(15.0, gt=0)
+    max_input_bytes: int = Field(16 * 2**20, ge=1024, description="JSON size of a task's input + options")
+
+
 class AppConfig(BaseModel):
     """Everything ``build_app`` needs; every field has a default so ``serve run`` works bare on one CPU."""
 
@@ -50,5 +70,6 @@ class AppConfig(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     limits: Limits = Field(default_factory=Limits)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
     request_timeout_s: float = Field(300.0, gt=0)
     host: str = "127.0.0.1"

@@ -80,15 +80,24 @@ def error_response(err: ApiError) -> JSONResponse:
 class IngressState:
     """What the routes use: config, backend, auth, per-key limiter, metrics."""
 
-    def __init__(self, config: AppConfig, backend: Backend) -> None:
+    def __init__(self, config: AppConfig, backend: Backend, task_service: Any = None) -> None:
         from serve_app.auth import check_bind_allowed
 
         self.config = config
         self.backend = backend
+        self._task_service = task_service
         self.auth = ApiKeyAuth(load_api_keys(config.auth), config.auth)
         check_bind_allowed(config.host, self.auth.enabled)  # no keys -> loopback only, or refuse to start
         self.limiter = KeyLimiter(config.auth.requests_per_minute, config.auth.max_concurrent_per_key)
         self.metrics = ServeMetrics(model=config.model.served_name)
+
+    def tasks(self) -> Any:
+        """The task/session service, opened on first use (a chat-only deployment never touches a store)."""
+        if self._task_service is None:
+            from serve_app.tasks_api import TaskService
+
+            self._task_service = TaskService(self.config.tasks)
+        return self._task_service
 
 
 # Ray Serve runs the user constructor before it attaches its own copy of the FastAPI app, so a replica keeps
@@ -96,10 +105,10 @@ class IngressState:
 _replica_state: IngressState | None = None
 
 
-def install_state(app: FastAPI | None, config: AppConfig, backend: Backend) -> IngressState:
+def install_state(app: FastAPI | None, config: AppConfig, backend: Backend, task_service: Any = None) -> IngressState:
     """Attach state to ``app`` (in-process use) or, with ``app=None``, to this replica process."""
     global _replica_state
-    state = IngressState(config, backend)
+    state = IngressState(config, backend, task_service)
     if app is None:
         _replica_state = state
     else:
@@ -162,6 +171,14 @@ def create_app() -> FastAPI:
     async def on_api_error(request: Request, exc: ApiError):
         return error_response(exc)
 
+    @app.exception_handler(ClientInputError)
+    async def on_client_input_error(request: Request, exc: ClientInputError):
+        return error_response(classify(exc))
+
+    from serve_app.tasks_api import router as tasks_router
+
+    app.include_router(tasks_router)
+
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
         """Liveness of the ingress itself (no auth)."""
@@ -214,6 +231,10 @@ def create_app() -> FastAPI:
                 )
             except Exception as exc:
                 raise classify(exc) from None
+            remember = None
+            if body.session_id is not None:
+                generate_request, remember = await _continue_session(state, key_id, body.session_id,
+                                                                     generate_request)
             deadline = time.monotonic() + config.request_timeout_s
             if body.stream:
                 stream = state.backend.generate(generate_request)
@@ -225,7 +246,8 @@ def create_app() -> FastAPI:
                     await stream.aclose()
                     raise classify(exc) from None
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = _sse_events(body, request_id, first, stream, deadline, include_usage, state, release)
+                events = _sse_events(body, request_id, first, stream, deadline, include_usage, state, release,
+                                     remember)
                 handed_off = True
                 return StreamingResponse(events, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
@@ -240,12 +262,17 @@ def create_app() -> FastAPI:
             if final.finish_reason == "error":
                 raise ApiError(500, "generation_failed", final.error or "generation failed")
             _count_tokens(state, final)
-            return JSONResponse(openai_api.completion_response(
+            text = "".join(d.text for d in deltas)
+            response = openai_api.completion_response(
                 request_id=request_id, model=body.model or config.model.served_name,
-                text="".join(d.text for d in deltas), reasoning="".join(d.reasoning_text for d in deltas),
+                text=text, reasoning="".join(d.reasoning_text for d in deltas),
                 finish_reason=final.finish_reason, usage=final.usage,
                 logprobs=[lp for d in deltas for lp in (d.logprobs or [])] if body.logprobs else None,
-            ), headers={"X-Request-Id": request_id})
+            )
+            if remember is not None:
+                await remember(text, final.usage)
+                response["session_id"] = body.session_id
+            return JSONResponse(response, headers={"X-Request-Id": request_id})
         finally:
             if not handed_off:
                 await release()
@@ -256,6 +283,24 @@ def create_app() -> FastAPI:
 
 
 
+async def _continue_session(state: IngressState, owner: str, session_id: str, request: GenerateRequest):
+    """Prepend the session's messages; return the request and a coroutine that stores this turn."""
+    from serve_app.tasks_api import remember_turn, session_history
+
+    service = state.tasks()
+    try:
+        history = await session_history(service, owner, session_id)
+    except Exception as exc:
+        raise classify(exc) from None
+    new_messages = list(request.messages or [])
+    request = request.model_copy(update={"messages": history + new_messages, "session_id": session_id})
+
+    async def remember(text: str, usage: Any) -> None:
+        await remember_turn(service, owner, session_id, new_messages, text, usage)
+
+    return request, remember
+
+
 def _count_tokens(state: Any, final: Delta) -> None:
     if final.usage is not None:
         state.metrics.tokens(final.usage.prompt_tokens, final.usage.completion_tokens)
@@ -263,7 +308,7 @@ def _count_tokens(state: Any, final: Delta) -> None:
 
 async def _sse_events(
     body: Any, request_id: str, first: Delta, stream: AsyncIterator[Delta], deadline: float, include_usage: bool,
-    state: Any, release,
+    state: Any, release, remember=None,
 ) -> AsyncIterator[bytes]:
     """OpenAI SSE: role chunk, content chunks, a finish chunk, optional usage chunk, then [DONE].
 
@@ -275,10 +320,12 @@ async def _sse_events(
     def event(payload: dict[str, Any]) -> bytes:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
+    texts: list[str] = []
     try:
         yield event(openai_api.chunk(request_id, model, created, role="assistant"))
         delta: Delta | None = first
         while delta is not None:
+            texts.append(delta.text)
             if delta.text or delta.reasoning_text or (delta.logprobs and body.logprobs):
                 yield event(openai_api.chunk(
                     request_id, model, created, content=delta.text or None,
@@ -293,6 +340,8 @@ async def _sse_events(
                     if include_usage and delta.usage is not None:
                         yield event(openai_api.chunk(request_id, model, created, usage=delta.usage))
                     _count_tokens(state, delta)
+                    if remember is not None:
+                        await remember("".join(texts), delta.usage)
                 break
             remaining = deadline - time.monotonic()
             try:

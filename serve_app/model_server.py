@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from engine.runtime.request import Delta, GenerateRequest
 from serve_app.config import AppConfig
+from serve_app.routing import SessionAffinityRouter
 
 log = logging.getLogger("kimiray.model_server")
 
@@ -25,6 +27,8 @@ WEDGED_AFTER_S = 120.0
     health_check_timeout_s=30,
     graceful_shutdown_wait_loop_s=2,
     graceful_shutdown_timeout_s=120,
+    # A session's requests go to the replica holding its prefix cache (serve_app.routing).
+    request_router_config=RequestRouterConfig(request_router_class=SessionAffinityRouter),
 )
 class ModelServer:
     def __init__(self, config: dict[str, Any]) -> None:
@@ -64,6 +68,11 @@ class ModelServer:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    async def replica_id(self, request: GenerateRequest | dict[str, Any] | None = None) -> str:
+        """This replica's unique id, the one the session router hashes. ``request`` is ignored here; the router
+        reads its ``session_id``, so a caller can ask which replica a session goes to (affinity checks, ops)."""
+        return serve.get_replica_context().replica_id.unique_id
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it. It also exports

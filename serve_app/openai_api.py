@@ -260,6 +260,9 @@ class ChatCompletionRequest(_Model):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = Field(False, description="extension: keep generating past the end-of-turn token")
+    session_id: str | None = Field(None, min_length=1, max_length=200, description=(
+        "extension: continue this session (POST /v1/sessions): its stored messages are prepended, and the new "
+        "messages and the reply are appended to it"))
 
     @field_validator("n")
     @classmethod

@@ -29,7 +29,8 @@ def free_port() -> int:
 
 @contextmanager
 def running_service(home: Path, api_keys: str, args: dict[str, Any] | None = None,
-                    deployment_options: dict[str, dict[str, Any]] | None = None) -> Iterator[str]:
+                    deployment_options: dict[str, dict[str, Any]] | None = None,
+                    with_runner: bool = False) -> Iterator[str]:
     """Yields the base URL of a Serve app on loopback; Ray and Serve are shut down afterwards."""
     import ray
     from ray import serve
@@ -45,13 +46,15 @@ def running_service(home: Path, api_keys: str, args: dict[str, Any] | None = Non
              runtime_env={"env_vars": {k: os.environ[k] for k in (*SAFE_ENV, "KIMIRAY_HOME", "KIMIRAY_API_KEYS")}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        from serve_app.app import Ingress, ModelServer
+        from serve_app.app import Ingress, ModelServer, TaskRunnerDeployment
         from serve_app.config import AppConfig
 
         config = AppConfig.model_validate(args or {}).model_dump()
         options = deployment_options or {}
         model = ModelServer.options(**options.get("ModelServer", {})).bind(config)
-        app = Ingress.options(**options.get("Ingress", {})).bind(model, config)
+        runner = (TaskRunnerDeployment.options(**options.get("TaskRunner", {})).bind(model, config)
+                  if with_runner else None)
+        app = Ingress.options(**options.get("Ingress", {})).bind(model, config, runner)
         serve.run(app, name="kimiray", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:

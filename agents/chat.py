@@ -1,0 +1,99 @@
+"""The ``chat`` task type: one model turn as a durable task, optionally continuing a session.
+
+Input messages use the OpenAI chat format (text, ``image_url`` with data: or http(s) URLs, video parts), checked
+at submission by the same validator as ``/v1/chat/completions``; remote media are fetched with the same
+SSRF-safe rules. With ``options.session_id`` the turn is appended to that session (multi-turn memory).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from agents.base import Agent, AgentContext, AgentError
+from agents.messages import storable
+from agents.registry import register_agent
+
+
+class ChatInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[dict[str, Any]] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    json_schema: dict[str, Any] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _openai_messages(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from serve_app.openai_api import ChatCompletionRequest
+
+        ChatCompletionRequest.model_validate({"model": "kimi-vl", "messages": value})
+        return value
+
+
+class ChatOutput(BaseModel):
+    text: str
+    reasoning: str = ""
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    session_id: str
+    parsed: Any = None
+
+
+async def to_engine_messages(messages: list[dict[str, Any]], max_tokens: int | None) -> tuple[list[dict], int]:
+    """OpenAI-format messages -> engine messages (media loaded with the service's limits and URL rules)."""
+    from serve_app.config import Limits
+    from serve_app.errors import ClientInputError
+    from serve_app.openai_api import ChatCompletionRequest, to_generate_request
+
+    body = {"model": "kimi-vl", "messages": messages}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    try:
+        request = await to_generate_request(ChatCompletionRequest.model_validate(body), Limits(), "task",
+                                            defaults={"max_tokens": 512})
+    except ClientInputError as exc:
+        raise AgentError(exc.message, code=exc.code) from None
+    return list(request.messages or []), request.max_tokens
+
+
+async def conversation_growth(ctx: AgentContext, usage: Any) -> int:
+    """Tokens this turn added to the session: the whole conversation's size now minus what was stored."""
+    if usage is None:
+        return 0
+    session = await ctx.sessions.get(ctx.session_id, ctx.owner)
+    before = session.token_count if session is not None else 0
+    return max(0, usage.prompt_tokens + usage.completion_tokens - before)
+
+
+@register_agent
+class ChatAgent(Agent):
+    type = "chat"
+    Input = ChatInput
+    description = "One chat turn (text, images, video frames); continues options.session_id when given."
+
+    async def run(self, ctx: AgentContext, input: ChatInput) -> ChatOutput:
+        await ctx.step("prepare")
+        new_messages, max_tokens = await to_engine_messages(input.messages, input.max_tokens)
+        history = await ctx.history()
+        await ctx.step("generate", history_messages=len(history))
+        reply = await ctx.chat(history + new_messages, max_tokens=max_tokens,
+                               temperature=input.temperature or 0.0, json_schema=input.json_schema)
+        usage = reply.usage
+        await ctx.remember(storable(new_messages) + [{"role": "assistant", "content": reply.text}],
+                           token_count=await conversation_growth(ctx, usage))
+        parsed = None
+        if input.json_schema is not None:
+            import json
+
+            try:
+                parsed = json.loads(reply.text)
+            except ValueError:
+                parsed = None  # cut off by max_tokens: text is returned as is
+        return ChatOutput(text=reply.text, reasoning=reply.reasoning, finish_reason=reply.finish_reason,
+                          prompt_tokens=usage.prompt_tokens if usage else 0,
+                          completion_tokens=usage.completion_tokens if usage else 0,
+                          session_id=ctx.session_id, parsed=parsed)

@@ -1,0 +1,1 @@
+"""Example agents that show the agent SDK; each is a complete, registered task type."""

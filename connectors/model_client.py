@@ -1,0 +1,79 @@
+"""How agents reach the model: one small interface over the in-process engine or a Ray Serve handle.
+
+Agents never see the transport. Inside the cluster the client wraps the ModelServer DeploymentHandle (through
+``serve_app.backend.RayBackend``), in ``LocalRuntime`` the in-process engine (``LocalBackend``); unit tests of
+agent logic pass a scripted client with the same ``generate`` method.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+from engine.runtime.request import Delta, GenerateRequest, Usage
+
+
+class ModelError(RuntimeError):
+    """The model failed this request (engine error, bad input); retrying the same request won't help."""
+
+
+class ModelUnavailableError(RuntimeError):
+    """No model replica could take the request right now (overloaded, restarting): retry later."""
+
+
+class ModelReply(BaseModel):
+    text: str = ""
+    reasoning: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    token_ids: list[int] = Field(default_factory=list)
+
+
+@runtime_checkable
+class ModelClient(Protocol):
+    async def generate(self, request: GenerateRequest) -> ModelReply: ...
+
+
+def reply_from_deltas(deltas: list[Delta]) -> ModelReply:
+    if not deltas:
+        raise ModelError("the model returned no output")
+    final = deltas[-1]
+    if final.finish_reason == "error":
+        raise ModelError(final.error or "generation failed")
+    return ModelReply(
+        text="".join(d.text for d in deltas),
+        reasoning="".join(d.reasoning_text for d in deltas),
+        finish_reason=final.finish_reason,
+        usage=final.usage,
+        token_ids=[t for d in deltas for t in d.token_ids],
+    )
+
+
+class BackendModelClient:
+    """A ``serve_app.backend`` Backend (LocalBackend or RayBackend) as a ModelClient."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    async def generate(self, request: GenerateRequest) -> ModelReply:
+        from engine.runtime.engine import EngineDeadError, EngineOverloadedError
+
+        try:
+            deltas = await self.backend.complete(request)
+        except (EngineOverloadedError, EngineDeadError) as exc:
+            raise ModelUnavailableError(str(exc)) from exc
+        except Exception as exc:
+            if _is_unavailable(exc):
+                raise ModelUnavailableError(str(exc)) from exc
+            raise
+        return reply_from_deltas(deltas)
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    try:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, (ActorDiedError, ActorUnavailableError, BackPressureError, DeploymentUnavailableError))

@@ -1,0 +1,60 @@
+"""TaskRunner deployment: each replica runs a ``agents.runner.TaskRunner`` loop against the shared TaskStore.
+
+Scale runners independently of model replicas (agents spend most of their time waiting on the model, PDF
+parsing or a desktop). A replica that dies stops heartbeating; its tasks go to another replica once their lease
+expires. A replica being shut down (scale-down, redeploy) hands its running tasks back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray import serve
+
+from serve_app.config import AppConfig
+
+log = logging.getLogger("kimiray.task_runner")
+
+
+@serve.deployment(
+    name="TaskRunner",
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+)
+class TaskRunnerDeployment:
+    def __init__(self, model_server: Any, config: dict[str, Any]) -> None:
+        from agents.registry import build_registry
+        from agents.runner import RunnerOptions, TaskRunner
+        from connectors.model_client import BackendModelClient
+        from connectors.stores import open_stores, stores_url_from_env
+        from serve_app.backend import RayBackend
+
+        cfg = AppConfig.model_validate(config).tasks
+        self.stores = open_stores(cfg.stores_url or stores_url_from_env(), blob_threshold=cfg.blob_threshold)
+        registry = build_registry(cfg.agent_modules)
+        options = RunnerOptions(concurrency=cfg.runner_concurrency, lease_s=cfg.lease_s,
+                                session_ttl_s=cfg.session_ttl_s)
+        self.runner = TaskRunner(self.stores, registry, BackendModelClient(RayBackend(model_server)), options)
+        self._stop = asyncio.Event()
+        # Serve runs the constructor inside the replica's event loop: the loop runs beside request handling.
+        self._loop_task = asyncio.get_running_loop().create_task(self.runner.run_forever(self._stop))
+        log.info("TaskRunner %s: agents %s, store %s", self.runner.worker_id, registry.types(), self.stores.url)
+
+    async def stats(self) -> dict[str, Any]:
+        return self.runner.stats()
+
+    async def check_health(self) -> None:
+        if self._loop_task.done():
+            exc = self._loop_task.exception() if not self._loop_task.cancelled() else None
+            raise RuntimeError(f"task runner loop ended: {exc!r}")
+
+    async def __del__(self) -> None:
+        self._stop.set()
+        try:
+            await asyncio.wait_for(self._loop_task, timeout=20)
+        except Exception:  # noqa: BLE001 - shutting down; leases expire anyway
+            pass
+        await self.stores.close()

@@ -1,0 +1,267 @@
+"""REST for tasks and sessions on the ingress: ``/v1/tasks`` (submit, get, list, cancel, SSE events) and
+``/v1/sessions``.
+
+Submission validates everything a runner would later trip over - the task type is registered, the input matches
+the agent's schema, a named session exists for this key - so bad input is a 4xx now, never a failed task later.
+Every record belongs to the caller's API key; another key's id answers 404 exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from agents.registry import AgentRegistry, InvalidTaskInput, UnknownTaskType, build_registry
+from connectors.stores.base import TERMINAL_STATUSES, TaskEvent, TaskSubmission
+from serve_app.config import TasksConfig
+from serve_app.errors import ClientInputError
+
+router = APIRouter()
+
+
+class NotFoundError(ClientInputError):
+    default_status = 404
+    default_code = "not_found"
+
+
+class TaskService:
+    """Stores + agent registry + settings, shared by the task and session routes (and the chat session hook)."""
+
+    def __init__(self, config: TasksConfig, stores: Any = None, registry: AgentRegistry | None = None) -> None:
+        from connectors.stores import open_stores, stores_url_from_env
+
+        self.config = config
+        self.stores = stores or open_stores(config.stores_url or stores_url_from_env(),
+                                            blob_threshold=config.blob_threshold)
+        self.registry = registry or build_registry(config.agent_modules)
+
+    async def close(self) -> None:
+        await self.stores.close()
+
+    # ------------------------------------------------------------------ tasks
+    def validate(self, submission: TaskSubmission) -> None:
+        try:
+            self.registry.validate(submission.type, submission.input)
+        except UnknownTaskType as exc:
+            raise ClientInputError(str(exc), status_code=422, code="unknown_task_type", param="type") from None
+        except InvalidTaskInput as exc:
+            raise ClientInputError(str(exc), status_code=422, code="invalid_input", param=exc.param) from None
+        size = len(json.dumps([submission.input, submission.options], default=str))
+        if size > self.config.max_input_bytes:
+            raise ClientInputError(f"task input + options are {size} bytes of JSON, over the limit of "
+                                   f"{self.config.max_input_bytes}; put large files in a URL", status_code=413,
+                                   code="input_too_large", param="input")
+
+    async def submit(self, owner: str, submission: TaskSubmission) -> tuple[dict[str, Any], bool]:
+        self.validate(submission)
+        session_id = submission.options.get("session_id")
+        if session_id is not None:
+            if not isinstance(session_id, str) or await self.stores.sessions.get(session_id, owner) is None:
+                raise NotFoundError(f"session {session_id!r} not found", param="options.session_id")
+        agent_cls = self.registry.get(submission.type)
+        record, created = await self.stores.tasks.submit(
+            owner, submission, max_attempts=min(self.config.max_attempts, agent_cls.max_attempts) or 1,
+            retention_s=self.config.retention_s)
+        return record.public(), created
+
+    async def get(self, owner: str, task_id: str) -> dict[str, Any]:
+        record = await self.stores.tasks.get(task_id, owner)
+        if record is None:
+            raise NotFoundError(f"task {task_id!r} not found", param="task_id")
+        return record.public()
+
+
+def _service(request: Request) -> TaskService:
+    from serve_app.ingress import _state
+
+    return _state(request).tasks()
+
+
+def _owner(request: Request) -> str:
+    return getattr(request.state, "key_id", None) or "anonymous"
+
+
+def _task_json(task: dict[str, Any], created: bool | None = None) -> dict[str, Any]:
+    out = {"object": "task", **task}
+    if created is not None:
+        out["created"] = created
+    return out
+
+
+@router.post("/v1/tasks", status_code=202, tags=["tasks"])
+async def submit_task(request: Request, body: TaskSubmission) -> JSONResponse:
+    """Accept a task (202) or, for an idempotency key seen before, return the existing one (200)."""
+    service = _service(request)
+    task, created = await service.submit(_owner(request), body)
+    return JSONResponse(_task_json(task, created), status_code=202 if created else 200,
+                        headers={"Location": f"/v1/tasks/{task['id']}"})
+
+
+@router.get("/v1/tasks", tags=["tasks"])
+async def list_tasks(
+    request: Request,
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+    type: str | None = Query(None, max_length=64),
+    limit: int = Query(50, ge=1, le=500),
+    cursor: str | None = Query(None, max_length=500),
+) -> dict[str, Any]:
+    service = _service(request)
+    try:
+        page = await service.stores.tasks.list(_owner(request), status=status, type=type, limit=limit,
+                                               cursor=cursor)
+    except ValueError as exc:
+        raise ClientInputError(f"bad cursor: {exc}", param="cursor") from None
+    return {"object": "list", "data": [_task_json(t.public()) for t in page.tasks], "next_cursor": page.next_cursor}
+
+
+@router.get("/v1/task-types", tags=["tasks"])
+async def task_types(request: Request) -> dict[str, Any]:
+    """The task types this service runs, with their input JSON schemas."""
+    return {"object": "list", "data": _service(request).registry.describe()}
+
+
+@router.get("/v1/tasks/{task_id}", tags=["tasks"])
+async def get_task(request: Request, task_id: str) -> dict[str, Any]:
+    return _task_json(await _service(request).get(_owner(request), task_id))
+
+
+@router.post("/v1/tasks/{task_id}/cancel", tags=["tasks"])
+async def cancel_task(request: Request, task_id: str) -> dict[str, Any]:
+    """Queued tasks end at once; running ones at the agent's next step; ended ones are unchanged."""
+    record = await _service(request).stores.tasks.cancel(task_id, _owner(request))
+    if record is None:
+        raise NotFoundError(f"task {task_id!r} not found", param="task_id")
+    return _task_json(record.public())
+
+
+def _sse(event: TaskEvent) -> bytes:
+    return f"id: {event.id}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n".encode()
+
+
+def _ends_task(event: TaskEvent) -> bool:
+    return event.type == "status" and event.data.get("status") in TERMINAL_STATUSES
+
+
+@router.get("/v1/tasks/{task_id}/events", tags=["tasks"])
+async def task_events(request: Request, task_id: str, after: int | None = Query(None, ge=0)) -> StreamingResponse:
+    """Server-sent events, ``id:`` = the event's number. Resume with ``Last-Event-ID`` (or ``?after=N``): only
+    later events are sent, none is missed. The stream ends after the event that ends the task."""
+    service = _service(request)
+    await service.get(_owner(request), task_id)  # 404 for a missing or foreign task
+    header = request.headers.get("last-event-id")
+    if header is not None and not header.strip().isdigit():
+        raise ClientInputError("Last-Event-ID must be an event number", param="Last-Event-ID")
+    cursor = int(header) if header is not None else (after or 0)
+    tasks = service.stores.tasks
+    keepalive = service.config.sse_keepalive_s
+
+    async def stream() -> AsyncIterator[bytes]:
+        position = cursor
+        yield b"retry: 1000\n\n"
+        while True:
+            record = await tasks.get(task_id, None)
+            if record is None:
+                return  # purged
+            if record.status in TERMINAL_STATUSES and record.last_event_id <= position:
+                return
+            events = await tasks.wait_events(task_id, position, timeout_s=keepalive)
+            if not events:
+                if await request.is_disconnected():
+                    return
+                yield b": keepalive\n\n"
+                continue
+            for event in events:
+                yield _sse(event)
+                position = event.id
+                if _ends_task(event):
+                    return
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ----------------------------------------------------------------------------------------------- sessions
+
+
+class SessionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    ttl_s: float | None = Field(None, gt=0, le=365 * 24 * 3600.0)
+
+
+def _session_json(record: Any) -> dict[str, Any]:
+    return {"object": "session", **record.public()}
+
+
+async def _session(request: Request, session_id: str) -> Any:
+    record = await _service(request).stores.sessions.get(session_id, _owner(request))
+    if record is None:
+        raise NotFoundError(f"session {session_id!r} not found", param="session_id")
+    return record
+
+
+@router.post("/v1/sessions", status_code=201, tags=["sessions"])
+async def create_session(request: Request, body: SessionCreate | None = None) -> JSONResponse:
+    service = _service(request)
+    body = body or SessionCreate()
+    record = await service.stores.sessions.create(
+        _owner(request), metadata=body.metadata, ttl_s=body.ttl_s or service.config.session_ttl_s)
+    return JSONResponse(_session_json(record), status_code=201)
+
+
+@router.get("/v1/sessions/{session_id}", tags=["sessions"])
+async def get_session(request: Request, session_id: str) -> dict[str, Any]:
+    return _session_json(await _session(request, session_id))
+
+
+@router.get("/v1/sessions/{session_id}/messages", tags=["sessions"])
+async def session_messages(request: Request, session_id: str, start: int = Query(0, ge=0),
+                           end: int | None = Query(None, ge=0)) -> dict[str, Any]:
+    """Stored messages; media parts appear as ``blob_ref`` parts (not inlined)."""
+    await _session(request, session_id)
+    messages = await _service(request).stores.sessions.messages(session_id, _owner(request), start=start, end=end)
+    return {"object": "list", "data": [m.model_dump(mode="json") for m in messages]}
+
+
+@router.get("/v1/sessions/{session_id}/children", tags=["sessions"])
+async def session_children(request: Request, session_id: str) -> dict[str, Any]:
+    await _session(request, session_id)
+    children = await _service(request).stores.sessions.children(session_id, _owner(request))
+    return {"object": "list", "data": [_session_json(c) for c in children]}
+
+
+@router.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
+async def delete_session(request: Request, session_id: str) -> Response:
+    await _session(request, session_id)
+    await _service(request).stores.sessions.delete(session_id, _owner(request))
+    return Response(status_code=204)
+
+
+# ------------------------------------------------------------------------------- chat with a session
+
+
+async def session_history(service: TaskService, owner: str, session_id: str) -> list[dict[str, Any]]:
+    if await service.stores.sessions.get(session_id, owner) is None:
+        raise NotFoundError(f"session {session_id!r} not found", param="session_id")
+    stored = await service.stores.sessions.messages(session_id, owner, resolve_media=True)
+    return [{"role": m.role, "content": m.content} for m in stored]
+
+
+async def remember_turn(service: TaskService, owner: str, session_id: str, new_messages: list[dict[str, Any]],
+                        reply_text: str, usage: Any) -> None:
+    """Append the turn's new messages and the reply; the session's token count becomes the conversation's."""
+    from agents.messages import storable
+
+    record = await service.stores.sessions.get(session_id, owner)
+    before = record.token_count if record is not None else 0
+    grown = max(0, usage.prompt_tokens + usage.completion_tokens - before) if usage is not None else 0
+    await service.stores.sessions.append(
+        session_id, owner, storable(new_messages) + [{"role": "assistant", "content": reply_text}],
+        token_count=grown)
+
