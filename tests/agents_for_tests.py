@@ -10,7 +10,7 @@ from agents import Agent, AgentContext, AgentError, register_agent
 
 
 class SleepyInput(BaseModel):
-    steps: int = Field(3, ge=1, le=1000)
+    steps: int = Field(3, ge=1, le=100_000)
     step_s: float = Field(0.05, ge=0, le=60)
     tag: str = ""
     fail_with: str | None = None

@@ -42,8 +42,9 @@ def running_service(home: Path, api_keys: str, args: dict[str, Any] | None = Non
 
     tiny_checkpoint_dir()  # write it once here, not racing in replicas
     port = free_port()
-    ray.init(include_dashboard=False, num_cpus=4, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {k: os.environ[k] for k in (*SAFE_ENV, "KIMIRAY_HOME", "KIMIRAY_API_KEYS")}})
+    env_vars = {k: os.environ[k] for k in (*SAFE_ENV, "KIMIRAY_HOME", "KIMIRAY_API_KEYS")}
+    env_vars["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # replicas import tests.agents_for_tests
+    ray.init(include_dashboard=False, num_cpus=4, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env_vars})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         from serve_app.app import Ingress, ModelServer, TaskRunnerDeployment

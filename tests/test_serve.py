@@ -24,9 +24,12 @@ def service(tmp_path_factory):
         "request_timeout_s": 60,
         "model": {"engine": {"cache_tokens": 16384, "max_waiting": 64}},
         "auth": {"requests_per_minute": 100000, "max_concurrent_per_key": 64},
+        # embedded SQLite store under KIMIRAY_HOME, shared by the Ingress and TaskRunner processes
+        "tasks": {"agent_modules": ["tests.agents_for_tests"], "lease_s": 3.0, "runner_concurrency": 4},
     }
     options = {"ModelServer": {"max_ongoing_requests": 64, "max_queued_requests": 64}}
-    with running_service(tmp_path_factory.mktemp("home"), f"{KEY},sk-other", args, options) as url:
+    with running_service(tmp_path_factory.mktemp("home"), f"{KEY},sk-other", args, options,
+                         with_runner=True) as url:
         yield url
 
 
@@ -192,3 +195,49 @@ def test_video_frames_and_video_url(service) -> None:
         )
         assert reply.choices[0].finish_reason in ("stop", "length")
         assert reply.usage.prompt_tokens > 20  # several frames' placeholders
+
+
+def test_tasks_run_on_the_task_runner_through_the_model_service(service) -> None:
+    import kimiray
+
+    with kimiray.Client(service, api_key=KEY, timeout=60) as client:
+        chat = client.submit("chat", {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _png_data_url(3)}},
+            {"type": "text", "text": "What colour is this?"}]}], "max_tokens": 5})
+        turn = client.submit("customer_service", {"message": "My invoice is wrong", "images": [_png_data_url(4)]})
+        done = client.wait(chat.id, timeout=120)
+        assert done.status == "succeeded" and done.result["prompt_tokens"] > 10
+        answered = client.wait(turn.id, timeout=120)
+        assert answered.result["turn"] == 1 and answered.result["session_id"] == answered.session_id
+        follow = client.submit("customer_service", {"message": "Any update?"},
+                               options={"session_id": answered.session_id})
+        assert client.wait(follow.id, timeout=120).result["turn"] == 2
+        events = list(client.stream_events(turn.id))
+        assert [e.id for e in events] == list(range(1, len(events) + 1))
+        assert events[-1].data["status"] == "succeeded"
+        with kimiray.Client(service, api_key="sk-other") as other:
+            with pytest.raises(kimiray.NotFoundError):
+                other.get(chat.id)
+
+
+def test_a_killed_task_runner_replica_loses_no_task(service) -> None:
+    """SIGKILL-equivalent (ray.kill, no graceful shutdown) of the TaskRunner replica mid-task: Serve starts a new
+    replica, the lease expires, and the task runs again to success - once."""
+    import ray
+
+    import kimiray
+
+    with kimiray.Client(service, api_key=KEY, timeout=60) as client:
+        task = client.submit("sleepy", {"steps": 40, "step_s": 0.1, "tag": "survivor"})
+        deadline = time.monotonic() + 60
+        while client.get(task.id).status != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        runners = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                   if "#TaskRunner#" in a["name"]]
+        assert len(runners) == 1
+        ray.kill(ray.get_actor(runners[0]["name"], namespace=runners[0]["namespace"]), no_restart=True)
+        done = client.wait(task.id, timeout=180)
+        assert done.status == "succeeded" and done.attempts == 2 and done.result["tag"] == "survivor"
+        ends = [e for e in client.stream_events(task.id) if e.data.get("status") == "succeeded"]
+        assert len(ends) == 1

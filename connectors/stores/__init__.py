@@ -1,0 +1,112 @@
+"""Durable task, session and blob stores: Redis for a cluster, SQLite + files for one machine.
+
+:func:`open_stores` picks the implementation from a URL so callers (ingress, runners, the SDK) never name
+one::
+
+    None | "embedded"        -> SQLite + files under kimiray.paths.data_dir() / "stores" (or ``home``)
+    "sqlite:///abs/dir"      -> SQLite + files in /abs/dir
+    "redis://host:port/db"   -> Redis (also rediss://, unix://)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from connectors.stores.base import (
+    TERMINAL_STATUSES,
+    BlobRef,
+    BlobStore,
+    Lease,
+    LeaseState,
+    NotFound,
+    Progress,
+    SessionMessage,
+    SessionRecord,
+    SessionStore,
+    StoreError,
+    TaskError,
+    TaskEvent,
+    TaskPage,
+    TaskRecord,
+    TaskStatus,
+    TaskStore,
+    TaskSubmission,
+    new_id,
+)
+
+__all__ = [
+    "TERMINAL_STATUSES", "BlobRef", "BlobStore", "Lease", "LeaseState", "NotFound", "Progress", "SessionMessage",
+    "SessionRecord", "SessionStore", "StoreError", "TaskError", "TaskEvent", "TaskPage", "TaskRecord", "TaskStatus",
+    "TaskStore", "TaskSubmission", "new_id", "Stores", "open_stores", "stores_url_from_env",
+]
+
+
+@dataclass
+class Stores:
+    """The three stores of one backend, opened together; ``url`` says which backend (for logs)."""
+
+    tasks: TaskStore
+    sessions: SessionStore
+    blobs: BlobStore
+    url: str
+    clients: list[Any] = field(default_factory=list, repr=False)  # shared connections the stores only borrow
+
+    async def close(self) -> None:
+        await self.tasks.close()
+        await self.sessions.close()
+        await self.blobs.close()
+        for client in self.clients:
+            await client.aclose()
+        self.clients = []
+
+
+def stores_url_from_env() -> str | None:
+    """``$KIMIRAY_STORES_URL``, else ``$REDIS_URL``, else ``None`` (embedded)."""
+    return os.environ.get("KIMIRAY_STORES_URL") or os.environ.get("REDIS_URL") or None
+
+
+def open_stores(
+    url: str | None = None, *, home: Path | None = None, blob_threshold: int = 64 * 1024, key_prefix: str = "kr"
+) -> Stores:
+    """Open the stores named by ``url`` (see module docstring). Nothing connects yet for Redis: the first
+    call does, so this is safe outside an event loop. ``key_prefix`` only applies to Redis."""
+    if url is None or url == "embedded":
+        if home is None:
+            from kimiray.paths import data_dir
+
+            home = data_dir() / "stores"
+        return _embedded(Path(home), blob_threshold, url="embedded")
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://"):]
+        if not path.startswith("/"):
+            raise StoreError(f"sqlite URL needs an absolute directory (sqlite:///abs/dir), got {url!r}")
+        return _embedded(Path(path), blob_threshold, url=url)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from connectors.stores.redis_store import RedisBlobStore, RedisSessionStore, RedisTaskStore, connect
+
+        text, binary = connect(url), connect(url, decode_responses=False)
+        blobs = RedisBlobStore(binary, key_prefix=key_prefix)
+        return Stores(
+            tasks=RedisTaskStore(text, key_prefix=key_prefix),
+            sessions=RedisSessionStore(text, blobs, key_prefix=key_prefix, blob_threshold=blob_threshold),
+            blobs=blobs,
+            url=url,
+            clients=[text, binary],
+        )
+    raise StoreError(f"unknown stores URL {url!r} (expected embedded, sqlite:///dir or redis://host:port/db)")
+
+
+def _embedded(directory: Path, blob_threshold: int, *, url: str) -> Stores:
+    from connectors.stores.sqlite import FileBlobStore, SqliteSessionStore, SqliteTaskStore
+
+    blobs = FileBlobStore(directory / "blobs")
+    return Stores(
+        tasks=SqliteTaskStore(directory),
+        sessions=SqliteSessionStore(directory, blobs, blob_threshold=blob_threshold),
+        blobs=blobs,
+        url=url,
+    )
+
