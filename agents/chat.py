@@ -60,6 +60,36 @@ async def to_engine_messages(messages: list[dict[str, Any]], max_tokens: int | N
     return list(request.messages or []), request.max_tokens
 
 
+def drop_oldest_turn(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History without its oldest user turn (and the replies up to the next user turn); system messages stay."""
+    system = [m for m in history if m["role"] == "system"]
+    rest = [m for m in history if m["role"] != "system"]
+    starts = [i for i, m in enumerate(rest) if m["role"] == "user"]
+    cut = starts[1] if len(starts) > 1 else len(rest)
+    return system + rest[cut:]
+
+
+async def chat_within_window(ctx: AgentContext, history: list[dict[str, Any]], new_messages: list[dict[str, Any]],
+                             **params: Any) -> Any:
+    """One model call with the session's history; when the conversation outgrew the context window, the oldest
+    turns are left out of this call (they stay in the session) until it fits."""
+    from connectors.model_client import ContextTooLongError
+
+    dropped = 0
+    while True:
+        try:
+            reply = await ctx.chat(history + new_messages, **params)
+        except ContextTooLongError:
+            shorter = drop_oldest_turn(history)
+            if len(shorter) == len(history):
+                raise  # the new message alone is too long
+            history, dropped = shorter, dropped + 1
+            continue
+        if dropped:
+            await ctx.emit("history_truncated", {"turns_left_out": dropped})
+        return reply
+
+
 async def conversation_growth(ctx: AgentContext, usage: Any) -> int:
     """Tokens this turn added to the session: the whole conversation's size now minus what was stored."""
     if usage is None:
@@ -80,8 +110,8 @@ class ChatAgent(Agent):
         new_messages, max_tokens = await to_engine_messages(input.messages, input.max_tokens)
         history = await ctx.history()
         await ctx.step("generate", history_messages=len(history))
-        reply = await ctx.chat(history + new_messages, max_tokens=max_tokens,
-                               temperature=input.temperature or 0.0, json_schema=input.json_schema)
+        reply = await chat_within_window(ctx, history, new_messages, max_tokens=max_tokens,
+                                         temperature=input.temperature or 0.0, json_schema=input.json_schema)
         usage = reply.usage
         await ctx.remember(storable(new_messages) + [{"role": "assistant", "content": reply.text}],
                            token_count=await conversation_growth(ctx, usage))

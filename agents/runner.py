@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from agents.base import Agent, AgentContext, AgentError, TaskCancelled
 from agents.registry import AgentRegistry, UnknownTaskType
-from connectors.model_client import ModelClient, ModelError, ModelUnavailableError
+from connectors.model_client import ContextTooLongError, ModelClient, ModelError, ModelUnavailableError
 from connectors.stores.base import Lease, Progress, TaskError, TaskRecord
 from pipelines.map_reduce import MapReduceCancelled
 
@@ -221,7 +221,8 @@ class TaskRunner:
                 await asyncio.sleep(self.options.retry_delay_s)
                 await tasks.release(lease, count_attempt=True)
         except ModelError as exc:
-            await self._finish(lease, attempt, "failed", error=TaskError(code="model_error", message=str(exc)[:2000]))
+            code = "context_length_exceeded" if isinstance(exc, ContextTooLongError) else "model_error"
+            await self._finish(lease, attempt, "failed", error=TaskError(code=code, message=str(exc)[:2000]))
         except asyncio.CancelledError:
             raise
         except Exception as exc:

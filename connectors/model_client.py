@@ -18,6 +18,10 @@ class ModelError(RuntimeError):
     """The model failed this request (engine error, bad input); retrying the same request won't help."""
 
 
+class ContextTooLongError(ModelError):
+    """Prompt + max_tokens exceed the model's window: shorten the history or plan chunks (pipelines.context)."""
+
+
 class ModelUnavailableError(RuntimeError):
     """No model replica could take the request right now (overloaded, restarting): retry later."""
 
@@ -57,12 +61,14 @@ class BackendModelClient:
         self.backend = backend
 
     async def generate(self, request: GenerateRequest) -> ModelReply:
-        from engine.runtime.engine import EngineDeadError, EngineOverloadedError
+        from engine.runtime.engine import EngineDeadError, EngineOverloadedError, RequestTooLongError
 
         try:
             deltas = await self.backend.complete(request)
         except (EngineOverloadedError, EngineDeadError) as exc:
             raise ModelUnavailableError(str(exc)) from exc
+        except RequestTooLongError as exc:
+            raise ContextTooLongError(str(exc)) from exc
         except Exception as exc:
             if _is_unavailable(exc):
                 raise ModelUnavailableError(str(exc)) from exc

@@ -297,3 +297,36 @@ def test_customer_service_example_agent_keeps_memory_and_images(store_url: str, 
         await stores.close()
 
     run(main())
+
+
+def test_chat_leaves_out_the_oldest_turns_when_the_window_is_full(store_url: str) -> None:
+    from connectors.model_client import ContextTooLongError
+
+    class WindowedModel(ScriptedModel):
+        """Refuses prompts with more than 4 messages, like an engine whose window is full."""
+
+        async def generate(self, request: GenerateRequest) -> ModelReply:
+            if len(request.messages) > 4:
+                self.requests.append(request)
+                raise ContextTooLongError("prompt + max_tokens over the window")
+            return await super().generate(request)
+
+    async def main() -> None:
+        stores = open_stores(store_url)
+        model = WindowedModel([f"answer {i}" for i in range(5)])
+        runner = TaskRunner(stores, registry_with_tests(), model)
+        sid = None
+        for i in range(4):
+            await _submit(stores, "chat", {"messages": [{"role": "user", "content": f"q{i}"}]},
+                          options={"session_id": sid} if sid else {})
+            done = await runner.run_once()
+            assert done.status == "succeeded", done.error
+            sid = done.result["session_id"]
+        last = model.requests[-1].messages
+        assert [m["content"] for m in last if m["role"] == "user"] == ["q2", "q3"]  # q0, q1 left out of the call
+        assert (await stores.sessions.get(sid, "k1")).message_count == 8  # but kept in the session
+        events = await stores.tasks.events(done.id)
+        assert any(e.type == "history_truncated" for e in events)
+        await stores.close()
+
+    run(main())

@@ -28,7 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agents.base import Agent, AgentContext
-from agents.chat import conversation_growth
+from agents.chat import chat_within_window, conversation_growth
 from agents.messages import storable
 from agents.registry import register_agent
 
@@ -84,8 +84,8 @@ class CustomerServiceAgent(Agent):
         await ctx.progress(2, 3, "asking the model")
 
         await ctx.step("answer")
-        reply = await ctx.chat(history + system + new_messages, max_tokens=256,
-                               json_schema=Reply.model_json_schema(), temperature=0.0)
+        reply = await chat_within_window(ctx, history + system, new_messages, max_tokens=256,
+                                         json_schema=Reply.model_json_schema(), temperature=0.0)
         parsed: Reply | None
         try:
             parsed = Reply.model_validate(json.loads(reply.text))
