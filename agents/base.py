@@ -67,6 +67,7 @@ class AgentContext:
     def __init__(
         self, *, task_id: str, owner: str, session_id: str, options: dict[str, Any], attempt: int,
         model: ModelClient, sessions: SessionStore, blobs: BlobStore, emit: Any, cancelled: Any,
+        resources: Any = None,
     ) -> None:
         self.task_id = task_id
         self.owner = owner
@@ -78,6 +79,7 @@ class AgentContext:
         self.blobs = blobs
         self._emit = emit  # async (type, data) -> None
         self._cancelled = cancelled  # () -> bool
+        self._resources = resources
         self.log = logging.LoggerAdapter(log, {"task_id": task_id})
 
     # ------------------------------------------------------------------ control
@@ -113,6 +115,15 @@ class AgentContext:
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> ModelReply:
         return await self.generate({"messages": messages, **params})
+
+    @property
+    def resources(self) -> Any:
+        """``agents.resources.ModelResources``: the served model's tokenizer (``.counter``) and window."""
+        if self._resources is None:
+            from agents.resources import ModelResources
+
+            self._resources = ModelResources()
+        return self._resources
 
     # ------------------------------------------------------------------ session
     async def history(self, *, resolve_media: bool = True) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ class RunnerOptions(BaseModel):
     poll_s: float = Field(0.2, gt=0, description="idle wait between empty lease attempts (grows to 1 s)")
     session_ttl_s: float | None = Field(7 * 24 * 3600.0, description="TTL of task sessions (renewed on write)")
     retry_delay_s: float = Field(1.0, ge=0, description="pause before re-queueing a task whose model was down")
+    model_path: str | None = Field(None, description="the served checkpoint (tokenizer for planning); None: tiny")
 
 
 def _worker_id() -> str:
@@ -68,6 +69,9 @@ class TaskRunner:
         self.model = model
         self.options = options or RunnerOptions()
         self.worker_id = worker_id or _worker_id()
+        from agents.resources import ModelResources
+
+        self.resources = ModelResources(self.options.model_path)
         self._running: dict[str, asyncio.Task] = {}
         self._leases: dict[str, Lease] = {}
         self._stopping = False
@@ -198,7 +202,7 @@ class TaskRunner:
         ctx = AgentContext(
             task_id=task.id, owner=task.owner, session_id=session_id, options=task.options,
             attempt=task.attempts, model=self.model, sessions=self.stores.sessions, blobs=self.stores.blobs,
-            emit=emit, cancelled=lambda: attempt.cancel_requested,
+            emit=emit, cancelled=lambda: attempt.cancel_requested, resources=self.resources,
         )
         agent: Agent = agent_cls()
         try:

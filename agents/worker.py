@@ -42,7 +42,9 @@ async def run_worker(args: argparse.Namespace) -> int:
         path = str(tiny_checkpoint_dir()) if args.model in (None, "tiny") else args.model
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = BackendModelClient(LocalBackend(AsyncEngine.from_pretrained(path, device=device)))
-    runner = TaskRunner(stores, registry, model, RunnerOptions(concurrency=args.concurrency, lease_s=args.lease_s))
+    model_path = None if args.model in (None, "tiny", "none") else args.model
+    runner = TaskRunner(stores, registry, model, RunnerOptions(concurrency=args.concurrency, lease_s=args.lease_s,
+                                                               model_path=model_path))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -438,8 +438,9 @@ class _Base:
 
     def _request(self, http: httpx.Client | httpx.AsyncClient, method: str, path: str, *,
                  json: Any = None, params: Mapping[str, Any] | None = None,
-                 headers: Mapping[str, str] | None = None, timeout: httpx.Timeout | None = None) -> httpx.Request:
-        return http.build_request(method, self.base_url + path, json=json, params=params,
+                 headers: Mapping[str, str] | None = None, timeout: httpx.Timeout | None = None,
+                 content: bytes | None = None) -> httpx.Request:
+        return http.build_request(method, self.base_url + path, json=json, params=params, content=content,
                                   headers={**self._headers, **dict(headers or {})},
                                   timeout=timeout if timeout is not None else httpx.Timeout(self.timeout))
 
@@ -687,6 +688,24 @@ class Client(_Base):
     def delete_session(self, session_id: str) -> None:
         self._call("DELETE", _path("sessions", session_id), policy=_REFUSED)
 
+    # -- files -------------------------------------------------------------------------------------------------
+    def upload_file(self, data: bytes | str | Path, content_type: str = "application/pdf") -> str:
+        """Upload a file for a task to use by reference (``{"blob": ref}``); returns the ref. Uploading the same
+        bytes twice is harmless (content-addressed), so this retries like a read."""
+        payload = Path(data).read_bytes() if isinstance(data, (str, Path)) else bytes(data)
+        body = self._call("POST", "/v1/files", content=payload, headers={"Content-Type": content_type},
+                          policy=_IDEMPOTENT)
+        return str(body["ref"])
+
+    def download_artifact(self, task_id: str, name: str, path: str | Path | None = None) -> bytes:
+        """A file a task produced (``task.result["artifacts"]``: e.g. ``annotated_pdf``); written to ``path``
+        too when given."""
+        response = self._send("GET", _path("tasks", task_id, "artifacts", name), policy=_IDEMPOTENT)
+        data = response.content
+        if path is not None:
+            Path(path).write_bytes(data)
+        return data
+
     # -- misc --------------------------------------------------------------------------------------------------
     def health(self) -> bool:
         """True when the server answers ``/readyz`` with 200 (a model replica is up); never raises."""
@@ -927,6 +946,19 @@ class AsyncClient(_Base):
         body = await self._call("GET", _path("sessions", session_id, "messages"), params=params,
                                 policy=_IDEMPOTENT)
         return [SessionMessage.model_validate(m) for m in (body or {}).get("data", [])]
+
+    async def upload_file(self, data: bytes | str | Path, content_type: str = "application/pdf") -> str:
+        payload = Path(data).read_bytes() if isinstance(data, (str, Path)) else bytes(data)
+        body = await self._call("POST", "/v1/files", content=payload, headers={"Content-Type": content_type},
+                                policy=_IDEMPOTENT)
+        return str(body["ref"])
+
+    async def download_artifact(self, task_id: str, name: str, path: str | Path | None = None) -> bytes:
+        response = await self._send("GET", _path("tasks", task_id, "artifacts", name), policy=_IDEMPOTENT)
+        data = response.content
+        if path is not None:
+            Path(path).write_bytes(data)
+        return data
 
     async def delete_session(self, session_id: str) -> None:
         await self._call("DELETE", _path("sessions", session_id), policy=_REFUSED)

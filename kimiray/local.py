@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 from kimiray.errors import InvalidRequestError, KimirayError, NotFoundError, TaskCancelledError, TaskFailedError
@@ -73,7 +74,7 @@ class LocalRuntime:
             model_client = BackendModelClient(self._backend)
         self.model_client = model_client
         self.runner = TaskRunner(self.service.stores, self.service.registry, model_client,
-                                 RunnerOptions(concurrency=concurrency, lease_s=lease_s))
+                                 RunnerOptions(concurrency=concurrency, lease_s=lease_s, model_path=model))
         if run_tasks:
             self._stop = asyncio.Event()
             self._runner_task = asyncio.ensure_future(self.runner.run_forever(self._stop))
@@ -192,6 +193,23 @@ class LocalRuntime:
         if raise_on_failure and task.status == "cancelled":
             raise TaskCancelledError(task)
         return task
+
+    # ------------------------------------------------------------------ files
+    def upload_file(self, data: bytes | str | Path, content_type: str = "application/pdf") -> str:
+        """Store a file for a task to use by reference (``{"blob": ref}``); returns the ref."""
+        payload = Path(data).read_bytes() if isinstance(data, (str, Path)) else bytes(data)
+        return self._call(self.service.stores.blobs.put(self.owner, payload, content_type)).ref
+
+    def download_artifact(self, task_id: str, name: str, path: str | Path | None = None) -> bytes:
+        """A file the task produced (``result["artifacts"][name]``), also written to ``path`` when given."""
+        task = self.get(task_id)
+        entry = ((task.result or {}).get("artifacts") or {}).get(name) if isinstance(task.result, dict) else None
+        data = self._call(self.service.stores.blobs.get(self.owner, entry["ref"])) if entry else None
+        if data is None:
+            raise NotFoundError(f"task {task_id!r} has no artifact {name!r}", status=404, code="not_found")
+        if path is not None:
+            Path(path).write_bytes(data)
+        return data
 
     # ------------------------------------------------------------------ sessions and chat
     def create_session(self, metadata: dict[str, Any] | None = None, ttl_s: float | None = None) -> Session:

@@ -48,19 +48,22 @@ def rendezvous_order(session: str, replica_ids: Iterable[str]) -> list[str]:
     return sorted(replica_ids, key=lambda rid: (-rendezvous_score(session, rid), rid))
 
 
-def overload_limit(max_ongoing_requests: int, fraction: float) -> int:
-    """Queue length at which a replica counts as overloaded: ``fraction`` of its max_ongoing_requests, at least 1."""
-    return max(1, math.ceil(max_ongoing_requests * fraction))
+def overload_limit(max_ongoing_requests: int, fraction: float) -> int | None:
+    """Cached queue length at which a replica is passed over: ``fraction`` of its max_ongoing_requests (at least
+    1). None at a fraction of 1: Serve itself probes a replica whose cached queue is full and skips it only if it
+    really is, so a stale cache entry can't push a session off its replica."""
+    limit = max(1, math.ceil(max_ongoing_requests * fraction))
+    return None if limit >= max_ongoing_requests else limit
 
 
-def affinity_order(session: str, queue_lens: Mapping[str, int | None], limits: Mapping[str, int]) -> list[str]:
-    """Rendezvous order with overloaded replicas (known queue length >= limit) moved behind the others, each group
-    keeping its rendezvous order. An unknown queue length (None) counts as not overloaded."""
+def affinity_order(session: str, queue_lens: Mapping[str, int | None], limits: Mapping[str, int | None]) -> list[str]:
+    """Rendezvous order with overloaded replicas (known queue length >= their limit) moved behind the others, each
+    group keeping its rendezvous order. An unknown queue length or limit (None) counts as not overloaded."""
     order = rendezvous_order(session, queue_lens)
 
     def overloaded(rid: str) -> bool:
-        q = queue_lens[rid]
-        return q is not None and q >= limits[rid]
+        q, limit = queue_lens[rid], limits[rid]
+        return q is not None and limit is not None and q >= limit
 
     return [rid for rid in order if not overloaded(rid)] + [rid for rid in order if overloaded(rid)]
 
@@ -71,9 +74,10 @@ class SessionAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     No ``FIFOMixin`` on purpose: with it, a replica chosen for one request may be handed to whichever request is
     first in the queue, which would break affinity. The base class hands it to the request it was chosen for.
 
-    ``request_router_kwargs``: ``overload_fraction`` (default 1.0): the top replica is passed over while its cached
-    queue length is at/over that fraction of its max_ongoing_requests. At 1.0 this is where the replica would
-    reject anyway; lower values spill a session earlier, trading prefix-cache hits for queueing delay.
+    ``request_router_kwargs``: ``overload_fraction`` (default 1.0). At 1.0 a session leaves its replica only when
+    that replica is full (max_ongoing_requests, checked by Serve's probe) or gone. Below 1.0 the replica is also
+    passed over while its cached queue length is at/over that fraction of max_ongoing_requests: sessions spill
+    earlier, trading prefix-cache hits for less queueing.
     """
 
     def initialize_state(self, overload_fraction: float = 1.0, **kwargs: Any) -> None:
@@ -87,7 +91,8 @@ class SessionAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         """One replica per rank, in the session's affinity order. Serve tries the ranks in turn: a replica that is
-        full when probed (or whose actor died) is skipped for the next; when all fail it backs off and asks again."""
+        full when probed (or whose actor died) is skipped for the next; when all fail it backs off and asks again.
+        (Pure ranking in ``affinity_order``.)"""
         session = session_key(pending_request)
         if session is None or not candidate_replicas:
             return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
@@ -97,5 +102,9 @@ class SessionAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         queue_lens = {rid: self.replica_queue_len_cache.get(r.replica_id) for rid, r in by_id.items()}
         limits = {rid: overload_limit(r.max_ongoing_requests, fraction) for rid, r in by_id.items()}
-        import sys as _s; print("DBG", session, len(candidate_replicas), queue_lens, affinity_order(session, queue_lens, limits)[0], file=_s.stderr)
-        return [[by_id[rid]] for rid in affinity_order(session, queue_lens, limits)]
+        ranks = [[by_id[rid]] for rid in affinity_order(session, queue_lens, limits)]
+        if len(ranks) > 1 and queue_lens[ranks[0][0].replica_id.unique_id] is None:
+            # Not in the cache: Serve probes it, and a probe that misses its short deadline skips the replica.
+            # A second, longer probe first, so one slow answer doesn't move the session off its cache.
+            ranks.insert(1, ranks[0])
+        return ranks

@@ -32,11 +32,12 @@ class TaskRunnerDeployment:
         from connectors.stores import open_stores, stores_url_from_env
         from serve_app.backend import RayBackend
 
-        cfg = AppConfig.model_validate(config).tasks
+        app_config = AppConfig.model_validate(config)
+        cfg = app_config.tasks
         self.stores = open_stores(cfg.stores_url or stores_url_from_env(), blob_threshold=cfg.blob_threshold)
         registry = build_registry(cfg.agent_modules)
         options = RunnerOptions(concurrency=cfg.runner_concurrency, lease_s=cfg.lease_s,
-                                session_ttl_s=cfg.session_ttl_s)
+                                session_ttl_s=cfg.session_ttl_s, model_path=app_config.model.model)
         self.runner = TaskRunner(self.stores, registry, BackendModelClient(RayBackend(model_server)), options)
         self._stop = asyncio.Event()
         # Serve runs the constructor inside the replica's event loop: the loop runs beside request handling.

@@ -185,6 +185,36 @@ async def task_events(request: Request, task_id: str, after: int | None = Query(
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+@router.get("/v1/tasks/{task_id}/artifacts/{name}", tags=["tasks"])
+async def task_artifact(request: Request, task_id: str, name: str) -> Response:
+    """A file the task produced (e.g. ``annotated_pdf``, ``summary_md``), listed in ``result.artifacts``."""
+    service = _service(request)
+    task = await service.get(_owner(request), task_id)
+    artifacts = (task.get("result") or {}).get("artifacts") if isinstance(task.get("result"), dict) else None
+    entry = (artifacts or {}).get(name)
+    if not isinstance(entry, dict) or "ref" not in entry:
+        raise NotFoundError(f"task {task_id!r} has no artifact {name!r}", param="name")
+    data = await service.stores.blobs.get(_owner(request), entry["ref"])
+    if data is None:
+        raise NotFoundError(f"artifact {name!r} of task {task_id!r} is gone (retention)", param="name")
+    filename = str(entry.get("filename") or name).replace('"', "")
+    return Response(data, media_type=entry.get("content_type") or "application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+@router.post("/v1/files", status_code=201, tags=["tasks"])
+async def upload_file(request: Request) -> JSONResponse:
+    """Upload a file (the raw request body, any content type) for a task to use by reference (``blob``): large
+    PDFs need not travel base64-encoded inside the task's JSON. Limited by ``limits.max_body_bytes``."""
+    service = _service(request)
+    data = await request.body()
+    if not data:
+        raise ClientInputError("empty body: send the file's bytes as the request body", param="body")
+    content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
+    ref = await service.stores.blobs.put(_owner(request), data, content_type)
+    return JSONResponse({"object": "file", **ref.model_dump()}, status_code=201)
+
+
 # ----------------------------------------------------------------------------------------------- sessions
 
 

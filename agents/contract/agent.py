@@ -1,0 +1,133 @@
+"""The ``contract_extraction`` agent: read -> plan -> map (guided extraction per chunk) -> verify -> reduce ->
+annotated PDF + Markdown summary; the task's session keeps the findings for follow-up questions.
+
+Why this shape: a contract of hundreds of pages never fits one call, so the context planner cuts it along
+section boundaries (with overlap, so a clause split by a cut is seen whole once); each chunk's output is
+constrained to a JSON schema (no malformed answers, even from a weak model); every value must quote its source,
+and a quote that is not on the cited page (±1) is never reported as a citation. Chunk results are persisted in
+child sessions, so a runner that dies mid-document costs only the chunk in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from agents.base import Agent, AgentContext, AgentError
+from agents.contract.extract import ChunkStats, extract_chunk, merge_results
+from agents.contract.inputs import ContractInput
+from agents.contract.schema import build_targets, plan_groups
+from agents.registry import register_agent
+
+
+async def load_source(ctx: AgentContext, input: ContractInput) -> tuple[bytes, str]:
+    if input.file is not None:
+        return input.file.bytes(), input.file.name
+    if input.blob is not None:
+        data = await ctx.blobs.get(ctx.owner, input.blob)
+        if data is None:
+            raise AgentError(f"blob {input.blob} not found (upload it with POST /v1/files)", code="blob_not_found")
+        return data, f"{input.blob[:12]}.pdf"
+    from serve_app.config import Limits
+    from serve_app.errors import ClientInputError
+    from serve_app.media import fetch_url
+
+    try:
+        data = await fetch_url(input.url or "", Limits(), max_bytes=200 * 2**20, what="document")
+    except ClientInputError as exc:
+        raise AgentError(exc.message, code=exc.code) from None
+    return data, (input.url or "document.pdf").rsplit("/", 1)[-1] or "document.pdf"
+
+
+async def read_document(ctx: AgentContext, data: bytes, input: ContractInput) -> Any:
+    """PyMuPDF work runs in a thread (the heartbeat keeps beating); page progress is sent at most every 0.5 s."""
+    from pipelines.document.reader import read_pdf
+    from pipelines.document.types import DocumentError
+
+    loop = asyncio.get_running_loop()
+    last = [0.0]
+
+    def on_page(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.5 or done == total:
+            last[0] = now
+            asyncio.run_coroutine_threadsafe(ctx.emit("reading", {"page": done, "pages": total}), loop)
+
+    try:
+        return await asyncio.to_thread(read_pdf, data, password=input.password, max_pages=input.max_pages,
+                                       truncate=input.truncate, on_page=on_page)
+    except DocumentError as exc:
+        raise AgentError(exc.message, code=exc.code) from None
+
+
+@register_agent
+class ContractExtractionAgent(Agent):
+    type = "contract_extraction"
+    Input = ContractInput
+    description = ("Long contracts (PDF) -> CUAD's 41 clause categories or your JSON schema, each value with "
+                   "verified page citations; annotated PDF and Markdown summary as artifacts.")
+
+    async def run(self, ctx: AgentContext, input: ContractInput) -> dict[str, Any]:
+        from pipelines.document.annotate import annotate_pdf
+        from pipelines.document.report import markdown_summary
+        from pipelines.map_reduce import map_reduce
+
+        await ctx.step("load")
+        data, name = await load_source(ctx, input)
+        await ctx.step("read", bytes=len(data))
+        document = await read_document(ctx, data, input)
+        scanned = sum(p.scanned for p in document.pages)
+        await ctx.emit("document", {"pages": document.page_count, "scanned_pages": scanned,
+                                    "sections": len(document.sections), "title": document.title})
+
+        await ctx.step("plan")
+        targets = build_targets(input)
+        groups = await asyncio.to_thread(plan_groups, document, targets, input, ctx.resources)
+        total = sum(len(g.chunks) for g in groups)
+        await ctx.emit("planned", {"groups": len(groups), "chunks": total,
+                                   "chunk_tokens": [c.token_count for g in groups for c in g.chunks]})
+        stats: list[ChunkStats] = []
+        done = [0]
+        results: list[Any] = []
+        for g, group in enumerate(groups):
+            parent = f"{ctx.session_id}.g{g}"
+            await ctx.sessions.create(ctx.owner, session_id=parent, parent_id=ctx.session_id,
+                                      metadata={"kind": "category_group", "keys": [t.key for t in group.targets]})
+
+            async def map_fn(chunk: Any, child_session_id: str, group: Any = group) -> dict[str, Any]:
+                out, chunk_stats = await extract_chunk(ctx, document, chunk, group, input)
+                stats.append(chunk_stats)
+                return out
+
+            async def on_done(index: int, of: int, reused: bool) -> None:
+                done[0] += 1
+                await ctx.progress(done[0], total, f"chunk {done[0]}/{total}{' (reused)' if reused else ''}")
+
+            outcome = await map_reduce(ctx.sessions, ctx.owner, parent, group.chunks, map_fn, lambda r: r,
+                                       on_chunk_done=on_done, should_stop=lambda: ctx.cancel_requested)
+            results.extend(outcome.result)
+
+        await ctx.step("reduce")
+        result = merge_results(document, targets, results, input, chunks=total)
+        await ctx.step("outputs")
+        annotated = await asyncio.to_thread(annotate_pdf, data, result.annotated_items(), password=input.password)
+        summary = markdown_summary(result.report())
+        pdf_ref = await ctx.blobs.put(ctx.owner, annotated, "application/pdf")
+        md_ref = await ctx.blobs.put(ctx.owner, summary.encode(), "text/markdown")
+        await ctx.remember([{"role": "system", "content": followup_context(result, summary, name)}])
+        payload = result.public()
+        payload["artifacts"] = {
+            "annotated_pdf": {**pdf_ref.model_dump(), "filename": name.rsplit(".", 1)[0] + ".annotated.pdf"},
+            "summary_md": {**md_ref.model_dump(), "filename": name.rsplit(".", 1)[0] + ".summary.md"},
+        }
+        payload["stats"] = ChunkStats.summary(stats, ctx.resources.context_window)
+        payload["session_id"] = ctx.session_id
+        return payload
+
+
+def followup_context(result: Any, summary: str, name: str, max_chars: int = 24_000) -> str:
+    """The session's memory of this contract: what was found and where, for follow-up questions."""
+    head = (f"You answer questions about the contract {name!r} ({result.result.page_count} pages). These clauses were "
+            "extracted with page citations; cite pages in your answers and say so when something was not found.\n\n")
+    return head + summary[:max_chars]

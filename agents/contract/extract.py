@@ -1,0 +1,144 @@
+"""Map (one guided model call per chunk, every quote checked against its page) and reduce (merge values across
+chunks and passes, keep every citation)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from agents.contract.inputs import ContractInput
+from pipelines.document.annotate import AnnotatedItem
+from pipelines.document.citations import Citation, verify
+from pipelines.document.report import ContractResult, ExtractedValue, FieldResult
+from pipelines.document.types import Document
+
+
+class ChunkStats(BaseModel):
+    index: int
+    pages: int
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    items: int
+    verified: int
+
+    @staticmethod
+    def summary(stats: list["ChunkStats"], window: int) -> dict[str, Any]:
+        """Model calls, tokens per page and how full each call's context was (this attempt's calls)."""
+        if not stats:
+            return {"model_calls": 0}
+        pages = sum(s.pages for s in stats)
+        fills = [(s.prompt_tokens + s.completion_tokens) / window for s in stats]
+        return {
+            "model_calls": len(stats),
+            "prompt_tokens": sum(s.prompt_tokens for s in stats),
+            "completion_tokens": sum(s.completion_tokens for s in stats),
+            "tokens_per_page": round(sum(s.prompt_tokens + s.completion_tokens for s in stats) / max(1, pages), 1),
+            "context_fill_mean": round(sum(fills) / len(fills), 3),
+            "context_fill_max": round(max(fills), 3),
+            "model_seconds": round(sum(s.seconds for s in stats), 2),
+            "items": sum(s.items for s in stats),
+            "verified_items": sum(s.verified for s in stats),
+        }
+
+
+def chunk_pages(chunk: Any) -> list[int]:
+    return sorted({p.meta["page"] for p in chunk.pieces if "page" in p.meta})
+
+
+async def extract_chunk(ctx: Any, document: Document, chunk: Any, group: Any,
+                        input: ContractInput) -> tuple[dict[str, Any], ChunkStats]:
+    pages = chunk_pages(chunk)
+    schema = group.schema_for(input, (pages[0], pages[-1]) if pages else (1, document.page_count))
+    started = time.monotonic()
+    reply = await ctx.chat(chunk.messages(), json_schema=schema, max_tokens=input.max_output_tokens,
+                           temperature=0.0)
+    seconds = time.monotonic() - started
+    warnings: list[str] = []
+    try:
+        raw_items = json.loads(reply.text).get("items", [])
+    except (ValueError, AttributeError):
+        raw_items = []
+        warnings.append(f"chunk {chunk.index}: output not complete JSON (finish: {reply.finish_reason}); "
+                        f"raise max_output_tokens")
+    items = []
+    for raw in raw_items:
+        if not isinstance(raw, dict) or raw.get("category") not in group.keys:
+            continue
+        quote, page = str(raw.get("quote") or ""), raw.get("page")
+        citation = verify(document, quote, [int(page)]) if isinstance(page, int) else None
+        if citation is None and isinstance(page, int):
+            citation = Citation.unverified(page, quote)
+        items.append({"key": raw["category"], "value": raw.get("value"), "chunk": chunk.index,
+                      "citation": citation.model_dump(mode="json") if citation else None})
+    usage = reply.usage
+    stats = ChunkStats(index=chunk.index, pages=len(pages), prompt_tokens=usage.prompt_tokens if usage else 0,
+                       completion_tokens=usage.completion_tokens if usage else 0, seconds=seconds,
+                       items=len(items), verified=sum(bool(i["citation"] and i["citation"]["verified"])
+                                                      for i in items))
+    return {"items": items, "warnings": warnings}, stats
+
+
+def _value_key(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return " ".join(text.split()).casefold()
+
+
+class ContractOutcome(BaseModel):
+    result: ContractResult
+    data: dict[str, Any]  # key -> best value (the user's schema shape, or CUAD key -> value)
+
+    def report(self) -> ContractResult:
+        return self.result
+
+    def annotated_items(self) -> list[AnnotatedItem]:
+        return [AnnotatedItem(label=f.name, value=v.value, citations=[c for c in v.citations if c.verified])
+                for f in self.result.fields for v in f.values if any(c.verified for c in v.citations)]
+
+    def public(self) -> dict[str, Any]:
+        return {**self.result.model_dump(mode="json"), "data": self.data}
+
+
+def merge_results(document: Document, targets: list[Any], chunk_results: list[dict[str, Any]],
+                  input: ContractInput, *, chunks: int) -> ContractOutcome:
+    """Same value (whitespace/case-insensitive) from several chunks -> one value with all citations; different
+    values for one target are all kept (a conflict is visible, not resolved silently), best-supported first."""
+    by_key: dict[str, dict[str, ExtractedValue]] = {t.key: {} for t in targets}
+    warnings: list[str] = []
+    for result in chunk_results:
+        warnings.extend(result.get("warnings", []))
+        for item in result.get("items", []):
+            values = by_key.get(item["key"])
+            if values is None:
+                continue
+            citation = Citation.model_validate(item["citation"]) if item.get("citation") else None
+            slot = values.setdefault(_value_key(item["value"]), ExtractedValue(value=item["value"]))
+            if item["chunk"] not in slot.sources:
+                slot.sources.append(item["chunk"])
+            if citation is not None and not any(
+                    (c.page, c.char_start, c.char_end, c.quote) == (citation.page, citation.char_start,
+                                                                     citation.char_end, citation.quote)
+                    for c in slot.citations):
+                slot.citations.append(citation)
+            slot.verified = any(c.verified for c in slot.citations)
+    dropped = 0
+    fields: list[FieldResult] = []
+    data: dict[str, Any] = {}
+    for target in targets:
+        values = list(by_key[target.key].values())
+        if input.unverified == "drop":
+            dropped += sum(not v.verified for v in values)
+            values = [v for v in values if v.verified]
+        values.sort(key=lambda v: (-sum(c.verified for c in v.citations), -len(v.sources)))
+        for v in values:
+            v.citations.sort(key=lambda c: (not c.verified, c.page))
+        fields.append(FieldResult(key=target.key, name=target.name, values=values))
+        data[target.key] = values[0].value if values else None
+    result = ContractResult(document_sha256=document.sha256, title=document.title, page_count=document.page_count,
+                            fields=fields, unverified_dropped=dropped, chunks=chunks,
+                            schema_kind="user" if input.json_schema is not None else "cuad",
+                            warnings=sorted(set(warnings)))
+    return ContractOutcome(result=result, data=data)

@@ -1,0 +1,44 @@
+"""What agents may need to know about the served model without loading it: its tokenizer (exact token counts
+for planning) and its context window. Loaded lazily, once per process, from the checkpoint's small files."""
+
+from __future__ import annotations
+
+import json
+import threading
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+
+class ModelResources:
+    def __init__(self, model_path: str | None = None) -> None:
+        """``model_path``: the checkpoint the ModelServer replicas serve (dir or HF id); None = the tiny one."""
+        self._path = model_path
+        self._lock = threading.Lock()
+
+    @cached_property
+    def path(self) -> Path:
+        if self._path is None:
+            from kimiray.paths import tiny_checkpoint_dir
+
+            return tiny_checkpoint_dir()
+        root = Path(self._path).expanduser()
+        if root.is_dir():
+            return root
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(self._path, allow_patterns=["*.json", "tiktoken.model", "*.jinja"]))
+
+    @cached_property
+    def counter(self) -> Any:
+        """``pipelines.context.TokenCounter`` of the served model."""
+        from pipelines.context import TokenCounter
+
+        with self._lock:
+            return TokenCounter.from_pretrained(self.path)
+
+    @cached_property
+    def context_window(self) -> int:
+        config = json.loads((self.path / "config.json").read_text())
+        text = config.get("text_config", config)
+        return int(text.get("max_position_embeddings", 131072))

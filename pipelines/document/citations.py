@@ -1,0 +1,335 @@
+"""Check that a model's quote is really in the document, and find where: page, character span, boxes.
+
+Models copy text imperfectly: whitespace and line breaks change, curly quotes become straight, ligatures
+(``ﬁ``) are expanded, words hyphenated at a line break are joined, the case changes, a character or two is
+off, and the cited page is often one off.  :func:`normalize` removes the harmless differences (keeping a map
+back to the original text so the exact source span can be cited), :func:`find_quote` searches one page
+exactly and then fuzzily (a window at least 90% similar), :func:`verify` searches the cited pages and their
+neighbours only, so a quote is never "verified" by a coincidental match far from where the model saw it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import unicodedata
+from difflib import SequenceMatcher
+from functools import lru_cache
+from typing import Iterable
+
+from pydantic import BaseModel, Field
+
+from pipelines.document.types import BBox, Document, Page
+
+MIN_QUOTE_CHARS = 12  # normalized; shorter quotes only count when they are a whole block
+FUZZY_THRESHOLD = 0.9
+
+# Every dash is dropped together with the whitespace around it, on both sides of a comparison: that joins
+# "termi-\nnation" and also makes "long-term" equal "long-\nterm" and "long–term".  The soft hyphen is a dash.
+_DASHES = frozenset("-\u00ad\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d")
+# Quote marks and apostrophes are dropped: models swap, add and omit them freely.
+_QUOTES = frozenset("'\"`\u00b4\u2018\u2019\u201a\u201b\u201c\u201d\u201e\u201f\u2032\u2033\u00ab\u00bb\u2039\u203a")
+_INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff")
+
+
+class Citation(BaseModel):
+    """Where a quote was found.  ``quote`` is the source text ``page.text[char_start:char_end]``, not the
+    model's version.  Unverified citations (see :meth:`unverified`) keep the model's page and quote."""
+
+    page: int
+    char_start: int | None = None
+    char_end: int | None = None
+    bboxes: list[BBox] = Field(default_factory=list)
+    quote: str
+    verified: bool
+    similarity: float = 1.0  # 1.0 exact (after normalization), else the fuzzy window's similarity
+    page_corrected: bool = False  # found on a neighbour of the cited page(s)
+
+    @classmethod
+    def unverified(cls, page: int, quote: str) -> "Citation":
+        return cls(page=page, quote=quote, verified=False, similarity=0.0)
+
+
+def normalize(text: str) -> tuple[str, list[int]]:
+    """``(normalized, index_map)``: ``normalized[i]`` comes from ``text[index_map[i]]``.
+
+    Lower-cased, NFKC (ligatures, full-width forms, non-breaking spaces), whitespace runs collapsed to one
+    space and trimmed, quote marks removed, dashes removed together with adjacent whitespace.
+    """
+    out: list[str] = []
+    idx: list[int] = []
+    pending = -1  # original index of a whitespace run not yet emitted
+    after_dash = False
+    for i, c in enumerate(text):
+        chars = c if c < "\x80" else unicodedata.normalize("NFKC", c)
+        for ch in chars:
+            if ch in _DASHES:
+                pending = -1
+                after_dash = True
+            elif ch.isspace():
+                if pending < 0 and out and not after_dash:
+                    pending = i
+            elif ch in _QUOTES or ch in _INVISIBLE:
+                continue
+            else:
+                if pending >= 0:
+                    out.append(" ")
+                    idx.append(pending)
+                    pending = -1
+                after_dash = False
+                low = ch.lower()
+                out.append(low)
+                if len(low) == 1:
+                    idx.append(i)
+                else:
+                    idx.extend([i] * len(low))
+    return "".join(out), idx
+
+
+@lru_cache(maxsize=512)
+def _normalized(text: str) -> tuple[str, tuple[int, ...]]:
+    """Pages are searched once per quote: cache their normalization by text."""
+    norm, idx = normalize(text)
+    return norm, tuple(idx)
+
+
+def _fuzzy_find(q: str, t: str, threshold: float) -> tuple[int, int, float] | None:
+    """Best window of ``t`` with SequenceMatcher similarity >= ``threshold`` to ``q``, as (start, end, sim).
+
+    Candidates come from q's pieces found exactly in ``t``: with at most ``d`` edits and ``d + 1`` pieces,
+    one piece survives intact (pigeonhole), and its offset says where the window starts.  Windows are then
+    scored on a region around the candidate only, which keeps this linear in the page size.
+    """
+    n = len(q)
+    if n == 0 or not t:
+        return None
+    # At similarity s a window can differ by up to 2(1-s)/s of n in insertions/deletions (~22% at 0.9).
+    d = int(n * 2 * (1 - threshold) / threshold) + 1
+    pieces = min(d + 1, max(1, n // 3))
+    size = n // pieces
+    hits: dict[int, list[tuple[int, int, int]]] = {}  # diagonal (implied window start) -> (offset, pos, len)
+    for k in range(pieces):
+        off = k * size
+        piece = q[off : off + size] if k < pieces - 1 else q[off:]
+        pos = t.find(piece)
+        while pos >= 0:
+            hits.setdefault(pos - off, []).append((off, pos, len(piece)))
+            pos = t.find(piece, pos + 1)
+    if not hits:
+        return None
+    # Indels shift a piece's diagonal by up to d: score each start by the hits in [start, start + d].
+    starts = sorted(hits)
+    windows: list[tuple[int, int, int]] = []  # (votes, first index, end index) into starts
+    j = total = 0
+    for i, s in enumerate(starts):
+        while j < len(starts) and starts[j] <= s + d:
+            total += len(hits[starts[j]])
+            j += 1
+        windows.append((total, i, j))
+        total -= len(hits[s])
+    windows.sort(key=lambda w: (-w[0], w[1]))
+    # Windows with few votes are coincidences, not worth an alignment.  A >= 90% similar window keeps about
+    # half of the pieces intact when its edits are spread at random (0.9**4 = 66% for substitutions, ~45% for
+    # the most deletions allowed); edits clustered in a few words, as models make them, keep even more.
+    min_votes = max(1, int(0.3 * pieces), windows[0][0] // 2)
+    best: tuple[int, int, float] | None = None
+    tried: list[int] = []
+    for votes, i, j in windows:
+        if votes < min_votes or len(tried) == 3:
+            break
+        if any(abs(starts[i] - s) <= d for s in tried):
+            continue
+        tried.append(starts[i])
+        group = [h for s in starts[i:j] for h in hits[s]]
+        first = min(group)
+        last = max(group, key=lambda h: h[0] + h[2])
+        head, tail = first[0], n - last[0] - last[2]
+        # The unmatched head/tail of q may map to text longer by at most its own edits (<= d).
+        lo = max(0, first[1] - head - min(d, head) - 1)
+        hi = last[1] + last[2] + tail + min(d, tail) + 1
+        hit = _align(q, t, lo, hi)
+        if hit is None:
+            continue
+        # SequenceMatcher ties go to the leftmost copy, so a repeated phrase just before the quote can steal its
+        # first words: align again on a region derived from the matched core.
+        (a0, b0), (a1, b1) = hit[3], hit[4]
+        head, tail = a0, n - a1
+        if head or tail:
+            hit = _align(q, t, max(0, b0 - head - min(d, head) - 1), b1 + tail + min(d, tail) + 1) or hit
+        if hit[2] < threshold:
+            continue
+        w0, w1, sim = _word_bounds(t, hit, n, threshold)
+        if best is None or sim > best[2]:
+            best = (w0, w1, sim)
+    return best
+
+
+def _word_bounds(t: str, hit: tuple, n: int, threshold: float) -> tuple[int, int, float]:
+    """When the quote's first/last letters were typos the window cuts a word: grow it by (at most) the
+    unmatched head/tail of the quote, to whole words, while it stays similar enough."""
+    w0, w1, sim = hit[0], hit[1], hit[2]
+    matched = sim * (n + w1 - w0) / 2
+    head, tail = min(hit[3][0], 3), min(n - hit[4][0], 3)
+    x0, x1 = w0, w1
+    while head and 0 < x0 and t[x0 - 1].isalnum() and t[x0].isalnum():
+        x0, head = x0 - 1, head - 1
+    while tail and x1 < len(t) and t[x1 - 1].isalnum() and t[x1].isalnum():
+        x1, tail = x1 + 1, tail - 1
+    grown = 2 * matched / (n + x1 - x0)
+    return (x0, x1, grown) if grown >= threshold else (w0, w1, sim)
+
+
+def _align(q: str, t: str, lo: int, hi: int) -> tuple[int, int, float, tuple[int, int], tuple[int, int]] | None:
+    """Tightest window of ``t[lo:hi]`` matching ``q``: (start, end, similarity, (q, t) at its first matched
+    char, (q, t) after its last matched char), positions in ``t``."""
+    region = t[lo:hi]
+    blocks = [b for b in SequenceMatcher(None, q, region, autojunk=False).get_matching_blocks() if b.size]
+    if not blocks:
+        return None
+    n = len(q)
+
+    def sim(bs: list) -> float:
+        return 2.0 * sum(b.size for b in bs) / (n + bs[-1].b + bs[-1].size - bs[0].b)
+
+    # Drop stray matches at the ends when that makes the window more similar.
+    score = sim(blocks)
+    while len(blocks) > 1:
+        head, tail = sim(blocks[1:]), sim(blocks[:-1])
+        if max(head, tail) <= score:
+            break
+        blocks, score = (blocks[1:], head) if head >= tail else (blocks[:-1], tail)
+    first, last = blocks[0], blocks[-1]
+    return (lo + first.b, lo + last.b + last.size, score, (first.a, lo + first.b),
+            (last.a + last.size, lo + last.b + last.size))
+
+
+def _blocks_touching(page: Page, start: int, end: int) -> list[BBox]:
+    return [b.bbox for b in page.blocks if b.char_start < end and b.char_end > start]
+
+
+def _citation(page: Page, idx: tuple[int, ...], a: int, b: int, sim: float) -> Citation:
+    start, end = idx[a], idx[b - 1] + 1
+    return Citation(
+        page=page.number,
+        char_start=start,
+        char_end=end,
+        bboxes=_blocks_touching(page, start, end),
+        quote=page.text[start:end],
+        verified=True,
+        similarity=round(sim, 4),
+    )
+
+
+def _whole_block(page: Page, q: str) -> Citation | None:
+    for block in page.blocks:
+        span = page.text[block.char_start : block.char_end] or block.text
+        if _normalized(span)[0] == q:
+            return Citation(
+                page=page.number,
+                char_start=block.char_start,
+                char_end=block.char_end,
+                bboxes=[block.bbox],
+                quote=page.text[block.char_start : block.char_end],
+                verified=True,
+            )
+    return None
+
+
+def find_quote(page: Page, quote: str, *, fuzzy: bool = True, threshold: float = FUZZY_THRESHOLD) -> Citation | None:
+    """Find ``quote`` on one page: exact after normalization, else (``fuzzy``) a window >= ``threshold``
+    similar.  Scanned pages have no text to check against and never verify."""
+    if page.scanned or not page.text or not quote:
+        return None
+    q, _ = normalize(quote)
+    if not q:
+        return None
+    if len(q) < MIN_QUOTE_CHARS:
+        return _whole_block(page, q)
+    t, idx = _normalized(page.text)
+    pos = t.find(q)
+    if pos >= 0:
+        return _citation(page, idx, pos, pos + len(q), 1.0)
+    if not fuzzy:
+        return None
+    hit = _fuzzy_find(q, t, threshold)
+    if hit is None or not _same_content_words(q, t[hit[0]:hit[1]]):
+        return None
+    return _citation(page, idx, hit[0], hit[1], hit[2])
+
+
+_CONTENT_WORD = re.compile(r"[^\W_]*\d[^\W_]*|[^\W\d_]{4,}")
+
+
+def _same_content_words(quote: str, source: str) -> bool:
+    """Fuzzy tolerance is for spacing, punctuation, hyphenation and small typos, never for different facts: every
+    number and every word of 4+ letters of the quote must be in the matched source text (one-letter typos in
+    words of 7+ letters are forgiven). Otherwise "governed by the laws of Mars" would verify against "governed by
+    the laws of Ohio" at 90% similarity."""
+    have = set(_CONTENT_WORD.findall(source))
+    for word in _CONTENT_WORD.findall(quote):
+        if word in have:
+            continue
+        if any(ch.isdigit() for ch in word) or len(word) < 7:
+            return False
+        if not any(_one_edit(word, w) for w in have):
+            return False
+    return True
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """At most one substituted, inserted or deleted character between ``a`` and ``b``."""
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b)) <= 1
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    i = next((k for k in range(len(short)) if short[k] != long_[k]), len(short))
+    return short[i:] == long_[i + 1:]
+
+
+def _search_order(cited: Iterable[int], page_count: int, neighbours: int) -> list[tuple[int, bool]]:
+    """(page number, is a neighbour) in search order: cited pages first, then nearest neighbours."""
+    cited = list(dict.fromkeys(int(p) for p in cited))
+    order: dict[int, bool] = {p: False for p in cited if 1 <= p <= page_count}
+    for dist in range(1, max(0, neighbours) + 1):
+        for p in cited:
+            for q in (p - dist, p + dist):
+                if 1 <= q <= page_count and q not in order:
+                    order[q] = True
+    return list(order.items())
+
+
+def verify(
+    document: Document,
+    quote: str,
+    pages: list[int],
+    *,
+    search_neighbours: int = 1,
+    fuzzy: bool = True,
+    threshold: float = FUZZY_THRESHOLD,
+) -> Citation | None:
+    """Find ``quote`` on the cited ``pages``, else within ``search_neighbours`` pages of them (models are often
+    one page off; the citation records the page it is really on).  Exact matches anywhere in that range win
+    over fuzzy ones; a fuzzy match on a cited page over one on a neighbour; otherwise the most similar wins."""
+    if not quote or not pages:
+        return None
+    by_number = {p.number: p for p in document.pages}
+    order = _search_order(pages, max([document.page_count, *by_number]), search_neighbours)
+    candidates = [(by_number[n], moved) for n, moved in order if n in by_number]
+    for page, moved in candidates:
+        hit = find_quote(page, quote, fuzzy=False)
+        if hit is not None:
+            return hit.model_copy(update={"page_corrected": moved})
+    if not fuzzy:
+        return None
+    for neighbours in (False, True):
+        best: Citation | None = None
+        for page, moved in candidates:
+            if moved != neighbours:
+                continue
+            hit = find_quote(page, quote, fuzzy=True, threshold=threshold)
+            if hit is not None and (best is None or hit.similarity > best.similarity):
+                best = hit.model_copy(update={"page_corrected": moved})
+        if best is not None:
+            return best
+    return None
