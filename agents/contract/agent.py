@@ -115,7 +115,8 @@ class ContractExtractionAgent(Agent):
         summary = markdown_summary(result.report())
         pdf_ref = await ctx.blobs.put(ctx.owner, annotated, "application/pdf")
         md_ref = await ctx.blobs.put(ctx.owner, summary.encode(), "text/markdown")
-        await ctx.remember([{"role": "system", "content": followup_context(result, summary, name)}])
+        memory = await asyncio.to_thread(followup_context, result, summary, name, ctx.resources)
+        await ctx.remember([{"role": "system", "content": memory}])
         payload = result.public()
         payload["artifacts"] = {
             "annotated_pdf": {**pdf_ref.model_dump(), "filename": name.rsplit(".", 1)[0] + ".annotated.pdf"},
@@ -126,8 +127,17 @@ class ContractExtractionAgent(Agent):
         return payload
 
 
-def followup_context(result: Any, summary: str, name: str, max_chars: int = 24_000) -> str:
-    """The session's memory of this contract: what was found and where, for follow-up questions."""
-    head = (f"You answer questions about the contract {name!r} ({result.result.page_count} pages). These clauses were "
-            "extracted with page citations; cite pages in your answers and say so when something was not found.\n\n")
-    return head + summary[:max_chars]
+def followup_context(result: Any, summary: str, name: str, resources: Any, share: float = 0.5) -> str:
+    """The session's memory of this contract: what was found and where, for follow-up questions. It takes at most
+    ``share`` of the model's window (the summary is cut at a line), so questions and answers still fit."""
+    head = (f"You answer questions about the contract {name!r} ({result.result.page_count} pages). These clauses "
+            "were extracted with page citations; cite pages in your answers and say so when something was not "
+            "found.\n\n")
+    limit = int(resources.context_window * share)
+    count = resources.counter.count_text
+    lines = summary.splitlines()
+    text = head + summary
+    while lines and count(text) > limit:
+        lines = lines[: max(0, int(len(lines) * 0.8))]
+        text = head + "\n".join(lines) + "\n\n(summary cut to fit the context; see the task result for all)"
+    return text

@@ -80,6 +80,7 @@ class PdfReader:
         """Pages in order; ``on_page(done, total)`` after each. Raises ``DocumentError("corrupt")`` on a page
         MuPDF cannot read."""
         patterns = self._furniture()
+        self._tracker = SectionTracker()  # a second pass starts the section list afresh
         total = self.page_count
         for i in range(total):
             page = self._read_page(i, patterns)
@@ -106,7 +107,9 @@ class PdfReader:
     def __enter__(self) -> PdfReader:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # -- internals

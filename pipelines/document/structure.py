@@ -18,7 +18,9 @@ _SEP = r"\s*(?:[-–—:.]\s*)?"
 _ARTICLE = re.compile(r"^(?:ARTICLE|Article)\s+([IVXLCDM]+|\d{1,3})\b\.?" + _SEP + r"(.*)$")
 _SECTION = re.compile(r"^(?:SECTION|Section|§)\s*(\d{1,3}(?:\.\d{1,3}){0,4})\b\.?" + _SEP + r"(.*)$")
 _NUMBERED = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){0,4})(\.?)\s+(\S.*)$")
-_ANNEX = re.compile(r"^(EXHIBIT|SCHEDULE|ANNEX|APPENDIX|Exhibit|Schedule|Annex|Appendix)\s+([A-Z0-9]{1,3})\b\.?" + _SEP + r"(.*)$")
+_ANNEX = re.compile(
+    r"^(EXHIBIT|SCHEDULE|ANNEX|APPENDIX|Exhibit|Schedule|Annex|Appendix)\s+([A-Z0-9]{1,3})\b\.?" + _SEP + r"(.*)$"
+)
 _UNNUMBERED = {"RECITALS", "WITNESSETH", "BACKGROUND", "DEFINITIONS", "TERMS AND CONDITIONS", "GENERAL PROVISIONS"}
 _SMALL = {
     "a", "an", "and", "as", "at", "by", "for", "from", "in", "into", "of", "on", "or", "the", "to", "with",

@@ -62,7 +62,9 @@ class _Flow:
     def __init__(self, page: pymupdf.Page, x0: float, x1: float, top: float, bottom: float) -> None:
         self.page, self.x0, self.x1, self.y, self.bottom = page, x0, x1, top, bottom
 
-    def para(self, text: str, *, font: str = _BODY, size: float = _BODY_SIZE, gap: float = _GAP, align: int = 0) -> bool:
+    def para(
+        self, text: str, *, font: str = _BODY, size: float = _BODY_SIZE, gap: float = _GAP, align: int = 0
+    ) -> bool:
         if self.bottom - self.y < size * 1.5:
             return False
         rect = pymupdf.Rect(self.x0, self.y, self.x1, self.bottom)
@@ -165,7 +167,9 @@ class _Builder:
         ]
         flow.para("RECITALS", font=_BOLD, size=_HEAD_SIZE)
         self.sections.append(Section(number=None, title="RECITALS", page=1, level=1))
-        flow.para(f"WHEREAS, {f.a_role} is in the business of providing the products and services described herein; and")
+        flow.para(
+            f"WHEREAS, {f.a_role} is in the business of providing the products and services described herein; and"
+        )
         flow.para(f"WHEREAS, {f.b_role} wishes to obtain such products and services on the terms of this Agreement;")
         flow.para(
             "NOW, THEREFORE, in consideration of the mutual covenants contained herein, the parties agree as follows:"
@@ -232,12 +236,13 @@ class _Builder:
             texts: list[str] = []
             for category in cats:
                 heading, text = self.clauses[category]
-                head = f"{parent}.{sub_of[category]} {heading}"
-                col.para(head, font=_BOLD)
-                col.para(text)
-                self.sections.append(Section(number=f"{parent}.{sub_of[category]}", title=heading, page=number, level=2))
+                sub = f"{parent}.{sub_of[category]}"
+                head = f"{sub} {heading}"
+                if not (col.para(head, font=_BOLD) and col.para(text)):
+                    raise ValueError(f"two-column page {number} is too full for {category!r}")
+                self.sections.append(Section(number=sub, title=heading, page=number, level=2))
                 self.gold.append(GoldClause(category=category, text=text, page=number))
-                self.clause_sections[category] = f"{parent}.{sub_of[category]}"
+                self.clause_sections[category] = sub
                 texts += [head, text]
             texts += self.fill(col)
             (self.right if side == "right" else self.left).extend(texts)
@@ -280,8 +285,12 @@ def _default_pages(pages: int) -> tuple[int | None, int | None, list[int]]:
     table = max(2, round(pages * 0.15))
     two = max(3, round(pages * 0.3))
     scan = max(4, round(pages * 0.6))
-    ok = lambda p: 2 <= p <= pages - 1  # noqa: E731
-    return (table if ok(table) else None, two if ok(two) else None, [scan] if ok(scan) and scan not in (table, two) else [])
+
+    def ok(p: int) -> bool:
+        return 2 <= p <= pages - 1
+
+    scanned = [scan] if ok(scan) and scan not in (table, two) else []
+    return (table if ok(table) else None, two if ok(two) else None, scanned)
 
 
 def _assign(
