@@ -1,4 +1,4 @@
-"""``kimiray`` command line: ``demo``, ``serve``, ``submit``, ``tasks``, ``worker``."""
+"""``kimiray`` command line: ``contract-demo`` (the main job), ``demo``, ``serve``, ``submit``, ``tasks``, ``worker``."""
 
 from __future__ import annotations
 
@@ -87,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the app to be ready")
     serve.set_defaults(func=cmd_serve)
     from agents.worker import add_worker_command
+    from kimiray.contract_demo import add_contract_demo_command
     from kimiray.task_cli import add_task_commands
 
+    add_contract_demo_command(sub)
     add_task_commands(sub)
     add_worker_command(sub)
     return parser

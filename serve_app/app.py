@@ -19,7 +19,7 @@ from serve_app.model_server import ModelServer
 from serve_app.task_runner import TaskRunnerDeployment
 
 
-@serve.deployment(name="Ingress")
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(fastapi_app)
 class Ingress:
     def __init__(self, model_server: Any, config: dict[str, Any], task_runner: Any = None) -> None:

@@ -23,6 +23,7 @@ log = logging.getLogger("kimiray.task_runner")
     health_check_period_s=10,
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=30,
+    ray_actor_options={"num_cpus": 0.5},  # agents mostly wait on the model; ray_config.yaml may override
 )
 class TaskRunnerDeployment:
     def __init__(self, model_server: Any, config: dict[str, Any]) -> None:
