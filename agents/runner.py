@@ -40,6 +40,7 @@ class RunnerOptions(BaseModel):
     session_ttl_s: float | None = Field(7 * 24 * 3600.0, description="TTL of task sessions (renewed on write)")
     retry_delay_s: float = Field(1.0, ge=0, description="pause before re-queueing a task whose model was down")
     model_path: str | None = Field(None, description="the served checkpoint (tokenizer for planning); None: tiny")
+    purge_every_s: float = Field(600.0, gt=0, description="how often ended tasks past retention are deleted")
 
 
 def _worker_id() -> str:
@@ -84,8 +85,12 @@ class TaskRunner:
         """Lease and run tasks until ``stop`` is set; then hand unfinished tasks back to the queue."""
         idle = self.options.poll_s
         types = self.registry.types()
+        next_purge = time.monotonic() + self.options.purge_every_s * 0.1
         try:
             while not stop.is_set():
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + self.options.purge_every_s
+                    await self.purge()
                 if len(self._running) >= self.options.concurrency:
                     await asyncio.wait(list(self._running.values()), timeout=1.0,
                                        return_when=asyncio.FIRST_COMPLETED)
@@ -146,6 +151,19 @@ class TaskRunner:
                     await self.stores.tasks.release(lease)
                 except Exception as exc:
                     log.warning("could not release %s (%s); it returns after its lease expires", tid, exc)
+
+    async def purge(self) -> int:
+        """Delete ended tasks past their retention (and expired sessions where the store needs it); any runner
+        may do it, the stores make it safe to run concurrently."""
+        removed = 0
+        try:
+            removed = await self.stores.tasks.purge_expired()
+            purge_sessions = getattr(self.stores.sessions, "purge_expired", None)
+            if purge_sessions is not None:
+                removed += await purge_sessions()
+        except Exception as exc:  # never let housekeeping stop the runner
+            log.warning("purge failed: %s", exc)
+        return removed
 
     def stats(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "running": len(self._running), "completed": self.completed,

@@ -330,3 +330,19 @@ def test_chat_leaves_out_the_oldest_turns_when_the_window_is_full(store_url: str
         await stores.close()
 
     run(main())
+
+
+def test_runner_purges_ended_tasks_past_retention(store_url: str) -> None:
+    async def main() -> None:
+        stores = open_stores(store_url)
+        record, _ = await stores.tasks.submit("k1", TaskSubmission(type="sleepy", input={"steps": 1}),
+                                              retention_s=0.2)
+        runner = TaskRunner(stores, registry_with_tests(), ScriptedModel())
+        assert (await runner.run_once()).status == "succeeded"
+        assert await runner.purge() == 0  # still within retention
+        await asyncio.sleep(0.3)
+        assert await runner.purge() >= 1
+        assert await stores.tasks.get(record.id, "k1") is None
+        await stores.close()
+
+    run(main())
