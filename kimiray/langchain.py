@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import email.utils
 import json
 import re
 import ssl
@@ -147,21 +146,9 @@ def _error_from_response(response: httpx.Response) -> KimiVLAPIError:
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    from kimiray.errors import parse_retry_after
+
+    return parse_retry_after(headers)
 
 
 # ------------------------------------------------------------------------------------------------------------
