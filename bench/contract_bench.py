@@ -2,7 +2,8 @@
 
   ingest_text    pages/s of ``read_pdf`` on a generated N-page contract with no scanned page (text layer:
                  blocks, columns, tables, headers/footers, sections)
-  ingest_scans   pages/s of ``read_pdf`` on a contract whose pages are all scanned (each page rendered to PNG)
+  ingest_scans   pages/s of ``read_pdf`` on a contract whose pages but the first and last are scanned (each
+                 rendered to PNG at 110 dpi)
   end_to_end     one ``contract_extraction`` task on the generated N-page contract through ``LocalRuntime``
                  (embedded store, TaskRunner, the tiny checkpoint in the real engine, no Ray): wall time, model
                  calls and tokens per page, and how full each call's context was (prompt + output / window)
@@ -49,11 +50,13 @@ def main() -> None:
     started = time.perf_counter()
     document = read_pdf(contract.pdf)
     out["ingest_text_pages_per_s"] = round(document.page_count / (time.perf_counter() - started), 1)
-    scans = make_contract(pages=args.scan_pages, seed=2, scanned_pages=list(range(1, args.scan_pages + 1)))
+    # every page but the first and last scanned (the generator keeps those as text)
+    scans = make_contract(pages=args.scan_pages, seed=2, scanned_pages=list(range(2, args.scan_pages)),
+                          table_page=None, two_column_page=None)
     started = time.perf_counter()
     scanned = read_pdf(scans.pdf)
     out["ingest_scans_pages_per_s"] = round(scanned.page_count / (time.perf_counter() - started), 1)
-    assert all(p.scanned for p in scanned.pages)
+    out["ingest_scans_scanned_pages"] = sum(p.scanned for p in scanned.pages)
 
     with tempfile.TemporaryDirectory() as tmp:
         with kimiray.LocalRuntime(stores_url=f"sqlite:///{tmp}") as runtime:
