@@ -19,25 +19,7 @@ from agents.contract.extract import ChunkStats, extract_chunk, merge_results
 from agents.contract.inputs import ContractInput
 from agents.contract.schema import build_targets, plan_groups
 from agents.registry import register_agent
-
-
-async def load_source(ctx: AgentContext, input: ContractInput) -> tuple[bytes, str]:
-    if input.file is not None:
-        return input.file.bytes(), input.file.name
-    if input.blob is not None:
-        data = await ctx.blobs.get(ctx.owner, input.blob)
-        if data is None:
-            raise AgentError(f"blob {input.blob} not found (upload it with POST /v1/files)", code="blob_not_found")
-        return data, f"{input.blob[:12]}.pdf"
-    from serve_app.config import Limits
-    from serve_app.errors import ClientInputError
-    from serve_app.media import fetch_url
-
-    try:
-        data = await fetch_url(input.url or "", Limits(), max_bytes=200 * 2**20, what="document")
-    except ClientInputError as exc:
-        raise AgentError(exc.message, code=exc.code) from None
-    return data, (input.url or "document.pdf").rsplit("/", 1)[-1] or "document.pdf"
+from agents.sources import load_source
 
 
 async def read_document(ctx: AgentContext, data: bytes, input: ContractInput) -> Any:
@@ -74,7 +56,8 @@ class ContractExtractionAgent(Agent):
         from pipelines.map_reduce import map_reduce
 
         await ctx.step("load")
-        data, name = await load_source(ctx, input)
+        data, name = await load_source(ctx, input.file, input.url, input.blob, max_bytes=200 * 2**20,
+                                       what="document", default_name="document.pdf")
         await ctx.step("read", bytes=len(data))
         document = await read_document(ctx, data, input)
         scanned = sum(p.scanned for p in document.pages)

@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
-class FileInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field("document.pdf", max_length=500)
-    data: str = Field(..., description="the file's bytes, base64")
-    content_type: str | None = None
-
-    @field_validator("data")
-    @classmethod
-    def _base64(cls, value: str) -> str:
-        try:
-            base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("file.data must be base64") from None
-        return value
-
-    def bytes(self) -> bytes:
-        return base64.b64decode(self.data)
+from agents.sources import FileInput, one_source
 
 
 class ContractInput(BaseModel):
@@ -54,9 +34,7 @@ class ContractInput(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ContractInput":
-        given = [name for name in ("file", "url", "blob") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of file, url or blob (got {', '.join(given) or 'none'})")
+        one_source(self.file, self.url, self.blob)
         return self
 
     @field_validator("json_schema")

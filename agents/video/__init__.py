@@ -1,0 +1,1 @@
+"""Video analysis: sampled frames with timestamps -> per-window observations -> a timeline -> the answer."""
