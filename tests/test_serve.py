@@ -241,3 +241,27 @@ def test_a_killed_task_runner_replica_loses_no_task(service) -> None:
         assert done.status == "succeeded" and done.attempts == 2 and done.result["tag"] == "survivor"
         ends = [e for e in client.stream_events(task.id) if e.data.get("status") == "succeeded"]
         assert len(ends) == 1
+
+
+def test_contract_and_video_agents_through_the_ray_service(service) -> None:
+    """The document and video agents on the real deployments: ingress -> TaskRunner -> ModelServer (tiny)."""
+    import kimiray
+    from pipelines.document.synthetic import make_contract
+    from pipelines.video.synthetic import make_video
+
+    contract = make_contract(pages=6, seed=5, scanned_pages=[], table_page=None)
+    clip = make_video(None, seconds=8, fps=4, size=(160, 120))
+    with kimiray.Client(service, api_key=KEY, timeout=60) as client:
+        doc = client.submit("contract_extraction", {
+            "blob": client.upload_file(contract.pdf), "categories": ["Governing Law"], "max_items_per_chunk": 1,
+            "max_value_chars": 16, "max_quote_chars": 40, "max_output_tokens": 96})
+        video = client.submit("video_analysis", {
+            "blob": client.upload_file(clip.data, content_type="video/mp4"), "kind": "summarize",
+            "max_frames": 8, "max_side": 160, "max_output_tokens": 96, "max_observations": 2,
+            "max_text_chars": 30})
+        done_doc = client.wait(doc.id, timeout=300)
+        assert done_doc.status == "succeeded" and done_doc.result["page_count"] == 6
+        assert client.download_artifact(doc.id, "annotated_pdf").startswith(b"%PDF-")
+        done_video = client.wait(video.id, timeout=300)
+        assert done_video.status == "succeeded" and done_video.result["frames_sampled"] >= 1
+        assert client.download_artifact(video.id, "contact_sheet").startswith(b"\x89PNG")
