@@ -132,6 +132,15 @@ def test_short_quote_refused_unless_whole_block(contract: Document):
     assert c.bboxes == [contract.pages[3].blocks[1].bbox]
 
 
+def test_short_date_or_amount_verifies_only_when_unique_on_the_page() -> None:
+    text = "This Agreement is dated May 7, 2023 between the parties. The fee is 4,500 EUR; a second fee is 4,500 EUR."
+    page = text_page(text)
+    hit = find_quote(page, "May 7, 2023")
+    assert hit is not None and hit.quote == "May 7, 2023"
+    assert find_quote(page, "4,500 EUR") is None  # twice on the page: which one?
+    assert find_quote(page, "parties") is None  # a bare word stays too ambiguous
+
+
 def test_scanned_page_never_verifies():
     page = text_page(GOVERNING, scanned=True)  # even with (OCR-ish) text present
     assert find_quote(page, GOVERNING) is None

@@ -235,6 +235,11 @@ def _whole_block(page: Page, q: str) -> Citation | None:
     return None
 
 
+def _specific(q: str) -> bool:
+    """A short quote that names a number (a date, an amount, a term in days) rather than a bare word."""
+    return len(q) >= 6 and any(ch.isdigit() for ch in q)
+
+
 def find_quote(page: Page, quote: str, *, fuzzy: bool = True, threshold: float = FUZZY_THRESHOLD) -> Citation | None:
     """Find ``quote`` on one page: exact after normalization, else (``fuzzy``) a window >= ``threshold``
     similar.  Scanned pages have no text to check against and never verify."""
@@ -244,7 +249,14 @@ def find_quote(page: Page, quote: str, *, fuzzy: bool = True, threshold: float =
     if not q:
         return None
     if len(q) < MIN_QUOTE_CHARS:
-        return _whole_block(page, q)
+        whole = _whole_block(page, q)
+        if whole is not None or not _specific(q):
+            return whole
+        t, idx = _normalized(page.text)
+        pos = t.find(q)
+        if pos >= 0 and t.find(q, pos + 1) < 0:  # a short date or amount, once on the page: unambiguous
+            return _citation(page, idx, pos, pos + len(q), 1.0)
+        return None
     t, idx = _normalized(page.text)
     pos = t.find(q)
     if pos >= 0:
