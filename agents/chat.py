@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agents.base import Agent, AgentContext, AgentError
-from agents.messages import storable
+from agents.messages import session_growth, storable
 from agents.registry import register_agent
 
 
@@ -91,12 +91,8 @@ async def chat_within_window(ctx: AgentContext, history: list[dict[str, Any]], n
 
 
 async def conversation_growth(ctx: AgentContext, usage: Any) -> int:
-    """Tokens this turn added to the session: the whole conversation's size now minus what was stored."""
-    if usage is None:
-        return 0
-    session = await ctx.sessions.get(ctx.session_id, ctx.owner)
-    before = session.token_count if session is not None else 0
-    return max(0, usage.prompt_tokens + usage.completion_tokens - before)
+    """Tokens this turn added to the task's session."""
+    return await session_growth(ctx.sessions, ctx.session_id, ctx.owner, usage)
 
 
 @register_agent

@@ -61,6 +61,16 @@ def storable(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+async def session_growth(sessions: Any, session_id: str, owner: str | None, usage: Any) -> int:
+    """Tokens a turn added to a session: the whole conversation's size now (prompt + reply) minus what the session
+    already counted."""
+    if usage is None:
+        return 0
+    session = await sessions.get(session_id, owner)
+    before = session.token_count if session is not None else 0
+    return max(0, usage.prompt_tokens + usage.completion_tokens - before)
+
+
 def text_of(messages: list[dict[str, Any]]) -> str:
     """All text of ``messages`` (for logs and summaries)."""
     chunks: list[str] = []

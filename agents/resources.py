@@ -37,6 +37,19 @@ class ModelResources:
         with self._lock:
             return TokenCounter.from_pretrained(self.path)
 
+    def fit_lines(self, text: str, share: float = 0.5, *, keep_head: int = 0, note: str = "") -> str:
+        """``text`` cut at a line so it takes at most ``share`` of the window (memory for follow-up questions
+        must leave room for the questions). The first ``keep_head`` lines always stay; ``note`` is appended
+        when something was cut."""
+        limit = int(self.context_window * share)
+        lines = text.splitlines()
+        head, body = lines[:keep_head], lines[keep_head:]
+        out = text
+        while body and self.counter.count_text(out) > limit:
+            body = body[: max(0, int(len(body) * 0.8))]
+            out = "\n".join([*head, *body]) + (f"\n\n{note}" if note else "")
+        return out
+
     @cached_property
     def context_window(self) -> int:
         config = json.loads((self.path / "config.json").read_text())

@@ -75,7 +75,6 @@ class TaskRunner:
         self.resources = ModelResources(self.options.model_path)
         self._running: dict[str, asyncio.Task] = {}
         self._leases: dict[str, Lease] = {}
-        self._stopping = False
         self.completed = 0
         self.failed = 0
         self.started_at = time.time()
@@ -137,7 +136,6 @@ class TaskRunner:
     async def shutdown(self) -> None:
         """Graceful stop: cancel running attempts and release their tasks so another runner starts them now
         (not after the lease expires). The attempt is not counted against the task."""
-        self._stopping = True
         running = [(tid, task, self._leases.get(tid)) for tid, task in self._running.items()]
         for _tid, task, _lease in running:
             task.cancel()
@@ -184,9 +182,7 @@ class TaskRunner:
             if attempt.lost:
                 log.warning("task %s: lease lost; this attempt stops without writing", task.id)
                 return
-            if self._stopping:
-                raise  # shutdown() releases the task
-            raise
+            raise  # shutdown: shutdown() releases the task
         finally:
             heartbeat.cancel()
 
@@ -227,9 +223,7 @@ class TaskRunner:
             result = await agent.run(ctx, agent_input)
             payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
             await self._finish(lease, attempt, "succeeded", result=payload)
-        except TaskCancelled:
-            await self._finish(lease, attempt, "cancelled")
-        except MapReduceCancelled:  # stopped between chunks because cancellation was requested
+        except (TaskCancelled, MapReduceCancelled):  # at a step, or between chunks of a map-reduce
             await self._finish(lease, attempt, "cancelled")
         except AgentError as exc:
             await self._finish(lease, attempt, "failed", error=TaskError(code=exc.code, message=exc.message))

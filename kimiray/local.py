@@ -66,12 +66,10 @@ class LocalRuntime:
                              runner_concurrency=concurrency)
         self.service = TaskService(config)
         if model_client is None:
-            model_client = await asyncio.to_thread(self._load_engine, model, device, dtype, engine_options)
-            self._backend = None
             from serve_app.backend import LocalBackend
 
-            self._backend = LocalBackend(self.engine)
-            model_client = BackendModelClient(self._backend)
+            await asyncio.to_thread(self._load_engine, model, device, dtype, engine_options)
+            model_client = BackendModelClient(LocalBackend(self.engine))
         self.model_client = model_client
         self.runner = TaskRunner(self.service.stores, self.service.registry, model_client,
                                  RunnerOptions(concurrency=concurrency, lease_s=lease_s, model_path=model))

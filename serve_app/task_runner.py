@@ -27,16 +27,15 @@ log = logging.getLogger("kimiray.task_runner")
 )
 class TaskRunnerDeployment:
     def __init__(self, model_server: Any, config: dict[str, Any]) -> None:
-        from agents.registry import build_registry
         from agents.runner import RunnerOptions, TaskRunner
         from connectors.model_client import BackendModelClient
-        from connectors.stores import open_stores, stores_url_from_env
         from serve_app.backend import RayBackend
+        from serve_app.tasks_api import TaskService
 
         app_config = AppConfig.model_validate(config)
         cfg = app_config.tasks
-        self.stores = open_stores(cfg.stores_url or stores_url_from_env(), blob_threshold=cfg.blob_threshold)
-        registry = build_registry(cfg.agent_modules)
+        service = TaskService(cfg)  # the same stores and agents the ingress validates against
+        self.stores, registry = service.stores, service.registry
         options = RunnerOptions(concurrency=cfg.runner_concurrency, lease_s=cfg.lease_s,
                                 session_ttl_s=cfg.session_ttl_s, model_path=app_config.model.model)
         self.runner = TaskRunner(self.stores, registry, BackendModelClient(RayBackend(model_server)), options)

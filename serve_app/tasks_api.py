@@ -65,7 +65,7 @@ class TaskService:
                 raise NotFoundError(f"session {session_id!r} not found", param="options.session_id")
         agent_cls = self.registry.get(submission.type)
         record, created = await self.stores.tasks.submit(
-            owner, submission, max_attempts=min(self.config.max_attempts, agent_cls.max_attempts) or 1,
+            owner, submission, max_attempts=min(self.config.max_attempts, agent_cls.max_attempts),
             retention_s=self.config.retention_s)
         return record.public(), created
 
@@ -286,11 +286,9 @@ async def session_history(service: TaskService, owner: str, session_id: str) -> 
 async def remember_turn(service: TaskService, owner: str, session_id: str, new_messages: list[dict[str, Any]],
                         reply_text: str, usage: Any) -> None:
     """Append the turn's new messages and the reply; the session's token count becomes the conversation's."""
-    from agents.messages import storable
+    from agents.messages import session_growth, storable
 
-    record = await service.stores.sessions.get(session_id, owner)
-    before = record.token_count if record is not None else 0
-    grown = max(0, usage.prompt_tokens + usage.completion_tokens - before) if usage is not None else 0
+    grown = await session_growth(service.stores.sessions, session_id, owner, usage)
     await service.stores.sessions.append(
         session_id, owner, storable(new_messages) + [{"role": "assistant", "content": reply_text}],
         token_count=grown)

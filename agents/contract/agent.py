@@ -95,7 +95,7 @@ class ContractExtractionAgent(Agent):
         result = merge_results(document, targets, results, input, chunks=total)
         await ctx.step("outputs")
         annotated = await asyncio.to_thread(annotate_pdf, data, result.annotated_items(), password=input.password)
-        summary = markdown_summary(result.report())
+        summary = markdown_summary(result.result)
         pdf_ref = await ctx.blobs.put(ctx.owner, annotated, "application/pdf")
         md_ref = await ctx.blobs.put(ctx.owner, summary.encode(), "text/markdown")
         memory = await asyncio.to_thread(followup_context, result, summary, name, ctx.resources)
@@ -111,16 +111,10 @@ class ContractExtractionAgent(Agent):
 
 
 def followup_context(result: Any, summary: str, name: str, resources: Any, share: float = 0.5) -> str:
-    """The session's memory of this contract: what was found and where, for follow-up questions. It takes at most
-    ``share`` of the model's window (the summary is cut at a line), so questions and answers still fit."""
+    """The session's memory of this contract: what was found and where, for follow-up questions, within
+    ``share`` of the model's window."""
     head = (f"You answer questions about the contract {name!r} ({result.result.page_count} pages). These clauses "
             "were extracted with page citations; cite pages in your answers and say so when something was not "
-            "found.\n\n")
-    limit = int(resources.context_window * share)
-    count = resources.counter.count_text
-    lines = summary.splitlines()
-    text = head + summary
-    while lines and count(text) > limit:
-        lines = lines[: max(0, int(len(lines) * 0.8))]
-        text = head + "\n".join(lines) + "\n\n(summary cut to fit the context; see the task result for all)"
-    return text
+            "found.")
+    return resources.fit_lines(head + "\n\n" + summary, share, keep_head=2,
+                               note="(summary cut to fit the context; see the task result for all)")

@@ -91,9 +91,6 @@ class ContractOutcome(BaseModel):
     result: ContractResult
     data: dict[str, Any]  # key -> best value (the user's schema shape, or CUAD key -> value)
 
-    def report(self) -> ContractResult:
-        return self.result
-
     def annotated_items(self) -> list[AnnotatedItem]:
         return [AnnotatedItem(label=f.name, value=v.value, citations=[c for c in v.citations if c.verified])
                 for f in self.result.fields for v in f.values if any(c.verified for c in v.citations)]

@@ -139,8 +139,8 @@ class VideoAnalysisAgent(Agent):
         ref = await ctx.blobs.put(ctx.owner, sheet, "image/png")
         result["artifacts"] = {"contact_sheet": {**ref.model_dump(), "filename": name.rsplit(".", 1)[0] +
                                                  ".contact-sheet.png"}}
-        memory = _fit(f"Video {name!r}, {format_ts(duration)} long. Timeline of what was seen:\n"
-                      + timeline_text(timeline, format_ts), ctx.resources)
+        memory = ctx.resources.fit_lines(f"Video {name!r}, {format_ts(duration)} long. Timeline of what was seen:\n"
+                                         + timeline_text(timeline, format_ts), keep_head=1)
         await ctx.remember([{"role": "system", "content": memory}])
         result["session_id"] = ctx.session_id
         return result
@@ -177,12 +177,3 @@ def _contact_sheet(frames: list[Any], key_times: list[tuple[float, str]], limit:
         nearest = min(frames, key=lambda f: abs(f.t - t))
         chosen.append((nearest.t, nearest.image, (caption or "")[:60] or None))
     return contact_sheet(chosen)
-
-
-def _fit(text: str, resources: Any, share: float = 0.5) -> str:
-    """Cut ``text`` at a line so it takes at most ``share`` of the model's window."""
-    limit = int(resources.context_window * share)
-    lines = text.splitlines()
-    while len(lines) > 1 and resources.counter.count_text("\n".join(lines)) > limit:
-        lines = lines[: max(1, int(len(lines) * 0.8))]
-    return "\n".join(lines)
