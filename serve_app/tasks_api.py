@@ -139,6 +139,25 @@ async def cancel_task(request: Request, task_id: str) -> dict[str, Any]:
     return _task_json(record.public())
 
 
+class Confirmation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    step: int = Field(..., ge=0, description="the step of the confirmation_required event")
+    approve: bool
+
+
+@router.post("/v1/tasks/{task_id}/confirm", tags=["tasks"])
+async def confirm_action(request: Request, task_id: str, body: Confirmation) -> dict[str, Any]:
+    """Approve or decline a risky action a running agent is waiting on (event ``confirmation_required``)."""
+    service = _service(request)
+    owner = _owner(request)
+    task = await service.get(owner, task_id)
+    if task["status"] not in ("queued", "running") or not task.get("session_id"):
+        raise ClientInputError(f"task {task_id!r} is {task['status']}, not waiting for a confirmation",
+                               status_code=409, code="conflict", param="task_id")
+    await service.stores.sessions.set_partial(task["session_id"], owner, f"confirm.{body.step}", body.approve)
+    return {"object": "confirmation", "task_id": task_id, "step": body.step, "approve": body.approve}
+
+
 def _sse(event: TaskEvent) -> bytes:
     return f"id: {event.id}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n".encode()
 

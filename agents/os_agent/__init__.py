@@ -1,0 +1,1 @@
+"""The screenshot-based OS agent (task type ``os_agent``)."""

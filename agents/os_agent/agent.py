@@ -1,0 +1,339 @@
+"""The ``os_agent`` task: observe -> prompt -> parse one action -> check -> execute -> record, until the model
+says DONE / FAIL, or the step or time budget, the failure limit or a cancel ends the run.
+
+Every step is a ``StepRecord`` kept in the task's session (partial ``os.step.<n>``) and streamed as a
+``step_result`` event, so a task re-run after a runner died continues after the last recorded step, and a client
+watches the run live. The run ends with a result whatever the outcome (``done``, ``failed`` (the model gave up),
+``max_steps``, ``time_budget``, ``step_failures``): the task succeeds as a *run*, and ``result.success`` says
+whether the goal was met; the HTML report and the trajectory JSON are artifacts either way.
+
+Nothing the model says is executed unless it parsed into one action, lies on the screen, and the safety policy
+(and, for risky actions, the confirmation hook) allows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+
+from agents.base import Agent, AgentContext, AgentError
+from agents.os_agent import convention
+from agents.os_agent.history import PastStep, PromptTooLarge, StepPrompt, fit_image
+from agents.os_agent.inputs import OSAgentInput
+from agents.os_agent.parse import ParseError, parse_action, to_screen
+from agents.os_agent.policy import ConfirmationHook, check
+from agents.os_agent.trajectory import StepRecord
+from agents.registry import register_agent
+from connectors.desktop.actions import describe
+from connectors.desktop.base import ActionRejected, Executor, ExecutorError
+
+STEP_KEY = "os.step."
+FAILED_STATUSES = {"malformed", "off_screen", "blocked", "rejected", "error"}
+
+# Executors SDK users plug in by name (a VNC desktop, a browser sandbox...); looked up before KIMIRAY_DESKTOPS.
+_DESKTOP_FACTORIES: dict[str, Callable[[], Executor]] = {}
+
+
+def register_desktop(name: str, factory: Callable[[], Executor]) -> None:
+    """Make ``factory()`` the executor of desktop ``name`` in this process."""
+    _DESKTOP_FACTORIES[name] = factory
+
+
+def unregister_desktop(name: str) -> None:
+    _DESKTOP_FACTORIES.pop(name, None)
+
+
+async def open_desktop(ctx: AgentContext, input: OSAgentInput) -> Executor:
+    if input.replay is not None:
+        from connectors.desktop.replay import RecordedTrajectory, ReplayExecutor
+
+        data = await ctx.blobs.get(ctx.owner, input.replay)
+        if data is None:
+            raise AgentError(f"blob {input.replay} not found (upload it with POST /v1/files)", code="blob_not_found")
+        try:
+            trajectory = RecordedTrajectory.model_validate_json(data)
+        except ValueError as exc:
+            raise AgentError(f"the replay blob is not a recorded trajectory: {str(exc)[:300]}",
+                             code="bad_trajectory") from None
+        return ReplayExecutor(trajectory)
+    from connectors.desktop.registry import desktops_from_env, open_executor
+
+    try:
+        specs = desktops_from_env()
+    except ValueError as exc:
+        raise AgentError(f"the runner's desktop configuration is invalid: {exc}", code="desktop_config") from None
+    names = sorted({*specs, *_DESKTOP_FACTORIES})
+    name = input.desktop
+    if name is None:
+        if len(names) != 1:
+            raise AgentError("name a desktop: " + (f"this runner has {', '.join(names)}" if names else
+                             "this runner has none configured (set KIMIRAY_DESKTOPS or DISPLAY)"),
+                             code="no_desktop")
+        name = names[0]
+    if name in _DESKTOP_FACTORIES:
+        return _DESKTOP_FACTORIES[name]()
+    if name not in specs:
+        raise AgentError(f"desktop {name!r} is not configured on this runner; configured: "
+                         f"{', '.join(names) or 'none'}", code="unknown_desktop")
+    return open_executor(specs[name])
+
+
+class TaskConfirmation:
+    """Confirmation through the task API: a ``confirmation_required`` event, then wait for
+    ``POST /v1/tasks/{id}/confirm`` (it writes partial ``confirm.<step>`` of the task's session). Declined on
+    timeout; honours cancellation while waiting."""
+
+    def __init__(self, ctx: AgentContext, timeout_s: float, poll_s: float = 0.25) -> None:
+        self.ctx, self.timeout_s, self.poll_s = ctx, timeout_s, poll_s
+
+    async def __call__(self, step: int, action: Any, reason: str) -> bool:
+        ctx = self.ctx
+        key = f"confirm.{step}"
+        decided = await ctx.load_partial(key)
+        if decided is None:
+            await ctx.emit("confirmation_required", {"step": step, "action": action.model_dump(), "reason": reason,
+                                                     "timeout_s": self.timeout_s})
+        deadline = time.monotonic() + self.timeout_s
+        while decided is None and time.monotonic() < deadline:
+            ctx.check_cancelled()
+            await asyncio.sleep(self.poll_s)
+            decided = await ctx.load_partial(key)
+        approved = bool(decided)
+        await ctx.emit("confirmation", {"step": step, "approved": approved, "timed_out": decided is None})
+        return approved
+
+
+class OSAgentLoop:
+    """One run over one executor. Usable without the task layer through any ``AgentContext``."""
+
+    def __init__(self, ctx: AgentContext, executor: Executor, input: OSAgentInput,
+                 confirm: ConfirmationHook | None = None) -> None:
+        self.ctx, self.executor, self.input, self.confirm = ctx, executor, input, confirm
+        self.prompt = StepPrompt(counter=ctx.resources.counter, window=ctx.resources.context_window,
+                                 max_tokens=input.max_output_tokens, goal=input.goal,
+                                 instructions=input.instructions, keep_screenshots=input.keep_screenshots)
+
+    async def _resume(self) -> tuple[list[StepRecord], list[PastStep]]:
+        partials = await self.ctx.sessions.partials(self.ctx.session_id, self.ctx.owner)
+        records = sorted((StepRecord.model_validate(v) for k, v in partials.items() if k.startswith(STEP_KEY)),
+                         key=lambda r: r.index)
+        records = [r for i, r in enumerate(records) if r.index == i]  # only a gap-free prefix counts
+        past = [PastStep(r, None) for r in records]
+        for p in past[-(self.input.keep_screenshots - 1):] if self.input.keep_screenshots > 1 else []:
+            if p.record.screenshot:
+                data = await self.ctx.blobs.get(self.ctx.owner, p.record.screenshot)
+                if data is not None:
+                    import io
+
+                    p.image = fit_image(Image.open(io.BytesIO(data)).convert("RGB"), self.input.screenshot_max_side)
+        return records, past
+
+    async def run(self) -> dict[str, Any]:
+        ctx, input = self.ctx, self.input
+        records, past = await self._resume()
+        if records:
+            await ctx.emit("resumed", {"steps_done": len(records)})
+        elapsed_before = float(await ctx.load_partial("os.elapsed_s", 0.0) or 0.0)
+        started = time.monotonic()
+        outcome, answer, reason = None, None, ""
+        failures = 0
+        for r in reversed(records):
+            if r.status not in FAILED_STATUSES:
+                break
+            failures += 1
+        if records and records[-1].status == "terminal":
+            outcome = "done" if (records[-1].action or {}).get("kind") == "done" else "failed"
+        index = len(records)
+        while outcome is None:
+            if index >= input.max_steps:
+                outcome = "max_steps"
+                break
+            if failures >= input.max_consecutive_failures:
+                outcome = "step_failures"
+                break
+            remaining = input.max_seconds - elapsed_before - (time.monotonic() - started)
+            if remaining <= 0:
+                outcome = "time_budget"
+                break
+            await ctx.step("act", index=index)
+            note = ""
+            if records and records[-1].status in FAILED_STATUSES:
+                note = f"Your previous action was not executed: {records[-1].detail}."
+            budget = min(input.step_timeout_s, remaining)
+            try:
+                record, image = await asyncio.wait_for(self._step(index, past, note), timeout=budget)
+            except asyncio.TimeoutError:
+                record, image = StepRecord(index=index, status="error",
+                                           detail=f"the step did not finish within {budget:.0f} s"), None
+            records.append(record)
+            past.append(PastStep(record, image))
+            await ctx.save_partial(f"{STEP_KEY}{index}", record.model_dump())
+            await ctx.save_partial("os.elapsed_s", elapsed_before + time.monotonic() - started)
+            await ctx.emit("step_result", record.model_dump())
+            await ctx.progress(index + 1, input.max_steps, f"step {index + 1}: {record.status}")
+            failures = failures + 1 if record.status in FAILED_STATUSES else 0
+            if record.status == "terminal":
+                kind = (record.action or {}).get("kind")
+                outcome = "done" if kind == "done" else "failed"
+            index += 1
+        last = records[-1] if records else None
+        if outcome == "done" and last and last.action:
+            answer = last.action.get("answer", "")
+        elif outcome == "failed" and last and last.action:
+            reason = last.action.get("reason", "")
+        return await self._finish(records, outcome, answer, reason,
+                                  elapsed_before + time.monotonic() - started)
+
+    async def _step(self, index: int, past: list[PastStep], note: str) -> tuple[StepRecord, Image.Image | None]:
+        ctx, input = self.ctx, self.input
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        try:
+            obs = await self.executor.observe()
+        except ExecutorError as exc:
+            return StepRecord(index=index, status="error", detail=f"screenshot failed: {exc}",
+                              timings={"screenshot": time.perf_counter() - t0}), None
+        timings["screenshot"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        shot = obs.screenshot
+        image = await asyncio.to_thread(lambda: fit_image(shot.image(), input.screenshot_max_side))
+        ref = await ctx.blobs.put(ctx.owner, shot.png, "image/png")
+        try:
+            messages, info = await asyncio.to_thread(self.prompt.build, past, image, title=obs.window_title,
+                                                     index=index, note=note)
+        except PromptTooLarge as exc:
+            raise AgentError(str(exc), code="context_too_small") from None
+        timings["encode"] = time.perf_counter() - t0
+        base = {"index": index, "screenshot": ref.ref,
+                "screen_width": shot.width, "screen_height": shot.height, "window_title": obs.window_title}
+        t0 = time.perf_counter()
+        reply = await ctx.chat(messages, max_tokens=input.max_output_tokens, temperature=input.temperature)
+        output = reply.text
+        try:
+            parsed = parse_action(output)
+            action = to_screen(parsed, image_size=image.size, screen_size=(shot.width, shot.height),
+                               coordinates=input.coordinates)
+        except ParseError as first_error:
+            retry = [*messages, {"role": "assistant", "content": output or "(empty)"},
+                     {"role": "user", "content": convention.correction_prompt(str(first_error))}]
+            reply = await ctx.chat(retry, max_tokens=input.max_output_tokens, temperature=input.temperature)
+            output = f"{output}\n\n[re-prompted: {first_error}]\n\n{reply.text}"
+            try:
+                parsed = parse_action(reply.text)
+                action = to_screen(parsed, image_size=image.size, screen_size=(shot.width, shot.height),
+                                   coordinates=input.coordinates)
+            except ParseError as exc:
+                timings["model"] = time.perf_counter() - t0
+                return StepRecord(**base, model_output=output, status="malformed", detail=str(exc),
+                                  timings=timings), image
+            except ActionRejected as exc:
+                timings["model"] = time.perf_counter() - t0
+                return StepRecord(**base, model_output=output, status="off_screen", detail=str(exc),
+                                  timings=timings), image
+        except ActionRejected as exc:
+            timings["model"] = time.perf_counter() - t0
+            return StepRecord(**base, model_output=output, status="off_screen", detail=str(exc),
+                              timings=timings), image
+        timings["model"] = time.perf_counter() - t0
+        record = dict(base, model_output=output, action=action.model_dump(), timings=timings)
+        dropped = f" ({parsed.dropped} further calls in the reply were not executed)" if parsed.dropped else ""
+        if action.kind in ("done", "fail"):
+            return StepRecord(**record, status="terminal", detail=describe(action)), image
+        verdict = check(input.policy, action, obs.window_title)
+        if not verdict.allowed:
+            return StepRecord(**record, status="blocked", detail=verdict.reason), image
+        if verdict.needs_confirmation:
+            if self.confirm is None:
+                return StepRecord(**record, status="blocked",
+                                  detail=f"{verdict.reason}, and nobody can confirm it here"), image
+            t_c = time.perf_counter()
+            approved = await self.confirm(index, action, verdict.reason)
+            timings["confirm"] = time.perf_counter() - t_c
+            if not approved:
+                return StepRecord(**record, status="blocked", detail=f"{verdict.reason}: declined"), image
+        t0 = time.perf_counter()
+        try:
+            await self.executor.execute(action)
+        except ActionRejected as exc:
+            timings["execute"] = time.perf_counter() - t0
+            return StepRecord(**record, status="rejected", detail=str(exc)), image
+        except ExecutorError as exc:
+            timings["execute"] = time.perf_counter() - t0
+            return StepRecord(**record, status="error", detail=f"the desktop failed: {exc}"), image
+        if input.settle_s:
+            await asyncio.sleep(input.settle_s)
+        timings["execute"] = time.perf_counter() - t0
+        return StepRecord(**record, status="executed", detail=describe(action) + dropped), image
+
+    async def _finish(self, records: list[StepRecord], outcome: str, answer: str | None, reason: str,
+                      elapsed: float) -> dict[str, Any]:
+        ctx = self.ctx
+        await ctx.step("report", outcome=outcome)
+        screenshots: dict[str, bytes] = {}
+        for r in records:
+            if r.screenshot and r.screenshot not in screenshots:
+                data = await ctx.blobs.get(ctx.owner, r.screenshot)
+                if data is not None:
+                    screenshots[r.screenshot] = data
+        from agents.os_agent.report import render_report
+
+        html = await asyncio.to_thread(lambda: render_report(goal=self.input.goal, steps=records,
+                                                             screenshots=screenshots, outcome=outcome,
+                                                             answer=answer))
+        report = await ctx.blobs.put(ctx.owner, html.encode(), "text/html")
+        trajectory = [r.model_dump() for r in records]
+        traj_ref = await ctx.blobs.put(ctx.owner, json.dumps({"goal": self.input.goal, "outcome": outcome,
+                                                              "steps": trajectory}).encode(), "application/json")
+        phases = ("screenshot", "encode", "model", "execute")
+        timing = {p: round(statistics.fmean(v), 4) for p in phases
+                  if (v := [r.timings[p] for r in records if p in r.timings])}
+        summary = "\n".join(
+            [f"OS agent run for the goal {self.input.goal!r}: outcome {outcome}."
+             + (f" Answer: {answer}" if answer else "") + (f" Reason: {reason}" if reason else "")]
+            + [f"Step {r.index + 1}: {r.status} - {r.detail}" for r in records])
+        await ctx.remember([{"role": "system", "content": ctx.resources.fit_lines(summary, keep_head=1)}])
+        return {
+            "outcome": outcome, "success": outcome == "done", "answer": answer, "reason": reason or None,
+            "steps": len(records), "executed": sum(r.status == "executed" for r in records),
+            "failed_steps": sum(r.status in FAILED_STATUSES for r in records), "elapsed_s": round(elapsed, 3),
+            "mean_step_seconds": timing, "trajectory": [
+                {k: v for k, v in t.items() if k != "model_output"} for t in trajectory],
+            "artifacts": {
+                "report": {**report.model_dump(), "filename": "os-agent-report.html"},
+                "trajectory": {**traj_ref.model_dump(), "filename": "trajectory.json"},
+            },
+            "session_id": ctx.session_id,
+        }
+
+
+@register_agent
+class OSAgent(Agent):
+    type = "os_agent"
+    Input = OSAgentInput
+    description = ("Computer use: looks at screenshots of an operator-configured desktop and clicks, types and "
+                   "scrolls until the goal is met (Kimi-VL pyautogui actions with fractional coordinates), under "
+                   "a safety policy; streams every step and ends with an HTML report of the trajectory.")
+    max_attempts = 2  # a re-run resumes after the last recorded step
+
+    async def run(self, ctx: AgentContext, input: OSAgentInput) -> dict[str, Any]:
+        await ctx.step("connect", desktop=input.desktop or ("replay" if input.replay else None))
+        executor = await open_desktop(ctx, input)
+        try:
+            try:
+                width, height = await executor.screen_size()
+            except ExecutorError as exc:
+                raise AgentError(f"the desktop can't be reached: {exc}", code="desktop_unreachable") from None
+            await ctx.emit("desktop", {"width": width, "height": height})
+            loop = OSAgentLoop(ctx, executor, input, confirm=TaskConfirmation(ctx, input.confirm_timeout_s))
+            return await loop.run()
+        finally:
+            try:
+                await executor.close()
+            except Exception:  # noqa: BLE001 - closing a dead desktop must not mask the run's result
+                ctx.log.warning("closing the desktop executor failed", exc_info=True)

@@ -1,0 +1,64 @@
+"""Kimi-VL's computer-use output convention, and the prompts that ask for it.
+
+What the model emits (confirmed from public sources, 2026-11-26):
+- Kimi-VL was evaluated on OSWorld / WindowsAgentArena with screenshot-only input and pyautogui code output,
+  the same action language as the Aguvis / OpenCUA trajectory data: a step is free text (thought, action in
+  words) followed by code such as ``pyautogui.click(x=0.879, y=0.294)``.
+- Coordinates are **fractions of the screenshot's width and height in [0, 1]**, not pixels: the official agentic
+  demo multiplies ``x``/``y`` by the original image's width/height (MoonshotAI/Kimi-VL issue #52, which quotes
+  that demo; issue #56 reports the same [0, 1] normalisation for boxes; issue #22 prompts ``(x=0.5, y=0.5)``).
+  Because they are fractions, downscaling the screenshot before the model sees it changes nothing.
+- The Instruct model card's grounding prompt is ``Please observe the screenshot, please locate the following
+  elements with action and point.<instruction> [INSTRUCTION]`` (spec §4.4); its answer is one such click.
+- OSWorld's special actions end or pause a trajectory: ``WAIT``, ``DONE``, ``FAIL``.
+
+We accept, in this order of preference: a ```python code block, or bare ``pyautogui.*`` lines. Coordinates in
+[0, 1] are fractions; larger whole numbers are read as pixels of the screenshot the model saw (some fine-tunes emit
+pixels) unless the task pins ``coordinates``. See ``agents.os_agent.parse``.
+"""
+
+from __future__ import annotations
+
+GROUNDING_PROMPT = "Please observe the screenshot, please locate the following elements with action and point."
+
+ACTION_SPACE = """\
+You control the computer with exactly one pyautogui call per reply. Coordinates x and y are fractions of the \
+screenshot's width and height, between 0 and 1 (x=0 is the left edge, y=0 the top edge).
+- pyautogui.click(x=0.5, y=0.5)
+- pyautogui.doubleClick(x=0.5, y=0.5)
+- pyautogui.rightClick(x=0.5, y=0.5)
+- pyautogui.moveTo(x=0.5, y=0.5)
+- pyautogui.dragTo(x=0.7, y=0.5, from_x=0.5, from_y=0.5)
+- pyautogui.scroll(-5, x=0.5, y=0.5)   (negative scrolls down)
+- pyautogui.write(message='text to type')
+- pyautogui.press('enter')
+- pyautogui.hotkey('ctrl', 's')
+- WAIT   (the screen is still changing)
+- DONE   (the task is complete; put the answer, if the task asks a question, in answer('...') before it)
+- FAIL   (the task cannot be completed)"""
+
+REPLY_FORMAT = """\
+Reply in this format:
+## Thought:
+what you see and what to do next, in one or two sentences
+## Action:
+the action in words
+## Code:
+```python
+<one pyautogui call, WAIT, DONE or FAIL>
+```"""
+
+
+def system_prompt(extra_instructions: str = "") -> str:
+    text = ("You are a GUI agent. You are given a task and screenshots of the computer screen. Decide the next "
+            "action that moves the task forward.\n\n" + ACTION_SPACE + "\n\n" + REPLY_FORMAT)
+    return text + (f"\n\n{extra_instructions.strip()}" if extra_instructions.strip() else "")
+
+
+def correction_prompt(error: str) -> str:
+    return (f"Your last reply could not be executed: {error}. Reply again with exactly one action, using the "
+            "format above and fractional coordinates between 0 and 1.")
+
+
+def grounding_prompt(instruction: str) -> str:
+    return f"{GROUNDING_PROMPT}<instruction> {instruction}"
