@@ -3,11 +3,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh test
-# System packages the tests start themselves (on free loopback ports): redis-server.
-if ! command -v redis-server >/dev/null 2>&1; then
+# System packages the tests start themselves: redis-server (free loopback ports), Xvfb + xdotool + Tk (desktops).
+APT_PKGS=()
+command -v redis-server >/dev/null 2>&1 || APT_PKGS+=(redis-server)
+command -v Xvfb >/dev/null 2>&1 || APT_PKGS+=(xvfb)
+command -v xdotool >/dev/null 2>&1 || APT_PKGS+=(xdotool)
+.venv/bin/python -c "import tkinter" 2>/dev/null || APT_PKGS+=(python3-tk)  # the desktop tests' Tk app
+if [ "${#APT_PKGS[@]}" -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${APT_PKGS[@]}" >/dev/null
 fi
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest "$@"

@@ -26,7 +26,7 @@ from agents.base import Agent, AgentContext, AgentError
 from agents.os_agent import convention
 from agents.os_agent.history import PastStep, PromptTooLarge, StepPrompt, fit_image
 from agents.os_agent.inputs import OSAgentInput
-from agents.os_agent.parse import ParseError, parse_action, to_screen
+from agents.os_agent.parse import ParseError, parse_action, parse_json_action, to_screen
 from agents.os_agent.policy import ConfirmationHook, check
 from agents.os_agent.trajectory import StepRecord
 from agents.registry import register_agent
@@ -117,7 +117,10 @@ class OSAgentLoop:
         self.ctx, self.executor, self.input, self.confirm = ctx, executor, input, confirm
         self.prompt = StepPrompt(counter=ctx.resources.counter, window=ctx.resources.context_window,
                                  max_tokens=input.max_output_tokens, goal=input.goal,
-                                 instructions=input.instructions, keep_screenshots=input.keep_screenshots)
+                                 instructions=input.instructions, keep_screenshots=input.keep_screenshots,
+                                 json_actions=input.action_format == "json")
+        self.json_schema = convention.action_json_schema() if input.action_format == "json" else None
+        self.parse = parse_json_action if input.action_format == "json" else parse_action
 
     async def _resume(self) -> tuple[list[StepRecord], list[PastStep]]:
         partials = await self.ctx.sessions.partials(self.ctx.session_id, self.ctx.owner)
@@ -213,19 +216,21 @@ class OSAgentLoop:
         base = {"index": index, "screenshot": ref.ref,
                 "screen_width": shot.width, "screen_height": shot.height, "window_title": obs.window_title}
         t0 = time.perf_counter()
-        reply = await ctx.chat(messages, max_tokens=input.max_output_tokens, temperature=input.temperature)
+        reply = await ctx.chat(messages, max_tokens=input.max_output_tokens, temperature=input.temperature,
+                               json_schema=self.json_schema)
         output = reply.text
         try:
-            parsed = parse_action(output)
+            parsed = self.parse(output)
             action = to_screen(parsed, image_size=image.size, screen_size=(shot.width, shot.height),
                                coordinates=input.coordinates)
         except ParseError as first_error:
             retry = [*messages, {"role": "assistant", "content": output or "(empty)"},
                      {"role": "user", "content": convention.correction_prompt(str(first_error))}]
-            reply = await ctx.chat(retry, max_tokens=input.max_output_tokens, temperature=input.temperature)
+            reply = await ctx.chat(retry, max_tokens=input.max_output_tokens, temperature=input.temperature,
+                                   json_schema=self.json_schema)
             output = f"{output}\n\n[re-prompted: {first_error}]\n\n{reply.text}"
             try:
-                parsed = parse_action(reply.text)
+                parsed = self.parse(reply.text)
                 action = to_screen(parsed, image_size=image.size, screen_size=(shot.width, shot.height),
                                    coordinates=input.coordinates)
             except ParseError as exc:

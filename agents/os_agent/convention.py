@@ -62,3 +62,60 @@ def correction_prompt(error: str) -> str:
 
 def grounding_prompt(instruction: str) -> str:
     return f"{GROUNDING_PROMPT}<instruction> {instruction}"
+
+
+# ----------------------------------------------------------------------------------------------- JSON mode
+# For engines with guided decoding (ours): the reply is forced into this schema, so it always parses. Kimi-VL was
+# trained on the pyautogui form above, so that stays the default; JSON mode trades some accuracy for zero
+# malformed steps (and lets the random-weight test checkpoint drive a real desktop).
+
+def _point_props() -> dict:
+    unit = {"type": "number", "minimum": 0, "maximum": 1}
+    return {"x": unit, "y": unit}
+
+
+def _kind(name: str, props: dict | None = None) -> dict:
+    props = props or {}
+    return {"type": "object", "properties": {"kind": {"const": name}, **props},
+            "required": ["kind", *props], "additionalProperties": False}
+
+
+KEY_NAMES = ["enter", "tab", "esc", "backspace", "delete", "space", "up", "down", "left", "right", "home", "end",
+             "pageup", "pagedown", "ctrl", "alt", "shift", *[f"f{i}" for i in range(1, 13)],
+             *"abcdefghijklmnopqrstuvwxyz0123456789"]
+
+
+def action_json_schema() -> dict:
+    text = {"type": "string", "minLength": 1, "maxLength": 100}
+    return {
+        "type": "object",
+        "properties": {
+            "thought": {"type": "string", "maxLength": 200},
+            "action": {"anyOf": [
+                _kind("click", _point_props()), _kind("double_click", _point_props()),
+                _kind("right_click", _point_props()), _kind("move", _point_props()),
+                _kind("drag", {**_point_props(), "to_x": {"type": "number", "minimum": 0, "maximum": 1},
+                               "to_y": {"type": "number", "minimum": 0, "maximum": 1}}),
+                _kind("scroll", {**_point_props(), "clicks": {"type": "integer", "minimum": -10, "maximum": 10}}),
+                _kind("type", {"text": text}),
+                _kind("key", {"keys": {"type": "array", "items": {"enum": KEY_NAMES}, "minItems": 1, "maxItems": 3}}),
+                _kind("wait"), _kind("done", {"answer": {"type": "string", "maxLength": 500}}),
+                _kind("fail", {"reason": {"type": "string", "maxLength": 500}}),
+            ]},
+        },
+        "required": ["thought", "action"],
+        "additionalProperties": False,
+    }
+
+
+JSON_REPLY_FORMAT = """\
+Reply with one JSON object: {"thought": "...", "action": {"kind": ..., ...}}. Kinds: click / double_click / \
+right_click / move {x, y}; drag {x, y, to_x, to_y}; scroll {x, y, clicks} (negative scrolls down); type {text}; \
+key {keys: ["ctrl", "s"]}; wait; done {answer}; fail {reason}. x and y are fractions of the screenshot's width \
+and height, between 0 and 1."""
+
+
+def json_system_prompt(extra_instructions: str = "") -> str:
+    text = ("You are a GUI agent. You are given a task and screenshots of the computer screen. Decide the next "
+            "action that moves the task forward.\n\n" + JSON_REPLY_FORMAT)
+    return text + (f"\n\n{extra_instructions.strip()}" if extra_instructions.strip() else "")

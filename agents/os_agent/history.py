@@ -64,11 +64,11 @@ class StepPrompt:
     """Builds the messages for step ``index`` and shrinks them until they fit."""
 
     def __init__(self, *, counter: Any, window: int, max_tokens: int, goal: str, instructions: str = "",
-                 keep_screenshots: int = 2) -> None:
+                 keep_screenshots: int = 2, json_actions: bool = False) -> None:
         self.counter = counter
         self.limit = window - max_tokens
         self.goal = goal
-        self.system = convention.system_prompt(instructions)
+        self.system = (convention.json_system_prompt if json_actions else convention.system_prompt)(instructions)
         self.keep = max(1, keep_screenshots)
 
     def _messages(self, summary: list[str], recent: list[PastStep], current: Image.Image, title: str | None,

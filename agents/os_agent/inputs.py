@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.os_agent.parse import CoordinateMode
@@ -24,6 +26,9 @@ class OSAgentInput(BaseModel):
     policy: SafetyPolicy = Field(default_factory=SafetyPolicy)
     coordinates: CoordinateMode = Field("auto", description="how to read the model's x/y: fractions of the "
                                         "screenshot (Kimi-VL), pixels of the screenshot, or auto (<= 1: fraction)")
+    action_format: Literal["pyautogui", "json"] = Field("pyautogui", description=(
+        "pyautogui: Kimi-VL's trained output form (default); json: replies forced into a JSON action schema by "
+        "guided decoding, so every step parses"))
     keep_screenshots: int = Field(2, ge=1, le=8, description="screenshots in each prompt (the current one and "
                                   "the latest earlier ones; older steps are summarised in text)")
     screenshot_max_side: int = Field(1920, ge=224, le=4096, description="screenshots are downscaled to this "

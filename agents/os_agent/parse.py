@@ -246,6 +246,49 @@ def parse_action(text: str) -> ParsedAction:
     return action
 
 
+def parse_json_action(text: str) -> ParsedAction:
+    """A reply in JSON mode (``convention.action_json_schema``). Guided decoding makes it valid; a reply cut
+    by max_tokens is still a ``ParseError``."""
+    import json
+
+    try:
+        body = json.loads(text)
+        action = body["action"]
+        kind = action["kind"]
+    except (ValueError, KeyError, TypeError):
+        raise ParseError("the reply is not the JSON object {\"thought\": ..., \"action\": {\"kind\": ...}}") from None
+    thought = str(body.get("thought", "")) if isinstance(body, dict) else ""
+
+    def pt(x: str, y: str) -> tuple[float, float]:
+        return _number(action.get(x), x), _number(action.get(y), y)
+
+    if kind in ("click", "double_click", "right_click", "move"):
+        return ParsedAction(kind, [pt("x", "y")], code=text, thought=thought)
+    if kind == "drag":
+        return ParsedAction(kind, [pt("x", "y"), pt("to_x", "to_y")], code=text, thought=thought)
+    if kind == "scroll":
+        clicks = action.get("clicks")
+        if not isinstance(clicks, int) or isinstance(clicks, bool) or clicks == 0 or abs(clicks) > 50:
+            raise ParseError("scroll clicks must be a non-zero whole number")
+        return ParsedAction(kind, [pt("x", "y")], {"clicks": clicks, "horizontal": False}, code=text, thought=thought)
+    if kind == "type":
+        if not isinstance(action.get("text"), str) or not action["text"]:
+            raise ParseError("type needs a non-empty text")
+        return ParsedAction(kind, args={"text": action["text"]}, code=text, thought=thought)
+    if kind == "key":
+        keys = action.get("keys")
+        return ParsedAction(kind, args={"keys": _keys(keys if isinstance(keys, list) else [keys])}, code=text,
+                            thought=thought)
+    if kind == "wait":
+        return ParsedAction(kind, args={"seconds": DEFAULT_WAIT_S}, code=text, thought=thought)
+    if kind == "done":
+        return ParsedAction(kind, args={"answer": str(action.get("answer", ""))}, code=text, thought=thought)
+    if kind == "fail":
+        return ParsedAction(kind, args={"reason": str(action.get("reason", "")) or thought}, code=text,
+                            thought=thought)
+    raise ParseError(f"unknown action kind {kind!r}")
+
+
 def parse_point(text: str) -> tuple[float, float] | None:
     """The point of a grounding answer: the first pointer action, else a bare ``(x=.., y=..)`` / ``(x, y)``."""
     try:

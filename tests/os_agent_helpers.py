@@ -1,0 +1,92 @@
+"""A scripted model for OS-agent tests: it "sees" the Tk test app through the app's state file (widget boxes in
+screen pixels) and answers like Kimi-VL does - a pyautogui call with fractional coordinates - so every layer
+below the model (prompting, parsing, conversion, policy, the real X11 executor on Xvfb) is exercised for real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from agents.os_agent.harness.launch import read_state
+from connectors.model_client import ModelReply
+from engine.runtime.request import GenerateRequest, Usage
+
+
+def _reply(code: str, thought: str = "") -> str:
+    return f"## Thought:\n{thought or 'next step'}\n## Action:\n{code}\n## Code:\n```python\n{code}\n```"
+
+
+class ScreenReadingModel:
+    def __init__(self, state_path: Path, screen: tuple[int, int], *, first_replies: list[str] | None = None,
+                 json_mode: bool = False) -> None:
+        self.state_path, self.screen = Path(state_path), screen
+        self.first_replies = list(first_replies or [])  # scripted replies before the policy takes over
+        self.json_mode = json_mode
+        self.requests: list[GenerateRequest] = []
+
+    def frac(self, box: list[int], dx: float = 0.5, dy: float = 0.5) -> tuple[float, float]:
+        x = box[0] + (box[2] - box[0]) * dx
+        y = box[1] + (box[3] - box[1]) * dy
+        return round(x / self.screen[0], 5), round(y / self.screen[1], 5)
+
+    def click(self, name: str, state: dict[str, Any]) -> str:
+        x, y = self.frac(state["widgets"][name])
+        return f"pyautogui.click(x={x}, y={y})"
+
+    def _fill_then(self, state: dict[str, Any], text: str, button: str, done: bool) -> str:
+        if done:
+            return "DONE"
+        if state.get("name") != text:
+            if state.get("focus") != "name":
+                return self.click("name", state)
+            if state.get("name"):
+                return "pyautogui.hotkey('ctrl', 'a')" if state.get("last_key") not in ("a",) else \
+                    "pyautogui.press('backspace')"
+            return f"pyautogui.write(message={text!r})"
+        return self.click(button, state)
+
+    def policy(self, goal: str, state: dict[str, Any]) -> str:
+        if "Ada Lovelace" in goal:
+            return self._fill_then(state, "Ada Lovelace", "submit", bool(state.get("submitted")))
+        if "report 42" in goal:
+            return self._fill_then(state, "report 42", "save", bool(state.get("saved")))
+        if "agree" in goal:
+            return "DONE" if state.get("agree") else self.click("agree", state)
+        if "item 30" in goal:
+            if int(state.get("items_top", 0)) >= 16:
+                return "DONE"
+            x, y = self.frac(state["widgets"]["items"])
+            return f"pyautogui.scroll(-5, x={x}, y={y})"
+        if "square" in goal:
+            if int(state["square"][0]) >= 120:
+                return "DONE"
+            x, y = self.frac(state["widgets"]["square"])
+            return f"pyautogui.moveTo(x={x}, y={y})\npyautogui.dragTo(x={round(x + 150 / self.screen[0], 5)}, y={y})"
+        if "Dangerous" in goal:
+            return "DONE" if state.get("dangerous_clicked") else self.click("dangerous", state)
+        return "FAIL"
+
+    async def generate(self, request: GenerateRequest) -> ModelReply:
+        self.requests.append(request)
+        goal = next(str(m["content"]) for m in request.messages if m["role"] == "user")
+        if self.first_replies:
+            text = self.first_replies.pop(0)
+        else:
+            text = _reply(self.policy(goal, read_state(self.state_path)))
+        if self.json_mode:
+            text = json.dumps(to_json_reply(text))
+        return ModelReply(text=text, finish_reason="stop", usage=Usage(prompt_tokens=10, completion_tokens=10))
+
+
+def to_json_reply(text: str) -> dict[str, Any]:
+    from agents.os_agent.parse import parse_action
+
+    parsed = parse_action(text)
+    action: dict[str, Any] = {"kind": parsed.kind}
+    if parsed.points:
+        action["x"], action["y"] = parsed.points[0]
+    if parsed.kind == "drag":
+        action["to_x"], action["to_y"] = parsed.points[1]
+    action.update({k: v for k, v in parsed.args.items() if k in ("clicks", "text", "keys", "answer", "reason")})
+    return {"thought": parsed.thought, "action": action}
