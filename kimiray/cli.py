@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kimiray.contract_demo import add_contract_demo_command
     from kimiray.task_cli import add_task_commands
 
+    host = sub.add_parser("desktop-host", add_help=False,
+                          help="serve an X display (or a private Xvfb) to OS agents over HTTP; see --help")
+    host.set_defaults(func=None)
     add_contract_demo_command(sub)
     add_task_commands(sub)
     add_worker_command(sub)
@@ -97,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["desktop-host"]:  # its own parser (connectors.desktop.host_cli)
+        from connectors.desktop.host_cli import main as desktop_host
+
+        return desktop_host(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -578,6 +578,11 @@ class Client(_Base):
         """Ask the task to stop; it ends ``cancelled`` soon after (a finished task stays as it was)."""
         return Task.model_validate(self._call("POST", _path("tasks", task_id, "cancel"), policy=_IDEMPOTENT))
 
+    def confirm(self, task_id: str, step: int, approve: bool = True) -> dict[str, Any]:
+        """Answer an agent's ``confirmation_required`` event for ``step`` (an OS agent's risky action)."""
+        return self._call("POST", _path("tasks", task_id, "confirm"), json={"step": step, "approve": approve},
+                          policy=_IDEMPOTENT)
+
     def stream_events(self, task_id: str, *, after: int = 0) -> Iterator[TaskEvent]:
         """Events with id > ``after``, live, ending after the one that ends the task. A dropped connection is
         resumed from the last event seen (``Last-Event-ID``), so each event comes exactly once, in order."""
@@ -841,6 +846,10 @@ class AsyncClient(_Base):
     async def cancel(self, task_id: str) -> Task:
         return Task.model_validate(
             await self._call("POST", _path("tasks", task_id, "cancel"), policy=_IDEMPOTENT))
+
+    async def confirm(self, task_id: str, step: int, approve: bool = True) -> dict[str, Any]:
+        return await self._call("POST", _path("tasks", task_id, "confirm"), json={"step": step, "approve": approve},
+                                policy=_IDEMPOTENT)
 
     def stream_events(self, task_id: str, *, after: int = 0) -> AsyncIterator[TaskEvent]:
         """See :meth:`Client.stream_events`; use with ``async for``."""

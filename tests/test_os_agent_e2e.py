@@ -96,6 +96,8 @@ def test_tiny_model_drives_a_real_desktop_only_through_checked_actions(
                 assert [s["index"] for s in trajectory["steps"]] == list(range(len(steps2)))
 
                 # the confirm route: ended task -> 409, another key -> 404, bad body -> 422
+                with pytest.raises(kimiray.errors.ConflictError):
+                    client.confirm(second.id, 0, approve=True)
                 with httpx.Client(base_url=url, timeout=30) as http:
                     own = {"Authorization": f"Bearer {KEY}"}
                     r = http.post(f"/v1/tasks/{second.id}/confirm", json={"step": 0, "approve": True}, headers=own)

@@ -265,3 +265,34 @@ def test_contract_and_video_agents_through_the_ray_service(service) -> None:
         done_video = client.wait(video.id, timeout=300)
         assert done_video.status == "succeeded" and done_video.result["frames_sampled"] >= 1
         assert client.download_artifact(video.id, "contact_sheet").startswith(b"\x89PNG")
+
+
+def test_os_agent_replays_a_recorded_desktop_through_the_ray_service(service) -> None:
+    """The OS agent on the real deployments with a recorded trajectory as its desktop (no display needed in the
+    replicas): JSON action mode on the tiny model, every step recorded, a report at the end."""
+    import kimiray
+    from agents.os_agent.synthetic_ui import _draw_screen
+    from connectors.desktop.replay import RecordedStep, RecordedTrajectory
+
+    import random
+
+    rng = random.Random(3)
+    steps = []
+    for i in range(3):
+        shot = _draw_screen(rng, (320, 200), f"s{i}.png", i, 2, 1, 1)[0]
+        buf = io.BytesIO()
+        shot.save(buf, format="PNG")
+        steps.append(RecordedStep(png=buf.getvalue(), width=320, height=200, window_title="Recorded app",
+                                  action={"kind": "click", "x": 10 + i, "y": 20}))
+    trajectory = RecordedTrajectory(steps=steps).model_dump_json().encode()
+    with kimiray.Client(service, api_key=KEY, timeout=60) as client:
+        task = client.submit("os_agent", {"goal": "Press the Save button.", "replay": client.upload_file(trajectory),
+                                          "action_format": "json", "max_steps": 3, "max_output_tokens": 160,
+                                          "settle_s": 0, "max_consecutive_failures": 3})
+        done = client.wait(task.id, timeout=300)
+        assert done.status == "succeeded", done.error
+        result = done.result
+        assert result["outcome"] in {"done", "failed", "max_steps", "step_failures"}
+        assert [s["index"] for s in result["trajectory"]] == list(range(result["steps"]))
+        assert all(s["screen_width"] == 320 for s in result["trajectory"] if s["status"] != "error")
+        assert b"<img" in client.download_artifact(task.id, "report")

@@ -90,7 +90,7 @@ def action_json_schema() -> dict:
     return {
         "type": "object",
         "properties": {
-            "thought": {"type": "string", "maxLength": 200},
+            "thought": {"type": "string", "maxLength": 120},
             "action": {"anyOf": [
                 _kind("click", _point_props()), _kind("double_click", _point_props()),
                 _kind("right_click", _point_props()), _kind("move", _point_props()),
