@@ -352,3 +352,47 @@ def test_input_is_checked_at_submission() -> None:
         with pytest.raises(Exception) as info:
             registry.validate("os_agent", bad)
         assert "os_agent" in str(info.value)
+
+
+def test_cancel_stops_the_run_at_the_next_step(display, desktop, tmp_path: Path) -> None:
+    class Slow(ScreenReadingModel):
+        async def generate(self, request):
+            await asyncio.sleep(0.3)
+            return await super().generate(request)
+
+    async def agent(task, state_path):
+        stores = open_stores(f"sqlite:///{tmp_path / 'stores'}")
+        runner = TaskRunner(stores, build_registry(), Slow(state_path, SCREEN, first_replies=["WAIT"] * 50),
+                            RunnerOptions(lease_s=1.5, retry_delay_s=0))
+        record, _ = await stores.tasks.submit(OWNER, TaskSubmission(type="os_agent", input=_input(
+            task.goal, max_steps=50, max_consecutive_failures=50)))
+        run = asyncio.create_task(runner.run_once())
+        while not [e for e in await stores.tasks.events(record.id) if e.type == "step_result"]:
+            await asyncio.sleep(0.05)
+        await stores.tasks.cancel(record.id, OWNER)
+        cancelled_at = time.monotonic()
+        done = await run
+        return done, time.monotonic() - cancelled_at, await stores.tasks.events(record.id)
+
+    outcome = asyncio.run(run_task(TASKS["fill_form"], display.env(), tmp_path / "app", agent))
+    done, seconds, events = outcome.agent_result
+    assert done.status == "cancelled" and seconds < 15
+    assert len([e for e in events if e.type == "step_result"]) < 50
+
+
+def test_accessibility_text_reaches_the_prompt_and_yields_first(tiny_checkpoint) -> None:
+    from PIL import Image
+
+    from agents.os_agent.history import StepPrompt
+    from pipelines.context import TokenCounter
+
+    counter = TokenCounter.from_pretrained(tiny_checkpoint)
+    shot = Image.new("RGB", (320, 200), "white")
+    tree = "\n".join(f"button 'Item {i}' at ({i}, {i})" for i in range(400))
+    prompt = StepPrompt(counter=counter, window=100_000, max_tokens=64, goal="g")
+    messages, _ = prompt.build([], shot, title=None, index=0, accessibility=tree)
+    assert "button 'Item 399'" in str(messages[-1]["content"])
+    small = StepPrompt(counter=counter, window=counter.count_messages(messages) // 3, max_tokens=64, goal="g")
+    messages, info = small.build([], shot, title=None, index=0, accessibility=tree)
+    assert info["tokens"] <= small.limit and "button 'Item 0'" in str(messages[-1]["content"])
+    assert any(p.get("type") == "image" for p in messages[-1]["content"])

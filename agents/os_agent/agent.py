@@ -209,7 +209,8 @@ class OSAgentLoop:
         ref = await ctx.blobs.put(ctx.owner, shot.png, "image/png")
         try:
             messages, info = await asyncio.to_thread(self.prompt.build, past, image, title=obs.window_title,
-                                                     index=index, note=note)
+                                                     index=index, note=note,
+                                                     accessibility=obs.accessibility_text)
         except PromptTooLarge as exc:
             raise AgentError(str(exc), code="context_too_small") from None
         timings["encode"] = time.perf_counter() - t0

@@ -4,7 +4,8 @@ Layout (Kimi-VL chat format): system (action space + reply format), then a user 
 summary of every earlier step, then the last few steps as user(screenshot) / assistant(reply) turns, then the
 current screenshot. When that does not fit ``window - max_tokens``, we shed in this order: older screenshots are
 downscaled (half size, twice), then dropped (their step stays in the summary), then the summary loses its middle
-lines, and last the current screenshot is downscaled. Exact token counts come from the served model's tokenizer
+lines, then the accessibility text (when the executor has one) is halved, and last the current screenshot is
+downscaled. Exact token counts come from the served model's tokenizer
 and processor (``pipelines.context.TokenCounter``).
 """
 
@@ -19,7 +20,8 @@ from agents.os_agent import convention
 from agents.os_agent.trajectory import StepRecord
 from connectors.desktop.actions import describe
 
-MIN_SIDE = 112  # below this a screenshot says nothing; we stop downscaling
+MIN_SIDE = 112
+MAX_ACCESSIBILITY_CHARS = 20_000  # below this a screenshot says nothing; we stop downscaling
 
 
 class PromptTooLarge(ValueError):
@@ -72,7 +74,7 @@ class StepPrompt:
         self.keep = max(1, keep_screenshots)
 
     def _messages(self, summary: list[str], recent: list[PastStep], current: Image.Image, title: str | None,
-                  index: int, note: str) -> list[dict[str, Any]]:
+                  index: int, note: str, accessibility: str) -> list[dict[str, Any]]:
         intro = f"Task: {self.goal}"
         if summary:
             intro += "\n\nEarlier steps (oldest first):\n" + "\n".join(summary)
@@ -86,22 +88,26 @@ class StepPrompt:
             messages.append({"role": "assistant", "content": past.record.model_output or "(no reply)"})
             messages.append({"role": "user", "content": step_line(past.record)})
         where = f" The active window is {title!r}." if title else ""
-        text = f"{note}\nCurrent screenshot (step {index + 1}).{where} What is the next action?".strip()
+        text = f"{note}\nCurrent screenshot (step {index + 1}).{where}".strip()
+        if accessibility:
+            text += f"\nAccessibility tree of the screen:\n{accessibility}"
+        text += " What is the next action?" if not accessibility else "\nWhat is the next action?"
         messages.append({"role": "user", "content": [{"type": "image", "image": current},
                                                      {"type": "text", "text": text}]})
         return _merge_user_turns(messages)
 
     def build(self, past: list[PastStep], current: Image.Image, *, title: str | None, index: int,
-              note: str = "") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+              note: str = "", accessibility: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The messages and what was shed (``{"tokens", "screenshots", "summarised", "dropped_lines"}``)."""
         recent = [PastStep(p.record, p.image) for p in past[-(self.keep - 1):]] if self.keep > 1 else []
         older = past[: len(past) - len(recent)]
         summary = [step_line(p.record) for p in older]
         dropped_lines = 0  # summary lines omitted after the first two
+        accessibility = (accessibility or "")[:MAX_ACCESSIBILITY_CHARS]
         for stage in range(64):
             shown = summary if not dropped_lines else [
                 *summary[:2], f"... ({dropped_lines} earlier steps omitted) ...", *summary[2 + dropped_lines:]]
-            messages = self._messages(shown, recent, current, title, index, note)
+            messages = self._messages(shown, recent, current, title, index, note, accessibility)
             tokens = self.counter.count_messages(messages)
             if tokens <= self.limit:
                 info = {"tokens": tokens, "screenshots": 1 + sum(p.image is not None for p in recent),
@@ -116,6 +122,8 @@ class StepPrompt:
                 recent.remove(oldest)
             elif len(summary) - 2 - dropped_lines > 2:
                 dropped_lines += max(1, (len(summary) - 2 - dropped_lines) // 2)
+            elif len(accessibility) > 200:  # the accessibility text gives way before the current screenshot
+                accessibility = accessibility[: len(accessibility) // 2] + "\n..."
             elif min(current.size) > MIN_SIDE:
                 current = _scaled(current, 0.75)
             else:
