@@ -217,36 +217,11 @@ class OSAgentLoop:
         base = {"index": index, "screenshot": ref.ref,
                 "screen_width": shot.width, "screen_height": shot.height, "window_title": obs.window_title}
         t0 = time.perf_counter()
-        reply = await ctx.chat(messages, max_tokens=input.max_output_tokens, temperature=input.temperature,
-                               json_schema=self.json_schema)
-        output = reply.text
-        try:
-            parsed = self.parse(output)
-            action = to_screen(parsed, image_size=image.size, screen_size=(shot.width, shot.height),
-                               coordinates=input.coordinates)
-        except ParseError as first_error:
-            retry = [*messages, {"role": "assistant", "content": output or "(empty)"},
-                     {"role": "user", "content": convention.correction_prompt(str(first_error))}]
-            reply = await ctx.chat(retry, max_tokens=input.max_output_tokens, temperature=input.temperature,
-                                   json_schema=self.json_schema)
-            output = f"{output}\n\n[re-prompted: {first_error}]\n\n{reply.text}"
-            try:
-                parsed = self.parse(reply.text)
-                action = to_screen(parsed, image_size=image.size, screen_size=(shot.width, shot.height),
-                                   coordinates=input.coordinates)
-            except ParseError as exc:
-                timings["model"] = time.perf_counter() - t0
-                return StepRecord(**base, model_output=output, status="malformed", detail=str(exc),
-                                  timings=timings), image
-            except ActionRejected as exc:
-                timings["model"] = time.perf_counter() - t0
-                return StepRecord(**base, model_output=output, status="off_screen", detail=str(exc),
-                                  timings=timings), image
-        except ActionRejected as exc:
-            timings["model"] = time.perf_counter() - t0
-            return StepRecord(**base, model_output=output, status="off_screen", detail=str(exc),
-                              timings=timings), image
+        output, parsed, action, failure = await self._decide(messages, image.size, (shot.width, shot.height))
         timings["model"] = time.perf_counter() - t0
+        if failure is not None:
+            status, detail = failure
+            return StepRecord(**base, model_output=output, status=status, detail=detail, timings=timings), image
         record = dict(base, model_output=output, action=action.model_dump(), timings=timings)
         dropped = f" ({parsed.dropped} further calls in the reply were not executed)" if parsed.dropped else ""
         if action.kind in ("done", "fail"):
@@ -276,6 +251,30 @@ class OSAgentLoop:
             await asyncio.sleep(input.settle_s)
         timings["execute"] = time.perf_counter() - t0
         return StepRecord(**record, status="executed", detail=describe(action) + dropped), image
+
+    async def _decide(self, messages: list[dict[str, Any]], image_size: tuple[int, int],
+                      screen_size: tuple[int, int]) -> tuple[str, Any, Any, tuple[str, str] | None]:
+        """Ask the model; a reply that does not parse gets one corrective re-prompt. Returns (everything the
+        model said, the parsed action, the pixel action, None) or (..., None, None, (failed status, why))."""
+        input = self.input
+        output, attempt = "", messages
+        for retry in (False, True):
+            reply = await self.ctx.chat(attempt, max_tokens=input.max_output_tokens, temperature=input.temperature,
+                                        json_schema=self.json_schema)
+            output = f"{output}\n\n[re-prompted]\n\n{reply.text}" if retry else reply.text
+            try:
+                parsed = self.parse(reply.text)
+                action = to_screen(parsed, image_size=image_size, screen_size=screen_size,
+                                   coordinates=input.coordinates)
+                return output, parsed, action, None
+            except ActionRejected as exc:  # parsed, but off screen: not a format problem, no re-prompt
+                return output, None, None, ("off_screen", str(exc))
+            except ParseError as exc:
+                if retry:
+                    return output, None, None, ("malformed", str(exc))
+                attempt = [*messages, {"role": "assistant", "content": reply.text or "(empty)"},
+                           {"role": "user", "content": convention.correction_prompt(str(exc))}]
+        raise AssertionError("unreachable")
 
     async def _finish(self, records: list[StepRecord], outcome: str, answer: str | None, reason: str,
                       elapsed: float) -> dict[str, Any]:
