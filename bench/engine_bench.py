@@ -7,6 +7,7 @@ same process, transformers' DeepseekV3ForCausalLM.generate on the same decoder w
 bound of each decode figure (bytes a step must read / measured copy bandwidth).
 
 Usage: python bench/engine_bench.py --json out.json [--batches 1 8 32 64] [--skip-hf] [--profile]
+       [--baseline]  (decode also measured with the fused small-batch path off, same process, first)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.a3b import A3B_CONFIG, a3b_bundle  # noqa: E402
+from engine.runtime import runner as runner_module  # noqa: E402
 from engine.runtime.engine import EngineOptions, LLMEngine  # noqa: E402
 
 PROMPT = 512
@@ -64,8 +66,88 @@ def decode_throughput(engine: LLMEngine, batch: int, seed: int) -> dict[str, flo
     sync()
     elapsed = time.perf_counter() - start
     produced = sum(len(s.output_ids) for s in seqs) - produced
-    return {"batch": batch, "decode_tokens": produced, "seconds": round(elapsed, 4),
+    bad = [s.finish_reason for s in seqs if s.finish_reason != "length"]
+    if bad:
+        raise RuntimeError(f"decode at batch {batch}: sequences finished with {bad[:3]}: {seqs[0].error}")
+    return {"batch": batch, "first_ids": seqs[0].output_ids[:64], "decode_tokens": produced,
+            "seconds": round(elapsed, 4),
             "tok_per_s": round(produced / elapsed, 1), "ms_per_step": round(1000 * elapsed / (NEW - 1), 3)}
+
+
+@torch.inference_mode()
+def graph_replay_ms(engine: LLMEngine, batch: int, repeats: int = 50) -> float | None:
+    """GPU time of one replay of the decode graph captured for ``batch`` (the step minus its host work).
+    New latents go to the scratch slot, so no live cache block is touched."""
+    graphs = engine.runner.graphs
+    if graphs is None:
+        return None
+    bucket = graphs._bucket(batch, graphs.BATCH_BUCKETS)
+    found = [key for key in graphs.graphs if key[0] == bucket]
+    if not found:
+        return None
+    cap = graphs.graphs[max(found)]
+    cap.static.slot_mapping.fill_(engine.runner.scratch_slot)
+    cap.graph.replay()
+    sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        cap.graph.replay()
+    end.record()
+    sync()
+    return round(start.elapsed_time(end) / repeats, 3)
+
+
+ROUNDS = {  # name -> (the runner's fast_decode, MOE_GEMV_MAX_ROWS; None = the runner's default)
+    "baseline": ("off", None),
+    "fused": ("auto", None),
+    "fused_moe_gemv_4": ("auto", 4),
+}
+
+
+DEFAULT_MOE_GEMV_MAX_ROWS = runner_module.MOE_GEMV_MAX_ROWS
+
+
+def measure_decode(engine: LLMEngine, batches: list[int], bandwidth: float, name: str, dump) -> list[dict]:
+    """Decode rows for each batch under round ``name`` (see ROUNDS); graphs are re-captured for the round
+    (warm-up: graph capture for each batch bucket, kernels, autotuning, allocator)."""
+    mode, moe_rows = ROUNDS[name]
+    engine.runner.fast_decode = mode
+    runner_module.MOE_GEMV_MAX_ROWS = moe_rows or DEFAULT_MOE_GEMV_MAX_ROWS
+    if engine.runner.graphs is not None:
+        engine.runner.graphs.reset()
+    for batch in batches:
+        for i in range(batch):
+            engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, 500 + i), "max_tokens": 4,
+                                             "ignore_eos": True}))
+        run_until_done(engine)
+    decode = []
+    for batch in batches:
+        row = decode_throughput(engine, batch, seed=batch * 1000)
+        step_bytes = decode_bytes_per_step(batch, PROMPT + NEW // 2)
+        row["round"] = name
+        row["graph_replay_ms"] = graph_replay_ms(engine, batch)
+        row["bandwidth_bound_tok_per_s"] = round(batch * bandwidth / step_bytes, 1)
+        row["fraction_of_bound"] = round(row["tok_per_s"] / row["bandwidth_bound_tok_per_s"], 3)
+        decode.append(row)
+        print(json.dumps(row), flush=True)
+        dump()
+    return decode
+
+
+def kernel_notes() -> dict[str, object]:
+    """Fused kernels that fell back to PyTorch, and the autotuner's choices (shape key -> config)."""
+    from engine.kernels import decode as fused
+
+    notes: dict[str, object] = {"fallbacks": sorted(fused._broken)}
+    try:
+        from engine.kernels import triton_decode
+    except ImportError:
+        return notes
+    for name in ("_moe_gate_up_kernel", "_moe_down_kernel"):
+        cache = getattr(getattr(triton_decode, name), "cache", {})
+        notes[name] = {str(k): str(v) for k, v in cache.items()}
+    return notes
 
 
 def prefill_throughput(engine: LLMEngine, tokens: int, chunk: int, seed: int) -> dict[str, float]:
@@ -212,6 +294,12 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--layers", type=int, help="shrink the model (smoke runs only)")
+    parser.add_argument("--fast-decode", default="auto", choices=["auto", "off"],
+                        help="the runner's fused small-batch decode path")
+    parser.add_argument("--baseline", action="store_true",
+                        help="first measure decode with the fused path off (same process, re-captured graphs)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also measure the fused path with the MoE GEMVs only up to 4 rows")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     results: dict[str, object] = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__}
@@ -223,26 +311,45 @@ def main() -> None:
     results["bandwidth_GBps"] = round(measure_bandwidth() / 1e9, 1) if on_gpu else float("nan")
     bandwidth = results["bandwidth_GBps"] * 1e9
 
-    # warm-up: graph capture for each batch bucket, kernels, allocator
-    for batch in args.batches:
-        for i in range(batch):
-            engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, 500 + i), "max_tokens": 4,
-                                             "ignore_eos": True}))
-        run_until_done(engine)
-    decode = []
-    for batch in args.batches:
-        row = decode_throughput(engine, batch, seed=batch * 1000)
-        step_bytes = decode_bytes_per_step(batch, PROMPT + NEW // 2)
-        row["bandwidth_bound_tok_per_s"] = round(batch * bandwidth / step_bytes, 1)
-        row["fraction_of_bound"] = round(row["tok_per_s"] / row["bandwidth_bound_tok_per_s"], 3)
-        decode.append(row)
-        print(json.dumps(row), flush=True)
+    def dump() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+
+    def attempt(name: str, batches: list[int]) -> list[dict]:
+        try:
+            return measure_decode(engine, batches, bandwidth, name, dump)
+        except Exception as exc:  # record it and go on with the other rounds
+            results.setdefault("errors", {})[name] = repr(exc)
+            print(f"round {name} failed: {exc!r}", flush=True)
+            return []
+
+    if args.baseline:
+        results["decode_baseline"] = attempt("baseline", args.batches)
+    decode = attempt("fused" if args.fast_decode == "auto" else "baseline", args.batches)
     results["decode"] = decode
+    if args.ablations:
+        results["decode_ablations"] = {
+            name: attempt(name, args.batches) for name in ("fused_moe_gemv_4",)
+        }
+        attempt("fused", [])  # back to the defaults
+    if args.baseline:
+        rounds = [decode] + list(results.get("decode_ablations", {}).values())
+        for rows in rounds:
+            for row, base in zip(rows, results["decode_baseline"]):
+                row["speedup_vs_baseline"] = round(row["tok_per_s"] / base["tok_per_s"], 2)
+                same = 0
+                while same < min(len(row["first_ids"]), len(base["first_ids"])) and \
+                        row["first_ids"][same] == base["first_ids"][same]:
+                    same += 1
+                row["greedy_prefix_equal_to_baseline"] = same
     results["graph_replays"] = engine.runner.graphs.replays if engine.runner.graphs else 0
+    results["kernels"] = kernel_notes()
+    dump()
 
     prefill_throughput(engine, args.prefill[0], 8192, seed=1)  # warm-up
     results["prefill"] = [prefill_throughput(engine, n, 8192, seed=2 + i) for i, n in enumerate(args.prefill)]
     print(json.dumps(results["prefill"]), flush=True)
+    dump()
     screenshot_ttft(engine, seed=0)  # warm-up (vision kernels)
     results["screenshot_ttft"] = screenshot_ttft(engine, seed=1)
     print(json.dumps(results["screenshot_ttft"]), flush=True)

@@ -68,3 +68,94 @@ def test_engine_cuda_graph_decode_matches_eager(tiny_checkpoint) -> None:
         if graphs:
             assert engine.runner.graphs.replays > 0
     assert outputs[0] == outputs[1]
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 2e-2) -> None:
+    actual, expected = actual.float(), expected.float()
+    assert torch.isfinite(actual).all()
+    assert (actual - expected).abs().max() <= rel * expected.abs().max(), (actual - expected).abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fused_decode_kernels_match_torch_at_a3b_shapes(rows: int) -> None:
+    """Each Triton kernel of the fused decode path against its PyTorch reference, A3B sizes, bf16."""
+    from engine.kernels import decode as fused
+
+    torch.manual_seed(0)
+    dev, bf16 = "cuda", torch.bfloat16
+    heads, nope, rope, rank, d, inter, experts, top_k = 16, 128, 64, 512, 2048, 1408, 64, 6
+
+    parts = torch.randn(rows, 8, d, device=dev)
+    res = torch.randn(rows, d, device=dev, dtype=bf16)
+    w = torch.rand(d, device=dev, dtype=bf16) + 0.5
+    for a, b in zip(fused.add_rms_norm(parts, res, w, 1e-5, True, impl="triton"),
+                    fused.add_rms_norm(parts, res, w, 1e-5, True, impl="torch")):
+        _close(a, b)
+
+    qkv = torch.randn(rows, heads * (nope + rope) + rank + rope, device=dev, dtype=bf16)
+    q, kv = qkv.split([heads * (nope + rope), rank + rope], dim=-1)
+    cos, sin = torch.randn(2, rows, rope // 2, device=dev, dtype=bf16).unbind(0)
+    cache_a = torch.zeros(4096, rank + rope, device=dev, dtype=bf16)
+    cache_b = cache_a.clone()
+    slots = torch.randperm(4096, device=dev)[:rows]
+    nw = torch.rand(rank, device=dev, dtype=bf16) + 0.5
+    qa = fused.mla_decode_prep(q, kv, heads, nope, rope, rank, nw, 1e-6, cos, sin, cache_a, slots, impl="triton")
+    qb = fused.mla_decode_prep(q, kv, heads, nope, rope, rank, nw, 1e-6, cos, sin, cache_b, slots, impl="torch")
+    _close(qa, qb)
+    _close(cache_a, cache_b)
+
+    for width in (256, 1024, 8192):
+        cache = torch.randn(16384, rank + rope, device=dev, dtype=bf16)
+        q_latent = torch.randn(rows, heads, rank, device=dev, dtype=bf16).transpose(0, 1)
+        q_pe = torch.randn(rows, heads, rope, device=dev, dtype=bf16)
+        key_slots = torch.randint(0, 16384, (rows, width), device=dev)
+        lengths = torch.randint(1, width + 1, (rows,), device=dev, dtype=torch.int32)
+        lengths[0] = width - 3
+        _close(fused.mla_decode_attention(q_latent, q_pe, cache, key_slots, lengths, 0.07, impl="triton"),
+               fused.mla_decode_attention(q_latent, q_pe, cache, key_slots, lengths, 0.07, impl="torch"))
+
+    logits = torch.randn(rows, experts, device=dev)
+    bias = torch.rand(experts, device=dev) * 0.1
+    ids_a, w_a = fused.route_topk(logits, bias, top_k, "sigmoid", True, 2.446, impl="triton")
+    ids_b, w_b = fused.route_topk(logits, bias, top_k, "sigmoid", True, 2.446, impl="torch")
+    sa, sb = ids_a.sort(1), ids_b.sort(1)
+    assert torch.equal(sa.values, sb.values)
+    _close(w_a.gather(1, sa.indices), w_b.gather(1, sb.indices), 1e-5)
+
+    x = torch.randn(rows, d, device=dev, dtype=bf16)
+    wg, wu = (torch.randn(experts, inter, d, device=dev, dtype=bf16) * d**-0.5 for _ in range(2))
+    wd = torch.randn(experts, d, inter, device=dev, dtype=bf16) * inter**-0.5
+    sg, su = (torch.randn(2 * inter, d, device=dev, dtype=bf16) * d**-0.5 for _ in range(2))
+    sd = torch.randn(d, 2 * inter, device=dev, dtype=bf16) * inter**-0.5
+    hidden = fused.moe_gate_up(x, ids_b, w_b, wg, wu, sg, su, impl="torch")
+    _close(fused.moe_gate_up(x, ids_b, w_b, wg, wu, sg, su, impl="triton"), hidden)
+    _close(fused.moe_down(hidden, ids_b, wd, sd, impl="triton"), fused.moe_down(hidden, ids_b, wd, sd, impl="torch"))
+
+
+@pytest.mark.gpu
+def test_fast_decode_step_matches_plain_path_on_gpu(tiny_checkpoint_a3b) -> None:
+    """The whole fused decode step (Triton) against the plain runtime path, bf16 on the GPU."""
+    from engine.loader import load
+    from engine.runtime.engine import EngineOptions, LLMEngine
+
+    bundle = load(tiny_checkpoint_a3b, device="cuda", dtype=torch.bfloat16)
+    engine = LLMEngine(bundle, EngineOptions(cache_tokens=4096, block_size=8, cuda_graphs=False))
+    for i in range(3):
+        text = f"request {i} " + "word " * (3 + 5 * i)
+        engine.add(engine.make_sequence({"messages": [{"role": "user", "content": text}], "max_tokens": 4,
+                                         "ignore_eos": True}))
+    engine.step()
+    batch = engine.scheduler.schedule()
+    runner = engine.runner
+    meta = runner.prepare(batch.seqs, batch.num_new_tokens)
+    assert runner.fast_decode_applicable(meta)
+    before = runner.kv_cache.clone()
+    runner.fast_decode = "off"
+    expected = runner.forward_eager(meta)
+    cache_expected = runner.kv_cache.clone()
+    runner.kv_cache.copy_(before)
+    runner.fast_decode = "auto"
+    actual = runner.forward_eager(meta)
+    _close(actual, expected, 5e-2)
+    _close(runner.kv_cache, cache_expected, 2e-2)

@@ -8,6 +8,14 @@ Attention, per step, over a flat batch of tokens from many sequences:
   q̃ = W_UKᵀ q_nope, scores = q̃·c + q_pe·k_pe, z = Σ p·c, out = W_UV z;
 - prompt chunks: the chunk's queries against the sequence's cached latents expanded through ``kv_b_proj``.
 Dense projections and the MoE run once over all tokens of the step.
+
+Small pure-decode steps (at most ``FAST_DECODE_MAX_ROWS`` rows, the batch-1 case the CUDA graph replays) take
+``_forward_fast_decode``: the same math in about a dozen kernels per layer instead of ~90 (``engine.kernels``):
+one GEMV for q and the compressed kv (their weights laid out as one matrix), one prologue kernel (kv RMSNorm,
+RoPE of q and k, the cache write), latent attention straight from the paged cache, residual add fused with each
+RMSNorm, and for at most ``MOE_GEMV_MAX_ROWS`` rows the MoE as two GEMV kernels reading the chosen experts'
+weights by id (no sort/dispatch), the shared experts folded in as extra slots. Each fused op has a PyTorch path
+(CPU tests run the fast path through it); CUDA uses the Triton kernels.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from engine.model.decoder import apply_interleaved_rope, grouped_mm_available
+from engine.kernels import decode as fused
+from engine.kernels import use_triton
+from engine.model.decoder import DeepseekV3MoE, apply_interleaved_rope, grouped_mm_available
 from engine.model.kimi_vl import KimiVLForConditionalGeneration
 from engine.runtime.sequence import ImageSpan, Sequence
 
@@ -44,6 +54,8 @@ class StepMetadata:
     logit_rows: torch.Tensor  # (R,) rows whose next token is sampled
     image_rows: torch.Tensor | None  # (P,) rows that are image placeholders
     image_features: torch.Tensor | None  # (P, hidden) their features
+    decode_lengths: torch.Tensor | None = None  # (Sd,) int32 keys per decode row (decode_mask is a prefix mask)
+    # (None where absent, e.g. a CUDA graph's padded inputs: the fused path then sums decode_mask)
 
 
 class VisionCache:
@@ -70,6 +82,17 @@ class VisionCache:
         while self.rows > self.max_rows and len(self.entries) > 1:
             _, old = self.entries.popitem(last=False)
             self.rows -= old.shape[0]
+
+
+FAST_DECODE_MAX_ROWS = 8  # pure-decode steps up to this many rows take the fused path (batch 32/64 keep theirs)
+MOE_GEMV_MAX_ROWS = 8  # up to here the per-(token, slot) expert GEMVs beat sort + grouped GEMM (measured at 8)
+
+
+@dataclass
+class _FastLayer:
+    qkv_weight: torch.Tensor | None  # [q_proj; kv_a_proj_with_mqa] as one (H*(nope+rope) + R + P, D) matrix
+    router: tuple[torch.Tensor, torch.Tensor | None] | None  # fp32 gate weight, bias (None: use MoEGate itself)
+    moe: bool  # the layer's MoE can run as expert GEMVs
 
 
 class ModelRunner:
@@ -103,6 +126,10 @@ class ModelRunner:
         for layer in model.language_model.model.layers:
             w = layer.self_attn.kv_b_proj.weight.view(heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
             self.absorbed.append((w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :]))  # W_UK, W_UV views
+        # "auto": the fused decode path on CUDA for small pure-decode steps; "on" also on CPU (through the
+        # PyTorch references, for tests); "off" never
+        self.fast_decode: str = "auto"
+        self._fast_layers: list[_FastLayer] | None = None
 
     @staticmethod
     def cache_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -208,6 +235,7 @@ class ModelRunner:
             logit_rows=torch.tensor(logit_rows, dtype=torch.long).to(dev, non_blocking=True),
             image_rows=image_rows,
             image_features=image_features,
+            decode_lengths=torch.tensor(decode_lens, dtype=torch.int32).to(dev, non_blocking=True),
         )
 
     # ------------------------------------------------------------------ forward
@@ -268,6 +296,123 @@ class ModelRunner:
             out[sl] = o[0].transpose(0, 1)
         return attn.o_proj(out.view(n_tokens, heads * v_dim))
 
+    # ------------------------------------------------------------------ fused small-batch decode
+    def fast_decode_applicable(self, meta: StepMetadata) -> bool:
+        if self.fast_decode == "off":
+            return False
+        n = meta.input_ids.numel()
+        if self.fast_decode == "auto" and not (use_triton(self.kv_cache) and n <= FAST_DECODE_MAX_ROWS):
+            return False
+        return (
+            n > 0 and not meta.prefills and meta.image_rows is None and meta.decode_rows.numel() == n
+            and meta.logit_rows.numel() == n
+        )
+
+    def _prepare_fast_layers(self) -> list[_FastLayer]:
+        """Per-layer weights the fused path uses; built once (and outside any graph capture: the graph
+        warm-up runs the step eagerly first). The q and compressed-kv projections are laid out as one matrix
+        and both parameters become views of it, so they cost one GEMV and no extra memory."""
+        if self._fast_layers is not None:
+            return self._fast_layers
+        layers = []
+        for layer in self.model.language_model.model.layers:
+            attn = layer.self_attn
+            qkv = None
+            if hasattr(attn, "q_proj") and attn.q_proj.bias is None and attn.kv_a_proj_with_mqa.bias is None:
+                wq, wkv = attn.q_proj.weight, attn.kv_a_proj_with_mqa.weight
+                merged = getattr(attn, "_fused_qkv_weight", None)
+                if merged is None or merged.data_ptr() != wq.data_ptr():
+                    # ordinary (not inference-mode) tensors: the parameters stay usable outside inference mode
+                    with torch.inference_mode(False), torch.no_grad():
+                        merged = torch.cat([wq.detach(), wkv.detach()], dim=0)
+                        wq.data = merged[: wq.shape[0]]
+                        wkv.data = merged[wq.shape[0] :]
+                    attn._fused_qkv_weight = merged
+                qkv = merged
+            router, moe = None, False
+            mlp = layer.mlp
+            if isinstance(mlp, DeepseekV3MoE):
+                gate, experts = mlp.gate, mlp.experts
+                if gate.n_group == 1 or gate.topk_group >= gate.n_group:  # no group restriction to apply
+                    bias = gate.e_score_correction_bias.float() if gate.topk_method == "noaux_tc" else None
+                    router = (gate.weight.float(), bias)
+                inter = experts.gate_proj.shape[1]
+                shared = getattr(mlp, "shared_experts", None)
+                moe = shared is None or shared.gate_proj.weight.shape[0] % inter == 0
+            layers.append(_FastLayer(qkv_weight=qkv, router=router, moe=moe))
+        self._fast_layers = layers
+        return layers
+
+    def _attention_fast(self, idx: int, attn, normed: torch.Tensor, cos, sin, meta: StepMetadata,
+                        lengths: torch.Tensor, softmax_scale: float, fast: _FastLayer) -> torch.Tensor:
+        cfg = self.config
+        n = normed.shape[0]
+        heads, nope, rope, v_dim, rank = (
+            cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank,
+        )
+        if fast.qkv_weight is not None:
+            q, kv = F.linear(normed, fast.qkv_weight).split([heads * (nope + rope), rank + rope], dim=-1)
+        else:
+            q, kv = attn.project_q(normed), attn.kv_a_proj_with_mqa(normed)
+        cache = self.kv_cache[idx]
+        q_pe = fused.mla_decode_prep(
+            q, kv, heads, nope, rope, rank, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps, cos, sin,
+            cache, meta.slot_mapping,
+        )
+        w_uk, w_uv = self.absorbed[idx]
+        q_nope = q.view(n, heads, nope + rope)[..., :nope].transpose(0, 1)  # (H, S, nope)
+        q_latent = torch.bmm(q_nope, w_uk)  # (H, S, rank)
+        z = fused.mla_decode_attention(q_latent, q_pe, cache, meta.decode_slots, lengths, softmax_scale)
+        values = torch.bmm(z, w_uv.transpose(1, 2))  # (H, S, v)
+        return attn.o_proj(values.transpose(0, 1).reshape(n, heads * v_dim))
+
+    def _moe_fast(self, moe: DeepseekV3MoE, normed: torch.Tensor, normed_fp32: torch.Tensor | None,
+                  fast: _FastLayer) -> torch.Tensor:
+        """Per-slot partial outputs (S, k+ns, D) fp32, summed by the next ``add_rms_norm``."""
+        gate, experts = moe.gate, moe.experts
+        if fast.router is not None:
+            weight, bias = fast.router
+            logits = F.linear(normed_fp32 if normed_fp32 is not None else normed.float(), weight)
+            ids, weights = fused.route_topk(logits, bias, gate.top_k, gate.scoring_func, gate.norm_topk_prob,
+                                            gate.routed_scaling_factor)
+        else:
+            ids, weights = gate(normed)
+        shared = getattr(moe, "shared_experts", None)
+        sg = su = sd = None
+        if shared is not None:
+            sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
+        hidden = fused.moe_gate_up(normed, ids, weights, experts.gate_proj, experts.up_proj, sg, su)
+        return fused.moe_down(hidden, ids, experts.down_proj, sd)
+
+    def _forward_fast_decode(self, meta: StepMetadata) -> torch.Tensor:
+        lm = self.model.language_model
+        layers = lm.model.layers
+        fast_layers = self._prepare_fast_layers()
+        n = meta.input_ids.numel()
+        rotary = lm.model.rotary_emb
+        h = lm.model.embed_tokens(meta.input_ids)
+        cos, sin = rotary.cos_sin(meta.positions, h.dtype)
+        lengths = meta.decode_lengths
+        if lengths is None or lengths.numel() != n:
+            lengths = meta.decode_mask.sum(dim=1, dtype=torch.int32)
+        first = layers[0].input_layernorm
+        h, normed, _ = fused.add_rms_norm(h, None, first.weight, first.eps)
+        for idx, layer in enumerate(layers):
+            fast = fast_layers[idx]
+            attn_out = self._attention_fast(
+                idx, layer.self_attn, normed, cos, sin, meta, lengths, rotary.softmax_scale, fast
+            )
+            mlp = layer.mlp
+            moe_fast = fast.moe and n <= MOE_GEMV_MAX_ROWS
+            post = layer.post_attention_layernorm
+            h, normed, normed_fp32 = fused.add_rms_norm(
+                attn_out, h, post.weight, post.eps, want_fp32=moe_fast and fast.router is not None
+            )
+            parts = self._moe_fast(mlp, normed, normed_fp32, fast) if moe_fast else mlp(normed)
+            nxt = layers[idx + 1].input_layernorm if idx + 1 < len(layers) else lm.model.norm
+            h, normed, _ = fused.add_rms_norm(parts, h, nxt.weight, nxt.eps)
+        return lm.lm_head(normed[meta.logit_rows]).float()
+
     @torch.inference_mode()
     def forward(self, meta: StepMetadata) -> torch.Tensor:
         """Computes the step's latents into the cache; returns float32 logits for ``meta.logit_rows``."""
@@ -276,6 +421,8 @@ class ModelRunner:
         return self.forward_eager(meta)
 
     def forward_eager(self, meta: StepMetadata) -> torch.Tensor:
+        if self.fast_decode_applicable(meta):
+            return self._forward_fast_decode(meta)
         lm = self.model.language_model
         h = lm.model.embed_tokens(meta.input_ids)
         if meta.image_rows is not None:
@@ -335,6 +482,11 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, StepMetadata, torch.Tensor]] = {}
         self.pool = None
         self.replays = 0
+
+    def reset(self) -> None:
+        """Drop every captured graph (and their memory pool: a pool no graph uses any more can't be reused)."""
+        self.graphs.clear()
+        self.pool = None
 
     @staticmethod
     def _bucket(value: int, buckets) -> int | None:

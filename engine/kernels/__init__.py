@@ -1,0 +1,30 @@
+"""Fused kernels for the small-batch decode step, each with a plain PyTorch path.
+
+``engine.kernels.decode`` holds the operations (fused residual add + RMSNorm, MLA decode prologue and latent
+attention, router top-k, the small-batch MoE expert GEMVs). Each dispatches to a Triton kernel
+(``engine.kernels.triton_decode``) for CUDA tensors when Triton is importable, and otherwise runs the PyTorch
+reference next to it, which is what CPU tests run. ``KIMIRAY_TRITON=0`` forces the PyTorch paths everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def triton_available() -> bool:
+    if os.environ.get("KIMIRAY_TRITON", "1") == "0" or not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Triton kernels run on CUDA tensors of 16-bit float models (fp32 models keep the PyTorch paths)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and triton_available()

@@ -1,0 +1,241 @@
+"""Decode-step operations that fuse what the eager path does in many small kernels.
+
+Each public function takes ``impl``: "auto" (Triton for CUDA bf16/fp16 tensors when available, else PyTorch),
+"torch" or "triton". The ``*_torch`` functions are the references: plain PyTorch, any device and dtype.
+
+Shapes use T tokens (one per decoding sequence), H heads, R = kv_lora_rank, P = qk_rope_head_dim, D hidden size,
+I expert intermediate size, k = experts per token, ns = shared-expert slots (shared intermediate / I).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import triton_available, use_triton
+from engine.model.decoder import apply_interleaved_rope
+
+log = logging.getLogger(__name__)
+
+Impl = Literal["auto", "torch", "triton"]
+_broken: set[str] = set()  # kernels that failed to build or launch here: "auto" uses the PyTorch path for them
+
+
+def _triton(impl: Impl, x: torch.Tensor) -> bool:
+    if impl == "auto":
+        return use_triton(x)
+    return impl == "triton"
+
+
+def _dispatch(name: str, impl: Impl, use: bool, fn_name: str, reference, *args):
+    """Run the Triton kernel ``fn_name`` when ``use``; under "auto", a kernel that fails (a Triton build this
+    code does not compile on, a device without enough shared memory) is logged once and replaced by its
+    reference from then on. Failures happen at compile/launch time, before anything is written."""
+    if use and name not in _broken:
+        from engine.kernels import triton_decode
+
+        if impl != "auto":
+            return getattr(triton_decode, fn_name)(*args)
+        try:
+            return getattr(triton_decode, fn_name)(*args)
+        except Exception:  # noqa: BLE001 - any build/launch failure falls back to the reference
+            log.exception("Triton kernel %s failed; using the PyTorch path for it from now on", name)
+            _broken.add(name)
+    return reference(*args)
+
+
+# --------------------------------------------------------------------------------------------- add + RMSNorm
+def add_rms_norm(
+    parts: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    want_fp32: bool = False,
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """h = residual + Σ_s parts[:, s] (fp32 sum, rounded once to the residual's dtype); returns
+    (h, rmsnorm(h) * weight, that normed row in fp32 when ``want_fp32``: the router's input).
+
+    ``parts`` is (T, D) or (T, S, D) of any float dtype (the MoE's per-slot fp32 partial outputs); without a
+    residual, h has ``parts``' dtype (the first layer's input norm)."""
+    dtype = residual.dtype if residual is not None else parts.dtype
+    probe = residual if residual is not None else parts
+    use = _triton(impl, probe) and weight.dtype == dtype
+    return _dispatch("add_rms_norm", impl, use, "add_rms_norm", add_rms_norm_torch, parts, residual, weight, eps,
+                     want_fp32)
+
+
+def add_rms_norm_torch(parts, residual, weight, eps, want_fp32=False):
+    dtype = residual.dtype if residual is not None else parts.dtype
+    if parts.dim() == 3:
+        total = parts.float().sum(dim=1)
+    else:
+        total = parts.float()
+    if residual is not None:
+        total = total + residual.float()
+    h = total.to(dtype)
+    normed = F.rms_norm(h, (h.shape[-1],), weight.to(dtype), eps)
+    return h, normed, (normed.float() if want_fp32 else None)
+
+
+# --------------------------------------------------------------------------------------------- MLA decode
+def mla_decode_prep(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    heads: int,
+    nope: int,
+    rope: int,
+    rank: int,
+    norm_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """The attention prologue of one decode step, in one pass.
+
+    q (T, H*(nope+rope)) and kv (T, R+P) are the projections (row-strided views of one fused GEMV output are
+    fine); cos/sin (T, P/2). Writes [rmsnorm(c_kv) | rope(k_pe)] into ``cache[slot_mapping]`` and returns the
+    rotated query rope part (T, H, P), contiguous."""
+    use = _triton(impl, q) and cache.dtype == q.dtype
+    return _dispatch("mla_decode_prep", impl, use, "mla_decode_prep", mla_decode_prep_torch,
+                     q, kv, heads, nope, rope, rank, norm_weight, eps, cos, sin, cache, slot_mapping)
+
+
+def mla_decode_prep_torch(q, kv, heads, nope, rope, rank, norm_weight, eps, cos, sin, cache, slot_mapping):
+    n = q.shape[0]
+    q_pe = q.reshape(n, heads, nope + rope)[..., nope:]
+    c_kv, k_pe = kv[:, :rank], kv[:, rank : rank + rope]
+    c_kv = F.rms_norm(c_kv, (rank,), norm_weight.to(kv.dtype), eps)
+    rotated = apply_interleaved_rope(torch.cat([q_pe, k_pe[:, None]], dim=1), cos[:, None], sin[:, None])
+    cache[slot_mapping] = torch.cat([c_kv, rotated[:, heads]], dim=-1).to(cache.dtype)
+    return rotated[:, :heads].contiguous()
+
+
+def mla_decode_attention(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """Absorbed-weight MLA decode attention over the paged latent cache.
+
+    q_latent (H, T, R) = W_UKᵀ q_nope (any strides, last dim contiguous); q_pe (T, H, P); cache (N, R+P);
+    slots (T, L) cache slots of each row's keys, of which the first ``lengths[t]`` are real.
+    Returns z (H, T, R) = softmax(scale·(q_latent·c + q_pe·k_pe)) · c, in q_latent's dtype."""
+    use = _triton(impl, q_latent) and cache.dtype == q_latent.dtype
+    return _dispatch("mla_decode_attention", impl, use, "mla_decode_attention", mla_decode_attention_torch,
+                     q_latent, q_pe, cache, slots, lengths, scale)
+
+
+def mla_decode_attention_torch(q_latent, q_pe, cache, slots, lengths, scale):
+    rank = q_latent.shape[-1]
+    latents = cache[slots]  # (T, L, R+P)
+    query = torch.cat([q_latent.transpose(0, 1), q_pe], dim=-1).to(latents.dtype)  # (T, H, R+P)
+    scores = torch.bmm(query.float(), latents.float().transpose(1, 2)) * scale  # (T, H, L)
+    valid = torch.arange(slots.shape[1], device=slots.device)[None, :] < lengths[:, None]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    z = torch.bmm(probs, latents[..., :rank].float())  # (T, H, R)
+    return z.transpose(0, 1).to(q_latent.dtype)
+
+
+# --------------------------------------------------------------------------------------------- router
+def route_topk(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    scoring: str,
+    norm_topk_prob: bool,
+    scale: float,
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router tail for one group (n_group 1): scores = sigmoid/softmax(logits), experts chosen by
+    scores + bias, weights = their scores, normalised when asked, times ``scale``.
+
+    logits (T, E) fp32 -> (ids (T, k) int64, weights (T, k) fp32), as ``MoEGate.forward``."""
+    use = impl == "triton" or (impl == "auto" and logits.is_cuda and triton_available())
+    return _dispatch("route_topk", impl, use, "route_topk", route_topk_torch,
+                     logits, bias, top_k, scoring, norm_topk_prob, scale)
+
+
+def route_topk_torch(logits, bias, top_k, scoring, norm_topk_prob, scale):
+    logits = logits.float()
+    scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores + bias.float() if bias is not None else scores
+    ids = choice.topk(top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, ids)
+    if top_k > 1 and norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, weights * scale
+
+
+# --------------------------------------------------------------------------------------------- MoE GEMVs
+def moe_gate_up(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    shared_gate: torch.Tensor | None = None,
+    shared_up: torch.Tensor | None = None,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """Per (token, slot): hidden = silu(x W_gate[e]ᵀ) · (x W_up[e]ᵀ) · weight, read straight from the stacked
+    expert weights (E, I, D) by expert id: no sorting or dispatch. Slots k..k+ns-1 are the shared experts'
+    SwiGLU (shared_gate/up (ns·I, D)) cut into ns slices of width I, with weight 1.
+
+    x (T, D); ids (T, k); weights (T, k) -> hidden (T, k+ns, I) in x's dtype."""
+    return _dispatch("moe_gate_up", impl, _triton(impl, x), "moe_gate_up", moe_gate_up_torch,
+                     x, ids, weights, w_gate, w_up, shared_gate, shared_up)
+
+
+def moe_gate_up_torch(x, ids, weights, w_gate, w_up, shared_gate=None, shared_up=None):
+    n, k = ids.shape
+    inter = w_gate.shape[1]
+    xf = x.float()[:, :, None]  # (T, D, 1)
+    slots = []
+    for j in range(k):
+        e = ids[:, j]
+        g = torch.bmm(w_gate[e].float(), xf)[..., 0]
+        u = torch.bmm(w_up[e].float(), xf)[..., 0]
+        slots.append(F.silu(g) * u * weights[:, j, None].float())
+    if shared_gate is not None:
+        g = (x.float() @ shared_gate.float().T).view(n, -1, inter)
+        u = (x.float() @ shared_up.float().T).view(n, -1, inter)
+        slots.extend((F.silu(g) * u).unbind(1))
+    return torch.stack(slots, dim=1).to(x.dtype)
+
+
+def moe_down(
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    w_down: torch.Tensor,
+    shared_down: torch.Tensor | None = None,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """Per (token, slot): hidden · W_down[e]ᵀ (w_down (E, D, I); the shared slots use column slices of
+    shared_down (D, ns·I)). Returns the per-slot outputs (T, k+ns, D) in fp32, unsummed: ``add_rms_norm``
+    sums them with the residual in the next kernel, so no atomics and one rounding."""
+    return _dispatch("moe_down", impl, _triton(impl, hidden), "moe_down", moe_down_torch,
+                     hidden, ids, w_down, shared_down)
+
+
+def moe_down_torch(hidden, ids, w_down, shared_down=None):
+    n, k = ids.shape
+    inter = w_down.shape[2]
+    h = hidden.float()
+    slots = [torch.bmm(w_down[ids[:, j]].float(), h[:, j, :, None])[..., 0] for j in range(k)]
+    if shared_down is not None:
+        ns = shared_down.shape[1] // inter
+        for j in range(ns):
+            slots.append(h[:, k + j] @ shared_down[:, j * inter : (j + 1) * inter].float().T)
+    return torch.stack(slots, dim=1)

@@ -1,0 +1,482 @@
+"""Triton kernels behind ``engine.kernels.decode`` (imported only where Triton is available).
+
+Batch-1 decode reads every weight once per step; these kernels exist to cut the number of launches per layer
+(from ~90 to ~12), not to change the arithmetic: every reduction accumulates in fp32 and outputs are rounded
+once. GEMV-shaped kernels (the MoE experts) are autotuned once per shape, before any CUDA-graph capture (the
+runner's graph warm-up runs the step eagerly first).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(configs: list[triton.Config]) -> list[triton.Config]:
+    # one config means no benchmarking: the interpreter (CPU debugging) has no CUDA timer
+    return configs[:1] if _INTERPRET else configs
+
+
+def _pow2(n: int, floor: int = 1) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+# --------------------------------------------------------------------------------------------- add + RMSNorm
+@triton.jit
+def _add_rms_norm_kernel(
+    parts_ptr, res_ptr, w_ptr, h_ptr, n_ptr, f_ptr,
+    D, stride_pt, stride_ps, stride_r, eps,
+    S: tl.constexpr, HAS_RES: tl.constexpr, WANT_F32: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_D)
+    m = offs < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in tl.static_range(S):
+        acc += tl.load(parts_ptr + t * stride_pt + s * stride_ps + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        acc += tl.load(res_ptr + t * stride_r + offs, mask=m, other=0.0).to(tl.float32)
+    h = acc.to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + t * D + offs, h, mask=m)
+    hf = h.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    y = (hf * rstd * w).to(n_ptr.dtype.element_ty)
+    tl.store(n_ptr + t * D + offs, y, mask=m)
+    if WANT_F32:
+        tl.store(f_ptr + t * D + offs, y.to(tl.float32), mask=m)
+
+
+def add_rms_norm(parts, residual, weight, eps, want_fp32):
+    n, d = parts.shape[0], parts.shape[-1]
+    if parts.dim() == 2:
+        parts3 = parts[:, None]
+    else:
+        parts3 = parts
+    if parts3.stride(-1) != 1:
+        parts3 = parts3.contiguous()
+    dtype = residual.dtype if residual is not None else parts.dtype
+    h = torch.empty(n, d, device=parts.device, dtype=dtype)
+    normed = torch.empty_like(h)
+    f32 = torch.empty(n, d, device=parts.device, dtype=torch.float32) if want_fp32 else normed
+    res = residual if residual is not None else h
+    if res.stride(-1) != 1:
+        res = res.contiguous()
+    block = _pow2(d, 16)
+    _add_rms_norm_kernel[(n,)](
+        parts3, res, weight, h, normed, f32,
+        d, parts3.stride(0), parts3.stride(1), res.stride(0), eps,
+        S=parts3.shape[1], HAS_RES=residual is not None, WANT_F32=want_fp32, BLOCK_D=block,
+        num_warps=4 if block <= 4096 else 8,
+    )
+    return h, normed, (f32 if want_fp32 else None)
+
+
+# --------------------------------------------------------------------------------------------- MLA prologue
+@triton.jit
+def _mla_prep_kernel(
+    q_ptr, kv_ptr, cos_ptr, sin_ptr, nw_ptr, cache_ptr, slot_ptr, qpe_ptr,
+    stride_q, stride_kv, stride_cs, stride_cache, eps,
+    H: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, RANK: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    row = cache_ptr + slot * stride_cache
+    # compressed kv: RMSNorm in fp32
+    offs_r = tl.arange(0, BLOCK_R)
+    mr = offs_r < RANK
+    c = tl.load(kv_ptr + t * stride_kv + offs_r, mask=mr, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(c * c, axis=0) / RANK + eps)
+    w = tl.load(nw_ptr + offs_r, mask=mr, other=0.0).to(tl.float32)
+    tl.store(row + offs_r, (c * rstd * w).to(cache_ptr.dtype.element_ty), mask=mr)
+    # interleaved rope: pairs (2j, 2j+1)
+    offs_j = tl.arange(0, BLOCK_J)
+    mj = offs_j < ROPE // 2
+    cos = tl.load(cos_ptr + t * stride_cs + offs_j, mask=mj, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + t * stride_cs + offs_j, mask=mj, other=0.0).to(tl.float32)
+    k_even = tl.load(kv_ptr + t * stride_kv + RANK + 2 * offs_j, mask=mj, other=0.0).to(tl.float32)
+    k_odd = tl.load(kv_ptr + t * stride_kv + RANK + 2 * offs_j + 1, mask=mj, other=0.0).to(tl.float32)
+    tl.store(row + RANK + 2 * offs_j, (k_even * cos - k_odd * sin).to(cache_ptr.dtype.element_ty), mask=mj)
+    tl.store(row + RANK + 2 * offs_j + 1, (k_even * sin + k_odd * cos).to(cache_ptr.dtype.element_ty), mask=mj)
+    offs_h = tl.arange(0, BLOCK_H)
+    m2 = (offs_h < H)[:, None] & mj[None, :]
+    src = q_ptr + t * stride_q + offs_h[:, None] * (NOPE + ROPE) + NOPE + 2 * offs_j[None, :]
+    q_even = tl.load(src, mask=m2, other=0.0).to(tl.float32)
+    q_odd = tl.load(src + 1, mask=m2, other=0.0).to(tl.float32)
+    dst = qpe_ptr + t * H * ROPE + offs_h[:, None] * ROPE + 2 * offs_j[None, :]
+    out_ty = qpe_ptr.dtype.element_ty
+    tl.store(dst, (q_even * cos[None, :] - q_odd * sin[None, :]).to(out_ty), mask=m2)
+    tl.store(dst + 1, (q_even * sin[None, :] + q_odd * cos[None, :]).to(out_ty), mask=m2)
+
+
+def mla_decode_prep(q, kv, heads, nope, rope, rank, norm_weight, eps, cos, sin, cache, slot_mapping):
+    n = q.shape[0]
+    assert q.stride(-1) == 1 and kv.stride(-1) == 1 and cache.stride(-1) == 1
+    cos, sin = cos.contiguous(), sin.contiguous()
+    q_pe = torch.empty(n, heads, rope, device=q.device, dtype=q.dtype)
+    _mla_prep_kernel[(n,)](
+        q, kv, cos, sin, norm_weight, cache, slot_mapping, q_pe,
+        q.stride(0), kv.stride(0), cos.stride(0), cache.stride(0), eps,
+        H=heads, NOPE=nope, ROPE=rope, RANK=rank,
+        BLOCK_H=_pow2(heads), BLOCK_R=_pow2(rank, 16), BLOCK_J=_pow2(rope // 2), num_warps=4,
+    )
+    return q_pe
+
+
+# --------------------------------------------------------------------------------------------- MLA attention
+@triton.jit
+def _mla_attn_kernel(
+    ql_ptr, qp_ptr, cache_ptr, slots_ptr, lens_ptr, out_ptr, acc_ptr, ml_ptr,
+    stride_ql_h, stride_ql_t, stride_qp_t, stride_qp_h, stride_cache, stride_slots, stride_o_h, stride_o_t,
+    keys_per_split, scale_log2,
+    H: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """One (row, split): online softmax over keys [split*kps, min((split+1)*kps, len)), all heads at once
+    (the latent is shared by every head, so each key tile is read once for all of them)."""
+    t = tl.program_id(0)
+    sp = tl.program_id(1)
+    length = tl.load(lens_ptr + t)
+    start = sp * keys_per_split
+    end = tl.minimum(start + keys_per_split, length)
+    offs_h = tl.arange(0, BLOCK_H)
+    mh = offs_h < H
+    offs_r = tl.arange(0, BLOCK_R)
+    mr = offs_r < RANK
+    offs_p = tl.arange(0, BLOCK_P)
+    mp = offs_p < ROPE
+    ql = tl.load(ql_ptr + offs_h[:, None] * stride_ql_h + t * stride_ql_t + offs_r[None, :],
+                 mask=mh[:, None] & mr[None, :], other=0.0)
+    qp = tl.load(qp_ptr + t * stride_qp_t + offs_h[:, None] * stride_qp_h + offs_p[None, :],
+                 mask=mh[:, None] & mp[None, :], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+    for k0 in range(start, end, BLOCK_L):
+        offs_l = k0 + tl.arange(0, BLOCK_L)
+        ml = offs_l < end
+        slot = tl.load(slots_ptr + t * stride_slots + offs_l, mask=ml, other=0).to(tl.int64)
+        rows = cache_ptr + slot[:, None] * stride_cache
+        c = tl.load(rows + offs_r[None, :], mask=ml[:, None] & mr[None, :], other=0.0)
+        kp = tl.load(rows + RANK + offs_p[None, :], mask=ml[:, None] & mp[None, :], other=0.0)
+        s = tl.dot(ql, tl.trans(c)) + tl.dot(qp, tl.trans(kp))
+        s = tl.where(ml[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+        m_i = m_new
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + offs_h[:, None] * stride_o_h + t * stride_o_t + offs_r[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mh[:, None] & mr[None, :])
+    else:
+        base = (t * SPLITS + sp) * H
+        tl.store(acc_ptr + (base + offs_h[:, None]) * RANK + offs_r[None, :], acc, mask=mh[:, None] & mr[None, :])
+        tl.store(ml_ptr + (base + offs_h) * 2, m_i, mask=mh)
+        tl.store(ml_ptr + (base + offs_h) * 2 + 1, l_i, mask=mh)
+
+
+@triton.jit
+def _mla_combine_kernel(
+    acc_ptr, ml_ptr, out_ptr, stride_o_h, stride_o_t,
+    H: tl.constexpr, RANK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    ms = offs_s < SPLITS
+    idx = (t * SPLITS + offs_s) * H + h
+    m = tl.load(ml_ptr + idx * 2, mask=ms, other=float("-inf"))
+    l = tl.load(ml_ptr + idx * 2 + 1, mask=ms, other=0.0)
+    w = tl.exp2(m - tl.max(m, axis=0))  # empty splits have m = -inf: weight 0
+    w = tl.where(ms & (l > 0), w, 0.0)
+    offs_r = tl.arange(0, BLOCK_R)
+    mr = offs_r < RANK
+    acc = tl.load(acc_ptr + idx[:, None] * RANK + offs_r[None, :], mask=ms[:, None] & mr[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + h * stride_o_h + t * stride_o_t + offs_r, out.to(out_ptr.dtype.element_ty), mask=mr)
+
+
+ATTN_BLOCK_L = 32
+
+
+def attention_splits(n_rows: int, width: int) -> tuple[int, int]:
+    """(splits, keys per split) for ``n_rows`` rows over ``width`` key slots: about 128 programs, at least 64
+    keys each. Depends only on shapes, so a CUDA graph captured for a width serves every length under it."""
+    splits = max(1, min(triton.cdiv(128, max(n_rows, 1)), triton.cdiv(width, 64)))
+    per_split = triton.cdiv(triton.cdiv(width, splits), ATTN_BLOCK_L) * ATTN_BLOCK_L
+    return triton.cdiv(width, per_split), per_split
+
+
+def mla_decode_attention(q_latent, q_pe, cache, slots, lengths, scale):
+    heads, n, rank = q_latent.shape
+    rope = q_pe.shape[-1]
+    assert q_latent.stride(-1) == 1 and q_pe.stride(-1) == 1 and cache.stride(-1) == 1
+    if slots.stride(-1) != 1:
+        slots = slots.contiguous()
+    out = torch.empty(heads, n, rank, device=q_latent.device, dtype=q_latent.dtype)
+    splits, per_split = attention_splits(n, slots.shape[1])
+    if splits > 1:
+        acc = torch.empty(n, splits, heads, rank, device=q_latent.device, dtype=torch.float32)
+        ml = torch.empty(n, splits, heads, 2, device=q_latent.device, dtype=torch.float32)
+    else:
+        acc = ml = out
+    block_h = _pow2(heads, 16)
+    block_r = _pow2(rank, 16)
+    _mla_attn_kernel[(n, splits)](
+        q_latent, q_pe, cache, slots, lengths, out, acc, ml,
+        q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0), slots.stride(0),
+        out.stride(0), out.stride(1),
+        per_split, scale * 1.4426950408889634,
+        H=heads, RANK=rank, ROPE=rope, SPLITS=splits,
+        BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=_pow2(rope, 16), BLOCK_L=ATTN_BLOCK_L,
+        num_warps=8 if block_r >= 256 else 4, num_stages=2,
+    )
+    if splits > 1:
+        _mla_combine_kernel[(n, heads)](
+            acc, ml, out, out.stride(0), out.stride(1),
+            H=heads, RANK=rank, SPLITS=splits, BLOCK_S=_pow2(splits), BLOCK_R=block_r, num_warps=4,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------- router
+@triton.jit
+def _route_topk_kernel(
+    logits_ptr, bias_ptr, ids_ptr, w_ptr, E, stride_l, scale,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+):
+    t = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_E)
+    me = offs < E
+    x = tl.load(logits_ptr + t * stride_l + offs, mask=me, other=float("-inf")).to(tl.float32)
+    if SOFTMAX:
+        ex = tl.exp(x - tl.max(x, axis=0))
+        ex = tl.where(me, ex, 0.0)
+        scores = ex / tl.sum(ex, axis=0)
+    else:
+        scores = tl.sigmoid(x)
+    choice = scores
+    if HAS_BIAS:
+        choice = choice + tl.load(bias_ptr + offs, mask=me, other=0.0).to(tl.float32)
+    choice = tl.where(me, choice, float("-inf"))
+    offs_k = tl.arange(0, K_PAD)
+    ids = tl.zeros([K_PAD], dtype=tl.int32)
+    ws = tl.zeros([K_PAD], dtype=tl.float32)
+    for i in tl.static_range(TOP_K):
+        best = tl.max(choice, axis=0)
+        idx = tl.min(tl.where(choice == best, offs, BLOCK_E), axis=0)
+        wv = tl.sum(tl.where(offs == idx, scores, 0.0), axis=0)
+        ids = tl.where(offs_k == i, idx, ids)
+        ws = tl.where(offs_k == i, wv, ws)
+        choice = tl.where(offs == idx, float("-inf"), choice)
+    if NORM:
+        ws = ws / (tl.sum(ws, axis=0) + 1e-20)
+    ws = ws * scale
+    mk = offs_k < TOP_K
+    tl.store(ids_ptr + t * TOP_K + offs_k, ids.to(tl.int64), mask=mk)
+    tl.store(w_ptr + t * TOP_K + offs_k, ws, mask=mk)
+
+
+def route_topk(logits, bias, top_k, scoring, norm_topk_prob, scale):
+    n, experts = logits.shape
+    assert logits.dtype == torch.float32 and logits.stride(-1) == 1
+    ids = torch.empty(n, top_k, device=logits.device, dtype=torch.int64)
+    weights = torch.empty(n, top_k, device=logits.device, dtype=torch.float32)
+    _route_topk_kernel[(n,)](
+        logits, bias if bias is not None else logits, ids, weights, experts, logits.stride(0), float(scale),
+        TOP_K=top_k, K_PAD=_pow2(top_k), BLOCK_E=_pow2(experts, 16), SOFTMAX=scoring == "softmax",
+        HAS_BIAS=bias is not None, NORM=norm_topk_prob and top_k > 1, num_warps=1 if experts <= 128 else 4,
+    )
+    return ids, weights
+
+
+# --------------------------------------------------------------------------------------------- MoE GEMVs
+def _gemv_config(block_n: int, block_k: int, warps: int, reduce_each: bool) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "REDUCE_EACH": reduce_each}, num_warps=warps)
+
+
+# REDUCE_EACH: reduce each (BLOCK_N, BLOCK_K) tile at once (fewer registers, more CTAs per SM) instead of
+# accumulating the tile and reducing at the end
+_GEMV_CONFIGS = [
+    _gemv_config(16, 256, 4, False),
+    _gemv_config(8, 512, 4, False),
+    _gemv_config(32, 128, 4, False),
+    _gemv_config(16, 512, 8, False),
+    _gemv_config(4, 512, 2, False),
+    _gemv_config(32, 256, 4, True),
+    _gemv_config(64, 128, 4, True),
+    _gemv_config(16, 1024, 8, True),
+]
+
+
+@triton.jit
+def _gemv_tile(x_row, w_base, offs_n, mn, K, stride_w,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_EACH: tl.constexpr):
+    """Σ_k w[n, k] x[k] for the tile's rows n, fp32 (w_base[n * stride_w + k])."""
+    if REDUCE_EACH:
+        out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < K
+        xv = tl.load(x_row + offs_k, mask=mk, other=0.0).to(tl.float32)
+        w = tl.load(w_base + offs_n[:, None] * stride_w + offs_k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        if REDUCE_EACH:
+            out += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+        else:
+            acc += w.to(tl.float32) * xv[None, :]
+    if REDUCE_EACH:
+        result = out
+    else:
+        result = tl.sum(acc, axis=1)
+    return result
+
+
+@triton.jit
+def _gate_up_tile(x_row, g_base, u_base, offs_n, mn, D,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_EACH: tl.constexpr):
+    if REDUCE_EACH:
+        g = tl.zeros([BLOCK_N], dtype=tl.float32)
+        u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < D
+        xv = tl.load(x_row + offs_k, mask=mk, other=0.0).to(tl.float32)[None, :]
+        m2 = mn[:, None] & mk[None, :]
+        off = offs_n[:, None] * D + offs_k[None, :]
+        wg = tl.load(g_base + off, mask=m2, other=0.0).to(tl.float32)
+        wu = tl.load(u_base + off, mask=m2, other=0.0).to(tl.float32)
+        if REDUCE_EACH:
+            g += tl.sum(wg * xv, axis=1)
+            u += tl.sum(wu * xv, axis=1)
+        else:
+            acc_g += wg * xv
+            acc_u += wu * xv
+    if REDUCE_EACH:
+        gate = g
+        up = u
+    else:
+        gate = tl.sum(acc_g, axis=1)
+        up = tl.sum(acc_u, axis=1)
+    return gate / (1.0 + tl.exp(-gate)) * up
+
+
+@triton.autotune(configs=_configs(_GEMV_CONFIGS), key=["D", "I", "n_rows"])
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr, ids_ptr, rw_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, out_ptr,
+    D, I, stride_x, stride_we, n_rows,
+    TOP_K: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    REDUCE_EACH: tl.constexpr,
+):
+    pid = tl.program_id(0)  # token * (TOP_K + N_SHARED) + slot
+    nb = tl.program_id(1)
+    t = pid // (TOP_K + N_SHARED)
+    s = pid % (TOP_K + N_SHARED)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < I
+    x_row = x_ptr + t * stride_x
+    if s < TOP_K:
+        e = tl.load(ids_ptr + t * TOP_K + s).to(tl.int64)
+        rw = tl.load(rw_ptr + t * TOP_K + s).to(tl.float32)
+        h = _gate_up_tile(x_row, wg_ptr + e * stride_we, wu_ptr + e * stride_we, offs_n, mn, D,
+                          BLOCK_N, BLOCK_K, REDUCE_EACH)
+        h = h * rw
+    else:
+        j = (s - TOP_K).to(tl.int64)
+        h = _gate_up_tile(x_row, sg_ptr + j * I * D, su_ptr + j * I * D, offs_n, mn, D,
+                          BLOCK_N, BLOCK_K, REDUCE_EACH)
+    tl.store(out_ptr + pid.to(tl.int64) * I + offs_n, h.to(out_ptr.dtype.element_ty), mask=mn)
+
+
+@triton.autotune(configs=_configs(_GEMV_CONFIGS), key=["D", "I", "n_rows"])
+@triton.jit
+def _moe_down_kernel(
+    h_ptr, ids_ptr, wd_ptr, sd_ptr, out_ptr,
+    D, I, stride_we, shared_row, n_rows,
+    TOP_K: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    REDUCE_EACH: tl.constexpr,
+):
+    pid = tl.program_id(0)  # token * (TOP_K + N_SHARED) + slot
+    nb = tl.program_id(1)
+    t = pid // (TOP_K + N_SHARED)
+    s = pid % (TOP_K + N_SHARED)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < D
+    h_row = h_ptr + pid.to(tl.int64) * I
+    if s < TOP_K:
+        e = tl.load(ids_ptr + t * TOP_K + s).to(tl.int64)
+        y = _gemv_tile(h_row, wd_ptr + e * stride_we, offs_n, mn, I, I, BLOCK_N, BLOCK_K, REDUCE_EACH)
+    else:
+        j = (s - TOP_K).to(tl.int64)
+        y = _gemv_tile(h_row, sd_ptr + j * I, offs_n, mn, I, shared_row, BLOCK_N, BLOCK_K, REDUCE_EACH)
+    tl.store(out_ptr + pid.to(tl.int64) * D + offs_n, y, mask=mn)
+
+
+def _shared_slots(shared: torch.Tensor | None, inter: int, dim: int) -> int:
+    if shared is None:
+        return 0
+    size = shared.shape[dim]
+    assert size % inter == 0, "shared-expert intermediate must be a multiple of the routed one"
+    return size // inter
+
+
+def moe_gate_up(x, ids, weights, w_gate, w_up, shared_gate, shared_up):
+    n, top_k = ids.shape
+    experts, inter, d = w_gate.shape
+    ns = _shared_slots(shared_gate, inter, 0)
+    assert x.stride(-1) == 1 and w_gate.is_contiguous() and w_up.is_contiguous()
+    ids = ids.contiguous()
+    weights = weights.contiguous()
+    if shared_gate is None:
+        shared_gate, shared_up = w_gate, w_up
+    else:
+        assert shared_gate.is_contiguous() and shared_up.is_contiguous()
+    rows = n * (top_k + ns)
+    out = torch.empty(n, top_k + ns, inter, device=x.device, dtype=x.dtype)
+
+    def grid(meta):
+        return (rows, triton.cdiv(inter, meta["BLOCK_N"]))
+
+    _moe_gate_up_kernel[grid](
+        x, ids, weights, w_gate, w_up, shared_gate, shared_up, out,
+        d, inter, x.stride(0), w_gate.stride(0), rows, TOP_K=top_k, N_SHARED=ns,
+    )
+    return out
+
+
+def moe_down(hidden, ids, w_down, shared_down):
+    n, top_k = ids.shape
+    experts, d, inter = w_down.shape
+    ns = _shared_slots(shared_down, inter, 1)
+    assert hidden.is_contiguous() and w_down.is_contiguous()
+    ids = ids.contiguous()
+    if shared_down is None:
+        shared_down = w_down
+    else:
+        assert shared_down.is_contiguous()
+    rows = n * (top_k + ns)
+    out = torch.empty(n, top_k + ns, d, device=hidden.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (rows, triton.cdiv(d, meta["BLOCK_N"]))
+
+    _moe_down_kernel[grid](
+        hidden, ids, w_down, shared_down, out,
+        d, inter, w_down.stride(0), shared_down.stride(0), rows, TOP_K=top_k, N_SHARED=ns,
+    )
+    return out

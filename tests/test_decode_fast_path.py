@@ -1,0 +1,153 @@
+"""The fused small-batch decode path (``ModelRunner._forward_fast_decode``) through its PyTorch references.
+
+On CUDA the same path runs Triton kernels (``tests/test_gpu_kernels.py`` compares those with these references);
+here it must give the same logits and the same cache writes as the plain runtime path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import decode as fused
+from engine.runtime.engine import EngineOptions, LLMEngine
+from engine.runtime.runner import pad_decode_metadata
+from tests.runtime_helpers import text_message
+
+
+def _decode_step(bundle, rows: int):
+    engine = LLMEngine(bundle, EngineOptions(cache_tokens=4096, block_size=8, max_num_seqs=16))
+    for i in range(rows):
+        engine.add(engine.make_sequence({"messages": text_message(f"request {i} " + "word " * (3 + 5 * i)),
+                                         "max_tokens": 4, "ignore_eos": True}))
+    engine.step()  # prefill all, sample their first token
+    batch = engine.scheduler.schedule()
+    assert len(batch.seqs) == rows and all(n == 1 for n in batch.num_new_tokens)
+    return engine, engine.runner.prepare(batch.seqs, batch.num_new_tokens)
+
+
+def _compare(runner, meta, tol: float) -> None:
+    before = runner.kv_cache.clone()
+    runner.fast_decode = "off"
+    expected = runner.forward_eager(meta)
+    cache_expected = runner.kv_cache.clone()
+    runner.kv_cache.copy_(before)
+    runner.fast_decode = "on"
+    assert runner.fast_decode_applicable(meta)
+    actual = runner.forward_eager(meta)
+    runner.fast_decode = "auto"
+    assert (actual - expected).abs().max() < tol
+    assert (runner.kv_cache - cache_expected).abs().max() < tol
+    assert (actual.argmax(-1) == expected.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "tiny_checkpoint_a3b", "tiny_checkpoint_q_lora"])
+@pytest.mark.parametrize("rows", [1, 3, 6])  # 6 rows: fused attention, grouped-GEMM MoE
+def test_fast_decode_matches_plain_path(fixture: str, rows: int, request: pytest.FixtureRequest) -> None:
+    from engine.loader import load
+
+    bundle = load(request.getfixturevalue(fixture), device="cpu", dtype=torch.float32)
+    engine, meta = _decode_step(bundle, rows)
+    _compare(engine.runner, meta, 1e-4)
+
+
+def test_fast_decode_on_padded_graph_metadata(tiny_checkpoint_a3b) -> None:
+    """The CUDA graph pads rows and key slots; padded rows only touch the scratch slot."""
+    from engine.loader import load
+
+    bundle = load(tiny_checkpoint_a3b, device="cpu", dtype=torch.float32)
+    engine, meta = _decode_step(bundle, 3)
+    runner = engine.runner
+    padded = pad_decode_metadata(meta, 4, 512, runner.scratch_slot)
+    before = runner.kv_cache.clone()
+    runner.fast_decode = "off"
+    expected = runner.forward_eager(meta)
+    cache_expected = runner.kv_cache.clone()
+    runner.kv_cache.copy_(before)
+    runner.fast_decode = "on"
+    actual = runner.forward_eager(padded)[:3]
+    runner.fast_decode = "auto"
+    assert torch.isfinite(actual).all()
+    assert (actual - expected).abs().max() < 1e-4
+    real = runner.scratch_slot
+    assert (runner.kv_cache[:, :real] - cache_expected[:, :real]).abs().max() < 1e-5
+
+
+def test_fused_qkv_weight_is_a_view_of_both_projections(tiny_checkpoint) -> None:
+    from engine.loader import load
+
+    bundle = load(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    engine, meta = _decode_step(bundle, 1)
+    attn = bundle.model.language_model.model.layers[1].self_attn
+    q_before, kv_before = attn.q_proj.weight.clone(), attn.kv_a_proj_with_mqa.weight.clone()
+    layers = engine.runner._prepare_fast_layers()
+    merged = layers[1].qkv_weight
+    assert merged.data_ptr() == attn.q_proj.weight.data_ptr()
+    assert torch.equal(attn.q_proj.weight, q_before) and torch.equal(attn.kv_a_proj_with_mqa.weight, kv_before)
+    assert attn.kv_a_proj_with_mqa.weight.data_ptr() == merged[q_before.shape[0]:].data_ptr()
+    # a second runner on the same model reuses the layout
+    again = LLMEngine(bundle, EngineOptions(cache_tokens=512, block_size=8)).runner._prepare_fast_layers()
+    assert again[1].qkv_weight.data_ptr() == merged.data_ptr()
+
+
+def test_expert_gemvs_equal_expert_bank_and_shared_mlp() -> None:
+    from engine.model.decoder import DeepseekV3MLP, ExpertBank
+
+    torch.manual_seed(0)
+    bank = ExpertBank(8, 64, 32)
+    shared = DeepseekV3MLP(64, 64)  # two shared slots of width 32
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(3, 64)
+    ids = torch.stack([torch.randperm(8)[:2] for _ in range(3)])
+    weights = torch.rand(3, 2)
+    with torch.no_grad():
+        bank.backend = "loop"
+        expected = bank(x, ids, weights) + shared(x)
+        hidden = fused.moe_gate_up(x, ids, weights, bank.gate_proj, bank.up_proj,
+                                   shared.gate_proj.weight, shared.up_proj.weight, impl="torch")
+        parts = fused.moe_down(hidden, ids, bank.down_proj, shared.down_proj.weight, impl="torch")
+    assert parts.shape == (3, 4, 64)
+    assert (parts.sum(1) - expected).abs().max() < 1e-5
+
+
+def test_route_topk_equals_moe_gate() -> None:
+    from engine.config import parse_config
+    from engine.model.decoder import MoEGate
+    from engine.tiny import tiny_config
+
+    for scoring, method in (("sigmoid", "noaux_tc"), ("softmax", "greedy")):
+        raw = tiny_config("a3b_routing")["text_config"] | {"scoring_func": scoring, "topk_method": method}
+        gate = MoEGate(parse_config({**tiny_config("a3b_routing"), "text_config": raw}).text_config)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            gate.weight.normal_(0, 0.2)
+            if method == "noaux_tc":
+                gate.e_score_correction_bias.uniform_(0, 0.1)
+        x = torch.randn(5, gate.weight.shape[1])
+        ids, weights = gate(x)
+        bias = gate.e_score_correction_bias if method == "noaux_tc" else None
+        ids2, weights2 = fused.route_topk(x @ gate.weight.T, bias, gate.top_k, scoring, gate.norm_topk_prob,
+                                          gate.routed_scaling_factor, impl="torch")
+        order, order2 = ids.sort(1), ids2.sort(1)
+        assert torch.equal(order.values, order2.values)
+        assert torch.allclose(weights.gather(1, order.indices), weights2.gather(1, order2.indices), atol=1e-6)
+
+
+def test_latent_attention_reference_equals_naive_softmax() -> None:
+    torch.manual_seed(0)
+    heads, rank, rope, n = 3, 16, 8, 2
+    cache = torch.randn(40, rank + rope)
+    q_latent = torch.randn(heads, n, rank)
+    q_pe = torch.randn(n, heads, rope)
+    slots = torch.tensor([list(range(0, 10)), list(range(20, 30))])
+    lengths = torch.tensor([10, 7])
+    z = fused.mla_decode_attention(q_latent, q_pe, cache, slots, lengths, 0.3, impl="torch")
+    for t in range(n):
+        keys = cache[slots[t, : lengths[t]]]
+        for h in range(heads):
+            q = torch.cat([q_latent[h, t], q_pe[t, h]])
+            p = torch.softmax(keys @ q * 0.3, dim=0)
+            assert torch.allclose(z[h, t], p @ keys[:, :rank], atol=1e-5)
+
