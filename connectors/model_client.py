@@ -7,11 +7,16 @@ agent logic pass a scripted client with the same ``generate`` method.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
 from engine.runtime.request import Delta, GenerateRequest, Usage
+
+log = logging.getLogger("kimiray.model_client")
 
 
 class ModelError(RuntimeError):
@@ -55,12 +60,33 @@ def reply_from_deltas(deltas: list[Delta]) -> ModelReply:
 
 
 class BackendModelClient:
-    """A ``serve_app.backend`` Backend (LocalBackend or RayBackend) as a ModelClient."""
+    """A ``serve_app.backend`` Backend (LocalBackend or RayBackend) as a ModelClient.
 
-    def __init__(self, backend: Any) -> None:
+    A generation has no side effects, so when the model side is unavailable (a replica died mid-request, is
+    restarting, or sheds load) the same request is sent again, with backoff, for up to ``retry_s``: the task
+    keeps its lease and spends no attempt on a fault that is not its own. Only then ``ModelUnavailableError``
+    reaches the runner, which re-queues the task (counted)."""
+
+    def __init__(self, backend: Any, *, retry_s: float = 60.0, backoff_s: tuple[float, float] = (0.25, 2.0)) -> None:
         self.backend = backend
+        self.retry_s = retry_s
+        self.backoff_s = backoff_s
 
     async def generate(self, request: GenerateRequest) -> ModelReply:
+        deadline = time.monotonic() + self.retry_s
+        delay = self.backoff_s[0]
+        while True:
+            try:
+                return await self._generate_once(request)
+            except ModelUnavailableError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("model unavailable (%s); sending the request again in %.2fs",
+                            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.backoff_s[1])
+
+    async def _generate_once(self, request: GenerateRequest) -> ModelReply:
         from engine.runtime.engine import EngineDeadError, EngineOverloadedError, RequestTooLongError
 
         try:

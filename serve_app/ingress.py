@@ -27,6 +27,7 @@ from serve_app.backend import Backend
 from serve_app.config import AppConfig
 from serve_app.errors import ClientInputError
 from serve_app.metrics import ServeMetrics
+from serve_app.openapi_spec import install_openapi
 
 log = logging.getLogger("kimiray.ingress")
 PUBLIC_ROUTES = {"/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
@@ -60,6 +61,14 @@ def classify(exc: BaseException) -> ApiError:
         return ApiError(503, "unavailable", "the model is not available right now", {"Retry-After": "5"})
     if isinstance(exc, ClientInputError):
         return ApiError(exc.status_code, exc.code, exc.message, param=exc.param)
+    from connectors.stores.base import NotFound, StoreError
+
+    if isinstance(exc, NotFound):  # deleted between the route's check and its write
+        return ApiError(404, "not_found", "not found")
+    if isinstance(exc, StoreError):  # Redis restarting or unreachable: transient, and no store details leak
+        log.warning("store error: %s", exc)
+        return ApiError(503, "store_unavailable", "the task store is not available right now; retry shortly",
+                        {"Retry-After": "2"})
     if isinstance(exc, RequestTooLongError):
         return ApiError(400, "context_length_exceeded", str(exc))
     if isinstance(exc, (ValidationError, ValueError)):
@@ -152,8 +161,13 @@ def create_app() -> FastAPI:
             response = await call_next(request)
         except ApiError as err:
             response = error_response(err)
+        except Exception as exc:  # a route's unexpected failure is still a JSON error, never Starlette's text 500
+            response = error_response(classify(exc))
         if state is not None:
-            state.metrics.request(path, response.status_code, key_id, time.perf_counter() - started)
+            # the route template, never the raw path: task ids or a scanner's paths would grow the label set
+            # (and the Ingress's memory) without bound
+            route = getattr(request.scope.get("route"), "path", None) or "unmatched"
+            state.metrics.request(route, response.status_code, key_id, time.perf_counter() - started)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -178,6 +192,7 @@ def create_app() -> FastAPI:
     from serve_app.tasks_api import router as tasks_router
 
     app.include_router(tasks_router)
+    install_openapi(app, PUBLIC_ROUTES)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

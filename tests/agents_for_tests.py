@@ -70,3 +70,19 @@ class ChunkedCountAgent(Agent):
                                   lambda results: {"chunks": len(results)}, on_chunk_done=on_done,
                                   should_stop=lambda: ctx.cancel_requested)
         return {**result.result, "reused": result.reused, "computed": result.computed}
+
+
+class ReportInput(BaseModel):
+    text: str = Field("report", max_length=10_000)
+
+
+@register_agent
+class ReportAgent(Agent):
+    """Writes one artifact (a blob owned by the task's key), as the contract and video agents do. Uses no model."""
+
+    type = "report"
+    Input = ReportInput
+
+    async def run(self, ctx: AgentContext, input: ReportInput) -> dict:
+        ref = await ctx.blobs.put(ctx.owner, input.text.encode(), "text/plain")
+        return {"artifacts": {"report": {**ref.model_dump(), "filename": "report.txt"}}}

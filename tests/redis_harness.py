@@ -57,17 +57,25 @@ def _command(sock: socket.socket, *args: str) -> bytes:
 class RedisServer:
     """One redis-server process: ``.url``, ``.port``, ``.start()``, ``.stop(kill=False)``."""
 
-    def __init__(self, directory: Path, port: int | None = None, appendfsync: str = "always") -> None:
+    def __init__(self, directory: Path, port: int | None = None, appendfsync: str = "always",
+                 password: str | None = None) -> None:
         self.binary = require_redis_server()
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or _free_port()
         self.appendfsync = appendfsync
+        self.password = password  # --requirepass: clients must AUTH (the URL carries it)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def _authed(self, sock: socket.socket) -> socket.socket:
+        if self.password:
+            _command(sock, "AUTH", self.password)
+        return sock
 
     def start(self, timeout_s: float = 10.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -75,7 +83,8 @@ class RedisServer:
         log = open(self.dir / "redis.log", "ab")
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", self.appendfsync, "--dir", str(self.dir), "--protected-mode", "no"],
+             "--appendfsync", self.appendfsync, "--dir", str(self.dir), "--protected-mode", "no",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
@@ -85,7 +94,7 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see {self.dir / 'redis.log'}")
             with contextlib.suppress(OSError):
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    if _command(s, "PING").startswith(b"+PONG"):
+                    if _command(self._authed(s), "PING").startswith(b"+PONG"):
                         return
             time.sleep(0.02)
         self.stop(kill=True)
@@ -106,7 +115,7 @@ class RedisServer:
     def info_commandstats(self) -> dict[str, dict[str, float]]:
         """``INFO commandstats`` as ``{"cmdstat_get": {"calls": 3, "usec": 12, ...}, ...}``."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            raw = _command(s, "INFO", "commandstats").decode()
+            raw = _command(self._authed(s), "INFO", "commandstats").decode()
         out: dict[str, dict[str, float]] = {}
         for line in raw.splitlines():
             if line.startswith("cmdstat_"):
@@ -123,9 +132,10 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server(tmp_dir: Path, port: int | None = None, appendfsync: str = "always") -> Iterator[RedisServer]:
+def redis_server(tmp_dir: Path, port: int | None = None, appendfsync: str = "always",
+                 password: str | None = None) -> Iterator[RedisServer]:
     """Start a redis-server in ``tmp_dir``; always stopped on exit."""
-    server = RedisServer(tmp_dir, port, appendfsync)
+    server = RedisServer(tmp_dir, port, appendfsync, password)
     try:
         server.start()
         yield server

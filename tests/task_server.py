@@ -18,8 +18,10 @@ from tests.serve_harness import free_port
 @contextmanager
 def task_server(stores_url: str, api_keys: str, *, engine: Any = None, model_client: Any = None,
                 agent_modules: tuple[str, ...] = ("tests.agents_for_tests",), lease_s: float = 5.0,
-                run_tasks: bool = True, tasks_args: dict[str, Any] | None = None) -> Iterator[str]:
-    """Yields the base URL. ``engine``: an AsyncEngine for chat routes and agents (else ``model_client`` only)."""
+                run_tasks: bool = True, tasks_args: dict[str, Any] | None = None,
+                app_args: dict[str, Any] | None = None) -> Iterator[str]:
+    """Yields the base URL. ``engine``: an AsyncEngine for chat routes and agents (else ``model_client`` only).
+    ``app_args``: other AppConfig fields (``limits``, ``auth``, ``request_timeout_s``)."""
     import uvicorn
 
     from agents.runner import RunnerOptions, TaskRunner
@@ -30,9 +32,9 @@ def task_server(stores_url: str, api_keys: str, *, engine: Any = None, model_cli
     from serve_app.tasks_api import TaskService
 
     os.environ["KIMIRAY_API_KEYS"] = api_keys
-    config = AppConfig.model_validate({"tasks": {"stores_url": stores_url, "agent_modules": list(agent_modules),
-                                                 "lease_s": lease_s, "sse_keepalive_s": 1.0,
-                                                 **(tasks_args or {})}})
+    tasks = {"stores_url": stores_url, "agent_modules": list(agent_modules), "lease_s": lease_s,
+             "sse_keepalive_s": 1.0, **(tasks_args or {})}
+    config = AppConfig.model_validate({**(app_args or {}), "tasks": tasks})
     port = free_port()
     app = create_app()
     backend = LocalBackend(engine) if engine is not None else None
@@ -43,7 +45,9 @@ def task_server(stores_url: str, api_keys: str, *, engine: Any = None, model_cli
         service = TaskService(config.tasks)
         install_state(app, config, backend, service)  # type: ignore[arg-type]
         client = model_client or BackendModelClient(backend)
-        runner = TaskRunner(service.stores, service.registry, client, RunnerOptions(lease_s=lease_s))
+        concurrency = (tasks_args or {}).get("runner_concurrency", 2)  # TasksConfig's own default is for Serve
+        runner = TaskRunner(service.stores, service.registry, client,
+                            RunnerOptions(lease_s=lease_s, concurrency=concurrency))
         stop = asyncio.Event()
         state["stop"], state["loop"] = stop, asyncio.get_running_loop()
         runner_task = asyncio.create_task(runner.run_forever(stop)) if run_tasks else None

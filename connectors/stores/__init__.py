@@ -11,6 +11,7 @@ one::
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from connectors.stores.base import (
     TERMINAL_STATUSES,
     BlobRef,
     BlobStore,
+    InvalidCursor,
     Lease,
     LeaseState,
     NotFound,
@@ -38,15 +40,17 @@ from connectors.stores.base import (
 )
 
 __all__ = [
-    "TERMINAL_STATUSES", "BlobRef", "BlobStore", "Lease", "LeaseState", "NotFound", "Progress", "SessionMessage",
-    "SessionRecord", "SessionStore", "StoreError", "TaskError", "TaskEvent", "TaskPage", "TaskRecord", "TaskStatus",
-    "TaskStore", "TaskSubmission", "new_id", "Stores", "open_stores", "stores_url_from_env",
+    "TERMINAL_STATUSES", "BlobRef", "BlobStore", "InvalidCursor", "Lease", "LeaseState", "NotFound", "Progress",
+    "SessionMessage", "SessionRecord", "SessionStore", "StoreError", "TaskError", "TaskEvent", "TaskPage",
+    "TaskRecord", "TaskStatus", "TaskStore", "TaskSubmission", "new_id", "Stores", "open_stores", "redact_url",
+    "stores_url_from_env",
 ]
 
 
 @dataclass
 class Stores:
-    """The three stores of one backend, opened together; ``url`` says which backend (for logs)."""
+    """The three stores of one backend, opened together; ``url`` says which backend (for logs: any password in
+    the URL is masked, see :func:`redact_url`)."""
 
     tasks: TaskStore
     sessions: SessionStore
@@ -61,6 +65,21 @@ class Stores:
         for client in self.clients:
             await client.aclose()
         self.clients = []
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
+_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password masked (``user:***@``, a lone ``***@`` token, ``?password=***``): store URLs
+    get logged and echoed in errors, their credentials must not be."""
+
+    def userinfo(m: re.Match[str]) -> str:
+        user, has_password, _ = m.group(2).partition(":")
+        return f"{m.group(1)}{user + ':' if has_password and user else ''}***@"
+
+    return _PASSWORD_PARAM.sub(r"\1***", _USERINFO.sub(userinfo, url))
 
 
 def stores_url_from_env() -> str | None:
@@ -82,7 +101,7 @@ def open_stores(
     if url.startswith("sqlite://"):
         path = url[len("sqlite://"):]
         if not path.startswith("/"):
-            raise StoreError(f"sqlite URL needs an absolute directory (sqlite:///abs/dir), got {url!r}")
+            raise StoreError(f"sqlite URL needs an absolute directory (sqlite:///abs/dir), got {redact_url(url)!r}")
         return _embedded(Path(path), blob_threshold, url=url)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from connectors.stores.redis_store import RedisBlobStore, RedisSessionStore, RedisTaskStore, connect
@@ -93,10 +112,11 @@ def open_stores(
             tasks=RedisTaskStore(text, key_prefix=key_prefix),
             sessions=RedisSessionStore(text, blobs, key_prefix=key_prefix, blob_threshold=blob_threshold),
             blobs=blobs,
-            url=url,
+            url=redact_url(url),
             clients=[text, binary],
         )
-    raise StoreError(f"unknown stores URL {url!r} (expected embedded, sqlite:///dir or redis://host:port/db)")
+    raise StoreError(f"unknown stores URL {redact_url(url)!r} "
+                     "(expected embedded, sqlite:///dir or redis://host:port/db)")
 
 
 def _embedded(directory: Path, blob_threshold: int, *, url: str) -> Stores:

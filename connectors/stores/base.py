@@ -30,6 +30,10 @@ class NotFound(StoreError):
     """No such record for this owner (also raised for another owner's record)."""
 
 
+class InvalidCursor(StoreError, ValueError):
+    """A list cursor that this store did not hand out: the caller's mistake (a ValueError), not a store failure."""
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 

@@ -47,6 +47,7 @@ from connectors.stores.base import (
     TERMINAL_STATUSES,
     BlobRef,
     BlobStore,
+    InvalidCursor,
     Lease,
     LeaseState,
     NotFound,
@@ -345,7 +346,7 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
         score, task_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         return float(score), str(task_id)
     except (ValueError, TypeError) as exc:
-        raise StoreError("invalid cursor") from exc
+        raise InvalidCursor("invalid cursor") from exc
 
 
 class RedisTaskStore:
@@ -395,8 +396,17 @@ class RedisTaskStore:
         """Walks the owner's index newest first (ties on created_at: larger id first) from the cursor,
         filtering in batches; the cursor is the (created_at, id) of the last task returned."""
         limit = max(1, min(int(limit), 500))
-        index = self._k("owner", owner, "tasks")
         pos = _decode_cursor(cursor) if cursor else None
+        try:
+            out, more = await self._list_from(self._k("owner", owner, "tasks"), owner, pos, status, type, limit)
+        except RedisError as exc:
+            raise StoreError(f"redis: {exc}") from exc
+        next_cursor = _encode_cursor(out[-1].created_at, out[-1].id) if more and out else None
+        return TaskPage(tasks=out, next_cursor=next_cursor)
+
+    async def _list_from(self, index: str, owner: str, pos: tuple[float, str] | None, status: str | None,
+                         type: str | None, limit: int) -> tuple[list[TaskRecord], bool]:
+        """The walk of :meth:`list` (its Redis errors become StoreError there): (tasks, more after them)."""
         out: list[TaskRecord] = []
         batch = max(2 * limit, 50)
         more = False
@@ -423,8 +433,7 @@ class RedisTaskStore:
                     out.append(_task(h))
             if more or len(rows) < batch:
                 break
-        next_cursor = _encode_cursor(out[-1].created_at, out[-1].id) if more and out else None
-        return TaskPage(tasks=out, next_cursor=next_cursor)
+        return out, more
 
     async def cancel(self, task_id: str, owner: str | None) -> TaskRecord | None:
         flat = await self._call(self._cancel, task_id, "0" if owner is None else "1", owner or "")

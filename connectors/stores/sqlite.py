@@ -31,6 +31,7 @@ from connectors.stores.base import (
     TERMINAL_STATUSES,
     BlobRef,
     BlobStore,
+    InvalidCursor,
     Lease,
     LeaseState,
     NotFound,
@@ -220,7 +221,7 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
         created_at, task_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         return float(created_at), str(task_id)
     except (ValueError, TypeError) as exc:
-        raise StoreError("invalid cursor") from exc
+        raise InvalidCursor("invalid cursor") from exc
 
 
 class SqliteTaskStore:
