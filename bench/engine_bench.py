@@ -86,13 +86,14 @@ def graph_replay_ms(engine: LLMEngine, batch: int, repeats: int = 50) -> float |
     if not found:
         return None
     cap = graphs.graphs[max(found)]
-    cap.static.slot_mapping.fill_(engine.runner.scratch_slot)
-    cap.graph.replay()
+    cap.packed[2 * bucket : 3 * bucket].fill_(engine.runner.scratch_slot)
+    graph = cap.graph
+    graph.replay()
     sync()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(repeats):
-        cap.graph.replay()
+        graph.replay()
     end.record()
     sync()
     return round(start.elapsed_time(end) / repeats, 3)
@@ -284,6 +285,99 @@ def profile_steps(engine: LLMEngine, path: Path) -> None:
     path.write_text(text)
 
 
+@torch.inference_mode()
+def step_breakdown(engine: LLMEngine, path: Path | None, steps: int = 60) -> dict[str, float]:
+    """Where a batch-1 decode step's wall time goes: each phase timed with a device sync after it (so the sum
+    exceeds the free-running step), plus a CPU-side operator table of unsynced steps, written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, 4242), "max_tokens": 2 * steps + 40,
+                                     "ignore_eos": True}))
+    for _ in range(10):
+        engine.step()
+    sync()
+    phases = dict.fromkeys(("schedule", "inputs_and_graph", "sample_and_emit"), 0.0)
+    free = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync()
+    free = (time.perf_counter() - free) / steps
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        logits = engine.runner.run_step(batch.seqs, batch.num_new_tokens)
+        sync()
+        t2 = time.perf_counter()
+        for seq, k in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += k
+            if engine.options.enable_prefix_caching:
+                engine.blocks.publish(seq)
+        engine._sample_and_emit(batch.seqs, logits)
+        sync()
+        t3 = time.perf_counter()
+        for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+            phases[name] += dt / steps
+    result = {"free_running_ms": round(1000 * free, 3)} | {f"{k}_ms": round(1000 * v, 3) for k, v in phases.items()}
+    if path is not None:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                engine.step()
+            sync()
+        path.write_text("== 20 batch-1 decode steps (graph), by self CPU time ==\n"
+                        + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    run_until_done(engine)
+    return result
+
+
+def install_nan_probe(engine: LLMEngine) -> None:
+    """Debug aid: after every step, report the first rows with non-finite logits and what the step fed them."""
+    runner = engine.runner
+    plain = runner.run_step
+    history: list[str] = []
+
+    def probed(seqs, num_new_tokens):
+        graphs = runner.graphs
+        before = graphs.replays if graphs else 0
+        logits = plain(seqs, num_new_tokens)
+        used_graph = graphs is not None and graphs.replays > before
+        kind = "graph" if used_graph else ("decode" if all(k == 1 for k in num_new_tokens) else "mixed")
+        history.append(f"{kind}:{len(seqs)}")
+        bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
+        if bad and not getattr(runner, "_nan_reported", False):
+            runner._nan_reported = True
+            info = {"kind": kind, "rows": len(seqs), "bad_rows": bad[:40], "recent_steps": history[-8:]}
+            if used_graph:
+                n = len(seqs)
+                key = (graphs._bucket(n, graphs.BATCH_BUCKETS),
+                       graphs.key_bucket(max(s.num_computed_tokens + 1 for s in seqs)))
+                cap = graphs.graphs[key]
+                b, k = cap.static.decode_slots.shape
+                packed = cap.packed.cpu()
+                info["bucket"] = [b, k]
+                rows = []
+                for r in bad[:4] + [i for i in range(n) if i not in bad][:2]:
+                    seq = seqs[r]
+                    start = seq.num_computed_tokens
+                    slots = packed[4 * b + r * k: 4 * b + (r + 1) * k]
+                    expect = [seq.block_table[i // runner.block_size] * runner.block_size + i % runner.block_size
+                              for i in range(start + 1)]
+                    rows.append({"row": r, "bad": r in bad, "start": start, "len": len(seq),
+                                 "id": int(packed[r]), "want_id": seq.tokens_between(start, start + 1)[0],
+                                 "pos": int(packed[b + r]), "slot": int(packed[2 * b + r]),
+                                 "want_slot": expect[-1], "length": int(packed[3 * b + r]),
+                                 "slots_ok": slots[: start + 1].tolist() == expect,
+                                 "mask_len": int(cap.static.decode_mask[r].sum()),
+                                 "lengths32": int(cap.static.decode_lengths[r])})
+                info["detail"] = rows
+                info["pad_rows"] = {"slot_mapping": packed[2 * b + n: 3 * b].tolist()[:8],
+                                    "lengths": packed[3 * b + n: 4 * b].tolist()[:8]}
+            print("NAN PROBE:", json.dumps(info), flush=True)
+        return logits
+
+    runner.run_step = probed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -296,6 +390,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="shrink the model (smoke runs only)")
     parser.add_argument("--fast-decode", default="auto", choices=["auto", "off"],
                         help="the runner's fused small-batch decode path")
+    parser.add_argument("--decode-only", action="store_true", help="stop after the decode rounds")
+    parser.add_argument("--graph-inputs", default="sequences", choices=["sequences", "prepared"],
+                        help="decode graph inputs written from the sequences, or prepare() + pad (the older path)")
+    parser.add_argument("--no-graphs", action="store_true")
+    parser.add_argument("--nan-probe", action="store_true",
+                        help="debug: sync after each step and report the first rows with non-finite logits")
+    parser.add_argument("--graph-pools", default="shared", choices=["shared", "own"])
+    parser.add_argument("--breakdown", type=Path, help="time a batch-1 decode step's phases; CPU op table here")
     parser.add_argument("--baseline", action="store_true",
                         help="first measure decode with the fused path off (same process, re-captured graphs)")
     parser.add_argument("--ablations", action="store_true",
@@ -306,8 +408,14 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp())
     bundle = a3b_bundle(workdir, args.device, layers=args.layers)
     engine = LLMEngine(bundle, EngineOptions(max_num_seqs=max(64, max(args.batches)), max_num_batched_tokens=8192,
-                                             cache_tokens=args.longest + 4096, block_size=16))
+                                             cache_tokens=args.longest + 4096, block_size=16,
+                                             cuda_graphs=not args.no_graphs))
+    if engine.runner.graphs is not None:
+        engine.runner.graphs.from_sequences = args.graph_inputs == "sequences"
+        engine.runner.graphs.share_pool = args.graph_pools == "shared"
     results["cache_tokens"] = engine.cache_capacity_tokens
+    if args.nan_probe:
+        install_nan_probe(engine)
     results["bandwidth_GBps"] = round(measure_bandwidth() / 1e9, 1) if on_gpu else float("nan")
     bandwidth = results["bandwidth_GBps"] * 1e9
 
@@ -321,6 +429,13 @@ def main() -> None:
         except Exception as exc:  # record it and go on with the other rounds
             results.setdefault("errors", {})[name] = repr(exc)
             print(f"round {name} failed: {exc!r}", flush=True)
+            cache = engine.runner.kv_cache
+            bad = (~torch.isfinite(cache)).any(dim=-1)  # (layers, slots)
+            slots = bad.any(dim=0).nonzero().flatten().tolist()
+            results.setdefault("nonfinite_cache", {})[name] = {
+                "slots": len(slots), "first": slots[:20], "scratch_bad": bool(bad[:, engine.runner.scratch_slot].any()),
+                "layers": bad.any(dim=1).nonzero().flatten().tolist()[:10]}
+            print("non-finite cache:", results["nonfinite_cache"][name], flush=True)
             return []
 
     if args.baseline:
@@ -342,9 +457,15 @@ def main() -> None:
                         row["first_ids"][same] == base["first_ids"][same]:
                     same += 1
                 row["greedy_prefix_equal_to_baseline"] = same
+    if args.breakdown:
+        results["step_breakdown_batch1"] = step_breakdown(engine, args.breakdown)
+        print(json.dumps(results["step_breakdown_batch1"]), flush=True)
     results["graph_replays"] = engine.runner.graphs.replays if engine.runner.graphs else 0
     results["kernels"] = kernel_notes()
     dump()
+    if args.decode_only:
+        print(json.dumps(results, indent=1))
+        return
 
     prefill_throughput(engine, args.prefill[0], 8192, seed=1)  # warm-up
     results["prefill"] = [prefill_throughput(engine, n, 8192, seed=2 + i) for i, n in enumerate(args.prefill)]

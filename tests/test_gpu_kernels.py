@@ -159,3 +159,28 @@ def test_fast_decode_step_matches_plain_path_on_gpu(tiny_checkpoint_a3b) -> None
     actual = runner.forward_eager(meta)
     _close(actual, expected, 5e-2)
     _close(runner.kv_cache, cache_expected, 2e-2)
+
+
+@pytest.mark.gpu
+def test_graphs_stay_valid_when_the_batch_crosses_the_fused_path_threshold(tiny_checkpoint) -> None:
+    """Wave 1 captures a 16-row graph, wave 2 (3 rows) takes the fused small-batch path, wave 3 repeats wave 1
+    and so replays the 16-row graph on the same inputs: its tokens must be wave 1's, bit for bit (prefix caching
+    off, so the prompts are recomputed the same way). A graph left reading memory that something else has since
+    reused (the fused path's weight layout used to be made lazily, after such captures) changes them."""
+    from engine.loader import load
+    from engine.runtime.engine import EngineOptions, LLMEngine
+
+    bundle = load(tiny_checkpoint, device="cuda", dtype=torch.bfloat16)
+    engine = LLMEngine(bundle, EngineOptions(cache_tokens=8192, enable_prefix_caching=False))
+    outputs = []
+    for wave, (count, tag) in enumerate(((12, "a"), (3, "b"), (12, "a"))):
+        seqs = [engine.make_sequence({"messages": [{"role": "user", "content": f"wave {tag} item {i} " * 3}],
+                                      "max_tokens": 8, "ignore_eos": True}) for i in range(count)]
+        for seq in seqs:
+            engine.add(seq)
+        while engine.has_work():
+            engine.step()
+        assert all(s.finish_reason == "length" for s in seqs), [s.error for s in seqs]
+        outputs.append([s.output_ids for s in seqs])
+    assert engine.runner.graphs.replays > 0 and (16, 256) in engine.runner.graphs.graphs
+    assert outputs[2] == outputs[0]

@@ -269,3 +269,84 @@ def test_padded_decode_step_equals_unpadded(tiny_bundle) -> None:
     assert (actual - expected).abs().max() < 1e-4
     real = engine.runner.scratch_slot  # padded rows may only have written into the scratch block
     assert (engine.runner.kv_cache[:, :real] - cache_after[:, :real]).abs().max() < 1e-5
+
+
+def test_graph_inputs_written_from_sequences_equal_the_prepared_ones(tiny_bundle) -> None:
+    """A graph-covered decode step skips ``prepare``: its inputs are written straight into the graph's packed
+    host layout. Run through the same views the graph reads (eagerly, on the CPU), they must give the prepared
+    step's logits and cache writes, with stale slots left in the buffer from a longer earlier batch."""
+    import numpy as np
+
+    from engine.runtime.runner import DecodeGraphs, write_decode_inputs
+
+    engine = LLMEngine(tiny_bundle, EngineOptions(cache_tokens=2048, block_size=8))
+    runner = engine.runner
+    for i in range(3):
+        engine.add(engine.make_sequence({"messages": text_message(_long_text(10 + 7 * i, seed=i)), "max_tokens": 5,
+                                         "ignore_eos": True}))
+    engine.step()
+    batch = engine.scheduler.schedule()
+    assert all(n == 1 for n in batch.num_new_tokens) and len(batch.seqs) == 3
+    meta = runner.prepare(batch.seqs, batch.num_new_tokens)
+    cache_before = runner.kv_cache.clone()
+    expected = runner.forward_eager(meta)
+    cache_after = runner.kv_cache.clone()
+    runner.kv_cache.copy_(cache_before)
+
+    rows, keys = 4, 256
+    host = np.full(4 * rows + rows * keys, 7, dtype=np.int64)  # stale but valid slots everywhere
+    write_decode_inputs(host, batch.seqs, rows, keys, engine.options.block_size, runner.scratch_slot)
+    packed = torch.from_numpy(host)
+    views = DecodeGraphs._views(packed, rows, keys, torch.arange(rows), torch.arange(keys))
+    n = len(batch.seqs)
+    assert views.input_ids[:n].tolist() == meta.input_ids.tolist()
+    assert views.positions[:n].tolist() == meta.positions.tolist()
+    assert views.slot_mapping.tolist() == meta.slot_mapping.tolist() + [runner.scratch_slot] * (rows - n)
+    assert views.decode_lengths.tolist() == meta.decode_mask.sum(1).tolist() + [1] * (rows - n)
+    width = meta.decode_slots.shape[1]
+    assert torch.equal(views.decode_slots[:n, :width][meta.decode_mask], meta.decode_slots[meta.decode_mask])
+    for mode in ("auto", "on"):  # the plain path reads the mask, the fused one (PyTorch references here) lengths
+        runner.fast_decode = mode
+        runner.kv_cache.copy_(cache_before)
+        actual = runner.forward_eager(views)[:n]
+        assert (actual - expected).abs().max() < 1e-3, mode
+        real = runner.scratch_slot
+        assert (runner.kv_cache[:, :real] - cache_after[:, :real]).abs().max() < 1e-4, mode
+
+
+def test_a_row_with_non_finite_logits_fails_alone(tiny_bundle) -> None:
+    """A diverged row (NaN logits) ends its request with a clear error instead of emitting the argmax of NaNs;
+    the other rows of the same steps go on, greedy and sampled alike, and every block comes back."""
+    engine = LLMEngine(tiny_bundle, EngineOptions(cache_tokens=4096))
+    run_step = engine.runner.run_step
+
+    def poisoned(seqs, num_new_tokens):
+        logits = run_step(seqs, num_new_tokens).clone()
+        for row, seq in enumerate(seqs):
+            if seq.request_id.startswith("nan") and len(seq.output_ids) == 2:
+                logits[row] = float("nan")
+        return logits
+
+    engine.runner.run_step = poisoned
+    requests = {
+        "nan-greedy": {}, "ok-greedy": {}, "nan-sampled": {"temperature": 0.8, "seed": 1},
+        "ok-sampled": {"temperature": 0.8, "seed": 2},
+    }
+    seqs = {}
+    for rid, extra in requests.items():
+        seqs[rid] = engine.make_sequence({"messages": text_message(f"request {rid}"), "max_tokens": 6,
+                                          "ignore_eos": True, "request_id": rid} | extra)
+        engine.add(seqs[rid])
+    while engine.has_work():
+        engine.step()
+    for rid, seq in seqs.items():
+        if rid.startswith("nan"):
+            assert seq.finish_reason == "error" and "non-finite logits" in seq.error and len(seq.output_ids) == 2
+        else:
+            assert seq.finish_reason == "length" and len(seq.output_ids) == 6
+    _assert_all_blocks_free_engine(engine)
+
+
+def _assert_all_blocks_free_engine(engine: LLMEngine) -> None:
+    stats = engine.stats()
+    assert stats["free_blocks"] == stats["num_blocks"], stats

@@ -268,13 +268,15 @@ def _route_topk_kernel(
     choice = scores
     if HAS_BIAS:
         choice = choice + tl.load(bias_ptr + offs, mask=me, other=0.0).to(tl.float32)
-    choice = tl.where(me, choice, float("-inf"))
+    # NaN scores (a diverged row) rank last, and the index is clamped: a NaN never compares equal to the
+    # maximum, which would leave idx = BLOCK_E and send the expert GEMVs past the end of the weights
+    choice = tl.where(me & (choice == choice), choice, float("-inf"))
     offs_k = tl.arange(0, K_PAD)
     ids = tl.zeros([K_PAD], dtype=tl.int32)
     ws = tl.zeros([K_PAD], dtype=tl.float32)
     for i in tl.static_range(TOP_K):
         best = tl.max(choice, axis=0)
-        idx = tl.min(tl.where(choice == best, offs, BLOCK_E), axis=0)
+        idx = tl.minimum(tl.min(tl.where(choice == best, offs, BLOCK_E), axis=0), E - 1)
         wv = tl.sum(tl.where(offs == idx, scores, 0.0), axis=0)
         ids = tl.where(offs_k == i, idx, ids)
         ws = tl.where(offs_k == i, wv, ws)

@@ -225,8 +225,7 @@ class LLMEngine:
             return []
         self.steps += 1
         try:
-            meta = self.runner.prepare(batch.seqs, batch.num_new_tokens)
-            logits = self.runner.forward(meta)
+            logits = self.runner.run_step(batch.seqs, batch.num_new_tokens)
         except Exception as exc:  # a failed forward fails this step's requests, not the engine
             log.exception("forward failed")
             return [self._finish(s, "error", error=f"model forward failed: {exc}") for s in batch.seqs]
@@ -278,7 +277,12 @@ class LLMEngine:
         except Exception as exc:  # fail these requests, never the engine thread
             log.exception("sampling failed")
             return deltas + [self._finish(s, "error", error=f"sampling failed: {exc}") for s in live]
-        for seq, token, logprob in zip(live, out.token_ids, out.logprobs):
+        bad = set(out.nonfinite_rows)
+        for row, (seq, token, logprob) in enumerate(zip(live, out.token_ids, out.logprobs)):
+            if row in bad:
+                log.error("non-finite logits for %s at output token %d", seq.request_id, len(seq.output_ids))
+                deltas.append(self._finish(seq, "error", error="the model produced non-finite logits (NaN or inf)"))
+                continue
             try:
                 deltas.append(self._postprocess(seq, token, logprob))
             except Exception as exc:

@@ -9,13 +9,17 @@ Attention, per step, over a flat batch of tokens from many sequences:
 - prompt chunks: the chunk's queries against the sequence's cached latents expanded through ``kv_b_proj``.
 Dense projections and the MoE run once over all tokens of the step.
 
-Small pure-decode steps (at most ``FAST_DECODE_MAX_ROWS`` rows, the batch-1 case the CUDA graph replays) take
+Pure-decode steps of up to ``FAST_DECODE_MAX_ROWS`` rows on CUDA (every step a decode CUDA graph replays) take
 ``_forward_fast_decode``: the same math in about a dozen kernels per layer instead of ~90 (``engine.kernels``):
 one GEMV for q and the compressed kv (their weights laid out as one matrix), one prologue kernel (kv RMSNorm,
 RoPE of q and k, the cache write), latent attention straight from the paged cache, residual add fused with each
 RMSNorm, and for at most ``MOE_GEMV_MAX_ROWS`` rows the MoE as two GEMV kernels reading the chosen experts'
 weights by id (no sort/dispatch), the shared experts folded in as extra slots. Each fused op has a PyTorch path
 (CPU tests run the fast path through it); CUDA uses the Triton kernels.
+
+A graph-covered decode step skips ``prepare``: ``DecodeGraphs.run_sequences`` writes the step's inputs from the
+sequences into the graph's pinned staging buffer and sends them in one host->device copy (at batch 1 the host side
+of a step was a quarter of it).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -84,7 +89,9 @@ class VisionCache:
             self.rows -= old.shape[0]
 
 
-FAST_DECODE_MAX_ROWS = 8  # pure-decode steps up to this many rows take the fused path (batch 32/64 keep theirs)
+# pure-decode steps up to this many rows take the fused path: every CUDA-graph bucket. Its attention reads key
+# counts, not a (rows, keys) mask: graphs of the mask-based path read a corrupted mask on the H100 (see RESULTS)
+FAST_DECODE_MAX_ROWS = 128
 MOE_GEMV_MAX_ROWS = 8  # up to here the per-(token, slot) expert GEMVs beat sort + grouped GEMM (measured at 8)
 
 
@@ -130,6 +137,10 @@ class ModelRunner:
         # PyTorch references, for tests); "off" never
         self.fast_decode: str = "auto"
         self._fast_layers: list[_FastLayer] | None = None
+        if use_triton(self.kv_cache):
+            # now, before any CUDA graph is captured: the fused q/kv weight re-points two parameters at a new
+            # storage and frees the old one, which a graph captured earlier would go on reading
+            self._prepare_fast_layers()
 
     @staticmethod
     def cache_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -414,6 +425,16 @@ class ModelRunner:
         return lm.lm_head(normed[meta.logit_rows]).float()
 
     @torch.inference_mode()
+    def run_step(self, seqs: list[Sequence], num_new_tokens: list[int]) -> torch.Tensor:
+        """The step's float32 logits. A pure-decode step that a CUDA graph covers goes from the sequences straight
+        into the graph's inputs (one host->device copy, one launch); every other step through prepare + forward."""
+        if self.graphs is not None and self.graphs.from_sequences:
+            logits = self.graphs.run_sequences(seqs, num_new_tokens)
+            if logits is not None:
+                return logits
+        return self.forward(self.prepare(seqs, num_new_tokens))
+
+    @torch.inference_mode()
     def forward(self, meta: StepMetadata) -> torch.Tensor:
         """Computes the step's latents into the cache; returns float32 logits for ``meta.logit_rows``."""
         if self.graphs is not None and self.graphs.applicable(meta):
@@ -466,11 +487,52 @@ def pad_decode_metadata(meta: StepMetadata, batch: int, keys: int, scratch_slot:
     )
 
 
+def write_decode_inputs(host: np.ndarray, seqs: list[Sequence], batch: int, keys: int, block_size: int,
+                        scratch_slot: int) -> None:
+    """Fill a graph's packed input layout (see :class:`CapturedDecode`) for one decode token per sequence.
+
+    Only each row's own key slots are written; past a row's length the slots keep older values, which are valid
+    slots and masked out. Padded rows write the scratch slot and attend one key."""
+    slots = host[4 * batch :].reshape(batch, keys)
+    offsets = np.arange(block_size, dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        start = seq.num_computed_tokens
+        table = np.asarray(seq.block_table[: start // block_size + 1], dtype=np.int64)
+        host[row] = seq.tokens_between(start, start + 1)[0]
+        host[batch + row] = start
+        host[2 * batch + row] = table[start // block_size] * block_size + start % block_size
+        host[3 * batch + row] = start + 1
+        width = min(table.size * block_size, keys)
+        slots[row, :width] = (table[:, None] * block_size + offsets).reshape(-1)[:width]
+    n = len(seqs)
+    host[2 * batch + n : 3 * batch] = scratch_slot
+    host[3 * batch + n : 4 * batch] = 1
+
+
+@dataclass
+class CapturedDecode:
+    """One captured decode graph and the buffers it reads.
+
+    ``packed`` (device, int64) holds every per-step input: ids, positions, write slots and key counts (``batch``
+    each), then the key slots (``batch`` x ``keys``). The graph itself derives the key mask and int32 lengths from
+    it, so a step costs one host->device copy from ``staging`` (pinned, same layout) and one launch. All of these
+    live outside the capture's memory pool, so no later capture can reuse (and overwrite) them.
+    """
+
+    graph: torch.cuda.CUDAGraph
+    static: StepMetadata
+    output: torch.Tensor
+    packed: torch.Tensor
+    staging: torch.Tensor
+    copied: torch.cuda.Event  # the last copy out of ``staging``; it must finish before ``staging`` is rewritten
+
+
 class DecodeGraphs:
     """CUDA graphs of the whole decode step, one per (batch bucket, key-length bucket), captured on first use.
 
     Decode is launch-bound at small batch (hundreds of small kernels per step); replaying a graph removes the
-    per-kernel CPU cost. Inputs are copied into static buffers; padding follows ``pad_decode_metadata``.
+    per-kernel CPU cost. Padded rows write only the scratch slot and attend one key, so they never touch real
+    cache blocks and never produce NaNs.
     """
 
     BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -479,9 +541,11 @@ class DecodeGraphs:
     def __init__(self, runner: "ModelRunner", max_keys: int | None = None) -> None:
         self.runner = runner
         self.max_keys = max_keys or runner.config.max_position_embeddings
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, StepMetadata, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], CapturedDecode] = {}
         self.pool = None
         self.replays = 0
+        self.from_sequences = True  # False: graph inputs go through prepare + pad (kept for comparison)
+        self.share_pool = True  # one memory pool for every captured graph (False: a pool per graph)
 
     def reset(self) -> None:
         """Drop every captured graph (and their memory pool: a pool no graph uses any more can't be reused)."""
@@ -498,48 +562,106 @@ class DecodeGraphs:
             size *= 2
         return size
 
+    def fused(self) -> bool:
+        """Graphs replay only the fused decode path (key counts, no key mask). Graphs of the mask-based path
+        read a corrupted key mask on the H100 in the engine benchmark (rows went NaN; bench/RESULTS.md), so
+        without Triton, or with the fused path off, decode steps run eagerly."""
+        return self.runner.fast_decode != "off" and use_triton(self.runner.kv_cache)
+
     def applicable(self, meta: StepMetadata) -> bool:
         n = meta.decode_rows.numel()
         return (
-            n > 0 and not meta.prefills and meta.image_rows is None and n == meta.input_ids.numel()
+            self.fused() and n > 0 and not meta.prefills and meta.image_rows is None and n == meta.input_ids.numel()
             and meta.logit_rows.numel() == n and n <= self.BATCH_BUCKETS[-1]
             and meta.decode_slots.shape[1] <= self.max_keys
         )
 
-    def _capture(self, batch: int, keys: int) -> tuple[torch.cuda.CUDAGraph, StepMetadata, torch.Tensor]:
+    # ------------------------------------------------------------------ capture
+    @staticmethod
+    def _views(packed: torch.Tensor, batch: int, keys: int, rows: torch.Tensor, key_index: torch.Tensor) -> StepMetadata:
+        """The step's metadata as views of ``packed`` plus the mask and lengths derived from it (device ops, so
+        inside a capture they become part of the graph)."""
+        lengths = packed[3 * batch : 4 * batch]
+        return StepMetadata(
+            input_ids=packed[:batch], positions=packed[batch : 2 * batch], slot_mapping=packed[2 * batch : 3 * batch],
+            decode_rows=rows, decode_slots=packed[4 * batch :].view(batch, keys),
+            decode_mask=key_index[None, :] < lengths[:, None], prefills=[], logit_rows=rows, image_rows=None,
+            image_features=None, decode_lengths=lengths.to(torch.int32),
+        )
+
+    def _capture(self, batch: int, keys: int) -> CapturedDecode:
         runner = self.runner
         dev = runner.device
-        empty = StepMetadata(
-            input_ids=torch.zeros(0, dtype=torch.long, device=dev), positions=torch.zeros(0, dtype=torch.long, device=dev),
-            slot_mapping=torch.zeros(0, dtype=torch.long, device=dev), decode_rows=torch.zeros(0, dtype=torch.long, device=dev),
-            decode_slots=torch.zeros(0, 1, dtype=torch.long, device=dev), decode_mask=torch.zeros(0, 1, dtype=torch.bool, device=dev),
-            prefills=[], logit_rows=torch.zeros(0, dtype=torch.long, device=dev), image_rows=None, image_features=None,
-        )
-        static = pad_decode_metadata(empty, batch, keys, runner.scratch_slot)
+        scratch = runner.scratch_slot
+        staging = torch.zeros(4 * batch + batch * keys, dtype=torch.long).pin_memory()
+        staging[2 * batch : 3 * batch] = scratch
+        staging[3 * batch : 4 * batch] = 1
+        staging[4 * batch :] = scratch
+        packed = staging.to(dev)
+        rows = torch.arange(batch, device=dev)
+        key_index = torch.arange(keys, device=dev)
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up kernels and autotuning outside the capture
-                runner.forward_eager(static)
+                runner.forward_eager(self._views(packed, batch, keys, rows, key_index))
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
+        if self.pool is None or not self.share_pool:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
+            static = self._views(packed, batch, keys, rows, key_index)
             output = runner.forward_eager(static)
-        return graph, static, output
+        copied = torch.cuda.Event()
+        copied.record()
+        return CapturedDecode(graph, static, output, packed, staging, copied)
+
+    def _entry(self, rows: int, max_keys: int) -> CapturedDecode:
+        key = (self._bucket(rows, self.BATCH_BUCKETS), self.key_bucket(max_keys))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+        return self.graphs[key]
+
+    def _replay(self, cap: CapturedDecode, n: int) -> torch.Tensor:
+        cap.graph.replay()
+        self.replays += 1
+        return cap.output[:n]
+
+    # ------------------------------------------------------------------ replay
+    def run_sequences(self, seqs: list[Sequence], num_new_tokens: list[int]) -> torch.Tensor | None:
+        """Logits of a pure-decode step straight from the sequences (no ``prepare``): the inputs are written into
+        the graph's pinned staging buffer on the host and sent in one copy. None when no graph covers the step
+        (a prefill row, an image token, too many rows or keys); the caller then takes the general path."""
+        n = len(seqs)
+        if n == 0 or n > self.BATCH_BUCKETS[-1] or not self.fused():
+            return None
+        longest = 0
+        for seq, k in zip(seqs, num_new_tokens):
+            start = seq.num_computed_tokens
+            if k != 1 or start == 0 or start + 1 != len(seq):
+                return None
+            if any(image.start <= start < image.end for image in seq.images):
+                return None
+            longest = max(longest, start + 1)
+        if longest > self.max_keys:
+            return None
+        cap = self._entry(n, longest)
+        batch, keys = cap.static.decode_slots.shape
+        cap.copied.synchronize()  # the previous step's copy out of this staging buffer has finished
+        write_decode_inputs(cap.staging.numpy(), seqs, batch, keys, self.runner.block_size, self.runner.scratch_slot)
+        cap.packed.copy_(cap.staging, non_blocking=True)
+        cap.copied.record()
+        return self._replay(cap, n)
 
     def run(self, meta: StepMetadata) -> torch.Tensor:
+        """Replay for metadata already on the device (``prepare``'s output)."""
         n = meta.decode_rows.numel()
-        batch = self._bucket(n, self.BATCH_BUCKETS)
-        keys = self.key_bucket(meta.decode_slots.shape[1])
-        key = (batch, keys)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(batch, keys)
-        graph, static, output = self.graphs[key]
+        cap = self._entry(n, meta.decode_slots.shape[1])
+        batch, keys = cap.static.decode_slots.shape
         padded = pad_decode_metadata(meta, batch, keys, self.runner.scratch_slot)
-        for name in ("input_ids", "positions", "slot_mapping", "decode_slots", "decode_mask"):
-            getattr(static, name).copy_(getattr(padded, name))
-        graph.replay()
-        self.replays += 1
-        return output[:n]
+        lengths = padded.decode_mask.sum(dim=1)
+        packed = cap.packed
+        for i, part in enumerate((padded.input_ids, padded.positions, padded.slot_mapping, lengths)):
+            packed[i * batch : (i + 1) * batch].copy_(part)
+        packed[4 * batch :].view(batch, keys).copy_(padded.decode_slots)
+        return self._replay(cap, n)

@@ -52,7 +52,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -92,6 +92,7 @@ class SamplerInput:
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]  # None for rows whose params.logprobs is None
+    nonfinite_rows: list[int] = field(default_factory=list)  # rows whose logits held NaN/inf: their token is void
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:
@@ -182,6 +183,11 @@ def _validate(inp: SamplerInput) -> tuple[int, int]:
 _T, _TOP_P, _TOP_K, _LOG_MIN_P, _REP, _PRES, _FREQ, _U, _NCOLS = range(9)
 
 
+def _plain_greedy(p) -> bool:
+    return (p.temperature < GREEDY_EPS and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+            and p.frequency_penalty == 0.0 and p.logprobs is None)
+
+
 def sample(inp: SamplerInput) -> SamplerOutput:
     """Choose one token per row. See the module docstring for the exact semantics."""
     b, v = _validate(inp)
@@ -190,6 +196,14 @@ def sample(inp: SamplerInput) -> SamplerOutput:
     x = inp.logits if inp.logits.dtype == torch.float32 else inp.logits.float()
     if b == 0:
         return SamplerOutput(token_ids=[], logprobs=[])
+    if inp.allowed_mask is None and all(_plain_greedy(p) for p in params):
+        # the common decode case: one max kernel and one device->host copy, no parameter upload. A row's max
+        # is NaN or +inf when the row holds one (max propagates NaN), so it doubles as the divergence check.
+        best, index = x.max(dim=-1)
+        both = torch.stack([index.to(torch.float64), best.to(torch.float64)]).tolist()
+        return SamplerOutput(token_ids=[int(t) for t in both[0]], logprobs=[None] * b,
+                             nonfinite_rows=[r for r, v in enumerate(both[1]) if not math.isfinite(v)])
+    finite = torch.isfinite(x).all(dim=-1)  # a diverged row must fail, not emit the argmax of NaNs
 
     # ---- host-side plan: which rows need what (no device work, no sync) ---------------------------------------
     greedy = [r for r, p in enumerate(params) if p.temperature < GREEDY_EPS]
@@ -276,7 +290,7 @@ def sample(inp: SamplerInput) -> SamplerOutput:
 
     # ---- logprobs ---------------------------------------------------------------------------------------------
     top_n = max((params[r].logprobs or 0 for r in lp_rows), default=0)
-    pieces = [tokens.double()]
+    pieces = [tokens.double(), finite.double()]
     if row_ok is not None:
         pieces.append(row_ok.double())
     if lp_rows:
@@ -293,7 +307,8 @@ def sample(inp: SamplerInput) -> SamplerOutput:
     # ---- the one device -> host copy --------------------------------------------------------------------------
     flat = torch.cat(pieces).tolist()
     token_ids = [int(t) for t in flat[:b]]
-    pos = b
+    nonfinite_rows = [r for r in range(b) if flat[b + r] == 0.0]
+    pos = 2 * b
     if row_ok is not None:
         bad = [r for r in range(b) if flat[pos + r] == 0.0]
         pos += b
@@ -315,7 +330,7 @@ def sample(inp: SamplerInput) -> SamplerOutput:
                 if top_vals[j * width + c] != _NEG_INF
             ]
             logprobs[r] = TokenLogprob(token_id=token_ids[r], logprob=chosen_lp[j], top=pairs)
-    return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+    return SamplerOutput(token_ids=token_ids, logprobs=logprobs, nonfinite_rows=nonfinite_rows)
 
 
 def _filter(
