@@ -30,6 +30,9 @@ class AuthConfig(BaseModel):
     keys_file_env: str = "KIMIRAY_API_KEYS_FILE"  # a file with one key per line
     requests_per_minute: int = Field(600, ge=1, description="per key")
     max_concurrent_per_key: int = Field(64, ge=1)
+    creates_per_minute: int = Field(
+        300, ge=1, description="per key: task submissions, file uploads and session creations together (each "
+        "stores something, so they get their own budget on top of requests_per_minute)")
 
 
 class ModelConfig(BaseModel):

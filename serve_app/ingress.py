@@ -87,7 +87,7 @@ def error_response(err: ApiError) -> JSONResponse:
 
 
 class IngressState:
-    """What the routes use: config, backend, auth, per-key limiter, metrics."""
+    """What the routes use: config, backend, auth, per-key limiters (requests; stored creations), metrics."""
 
     def __init__(self, config: AppConfig, backend: Backend, task_service: Any = None) -> None:
         from serve_app.auth import check_bind_allowed
@@ -98,6 +98,7 @@ class IngressState:
         self.auth = ApiKeyAuth(load_api_keys(config.auth), config.auth)
         check_bind_allowed(config.host, self.auth.enabled)  # no keys -> loopback only, or refuse to start
         self.limiter = KeyLimiter(config.auth.requests_per_minute, config.auth.max_concurrent_per_key)
+        self.create_limiter = KeyLimiter(config.auth.creates_per_minute, config.auth.max_concurrent_per_key)
         self.metrics = ServeMetrics(model=config.model.served_name)
 
     def tasks(self) -> Any:

@@ -86,6 +86,20 @@ def _owner(request: Request) -> str:
     return getattr(request.state, "key_id", None) or "anonymous"
 
 
+def _admit_create(request: Request) -> None:
+    """Per-key budget for requests that store something (task, file, session): 429 with Retry-After past it."""
+    from serve_app.auth import RateLimited
+    from serve_app.ingress import ApiError, _state
+
+    state = _state(request)
+    try:
+        state.create_limiter.acquire(_owner(request)).release()
+    except RateLimited as exc:
+        raise ApiError(429, "rate_limited", "too many tasks, files or sessions created with this API key "
+                       f"(limit {state.config.auth.creates_per_minute} per minute)",
+                       {"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))}) from None
+
+
 def _task_json(task: dict[str, Any], created: bool | None = None) -> dict[str, Any]:
     out = {"object": "task", **task}
     if created is not None:
@@ -96,6 +110,7 @@ def _task_json(task: dict[str, Any], created: bool | None = None) -> dict[str, A
 @router.post("/v1/tasks", status_code=202, tags=["tasks"])
 async def submit_task(request: Request, body: TaskSubmission) -> JSONResponse:
     """Accept a task (202) or, for an idempotency key seen before, return the existing one (200)."""
+    _admit_create(request)
     service = _service(request)
     task, created = await service.submit(_owner(request), body)
     return JSONResponse(_task_json(task, created), status_code=202 if created else 200,
@@ -225,6 +240,7 @@ async def task_artifact(request: Request, task_id: str, name: str) -> Response:
 async def upload_file(request: Request) -> JSONResponse:
     """Upload a file (the raw request body, any content type) for a task to use by reference (``blob``): large
     PDFs need not travel base64-encoded inside the task's JSON. Limited by ``limits.max_body_bytes``."""
+    _admit_create(request)
     service = _service(request)
     data = await request.body()
     if not data:
@@ -257,6 +273,7 @@ async def _session(request: Request, session_id: str) -> Any:
 
 @router.post("/v1/sessions", status_code=201, tags=["sessions"])
 async def create_session(request: Request, body: SessionCreate | None = None) -> JSONResponse:
+    _admit_create(request)
     service = _service(request)
     body = body or SessionCreate()
     record = await service.stores.sessions.create(

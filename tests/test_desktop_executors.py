@@ -9,6 +9,7 @@ import asyncio
 import importlib.util
 import io
 import json
+import logging
 import shutil
 import socket
 import threading
@@ -347,6 +348,22 @@ def test_http_requires_the_token(host: str) -> None:
             == 401
     with pytest.raises(ExecutorError, match="401"):
         run(HttpExecutor(host, token="wrong").observe())
+
+
+def test_http_tokens_never_reach_errors_or_logs(host: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A client's token (wrong here, so the host answers 401) and the host's own token stay out of every error
+    message, repr and log line, at DEBUG, also when the host is unreachable."""
+    caplog.set_level(logging.DEBUG)
+    mine = "sk-desktop-leak-check-7f3a"
+    texts = []
+    for url in (host, "http://127.0.0.1:9"):
+        remote = HttpExecutor(url, token=mine, timeout_s=3)
+        with pytest.raises(ExecutorError) as info:
+            run(remote.observe())
+        texts += [str(info.value), repr(info.value), repr(remote)]
+    texts.append(caplog.text)
+    for text in texts:
+        assert mine not in text and TOKEN not in text, text
 
 
 def test_http_rejections(host: str, display: VirtualDisplay) -> None:

@@ -342,6 +342,28 @@ def test_a_key_over_its_limits_gets_429_and_other_keys_do_not(tmp_path: Path, en
         assert _chat(url, "sk-lim-conc-a").status_code == 200  # the slot came back
 
 
+def test_creations_have_their_own_per_key_budget(tmp_path: Path, engine: Any) -> None:
+    """Task submissions, uploads and session creations share a per-key budget (burst 1 at 6 per minute here): past
+    it, 429 with Retry-After and nothing stored; other keys and reads are unaffected."""
+    keys = ["sk-create-a", "sk-create-b"]
+    with task_server(f"sqlite:///{tmp_path}", ",".join(keys), engine=engine,
+                     app_args={"auth": {"creates_per_minute": 6}}) as url:
+        a, b = auth("sk-create-a"), auth("sk-create-b")
+        task = {"type": "chat", "input": {"messages": [{"role": "user", "content": "hi"}]},
+                "options": {"max_tokens": 2}}
+        first = httpx.post(f"{url}/v1/tasks", json=task, headers=a, timeout=30)
+        assert first.status_code == 202, first.text
+        for method, path, kwargs in (("POST", "/v1/tasks", {"json": task}), ("POST", "/v1/sessions", {"json": {}}),
+                                     ("POST", "/v1/files", {"content": b"%PDF-1.4 tiny"})):
+            refused = httpx.request(method, f"{url}{path}", headers=a, timeout=30, **kwargs)
+            assert refused.status_code == 429, (path, refused.text)
+            assert refused.json()["error"]["code"] == "rate_limited" and int(refused.headers["Retry-After"]) >= 1
+        listed = httpx.get(f"{url}/v1/tasks", headers=a, timeout=30).json()["data"]
+        assert [t["id"] for t in listed] == [first.json()["id"]]  # the refused submissions stored nothing
+        assert httpx.post(f"{url}/v1/sessions", json={}, headers=b, timeout=30).status_code == 201
+        assert httpx.get(f"{url}/v1/tasks/{first.json()['id']}", headers=a, timeout=30).status_code == 200
+
+
 @contextmanager
 def held_image() -> Iterator[tuple[str, threading.Event, threading.Event]]:
     """A loopback HTTP server with one PNG that it sends only after ``release`` is set; ``fetched`` is set when a
