@@ -396,6 +396,8 @@ def main() -> None:
     parser.add_argument("--no-graphs", action="store_true")
     parser.add_argument("--nan-probe", action="store_true",
                         help="debug: sync after each step and report the first rows with non-finite logits")
+    parser.add_argument("--fused-max-rows", type=int,
+                        help="debug: largest pure-decode step on the fused path (default: every graph bucket)")
     parser.add_argument("--graph-pools", default="shared", choices=["shared", "own"])
     parser.add_argument("--breakdown", type=Path, help="time a batch-1 decode step's phases; CPU op table here")
     parser.add_argument("--baseline", action="store_true",
@@ -416,6 +418,8 @@ def main() -> None:
     results["cache_tokens"] = engine.cache_capacity_tokens
     if args.nan_probe:
         install_nan_probe(engine)
+    if args.fused_max_rows:
+        runner_module.FAST_DECODE_MAX_ROWS = args.fused_max_rows
     results["bandwidth_GBps"] = round(measure_bandwidth() / 1e9, 1) if on_gpu else float("nan")
     bandwidth = results["bandwidth_GBps"] * 1e9
 
