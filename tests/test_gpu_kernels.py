@@ -184,3 +184,19 @@ def test_graphs_stay_valid_when_the_batch_crosses_the_fused_path_threshold(tiny_
         outputs.append([s.output_ids for s in seqs])
     assert engine.runner.graphs.replays > 0 and (16, 256) in engine.runner.graphs.graphs
     assert outputs[2] == outputs[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,cols", [(1, 1408), (3000, 1408), (77, 96)])
+def test_silu_mul_scale_kernel_matches_reference(rows: int, cols: int) -> None:
+    from engine.kernels import triton_moe
+    from engine.kernels.moe import silu_mul_scale_torch
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    gate = torch.randn(rows, cols, device="cuda", generator=gen).to(torch.bfloat16) * 3
+    up = torch.randn(rows, cols, device="cuda", generator=gen).to(torch.bfloat16)
+    weights = torch.rand(rows, 1, device="cuda", generator=gen).to(torch.bfloat16)
+    expected = silu_mul_scale_torch(gate.float(), up.float(), weights.float())
+    actual = triton_moe.silu_mul_scale(gate, up, weights)
+    assert actual.dtype == torch.bfloat16 and actual.shape == (rows, cols)
+    _close(actual, expected, rel=1e-2)

@@ -104,7 +104,7 @@ def test_sigkill_of_a_runner_during_20_tasks_loses_nothing(tmp_path: Path) -> No
     asyncio.run(main())
 
 
-def test_redis_restart_with_tasks_queued_and_running_loses_none(tmp_path: Path) -> None:
+def test_redis_restart_with_tasks_queued_and_running_loses_none_nor_sessions(tmp_path: Path) -> None:
     async def main() -> None:
         with redis_server(tmp_path / "redis") as redis:
             stores = open_stores(redis.url)
@@ -113,6 +113,10 @@ def test_redis_restart_with_tasks_queued_and_running_loses_none(tmp_path: Path) 
                 record, _ = await stores.tasks.submit(OWNER, TaskSubmission(
                     type="sleepy", input={"steps": 10, "step_s": 0.1, "tag": f"r{i}"}), max_attempts=5)
                 ids.append(record.id)
+            session = await stores.sessions.create(OWNER, metadata={"purpose": "restart check"})
+            turns = [{"role": "user", "content": f"turn {i}"} for i in range(5)]
+            await stores.sessions.append(session.id, OWNER, turns, token_count=25)
+            await stores.sessions.set_partial(session.id, OWNER, "chunk-0", {"done": True})
             worker = await start_worker(redis.url, concurrency=2, lease_s=5.0)
             try:
                 async def two_running() -> bool:
@@ -127,6 +131,11 @@ def test_redis_restart_with_tasks_queued_and_running_loses_none(tmp_path: Path) 
                 redis.start()
                 after = await statuses(stores, ids)  # the same store object reconnects by itself
                 assert all(after[i] is not None for i in ids)
+                kept = await stores.sessions.get(session.id, OWNER)  # sessions survive the restart too
+                assert kept is not None and kept.metadata == {"purpose": "restart check"}
+                assert [m.content for m in await stores.sessions.messages(session.id, OWNER)] == \
+                    [t["content"] for t in turns]
+                assert await stores.sessions.partials(session.id, OWNER) == {"chunk-0": {"done": True}}
                 for i in ids:
                     if before[i] == "queued":
                         assert after[i].status in ("queued", "running", "succeeded")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import TextConfig
+from engine.kernels.moe import silu_mul_scale
 
 
 class RMSNorm(nn.Module):
@@ -288,7 +289,7 @@ class ExpertBank(nn.Module):
         offsets = counts.cumsum(0).to(torch.int32)
         gate = F.grouped_mm(sorted_x, self.gate_proj.transpose(1, 2), offs=offsets)
         up = F.grouped_mm(sorted_x, self.up_proj.transpose(1, 2), offs=offsets)
-        hidden = F.silu(gate) * up * row_weights
+        hidden = silu_mul_scale(gate, up, row_weights)  # one fused pass on CUDA (engine.kernels.moe)
         return F.grouped_mm(hidden, self.down_proj.transpose(1, 2), offs=offsets)
 
     def _loop(self, sorted_x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ still being filled. Freed blocks keep their hash and stay reusable until the all
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 
 from engine.runtime.sequence import ImageSpan, Sequence
@@ -32,7 +33,7 @@ def block_extra_keys(images: list[ImageSpan], start: int, end: int) -> bytes:
 def chain_hash(previous: bytes, token_ids: list[int], extra: bytes) -> bytes:
     digest = hashlib.blake2b(previous, digest_size=16)
     digest.update(len(token_ids).to_bytes(4, "little"))
-    digest.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
+    digest.update(array("I", token_ids).tobytes())  # 4 bytes per id, native order (hashes never leave the process)
     digest.update(extra)
     return digest.digest()
 
@@ -65,14 +66,17 @@ class BlockManager:
 
     # ------------------------------------------------------------------ prefix cache
     def _prompt_block_hashes(self, seq: Sequence, upto_tokens: int) -> list[bytes]:
-        hashes = list(seq.block_hashes)
+        """The hash chain of the sequence's first ``upto_tokens // block_size`` blocks. The chain is kept on the
+        sequence (a full block's tokens never change), so admission and publishing hash each block once."""
         bs = self.block_size
-        for b in range(len(hashes), upto_tokens // bs):
+        count = upto_tokens // bs
+        hashes = seq.block_hashes
+        for b in range(len(hashes), count):
             start = b * bs
             previous = hashes[-1] if hashes else b""
             extra = block_extra_keys(seq.images, start, start + bs)
             hashes.append(chain_hash(previous, seq.tokens_between(start, start + bs), extra))
-        return hashes
+        return hashes[:count]
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold the leading tokens of ``seq`` (never all of them: one token is recomputed)."""
@@ -96,7 +100,6 @@ class BlockManager:
             self._take(block)
         seq.block_table = list(cached)
         seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * self.block_size
-        seq.block_hashes = self._prompt_block_hashes(seq, seq.num_computed_tokens)
         seq.num_registered_blocks = len(cached)
 
     def publish(self, seq: Sequence) -> None:
@@ -104,9 +107,9 @@ class BlockManager:
         full = seq.num_computed_tokens // self.block_size
         if full <= seq.num_registered_blocks:
             return
-        seq.block_hashes = self._prompt_block_hashes(seq, full * self.block_size)
+        hashes = self._prompt_block_hashes(seq, full * self.block_size)
         for b in range(seq.num_registered_blocks, full):
-            h, block = seq.block_hashes[b], seq.block_table[b]
+            h, block = hashes[b], seq.block_table[b]
             owner = self.hash_to_block.get(h)
             if owner is None:
                 self.hash_to_block[h] = block
