@@ -515,8 +515,8 @@ class CapturedDecode:
 
     ``packed`` (device, int64) holds every per-step input: ids, positions, write slots and key counts (``batch``
     each), then the key slots (``batch`` x ``keys``). The graph itself derives the key mask and int32 lengths from
-    it, so a step costs one host->device copy from ``staging`` (pinned, same layout) and one launch. All of these
-    live outside the capture's memory pool, so no later capture can reuse (and overwrite) them.
+    it, so a step costs one host->device copy from ``staging`` (pinned, same layout) and one launch. ``packed`` and
+    ``staging`` are allocated outside the capture's memory pool and live as long as the graph.
     """
 
     graph: torch.cuda.CUDAGraph
