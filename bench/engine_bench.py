@@ -7,7 +7,8 @@ same process, transformers' DeepseekV3ForCausalLM.generate on the same decoder w
 bound of each decode figure (bytes a step must read / measured copy bandwidth).
 
 Usage: python bench/engine_bench.py --json out.json [--batches 1 8 32 64] [--skip-hf] [--profile]
-       [--baseline]  (decode also measured with the fused small-batch path off, same process, first)
+       [--baseline]  (decode also measured with the fused path off, same process, first: eager then, since
+                      decode CUDA graphs only replay the fused path)
 """
 
 from __future__ import annotations
@@ -389,7 +390,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--layers", type=int, help="shrink the model (smoke runs only)")
     parser.add_argument("--fast-decode", default="auto", choices=["auto", "off"],
-                        help="the runner's fused small-batch decode path")
+                        help="the runner's fused decode path (off: decode runs eagerly, without CUDA graphs)")
     parser.add_argument("--decode-only", action="store_true", help="stop after the decode rounds")
     parser.add_argument("--graph-inputs", default="sequences", choices=["sequences", "prepared"],
                         help="decode graph inputs written from the sequences, or prepare() + pad (the older path)")
@@ -398,10 +399,11 @@ def main() -> None:
                         help="debug: sync after each step and report the first rows with non-finite logits")
     parser.add_argument("--fused-max-rows", type=int,
                         help="debug: largest pure-decode step on the fused path (default: every graph bucket)")
-    parser.add_argument("--graph-pools", default="shared", choices=["shared", "own"])
+    parser.add_argument("--graph-pools", default="shared", choices=["shared", "own"],
+                        help="debug: one CUDA-graph memory pool for all decode graphs, or one per graph")
     parser.add_argument("--breakdown", type=Path, help="time a batch-1 decode step's phases; CPU op table here")
     parser.add_argument("--baseline", action="store_true",
-                        help="first measure decode with the fused path off (same process, re-captured graphs)")
+                        help="first measure decode with the fused path off (same process; eager, no graphs)")
     parser.add_argument("--ablations", action="store_true",
                         help="also measure the fused path with the MoE GEMVs only up to 4 rows")
     args = parser.parse_args()

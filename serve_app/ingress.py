@@ -43,6 +43,11 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers, self.param = status, code, message, headers or {}, param
 
 
+def rate_limited(exc: RateLimited, message: str) -> ApiError:
+    """The 429 for a refused per-key limiter, with Retry-After in whole seconds (at least 1)."""
+    return ApiError(429, "rate_limited", message, {"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))})
+
+
 def classify(exc: BaseException) -> ApiError:
     """Map an exception from validation, media loading or the engine to an HTTP error."""
     from engine.runtime.engine import EngineDeadError, EngineOverloadedError, RequestTooLongError
@@ -229,8 +234,7 @@ def create_app() -> FastAPI:
             slot = state.limiter.acquire(key_id)
             await slot.__aenter__()
         except RateLimited as exc:
-            raise ApiError(429, "rate_limited", "too many requests for this API key",
-                           {"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))}) from None
+            raise rate_limited(exc, "too many requests for this API key") from None
         released = False
         handed_off = False  # once a StreamingResponse exists, its generator releases the slot
 

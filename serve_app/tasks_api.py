@@ -89,15 +89,14 @@ def _owner(request: Request) -> str:
 def _admit_create(request: Request) -> None:
     """Per-key budget for requests that store something (task, file, session): 429 with Retry-After past it."""
     from serve_app.auth import RateLimited
-    from serve_app.ingress import ApiError, _state
+    from serve_app.ingress import _state, rate_limited
 
     state = _state(request)
     try:
         state.create_limiter.acquire(_owner(request)).release()
     except RateLimited as exc:
-        raise ApiError(429, "rate_limited", "too many tasks, files or sessions created with this API key "
-                       f"(limit {state.config.auth.creates_per_minute} per minute)",
-                       {"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))}) from None
+        raise rate_limited(exc, "too many tasks, files or sessions created with this API key "
+                           f"(limit {state.config.auth.creates_per_minute} per minute)") from None
 
 
 def _task_json(task: dict[str, Any], created: bool | None = None) -> dict[str, Any]:

@@ -49,3 +49,17 @@ def run(coro):
 
 def tokens_of(deltas: list[Delta]) -> list[int]:
     return [t for d in deltas for t in d.token_ids]
+
+
+def plain_step(runner: Any, meta: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the cache after ``meta`` on the plain (mask-based) decode path; the cache is then put back as it
+    was, so the same step can run again on another path (fused, padded, graph inputs) and be compared."""
+    before = runner.kv_cache.clone()
+    mode, runner.fast_decode = runner.fast_decode, "off"
+    try:
+        logits = runner.forward_eager(meta)
+    finally:
+        runner.fast_decode = mode
+    after = runner.kv_cache.clone()
+    runner.kv_cache.copy_(before)
+    return logits, after

@@ -12,7 +12,7 @@ import torch
 from engine.kernels import decode as fused
 from engine.runtime.engine import EngineOptions, LLMEngine
 from engine.runtime.runner import pad_decode_metadata
-from tests.runtime_helpers import text_message
+from tests.runtime_helpers import plain_step, text_message
 
 
 def _decode_step(bundle, rows: int):
@@ -27,11 +27,7 @@ def _decode_step(bundle, rows: int):
 
 
 def _compare(runner, meta, tol: float) -> None:
-    before = runner.kv_cache.clone()
-    runner.fast_decode = "off"
-    expected = runner.forward_eager(meta)
-    cache_expected = runner.kv_cache.clone()
-    runner.kv_cache.copy_(before)
+    expected, cache_expected = plain_step(runner, meta)
     runner.fast_decode = "on"
     assert runner.fast_decode_applicable(meta)
     actual = runner.forward_eager(meta)
@@ -59,11 +55,7 @@ def test_fast_decode_on_padded_graph_metadata(tiny_checkpoint_a3b) -> None:
     engine, meta = _decode_step(bundle, 3)
     runner = engine.runner
     padded = pad_decode_metadata(meta, 4, 512, runner.scratch_slot)
-    before = runner.kv_cache.clone()
-    runner.fast_decode = "off"
-    expected = runner.forward_eager(meta)
-    cache_expected = runner.kv_cache.clone()
-    runner.kv_cache.copy_(before)
+    expected, cache_expected = plain_step(runner, meta)
     runner.fast_decode = "on"
     actual = runner.forward_eager(padded)[:3]
     runner.fast_decode = "auto"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.model.decoder import ExpertBank
+from tests.runtime_helpers import plain_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -150,12 +151,7 @@ def test_fast_decode_step_matches_plain_path_on_gpu(tiny_checkpoint_a3b) -> None
     runner = engine.runner
     meta = runner.prepare(batch.seqs, batch.num_new_tokens)
     assert runner.fast_decode_applicable(meta)
-    before = runner.kv_cache.clone()
-    runner.fast_decode = "off"
-    expected = runner.forward_eager(meta)
-    cache_expected = runner.kv_cache.clone()
-    runner.kv_cache.copy_(before)
-    runner.fast_decode = "auto"
+    expected, cache_expected = plain_step(runner, meta)
     actual = runner.forward_eager(meta)
     _close(actual, expected, 5e-2)
     _close(runner.kv_cache, cache_expected, 2e-2)

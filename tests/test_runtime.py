@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from engine.runtime.engine import AsyncEngine, EngineOptions, EngineOverloadedError, LLMEngine, RequestTooLongError
-from tests.runtime_helpers import collect, image, image_message, reference_tokens, run, text_message, tokens_of
+from tests.runtime_helpers import (collect, image, image_message, plain_step, reference_tokens, run, text_message,
+                                   tokens_of)
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
@@ -40,8 +41,8 @@ def _engine(bundle, **options) -> AsyncEngine:
     return AsyncEngine(LLMEngine(bundle, EngineOptions(**options)))
 
 
-def _assert_all_blocks_free(engine: AsyncEngine) -> None:
-    blocks = engine.engine.blocks
+def _assert_all_blocks_free(engine: AsyncEngine | LLMEngine) -> None:
+    blocks = (engine.engine if isinstance(engine, AsyncEngine) else engine).blocks
     assert blocks.num_free_blocks == blocks.num_blocks
     assert all(count == 0 for count in blocks.ref_counts)
 
@@ -247,10 +248,8 @@ def test_stop_string_and_max_tokens(tiny_bundle) -> None:
     run(engine.shutdown())
 
 
-def test_padded_decode_step_equals_unpadded(tiny_bundle) -> None:
-    """The CUDA-graph decode path pads batch and key length; run eagerly, padding must not change real rows."""
-    from engine.runtime.runner import pad_decode_metadata
-
+def _three_decode_rows(tiny_bundle):
+    """An engine whose next step decodes three sequences: (engine, that batch, its prepared metadata)."""
     engine = LLMEngine(tiny_bundle, EngineOptions(cache_tokens=2048, block_size=8))
     for i in range(3):
         engine.add(engine.make_sequence({"messages": text_message(_long_text(10 + 7 * i, seed=i)), "max_tokens": 5,
@@ -258,11 +257,15 @@ def test_padded_decode_step_equals_unpadded(tiny_bundle) -> None:
     engine.step()  # prefill all three, sample their first token
     batch = engine.scheduler.schedule()
     assert all(n == 1 for n in batch.num_new_tokens) and len(batch.seqs) == 3
-    meta = engine.runner.prepare(batch.seqs, batch.num_new_tokens)
-    cache_before = engine.runner.kv_cache.clone()
-    expected = engine.runner.forward_eager(meta)
-    cache_after = engine.runner.kv_cache.clone()
-    engine.runner.kv_cache.copy_(cache_before)
+    return engine, batch, engine.runner.prepare(batch.seqs, batch.num_new_tokens)
+
+
+def test_padded_decode_step_equals_unpadded(tiny_bundle) -> None:
+    """The CUDA-graph decode path pads batch and key length; run eagerly, padding must not change real rows."""
+    from engine.runtime.runner import pad_decode_metadata
+
+    engine, batch, meta = _three_decode_rows(tiny_bundle)
+    expected, cache_after = plain_step(engine.runner, meta)
     padded = pad_decode_metadata(meta, 8, 256, engine.runner.scratch_slot)
     actual = engine.runner.forward_eager(padded)[:3]
     assert torch.isfinite(actual).all()
@@ -279,19 +282,10 @@ def test_graph_inputs_written_from_sequences_equal_the_prepared_ones(tiny_bundle
 
     from engine.runtime.runner import DecodeGraphs, write_decode_inputs
 
-    engine = LLMEngine(tiny_bundle, EngineOptions(cache_tokens=2048, block_size=8))
+    engine, batch, meta = _three_decode_rows(tiny_bundle)
     runner = engine.runner
-    for i in range(3):
-        engine.add(engine.make_sequence({"messages": text_message(_long_text(10 + 7 * i, seed=i)), "max_tokens": 5,
-                                         "ignore_eos": True}))
-    engine.step()
-    batch = engine.scheduler.schedule()
-    assert all(n == 1 for n in batch.num_new_tokens) and len(batch.seqs) == 3
-    meta = runner.prepare(batch.seqs, batch.num_new_tokens)
+    expected, cache_after = plain_step(runner, meta)
     cache_before = runner.kv_cache.clone()
-    expected = runner.forward_eager(meta)
-    cache_after = runner.kv_cache.clone()
-    runner.kv_cache.copy_(cache_before)
 
     rows, keys = 4, 256
     host = np.full(4 * rows + rows * keys, 7, dtype=np.int64)  # stale but valid slots everywhere
@@ -344,9 +338,4 @@ def test_a_row_with_non_finite_logits_fails_alone(tiny_bundle) -> None:
             assert seq.finish_reason == "error" and "non-finite logits" in seq.error and len(seq.output_ids) == 2
         else:
             assert seq.finish_reason == "length" and len(seq.output_ids) == 6
-    _assert_all_blocks_free_engine(engine)
-
-
-def _assert_all_blocks_free_engine(engine: LLMEngine) -> None:
-    stats = engine.stats()
-    assert stats["free_blocks"] == stats["num_blocks"], stats
+    _assert_all_blocks_free(engine)
