@@ -100,7 +100,8 @@ def create_app() -> FastAPI:
                 try:
                     identity = state.auth.authenticate(request.headers.get("authorization"))
                 except AuthError as exc:
-                    raise ApiError(exc.status, exc.code, "a valid API key is required (Authorization: Bearer …)")
+                    raise ApiError(exc.status, exc.code, "a valid API key is required (Authorization: Bearer …)",
+                                   exc.headers)  # 401: WWW-Authenticate: Bearer (RFC 6750)
                 key_id = identity.key_id
                 request.state.key_id = key_id
             length = request.headers.get("content-length")
@@ -158,11 +159,9 @@ def create_app() -> FastAPI:
 
     @app.get("/v1/stats", tags=["ops"])
     async def stats(request: Request) -> dict[str, Any]:
-        """Engine statistics: queue depth, cache usage, prefix- and vision-cache hits."""
-        state = _state(request)
-        data = await state.backend.stats()
-        state.metrics.engine_stats(data)
-        return data
+        """Engine statistics of one model replica: queue depth, cache usage, prefix- and vision-cache hits. (The
+        gauges in Ray's metrics come from each ModelServer's health check, not from here.)"""
+        return await _state(request).backend.stats()
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(request: Request, body: openai_api.ChatCompletionRequest):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import io
 import ipaddress
 import shutil
@@ -379,13 +378,6 @@ def test_http_video_frames(server: MediaServer) -> None:
     urls = [server.url(f"/img.png?c={k},{k},{k}") for k in range(3)]
     frames = run(load_video_part({"type": "video", "video": {"frames": urls, "fps": 1}}, PRIVATE_OK))
     assert [im.getpixel((0, 0)) for im in frames.frames] == [(0, 0, 0), (1, 1, 1), (2, 2, 2)]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("av") is not None, reason="PyAV installed: video URLs are decoded")
-def test_video_url_without_decoder_is_422() -> None:
-    err = media_error(load_video_part({"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}, STRICT))
-    assert (err.status_code, err.code) == (422, "video_url_unsupported")
-    assert "frames" in err.message
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a test certificate")

@@ -271,15 +271,12 @@ def test_ssrf_through_the_api(server: MediaServer) -> None:
         assert info.value.code == "url_not_allowed"
 
 
-def test_video_url_part() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("av") is not None:
-        pytest.skip("PyAV installed: video URLs are decoded")
+def test_video_url_part_that_is_not_a_video_names_the_part() -> None:
+    junk = data_url(b"definitely not a video" * 10, "video/mp4")
     with pytest.raises(MediaError) as info:
-        convert({"messages": [user({"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}})]})
-    assert (info.value.status_code, info.value.code) == (422, "video_url_unsupported")
-    assert info.value.param == "messages[0].content[0].video_url.url"
+        convert({"messages": [user(text("look"), {"type": "video_url", "video_url": {"url": junk}})]})
+    assert (info.value.status_code, info.value.code) == (415, "unsupported_video_format")
+    assert info.value.param == "messages[0].content[1].video_url.url"
 
 
 # ----------------------------------------------------------------------------------------------------------
