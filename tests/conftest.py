@@ -70,7 +70,13 @@ def group_of(item: pytest.Item) -> str:
     return "integration" if found else "unit"
 
 
+# modules that deploy on the session's shared local Ray (tests/serve_harness.py): run as one block at the end, so
+# the shared Ray is started once and is not left idle beside the rest of the suite
+SHARED_RAY_MODULES = ("test_langchain", "test_metrics", "test_serve", "test_serve_limits", "test_session_affinity")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: _module_name(item) in SHARED_RAY_MODULES)  # stable: order kept within each part
     for item in items:
         if not any(item.get_closest_marker(g) for g in GROUPS):  # a module's own pytestmark wins
             item.add_marker(getattr(pytest.mark, group_of(item)))
