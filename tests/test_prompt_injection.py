@@ -9,7 +9,6 @@ rendered text (nothing of the user's text was lost or turned into something else
 
 from __future__ import annotations
 
-import base64
 import copy
 import io
 from pathlib import Path
@@ -21,7 +20,6 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.processor import KimiVLProcessor
 from engine.tiny_tokenizer import write_tiny_tokenizer
 from engine.tokenizer import KimiTokenizer, PromptSegment
 
@@ -103,7 +101,7 @@ def test_special_strings_in_any_message_text_stay_text(tok: KimiTokenizer, use_j
     for name, messages in conversations(tok).items():
         ids = tok.encode_chat(messages, gen, use_jinja=use_jinja)
         assert_text_is_data(tok, messages, ids, add_generation_prompt=gen, use_jinja=use_jinja)
-        if "user" == name:  # every one of the 256 special names was in the text, none became a token
+        if name == "user":  # every one of the 256 special names was in the text, none became a token
             assert len(specials(tok, ids)) == len(specials(tok, tok.encode_chat(blanked(messages), gen))) < 12
             assert n_special == 256
 
@@ -174,7 +172,8 @@ def test_default_renderer_is_the_checkpoints_template(tok: KimiTokenizer, tmp_pa
 def test_a_template_that_rewrites_text_is_refused(tok: KimiTokenizer) -> None:
     from engine.tokenizer import ChatTemplateError
 
-    rewriting = tok.chat_template.replace("message['content'] + '<|im_end|>'", "message['content'] | upper + '<|im_end|>'")
+    rewriting = tok.chat_template.replace("message['content'] + '<|im_end|>'",
+                                          "message['content'] | upper + '<|im_end|>'")
     assert rewriting != tok.chat_template
     t = KimiTokenizer(tok.encoding._mergeable_ranks, tok.config, chat_template=rewriting)
     with pytest.raises(ChatTemplateError, match="rewrites message text"):

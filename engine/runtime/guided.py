@@ -35,8 +35,9 @@ llguidance facts this relies on (llguidance 1.9.1; 1.8.0 / 1.9.0 pass the tests 
   matcher and every request gets a deep copy.
 * The engine builds one step's masks batched: :meth:`GuidedDecoding.fill_batch` fills every guided row of
   the batch into one ``(B, ceil(V/32))`` int32 bitmask with one ``llguidance.numpy.fill_next_token_bitmask_par``
-  call (llguidance's thread pool); the bitmask (20 KiB a row at V = 163840, not a 160 KiB bool row) goes to the
-  device in one copy and is unpacked and applied there in one pass for the whole batch.
+  call (llguidance's thread pool; row by row in place on machines where that pool would have a single thread);
+  the bitmask (20 KiB a row at V = 163840, not a 160 KiB bool row) goes to the device in one copy and is
+  unpacked and applied there for the whole batch at once.
 * ``llguidance.torch.apply_token_bitmask_inplace`` is wrapped in ``torch.compile`` (needs a C++ toolchain on
   CPU and compiles on first use), so :func:`apply_bitmask_` / :func:`bitmask_to_bool` here unpack the bits
   with plain tensor ops (any device, same result).
@@ -71,8 +72,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import llguidance
 import torch
-from llguidance.tiktoken import lltokenizer_from_encoding
 from llguidance.numpy import fill_next_token_bitmask, fill_next_token_bitmask_par
+from llguidance.tiktoken import lltokenizer_from_encoding
 
 if TYPE_CHECKING:
     from engine.tokenizer import KimiTokenizer
@@ -303,7 +304,7 @@ class GuidedDecoding:
 
     # -- batched mask -----------------------------------------------------------------------------------------
     def fill_bitmasks(self, rows: Sequence[tuple["GrammarMatcher", int]], bitmask: torch.Tensor) -> None:
-        """Fill several rows of ``bitmask`` at once, in parallel on llguidance's thread pool.
+        """Fill several rows of ``bitmask`` at once (see :meth:`fill_batch`).
 
         ``rows``: ``(matcher, row)`` pairs; rows not listed are left untouched.  Same contract as
         :meth:`GrammarMatcher.fill_bitmask`; raises :class:`GrammarError` if a matcher failed.
