@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.config import KimiVLConfig, load_config
-from engine.model.decoder import ExpertBank, MoEGate
+from engine.model.decoder import DeepseekV3Attention, ExpertBank, MoEGate
 from engine.model.kimi_vl import KimiVLForConditionalGeneration
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -104,6 +104,9 @@ def build_empty_model(config: KimiVLConfig, device: torch.device, dtype: torch.d
         for name, buf in list(module._buffers.items()):
             if buf is not None:
                 module._buffers[name] = buf.to(device)
+    for module in model.modules():  # the fused q/kv layout, made before loading: weights load into its views
+        if isinstance(module, DeepseekV3Attention):
+            module.fuse_qkv_()
     return model.eval()
 
 

@@ -548,12 +548,19 @@ class VideoFrames:
 # --------------------------------------------------------------------------------------------------------------
 
 
+class _Segment(Protocol):
+    text: str
+    trusted: bool
+
+
 class _Tokenizer(Protocol):
     media_pad_id: int
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str: ...
+    def render_chat_segments(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> Sequence[_Segment]: ...
 
-    def encode(self, text: str, allow_special: bool = True) -> list[int]: ...
+    def encode_segments(self, segments: Iterable[_Segment]) -> list[int]: ...
 
 
 @dataclass
@@ -633,8 +640,9 @@ def collect_media(messages: Iterable[Any]) -> list[_Media]:
 class KimiVLProcessor:
     """Chat messages with images / video frames -> ``ProcessedInputs`` for ``KimiVLForConditionalGeneration``.
 
-    ``tokenizer`` needs ``apply_chat_template(messages, add_generation_prompt)`` (one ``<|media_pad|>`` per
-    image / frame), ``encode(text, allow_special=True)`` and ``media_pad_id``. ``video_in_token_limit``
+    ``tokenizer`` needs ``render_chat_segments(messages, add_generation_prompt)`` (one ``<|media_pad|>`` per
+    image / frame, in trusted template segments), ``encode_segments(segments)`` (special tokens only from trusted
+    segments: message text is data, never control) and ``media_pad_id``. ``video_in_token_limit``
     optionally lowers the per-frame patch budget for video frames (our convention; default = images').
     """
 
@@ -662,10 +670,9 @@ class KimiVLProcessor:
 
     def __call__(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> ProcessedInputs:
         media = collect_media(messages)
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        if not isinstance(prompt, str):
-            raise ProcessorError(f"tokenizer.apply_chat_template must return a str, got {type(prompt).__name__}")
-        ids = [int(t) for t in self.tokenizer.encode(prompt, allow_special=True)]
+        segments = self.tokenizer.render_chat_segments(messages, add_generation_prompt=add_generation_prompt)
+        prompt = "".join(s.text for s in segments)
+        ids = [int(t) for t in self.tokenizer.encode_segments(segments)]
         pad = int(self.tokenizer.media_pad_id)
         n_pads = sum(1 for t in ids if t == pad)
         if n_pads != len(media):
@@ -673,8 +680,7 @@ class KimiVLProcessor:
             raise ProcessorError(
                 f"the rendered prompt has {n_pads} media placeholders (<|media_pad|>, id {pad}) but the messages "
                 f"carry {len(media)} images/frames ({len(media) - n_frames} images, {n_frames} video frames); "
-                "every image and video frame needs exactly one media block, and text must not contain "
-                "<|media_pad|> itself"
+                "every image and video frame needs exactly one media block"
             )
         if not media:
             return ProcessedInputs(torch.tensor([ids], dtype=torch.int64), None, None, [], prompt)

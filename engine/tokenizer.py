@@ -39,6 +39,13 @@ Facts and where they come from (re-typed from others' code; no code copied):
 * Thinking history: the official HF demo (copy: zsxkib/cog-kimi-vl-a3b-thinking ``kimi_vl/serve/inference.py``)
   re-templates earlier assistant turns as ``content.strip().split("◁/think▷")[-1]``.
 
+Prompt safety (ours; the official ``apply_chat_template(tokenize=True)`` differs here): message text - user,
+assistant, system, document / OCR / tool text - is *data*.  A conversation is rendered into
+:class:`PromptSegment` s (template output vs message text) and only the template's own output may produce
+special tokens; message text is encoded with special tokens disallowed, so ``<|im_end|>`` typed by a user or
+found in a contract is ordinary text (several text tokens), never the control token.  The Jinja template is
+rendered with unguessable placeholders in place of message text and split at them afterwards.
+
 Our own conventions (Kimi-VL published none):
 
 * ``video`` content items ``{"type": "video", "video" | "frames": [frame, ...] | VideoFrames, "timestamps": [...]?}``
@@ -53,8 +60,10 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import secrets
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import tiktoken
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -63,6 +72,7 @@ __all__ = [
     "KimiTokenizer",
     "StreamDecoder",
     "ChatTemplateError",
+    "PromptSegment",
     "Message",
     "TextItem",
     "ImageItem",
@@ -365,22 +375,43 @@ def split_thinking(text: str) -> tuple[str, str]:
     return "", text.strip()
 
 
-def _render_python(messages: list[dict], add_generation_prompt: bool) -> str:
-    parts: list[str] = []
+@dataclass(frozen=True)
+class PromptSegment:
+    """A piece of a rendered prompt.  ``trusted``: written by the chat template, so the special-token strings in
+    it are control tokens; otherwise message text, always encoded as plain text."""
+
+    text: str
+    trusted: bool
+
+
+def _render_python_segments(messages: list[dict], add_generation_prompt: bool) -> list[PromptSegment]:
+    """The official template's output, written in Python (the fallback when a checkpoint ships no template)."""
+    segs: list[PromptSegment] = []
+
+    def template(text: str) -> None:
+        segs.append(PromptSegment(text, True))
+
     for i, m in enumerate(messages):
         if i == 0 and m["role"] != "system":
-            parts.append(f"<|im_system|>system{_IM_MIDDLE}{DEFAULT_SYSTEM_PROMPT}{_IM_END}")
-        parts += [_ROLE_MARKERS[m["role"]], m["role"], _IM_MIDDLE]
+            template(f"<|im_system|>system{_IM_MIDDLE}{DEFAULT_SYSTEM_PROMPT}{_IM_END}")
+        template(f"{_ROLE_MARKERS[m['role']]}{m['role']}{_IM_MIDDLE}")
         content = m["content"]
         if isinstance(content, str):
-            parts.append(content)
+            segs.append(PromptSegment(content, False))
         else:
             for it in content:
-                parts.append(MEDIA_BLOCK if it["type"] in ("image", "image_url") else it["text"])
-        parts.append(_IM_END)
+                if it["type"] in ("image", "image_url"):
+                    template(MEDIA_BLOCK)
+                else:
+                    segs.append(PromptSegment(it["text"], False))
+        template(_IM_END)
     if add_generation_prompt:
-        parts.append(f"<|im_assistant|>assistant{_IM_MIDDLE}")
-    return "".join(parts)
+        template(f"<|im_assistant|>assistant{_IM_MIDDLE}")
+    return segs
+
+
+def _render_python(messages: list[dict], add_generation_prompt: bool) -> str:
+    return "".join(s.text for s in _render_python_segments(messages, add_generation_prompt))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -487,6 +518,7 @@ class KimiTokenizer:
             tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), None)
         self.chat_template: str | None = tmpl
         self._jinja = None
+        self._special_re: re.Pattern[str] | None = None
 
     # -- loading ------------------------------------------------------------------------------------------
     @classmethod
@@ -622,21 +654,39 @@ class KimiTokenizer:
         add_generation_prompt: bool = True,
         *,
         strip_thinking_history: bool = False,
-        use_jinja: bool = False,
+        use_jinja: bool | None = None,
     ) -> str:
-        """Render a conversation exactly like the official Kimi-VL chat template.
+        """Render a conversation exactly like the official Kimi-VL chat template (as one display string).
 
         ``messages``: dicts or pydantic models with ``role`` in system/user/assistant and ``content`` a string or
         a list of text / image / image_url / video items.  ``strip_thinking_history`` drops ◁think▷ reasoning
-        from earlier assistant turns like the official demo (default off = exact template).  ``use_jinja``
-        renders with the checkpoint's Jinja template instead of our Python renderer (identical output).
+        from earlier assistant turns like the official demo (default off = exact template).  ``use_jinja``:
+        ``None`` (default) renders with the checkpoint's own Jinja template when it ships one, else with our
+        Python renderer; ``True`` / ``False`` force one.  Do not ``encode`` this string with special tokens
+        allowed: :meth:`encode_chat` keeps message text plain.
         """
+        segments = self.render_chat_segments(
+            messages, add_generation_prompt, strip_thinking_history=strip_thinking_history, use_jinja=use_jinja
+        )
+        return "".join(s.text for s in segments)
+
+    def render_chat_segments(
+        self,
+        messages: Iterable[Any],
+        add_generation_prompt: bool = True,
+        *,
+        strip_thinking_history: bool = False,
+        use_jinja: bool | None = None,
+    ) -> list[PromptSegment]:
+        """The rendered conversation as template output (trusted) and message text (plain) segments."""
         norm = normalize_messages(
             messages, strip_thinking_history=strip_thinking_history, add_generation_prompt=add_generation_prompt
         )
+        if use_jinja is None:
+            use_jinja = self.chat_template is not None
         if use_jinja:
-            return self.render_jinja(norm, add_generation_prompt)
-        return _render_python(norm, add_generation_prompt)
+            return self._render_jinja_segments(norm, add_generation_prompt)
+        return _render_python_segments(norm, add_generation_prompt)
 
     def render_jinja(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render already-normalized messages with the checkpoint's Jinja template (as transformers does)."""
@@ -653,15 +703,98 @@ class KimiTokenizer:
             self._jinja = env.from_string(self.chat_template)
         return self._jinja.render(messages=messages, add_generation_prompt=add_generation_prompt)
 
+    def _render_jinja_segments(self, messages: list[dict], add_generation_prompt: bool) -> list[PromptSegment]:
+        """Jinja rendering with each message text replaced by a placeholder, split back into segments.
+
+        A placeholder holds a fresh random nonce (checked absent from every text), so no text can forge one;
+        the template must copy each placeholder exactly once and unchanged (the official templates do).
+        """
+        texts: list[str] = []
+        nonce = secrets.token_hex(16)
+        while any(nonce in t for t in _message_texts(messages)):  # 2^-128 per text; never loops in practice
+            nonce = secrets.token_hex(16)
+
+        def hold(text: str) -> str:
+            texts.append(text)
+            return f"\x00{nonce}:{len(texts) - 1}\x00"
+
+        held = []
+        for m in messages:
+            content = m["content"]
+            if isinstance(content, str):
+                content = hold(content)
+            else:
+                content = [{**it, "text": hold(it["text"])} if it["type"] == "text" else it for it in content]
+            held.append({**m, "content": content})
+        rendered = self.render_jinja(held, add_generation_prompt)
+        parts = re.split(f"\x00{nonce}:(\\d+)\x00", rendered)
+        segments: list[PromptSegment] = []
+        seen: list[int] = []
+        for k, part in enumerate(parts):
+            if k % 2:
+                seen.append(int(part))
+                segments.append(PromptSegment(texts[int(part)], False))
+            elif part:
+                segments.append(PromptSegment(part, True))
+        if sorted(seen) != list(range(len(texts))):
+            raise ChatTemplateError(
+                "the checkpoint's chat template drops, repeats or rewrites message text, so it cannot be rendered "
+                "with message text kept apart from its markers; use the built-in renderer (use_jinja=False)"
+            )
+        return segments
+
+    def encode_segments(self, segments: Iterable[PromptSegment]) -> list[int]:
+        """Token ids of a rendered prompt: special-token strings become ids only inside trusted segments.
+
+        Adjacent text (of either kind) is encoded as one run, so a prompt without special-token strings in its
+        message text gets exactly the ids of ``encode(rendered, allow_special=True)``.
+        """
+        ids: list[int] = []
+        run: list[str] = []
+        special = self._special_pattern()
+        for seg in segments:
+            if not seg.trusted:
+                run.append(seg.text)
+                continue
+            for k, piece in enumerate(special.split(seg.text)):
+                if k % 2 == 0:
+                    run.append(piece)
+                    continue
+                ids.extend(self.encode("".join(run), allow_special=False))
+                run.clear()
+                ids.append(self._special[piece])
+        ids.extend(self.encode("".join(run), allow_special=False))
+        return ids
+
+    def _special_pattern(self) -> "re.Pattern[str]":
+        if self._special_re is None:
+            names = sorted(self._special, key=len, reverse=True)  # longest first: no name shadows a longer one
+            self._special_re = re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
+        return self._special_re
+
     def encode_chat(
-        self, messages: Iterable[Any], add_generation_prompt: bool = True, *, strip_thinking_history: bool = False
+        self,
+        messages: Iterable[Any],
+        add_generation_prompt: bool = True,
+        *,
+        strip_thinking_history: bool = False,
+        use_jinja: bool | None = None,
     ) -> list[int]:
-        """``encode(apply_chat_template(...))`` (special-token strings in user text also become specials,
-        as with the official ``apply_chat_template(tokenize=True)``)."""
-        text = self.apply_chat_template(
-            messages, add_generation_prompt, strip_thinking_history=strip_thinking_history
+        """Token ids of a conversation: the template's markers are special tokens, message text is always plain
+        text (``<|im_end|>`` inside a user message is encoded as the characters ``<|im_end|>``)."""
+        return self.encode_segments(
+            self.render_chat_segments(
+                messages, add_generation_prompt, strip_thinking_history=strip_thinking_history, use_jinja=use_jinja
+            )
         )
-        return self.encode(text, allow_special=True)
+
+
+def _message_texts(messages: list[dict]) -> Iterator[str]:
+    for m in messages:
+        if isinstance(m["content"], str):
+            yield m["content"]
+        else:
+            yield from (it["text"] for it in m["content"] if it["type"] == "text")
 
 
 # ----------------------------------------------------------------------------------------------------------

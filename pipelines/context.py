@@ -202,8 +202,8 @@ class TokenCounter:
 
     # -- pieces -------------------------------------------------------------------------------------------
     def count_text(self, text: str) -> int:
-        """Tokens of ``text`` on its own (special-token strings count as specials, as in the engine)."""
-        return len(self.tokenizer.encode(text, allow_special=True))
+        """Tokens of ``text`` on its own, as message text (special-token strings are plain text, as in the engine)."""
+        return len(self.tokenizer.encode(text, allow_special=False))
 
     def count_image(self, width: int, height: int, *, video_frame: bool = False) -> int:
         """``<|media_pad|>`` tokens of one ``width`` x ``height`` image (the media block adds a few more)."""
@@ -220,13 +220,11 @@ class TokenCounter:
         """Prompt tokens of a whole chat, the same number the engine's processor produces."""
         messages = list(messages)
         media = collect_media(messages)
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        ids = self.tokenizer.encode(prompt, allow_special=True)
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
         pads = ids.count(self._pad)
         if pads != len(media):
             raise ProcessorError(
-                f"the rendered prompt has {pads} media placeholders but the messages carry {len(media)} "
-                "images/frames; text must not contain <|media_pad|> itself"
+                f"the rendered prompt has {pads} media placeholders but the messages carry {len(media)} images/frames"
             )
         extra = 0
         for k, m in enumerate(media):

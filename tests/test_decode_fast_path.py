@@ -65,21 +65,42 @@ def test_fast_decode_on_padded_graph_metadata(tiny_checkpoint_a3b) -> None:
     assert (runner.kv_cache[:, :real] - cache_expected[:, :real]).abs().max() < 1e-5
 
 
-def test_fused_qkv_weight_is_a_view_of_both_projections(tiny_checkpoint) -> None:
-    from engine.loader import load
+def test_fused_qkv_layout_is_made_at_load_time(tiny_checkpoint) -> None:
+    """The loader lays q_proj / kv_a_proj_with_mqa out as one matrix (both weights views of it, checkpoint values);
+    the runner only reads it: building engines changes no parameter."""
+    from safetensors import safe_open
+
+    from engine.loader import _weight_files, load, load_model
 
     bundle = load(tiny_checkpoint, device="cpu", dtype=torch.float32)
-    engine, meta = _decode_step(bundle, 1)
     attn = bundle.model.language_model.model.layers[1].self_attn
-    q_before, kv_before = attn.q_proj.weight.clone(), attn.kv_a_proj_with_mqa.weight.clone()
+    merged = attn.fused_qkv_weight
+    assert merged is not None and merged.data_ptr() == attn.q_proj.weight.data_ptr()
+    assert attn.kv_a_proj_with_mqa.weight.data_ptr() == merged[attn.q_proj.weight.shape[0]:].data_ptr()
+    assert isinstance(attn.q_proj.weight, torch.nn.Parameter)
+    assert "language_model.model.layers.1.self_attn.q_proj.weight" in bundle.model.state_dict()
+    assert not any("self_attn.qkv" in k or "_qkv" in k for k in bundle.model.state_dict())  # nothing new to save
+    files = _weight_files(tiny_checkpoint)
+    for name in ("q_proj", "kv_a_proj_with_mqa"):
+        key = f"language_model.model.layers.1.self_attn.{name}.weight"
+        with safe_open(str(files[key]), "pt") as f:
+            assert torch.equal(getattr(attn, name).weight, f.get_tensor(key))
+    pointers = [p.data_ptr() for p in bundle.model.parameters()]
+    engine, _ = _decode_step(bundle, 1)
     layers = engine.runner._prepare_fast_layers()
-    merged = layers[1].qkv_weight
-    assert merged.data_ptr() == attn.q_proj.weight.data_ptr()
-    assert torch.equal(attn.q_proj.weight, q_before) and torch.equal(attn.kv_a_proj_with_mqa.weight, kv_before)
-    assert attn.kv_a_proj_with_mqa.weight.data_ptr() == merged[q_before.shape[0]:].data_ptr()
-    # a second runner on the same model reuses the layout
-    again = LLMEngine(bundle, EngineOptions(cache_tokens=512, block_size=8)).runner._prepare_fast_layers()
-    assert again[1].qkv_weight.data_ptr() == merged.data_ptr()
+    assert layers[1].qkv_weight is merged
+    assert [p.data_ptr() for p in bundle.model.parameters()] == pointers
+    # a layout that no longer holds (each weight re-allocated) is not used: the fused path projects separately
+    plain = load_model(tiny_checkpoint, dtype=torch.float32).language_model.model.layers[1].self_attn
+    plain.q_proj.weight = torch.nn.Parameter(plain.q_proj.weight.clone(), requires_grad=False)
+    assert plain.fused_qkv_weight is None
+
+
+def test_q_lora_checkpoint_has_no_fused_layout(tiny_checkpoint_q_lora) -> None:
+    from engine.loader import load_model
+
+    model = load_model(tiny_checkpoint_q_lora, dtype=torch.float32)
+    assert all(layer.self_attn.fused_qkv_weight is None for layer in model.language_model.model.layers)
 
 
 def test_expert_gemvs_equal_expert_bank_and_shared_mlp() -> None:

@@ -220,3 +220,64 @@ def test_rollback(guided, tok):
     assert m.num_accepted == 0
     with pytest.raises(ValueError):
         m.rollback(1)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_batched_masks_different_schemas_each_valid_json(tok, parallel):
+    """The engine's step: one bitmask for the whole batch (one parallel fill), applied to all rows at once.
+    Rows with different schemas (and one unconstrained row) each end with valid JSON; on every step each guided
+    row's mask equals the old per-row ``allowed_mask`` path. Both fills: llguidance's pool and row by row."""
+    guided = GuidedDecoding(tok)
+    guided.parallel = parallel
+    V = tok.vocab_size + PAD
+    names = ["required_fields", "nested_objects", "array_min_max", "enums", "string_lengths", "any_of",
+             "refs_and_const", "top_level_bounded_integer"]
+    matchers = {row: guided.matcher(SCHEMAS[n]) for row, n in enumerate(names)}
+    free_row = len(names)  # an unconstrained request in the same batch
+    outputs: dict[int, list[int]] = {row: [] for row in matchers}
+    g = torch.Generator().manual_seed(5)
+    for _ in range(BUDGET):
+        live = [(m, row) for row, m in matchers.items() if not (outputs[row] and outputs[row][-1] == tok.im_end_id)]
+        if not live:
+            break
+        bm = allocate_bitmask(free_row + 1, V)
+        assert guided.fill_batch(live, bm) == {}
+        allowed = bitmask_to_bool(bm, V)
+        for m, row in live:
+            assert torch.equal(allowed[row], m.allowed_mask(V)), "batched mask differs from the per-row mask"
+        assert allowed[free_row, : tok.vocab_size].all()
+        logits = torch.randn(free_row + 1, V, generator=g) * 3
+        apply_bitmask_(logits, bm)
+        assert torch.isfinite(logits[free_row, : tok.vocab_size]).all()
+        for m, row in live:
+            t = int(torch.multinomial(torch.softmax(logits[row], -1), 1, generator=g))
+            m.accept(t)
+            outputs[row].append(t)
+    for row, name in enumerate(names):
+        ids = outputs[row]
+        assert ids and ids[-1] == tok.im_end_id, f"{name}: no EOS within {BUDGET} tokens"
+        validate(json.loads(tok.decode(ids[:-1])), SCHEMAS[name])
+
+
+def test_fill_batch_reports_a_failed_row_and_fills_the_others(guided, tok):
+    V = tok.vocab_size
+    good, broken = guided.matcher(SCHEMAS["required_fields"]), guided.matcher(SCHEMAS["required_fields"])
+    broken._m.consume_token(tok.encode("x")[0])  # llguidance's sticky error state
+    assert broken.is_error()
+    bm = allocate_bitmask(2, V)
+    errors = guided.fill_batch([(broken, 0), (good, 1)], bm)
+    assert list(errors) == [0] and "grammar matcher failed" in errors[0]
+    assert torch.equal(bitmask_to_bool(bm[1], V), good.allowed_mask(V))
+    with pytest.raises(GrammarError):
+        guided.fill_bitmasks([(broken, 0), (good, 1)], bm)
+
+
+def test_bitmask_to_bool_matches_the_bit_definition():
+    """Token t is allowed iff bit t % 32 of word t // 32 is set (sign bit included), for 1-D and 2-D masks."""
+    g = torch.Generator().manual_seed(3)
+    bm = torch.randint(-2**31, 2**31 - 1, (3, 5), dtype=torch.int64, generator=g).to(torch.int32)
+    bm[0, 0], bm[1, 4] = -1, 0
+    want = torch.tensor([[bool((int(bm[r, t // 32]) >> (t % 32)) & 1) for t in range(160)] for r in range(3)])
+    assert torch.equal(bitmask_to_bool(bm, 170), torch.cat([want, torch.zeros(3, 10, dtype=torch.bool)], 1))
+    assert torch.equal(bitmask_to_bool(bm[2], 150), want[2, :150])
+    assert torch.equal(bitmask_to_bool(bm[:, 1:3], 64), want[:, 32:96])  # a non-contiguous view

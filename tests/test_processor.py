@@ -9,6 +9,7 @@ import re
 import struct
 import time
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -486,6 +487,12 @@ def test_video_frames_container():
 # ------------------------------------------------------------------------------------------------ processor
 
 
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    trusted: bool
+
+
 class FakeTokenizer:
     """Implements the KimiTokenizer interface the processor uses; renders per spec §4.4."""
 
@@ -506,27 +513,34 @@ class FakeTokenizer:
     def __init__(self, drop_media: bool = False):
         self.drop_media = drop_media
 
-    def apply_chat_template(self, messages, add_generation_prompt=True):
+    def render_chat_segments(self, messages, add_generation_prompt=True):
+        """(text, trusted) segments: markers are trusted, message text is not."""
         out = []
         if not messages or messages[0]["role"] != "system":
-            out.append("<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>")
+            out.append(Segment("<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>", True))
         for m in messages:
-            out.append(f"<|im_{m['role']}|>{m['role']}<|im_middle|>")
+            out.append(Segment(f"<|im_{m['role']}|>{m['role']}<|im_middle|>", True))
             content = m["content"]
             if isinstance(content, str):
-                out.append(content)
+                out.append(Segment(content, False))
             else:
                 for it in content:
                     if it.get("type") == "text":
-                        out.append(it["text"])
+                        out.append(Segment(it["text"], False))
                     elif it.get("type") in ("image", "image_url") and not self.drop_media:
-                        out.append(self.BLOCK)
+                        out.append(Segment(self.BLOCK, True))
                     elif it.get("type") == "video" and not self.drop_media:
-                        out.append(self.BLOCK * len(it["frames"]))
-            out.append("<|im_end|>")
+                        out.append(Segment(self.BLOCK * len(it["frames"]), True))
+            out.append(Segment("<|im_end|>", True))
         if add_generation_prompt:
-            out.append("<|im_assistant|>assistant<|im_middle|>")
-        return "".join(out)
+            out.append(Segment("<|im_assistant|>assistant<|im_middle|>", True))
+        return out
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return "".join(s.text for s in self.render_chat_segments(messages, add_generation_prompt))
+
+    def encode_segments(self, segments):
+        return [t for s in segments for t in self.encode(s.text, allow_special=s.trusted)]
 
     def encode(self, text, allow_special=True):
         ids = []
@@ -602,10 +616,11 @@ def test_processor_media_count_mismatch():
     img = {"type": "image", "image": _rand_image(28, 28)}
     with pytest.raises(ProcessorError, match="1 images/frames"):
         KimiVLProcessor(CFG, FakeTokenizer(drop_media=True))([{"role": "user", "content": [img]}])
-    with pytest.raises(ProcessorError, match="2 media placeholders"):  # literal pad in user text
-        KimiVLProcessor(CFG, FakeTokenizer())(
-            [{"role": "user", "content": [img, {"type": "text", "text": "<|media_pad|>"}]}]
-        )
+    # a literal pad in user text is plain text: no extra placeholder, no error
+    out = KimiVLProcessor(CFG, FakeTokenizer())(
+        [{"role": "user", "content": [img, {"type": "text", "text": "<|media_pad|>"}]}]
+    )
+    assert out.input_ids[0].tolist().count(FakeTokenizer.media_pad_id) == out.num_image_tokens[0]
 
 
 def test_processor_video_frames():

@@ -138,6 +138,40 @@ class DeepseekV3Attention(nn.Module):
         )
         self.o_proj = nn.Linear(self.num_heads * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
+    def fuse_qkv_(self) -> None:
+        """Lay ``q_proj`` and ``kv_a_proj_with_mqa`` out as one ``(H*(nope+rope) + R + P, D)`` matrix, both weights
+        becoming row views of it (values kept, no extra memory), so a decode step projects q and the compressed kv
+        with one GEMV (:attr:`fused_qkv_weight`).  The loader calls it before reading the checkpoint, so the
+        weights load straight into the views and keep their checkpoint names.  No-op with ``q_lora_rank`` or
+        biases."""
+        if not hasattr(self, "q_proj") or self.q_proj.bias is not None or self.kv_a_proj_with_mqa.bias is not None:
+            return
+        wq, wkv = self.q_proj.weight, self.kv_a_proj_with_mqa.weight
+        if wq.dtype != wkv.dtype or wq.device != wkv.device or self.fused_qkv_weight is not None:
+            return
+        # an ordinary (not inference-mode) tensor even if loading runs under inference mode: the parameters
+        # stay usable outside it
+        with torch.inference_mode(False), torch.no_grad():
+            merged = torch.cat([wq.detach(), wkv.detach()], dim=0)
+        n = wq.shape[0]
+        self.q_proj.weight = nn.Parameter(merged[:n], requires_grad=wq.requires_grad)
+        self.kv_a_proj_with_mqa.weight = nn.Parameter(merged[n:], requires_grad=wkv.requires_grad)
+        self._qkv_weight = merged
+
+    @property
+    def fused_qkv_weight(self) -> torch.Tensor | None:
+        """The ``[q_proj; kv_a_proj_with_mqa]`` matrix of :meth:`fuse_qkv_`, or ``None`` if the layout was never
+        made or no longer holds (e.g. ``module.to()`` gave each weight its own storage): callers then project
+        separately."""
+        merged = getattr(self, "_qkv_weight", None)
+        if merged is None:
+            return None
+        wq, wkv = self.q_proj.weight, self.kv_a_proj_with_mqa.weight
+        if (merged.device != wq.device or merged.dtype != wq.dtype or merged.data_ptr() != wq.data_ptr()
+                or wkv.data_ptr() != merged[wq.shape[0]:].data_ptr()):
+            return None
+        return merged
+
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
             return self.q_proj(x)

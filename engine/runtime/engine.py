@@ -103,6 +103,7 @@ class LLMEngine:
             "thinking" in str(bundle.path).lower() if options.reasoning == "auto" else bool(options.reasoning)
         )
         self._guided = None
+        self._guided_lock = threading.Lock()  # requests are admitted from several threads: build it once
         self.by_id: dict[str, Sequence] = {}
         self.steps = 0
 
@@ -129,7 +130,9 @@ class LLMEngine:
         if self._guided is None:
             from engine.runtime.guided import GuidedDecoding
 
-            self._guided = GuidedDecoding(self.tokenizer)
+            with self._guided_lock:
+                if self._guided is None:
+                    self._guided = GuidedDecoding(self.tokenizer)
         return self._guided
 
     def make_sequence(self, request: GenerateRequest | dict[str, Any]) -> Sequence:
@@ -246,19 +249,12 @@ class LLMEngine:
         vocab = logits.shape[-1]
         masks = None
         alive = list(range(len(seqs)))
-        if any(s.matcher is not None for s in seqs):
-            masks = torch.ones(len(seqs), vocab, dtype=torch.bool)
-            for i, seq in enumerate(seqs):
-                if seq.matcher is None:
-                    continue
-                try:
-                    masks[i] = seq.matcher.allowed_mask(vocab)
-                    if not masks[i].any():
-                        raise RuntimeError("the grammar allows no next token")
-                except Exception as exc:
-                    deltas.append(self._finish(seq, "error", error=f"guided decoding failed: {exc}"))
-                    alive.remove(i)
-            masks = masks.to(logits.device)
+        rows = [(s.matcher, i) for i, s in enumerate(seqs) if s.matcher is not None]
+        if rows:
+            masks, failed = self._guided_masks(rows, len(seqs), vocab, logits.device)
+            for i, error in sorted(failed.items()):
+                deltas.append(self._finish(seqs[i], "error", error=f"guided decoding failed: {error}"))
+                alive.remove(i)
         if not alive:
             return deltas
         index = torch.tensor(alive, device=logits.device)
@@ -289,6 +285,21 @@ class LLMEngine:
                 log.exception("postprocess failed for %s", seq.request_id)
                 deltas.append(self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}"))
         return deltas
+
+    def _guided_masks(self, rows: list[tuple[Any, int]], batch: int, vocab: int,
+                      device: torch.device) -> tuple[torch.Tensor, dict[int, str]]:
+        """Allowed-token mask ``(batch, vocab)`` on ``device`` for one step: the guided rows' masks built into one
+        bitmask by one parallel llguidance call, copied once, unpacked on the device (other rows: all allowed).
+        Also ``{row: error}`` for rows whose grammar failed or allows nothing."""
+        from engine.runtime.guided import allocate_bitmask, bitmask_to_bool
+
+        bitmask = allocate_bitmask(batch, vocab)
+        try:
+            failed = self.guided.fill_batch(rows, bitmask)
+        except Exception as exc:  # llguidance itself failed: fail the guided rows, never the engine thread
+            log.exception("guided mask failed")
+            failed = {i: f"{type(exc).__name__}: {exc}" for _, i in rows}
+        return bitmask_to_bool(bitmask.to(device, non_blocking=True), vocab), failed
 
     def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> Delta:
         seq.output_ids.append(token)

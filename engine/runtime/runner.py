@@ -138,8 +138,8 @@ class ModelRunner:
         self.fast_decode: str = "auto"
         self._fast_layers: list[_FastLayer] | None = None
         if use_triton(self.kv_cache):
-            # now, before any CUDA graph is captured: the fused q/kv weight re-points two parameters at a new
-            # storage and frees the old one, which a graph captured earlier would go on reading
+            # now, before any CUDA graph is captured: the fp32 router copies it may make must exist (and stay) before
+            # a graph records their addresses
             self._prepare_fast_layers()
 
     @staticmethod
@@ -321,25 +321,14 @@ class ModelRunner:
 
     def _prepare_fast_layers(self) -> list[_FastLayer]:
         """Per-layer weights the fused path uses; built once (and outside any graph capture: the graph
-        warm-up runs the step eagerly first). The q and compressed-kv projections are laid out as one matrix
-        and both parameters become views of it, so they cost one GEMV and no extra memory."""
+        warm-up runs the step eagerly first). The q and compressed-kv projections are one matrix the loader
+        made (both parameters are views of it), read here as is, so they cost one GEMV and no extra memory."""
         if self._fast_layers is not None:
             return self._fast_layers
         layers = []
         for layer in self.model.language_model.model.layers:
             attn = layer.self_attn
-            qkv = None
-            if hasattr(attn, "q_proj") and attn.q_proj.bias is None and attn.kv_a_proj_with_mqa.bias is None:
-                wq, wkv = attn.q_proj.weight, attn.kv_a_proj_with_mqa.weight
-                merged = getattr(attn, "_fused_qkv_weight", None)
-                if merged is None or merged.data_ptr() != wq.data_ptr():
-                    # ordinary (not inference-mode) tensors: the parameters stay usable outside inference mode
-                    with torch.inference_mode(False), torch.no_grad():
-                        merged = torch.cat([wq.detach(), wkv.detach()], dim=0)
-                        wq.data = merged[: wq.shape[0]]
-                        wkv.data = merged[wq.shape[0] :]
-                    attn._fused_qkv_weight = merged
-                qkv = merged
+            qkv = attn.fused_qkv_weight  # laid out by the loader (DeepseekV3Attention.fuse_qkv_); None: two GEMVs
             router, moe = None, False
             mlp = layer.mlp
             if isinstance(mlp, DeepseekV3MoE):
