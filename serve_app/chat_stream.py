@@ -3,7 +3,7 @@
 ``POST /v1/chat/completions`` with ``stream: true`` answers through :func:`chat_stream_response` (the route has
 already waited for the first delta, so errors before it are plain HTTP errors). The events:
 
-* a role chunk, then a chunk per delta that carries text, reasoning text or (when asked) logprobs;
+* a role chunk (``{"role": "assistant", "content": ""}``), then a chunk per delta that carries text, reasoning text or (when asked) logprobs;
 * a finished answer (``stop`` / ``length``): a chunk with the finish reason, the usage chunk when
   ``stream_options.include_usage``, then ``data: [DONE]``;
 * anything else - the engine's ``error`` or ``cancelled``, an exception or the deadline mid-stream, the model
@@ -50,14 +50,15 @@ async def chat_events(
     created = int(time.time())
 
     def chunk(**fields: Any) -> bytes:
-        return sse_data(openai_api.chunk(request_id, model, created, **fields))
+        # as OpenAI: with include_usage every chunk but the usage one carries "usage": null
+        return sse_data(openai_api.chunk(request_id, model, created, include_usage=include_usage, **fields))
 
     def error(status: int, code: str, message: str) -> bytes:
         return sse_data(openai_api.error_body(status, code, message))
 
     texts: list[str] = []
     try:
-        yield chunk(role="assistant")
+        yield chunk(role="assistant", content="")
         delta = first
         while True:
             texts.append(delta.text)
