@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import mimetypes
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,6 +337,18 @@ class _ChatAccumulator:
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] = {}
         self.last: dict[str, Any] = {}
+        self.done = False
+        self._decoder = SSEDecoder()
+
+    def line(self, line: str) -> str:
+        """One line of the SSE body -> the text delta it completes ('' for none); sets ``done`` at ``[DONE]``."""
+        sse = self._decoder.feed(line)
+        if sse is None or self.done:
+            return ""
+        if sse.data.strip() == "[DONE]":
+            self.done = True
+            return ""
+        return self.feed(sse.data)
 
     def feed(self, data: str) -> str:
         try:
@@ -407,8 +418,83 @@ def _expired(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
 
 
-class _Base:
-    """Settings and pure helpers both clients share."""
+def _json_body(response: httpx.Response) -> Any:
+    if response.status_code == 204 or not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise ServerError(f"HTTP {response.status_code} answer is not JSON: {response.text[:200]!r}",
+                          status=response.status_code) from None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One core for both clients: every request is a plan (a generator) that yields the I/O it needs and gets the
+# answers back; Client runs plans with blocking calls, AsyncClient with awaits. Retries, reconnects, parsing
+# and errors live in the plans, once.
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Send:
+    """Send ``request``; answered with the response, or the transport error is thrown into the plan."""
+    request: httpx.Request
+    stream: bool = False
+
+
+@dataclass
+class _Discard:
+    """Read (best effort) and close an error answer, so its body is available to error_from_response."""
+    response: httpx.Response
+
+
+@dataclass
+class _Close:
+    response: httpx.Response
+
+
+@dataclass
+class _NextLine:
+    """The next line of a streamed body; None at its end."""
+    response: httpx.Response
+
+
+@dataclass
+class _Sleep:
+    seconds: float
+
+
+@dataclass
+class _Emit:
+    """Hand ``item`` to the caller of an iterating method (``stream_events``, ``iter_tasks``)."""
+    item: Any
+
+
+_Op = _Send | _Discard | _Close | _NextLine | _Sleep | _Emit
+Plan = Generator[_Op, Any, Any]
+
+
+def _drop_events(plan: Plan) -> Plan:
+    """Runs an iterating plan inside another one, dropping what it emits (``wait`` follows the event stream
+    only to learn when the task ends)."""
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = plan.throw(error) if error is not None else plan.send(result)
+        except StopIteration as stop:
+            return stop.value
+        result, error = None, None
+        if isinstance(op, _Emit):
+            continue
+        try:
+            result = yield op
+        except Exception as exc:  # noqa: BLE001 - handed to the inner plan, like ``yield from`` does
+            error = exc
+
+
+class _Core:
+    """Settings and the request plans both clients share; subclasses add only the transport."""
+
+    _http: httpx.Client | httpx.AsyncClient
 
     def __init__(self, url: str | None, api_key: str | None, *, timeout: float, max_retries: int,
                  max_retry_wait: float, max_reconnects: int, headers: Mapping[str, str] | None) -> None:
@@ -436,23 +522,181 @@ class _Base:
             read = max(0.01, min(read, deadline - time.monotonic()))
         return httpx.Timeout(self.timeout, read=read)
 
-    def _request(self, http: httpx.Client | httpx.AsyncClient, method: str, path: str, *,
-                 json: Any = None, params: Mapping[str, Any] | None = None,
+    def _request(self, method: str, path: str, *, json: Any = None, params: Mapping[str, Any] | None = None,
                  headers: Mapping[str, str] | None = None, timeout: httpx.Timeout | None = None,
                  content: bytes | None = None) -> httpx.Request:
-        return http.build_request(method, self.base_url + path, json=json, params=params, content=content,
-                                  headers={**self._headers, **dict(headers or {})},
-                                  timeout=timeout if timeout is not None else httpx.Timeout(self.timeout))
+        return self._http.build_request(method, self.base_url + path, json=json, params=params, content=content,
+                                        headers={**self._headers, **dict(headers or {})},
+                                        timeout=timeout if timeout is not None else httpx.Timeout(self.timeout))
 
+    # -- requests ----------------------------------------------------------------------------------------------
+    def _send(self, method: str, path: str, *, policy: str | None, stream: bool = False, **kwargs: Any) -> Plan:
+        """One request with retries per ``policy``; an error answer raises its KimirayError."""
+        attempt = 0
+        while True:
+            request = self._request(method, path, **kwargs)
+            try:
+                response = yield _Send(request, stream)
+            except httpx.TransportError as exc:
+                if attempt < self.max_retries and _may_retry(policy, exc):
+                    yield _Sleep(self._delay(attempt, exc))
+                    attempt += 1
+                    continue
+                raise _transport_error(exc, request.url) from exc
+            if response.status_code < 400:
+                return response
+            yield _Discard(response)
+            error = error_from_response(response)
+            if attempt < self.max_retries and _may_retry(policy, error):
+                yield _Sleep(self._delay(attempt, error))
+                attempt += 1
+                continue
+            raise error
 
-def _json_body(response: httpx.Response) -> Any:
-    if response.status_code == 204 or not response.content:
-        return None
-    try:
-        return response.json()
-    except ValueError:
-        raise ServerError(f"HTTP {response.status_code} answer is not JSON: {response.text[:200]!r}",
-                          status=response.status_code) from None
+    def _call(self, method: str, path: str, *, policy: str | None, **kwargs: Any) -> Plan:
+        return _json_body((yield from self._send(method, path, policy=policy, **kwargs)))
+
+    # -- tasks -------------------------------------------------------------------------------------------------
+    def _submit(self, type: str, input: Any, options: Mapping[str, Any] | None,
+                idempotency_key: str | None) -> Plan:
+        body = _submit_body(type, input, options, idempotency_key)
+        return Task.model_validate((yield from self._call("POST", "/v1/tasks", json=body, policy=_IDEMPOTENT)))
+
+    def _get(self, task_id: str) -> Plan:
+        return Task.model_validate((yield from self._call("GET", _path("tasks", task_id), policy=_IDEMPOTENT)))
+
+    def _list_tasks(self, status: str | None, type: str | None, limit: int | None, cursor: str | None) -> Plan:
+        params = _list_params(status, type, limit, cursor)
+        return TaskPage.model_validate((yield from self._call("GET", "/v1/tasks", params=params,
+                                                              policy=_IDEMPOTENT)))
+
+    def _iter_tasks(self, status: str | None, type: str | None, page_size: int) -> Plan:
+        cursor = None
+        while True:
+            page = yield from self._list_tasks(status, type, page_size, cursor)
+            for task in page.data:
+                yield _Emit(task)
+            if not page.next_cursor or not page.data:
+                return
+            cursor = page.next_cursor
+
+    def _cancel(self, task_id: str) -> Plan:
+        return Task.model_validate((yield from self._call("POST", _path("tasks", task_id, "cancel"),
+                                                          policy=_IDEMPOTENT)))
+
+    def _confirm(self, task_id: str, step: int, approve: bool) -> Plan:
+        return (yield from self._call("POST", _path("tasks", task_id, "confirm"),
+                                      json={"step": step, "approve": approve}, policy=_IDEMPOTENT))
+
+    def _events(self, task_id: str, after: int, deadline: float | None) -> Plan:
+        """Emits the task's events once each, in order, reconnecting from the last one seen."""
+        resume = _Resume(task_id, after, self.max_reconnects, self.max_retry_wait)
+        path = _path("tasks", task_id, "events")
+        while not _expired(deadline):
+            cause: BaseException | None = None
+            response = None
+            try:
+                response = yield from self._send("GET", path, policy=_IDEMPOTENT, stream=True,
+                                                 headers=resume.headers(), timeout=self._stream_timeout(deadline))
+                decoder = SSEDecoder()
+                while True:
+                    line = yield _NextLine(response)
+                    sse = decoder.feed(line) if line is not None else decoder.flush()
+                    event = _task_event(sse, task_id) if sse is not None else None
+                    if event is not None and resume.accept(event):
+                        yield _Emit(event)
+                        if event.is_terminal:
+                            yield _Close(response)
+                            return
+                    if line is None:
+                        break
+                    if _expired(deadline):
+                        yield _Close(response)
+                        return
+            except httpx.TransportError as exc:
+                cause = exc
+            except KimirayError as exc:  # the reconnect itself failed after its retries
+                if not _transient(exc):
+                    raise
+                cause = exc
+            if response is not None:
+                yield _Close(response)
+            if _expired(deadline):
+                return
+            if cause is None:  # closed cleanly, no final event: over already, or the server went away?
+                try:
+                    task = yield from self._get(task_id)
+                except KimirayError as exc:
+                    if not _transient(exc):
+                        raise
+                    cause = exc
+                else:
+                    if task.done and task.last_event_id <= resume.last:
+                        return
+            yield _Sleep(resume.dropped(cause))
+
+    def _wait(self, task_id: str, timeout: float | None, raise_on_failure: bool, poll_interval: float) -> Plan:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        task = yield from self._get(task_id)
+        if not task.done:
+            try:
+                yield from _drop_events(self._events(task_id, task.last_event_id, deadline))
+            except AuthenticationError:
+                raise
+            except KimirayError:
+                pass  # no usable stream: polling below still gets there
+            task = yield from self._get(task_id)
+            while not task.done and not _expired(deadline):
+                pause = poll_interval if deadline is None else min(poll_interval, deadline - time.monotonic())
+                yield _Sleep(max(0.0, pause))
+                poll_interval = min(poll_interval * 1.5, 5.0)
+                task = yield from self._get(task_id)
+        return _finish_wait(task, task_id, timeout, raise_on_failure)
+
+    # -- chat, sessions, files ---------------------------------------------------------------------------------
+    def _chat(self, body: dict[str, Any]) -> Plan:
+        """A ChatResult, or (``stream``) the open streamed response."""
+        if not body.get("stream"):
+            return chat_result((yield from self._call("POST", "/v1/chat/completions", json=body, policy=_REFUSED)))
+        return (yield from self._send("POST", "/v1/chat/completions", json=body, policy=_REFUSED, stream=True,
+                                      headers={"Accept": "text/event-stream"}))
+
+    def _create_session(self, metadata: Mapping[str, Any] | None, ttl_s: float | None) -> Plan:
+        body = {"metadata": dict(metadata or {}), "ttl_s": ttl_s}
+        return Session.model_validate((yield from self._call("POST", "/v1/sessions", json=body, policy=_REFUSED)))
+
+    def _get_session(self, session_id: str) -> Plan:
+        return Session.model_validate((yield from self._call("GET", _path("sessions", session_id),
+                                                             policy=_IDEMPOTENT)))
+
+    def _session_messages(self, session_id: str, start: int | None, end: int | None) -> Plan:
+        params = {k: v for k, v in {"start": start, "end": end}.items() if v is not None}
+        body = yield from self._call("GET", _path("sessions", session_id, "messages"), params=params,
+                                     policy=_IDEMPOTENT)
+        return [SessionMessage.model_validate(m) for m in (body or {}).get("data", [])]
+
+    def _delete_session(self, session_id: str) -> Plan:
+        yield from self._call("DELETE", _path("sessions", session_id), policy=_REFUSED)
+
+    def _upload_file(self, data: bytes | str | Path, content_type: str) -> Plan:
+        payload = Path(data).read_bytes() if isinstance(data, (str, Path)) else bytes(data)
+        body = yield from self._call("POST", "/v1/files", content=payload, headers={"Content-Type": content_type},
+                                     policy=_IDEMPOTENT)
+        return str(body["ref"])
+
+    def _download_artifact(self, task_id: str, name: str, path: str | Path | None) -> Plan:
+        response = yield from self._send("GET", _path("tasks", task_id, "artifacts", name), policy=_IDEMPOTENT)
+        data = response.content
+        if path is not None:
+            Path(path).write_bytes(data)
+        return data
+
+    def _health(self) -> Plan:
+        try:
+            response = yield _Send(self._request("GET", "/readyz"))
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -467,17 +711,13 @@ class ChatStream:
         self.result: ChatResult | None = None
 
     def __iter__(self) -> Iterator[str]:
-        decoder = SSEDecoder()
         try:
             for line in self._response.iter_lines():
-                sse = decoder.feed(line)
-                if sse is None:
-                    continue
-                if sse.data.strip() == "[DONE]":
-                    break
-                text = self._acc.feed(sse.data)
+                text = self._acc.line(line)
                 if text:
                     yield text
+                if self._acc.done:
+                    break
         except httpx.TransportError as exc:
             raise _transport_error(exc, self._response.request.url) from exc
         finally:
@@ -499,7 +739,7 @@ class ChatStream:
         self.close()
 
 
-class Client(_Base):
+class Client(_Core):
     """Sync client. ``url`` defaults to ``$KIMIRAY_URL`` (else ``http://127.0.0.1:8000``) and may end in
     ``/v1``; ``api_key`` to ``$KIMIRAY_API_KEY``. ``sleep`` is injectable so tests need not wait."""
 
@@ -513,152 +753,105 @@ class Client(_Base):
         self._http = httpx.Client(transport=transport, timeout=timeout)
         self._sleep = sleep or time.sleep
 
-    # -- plumbing ----------------------------------------------------------------------------------------------
-    def _send(self, method: str, path: str, *, policy: str | None, stream: bool = False,
-              **kwargs: Any) -> httpx.Response:
-        """One request with retries per ``policy``; an error answer raises its KimirayError."""
-        attempt = 0
-        while True:
-            request = self._request(self._http, method, path, **kwargs)
+    # -- the transport: runs plans with blocking calls -------------------------------------------------------
+    def _perform(self, op: _Op, lines: dict[int, Iterator[str]]) -> Any:
+        if isinstance(op, _Send):
+            return self._http.send(op.request, stream=op.stream)
+        if isinstance(op, _NextLine):
+            it = lines.get(id(op.response))
+            if it is None:
+                it = lines[id(op.response)] = op.response.iter_lines()
+            return next(it, None)
+        if isinstance(op, _Discard):
             try:
-                response = self._http.send(request, stream=stream)
-            except httpx.TransportError as exc:
-                if attempt < self.max_retries and _may_retry(policy, exc):
-                    self._sleep(self._delay(attempt, exc))
-                    attempt += 1
-                    continue
-                raise _transport_error(exc, request.url) from exc
-            if response.status_code < 400:
-                return response
-            try:
-                response.read()
+                op.response.read()
             except httpx.TransportError:
                 pass
             finally:
-                response.close()
-            error = error_from_response(response)
-            if attempt < self.max_retries and _may_retry(policy, error):
-                self._sleep(self._delay(attempt, error))
-                attempt += 1
-                continue
-            raise error
+                op.response.close()
+        elif isinstance(op, _Close):
+            lines.pop(id(op.response), None)
+            op.response.close()
+        elif isinstance(op, _Sleep):
+            self._sleep(op.seconds)
+        return None
 
-    def _call(self, method: str, path: str, *, policy: str | None, **kwargs: Any) -> Any:
-        return _json_body(self._send(method, path, policy=policy, **kwargs))
+    def _iterate(self, plan: Plan) -> Generator[Any, None, Any]:
+        """Runs ``plan``, yielding what it emits; returns its result. Streams it opened are closed at the end,
+        also when the caller stops iterating early."""
+        opened: list[httpx.Response] = []
+        lines: dict[int, Iterator[str]] = {}
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            while True:
+                try:
+                    op = plan.throw(error) if error is not None else plan.send(result)
+                except StopIteration as stop:
+                    if stop.value in opened:
+                        opened.remove(stop.value)  # handed to the caller (a chat stream)
+                    return stop.value
+                result, error = None, None
+                if isinstance(op, _Emit):
+                    yield op.item
+                    continue
+                try:
+                    result = self._perform(op, lines)
+                except httpx.HTTPError as exc:
+                    error = exc
+                if isinstance(op, _Send) and op.stream and result is not None:
+                    opened.append(result)
+        finally:
+            plan.close()
+            for response in opened:
+                response.close()
+
+    def _run(self, plan: Plan) -> Any:
+        try:
+            next(self._iterate(plan))
+        except StopIteration as stop:
+            return stop.value
+        raise RuntimeError("a request plan emitted items outside an iterating method")
 
     # -- tasks -------------------------------------------------------------------------------------------------
     def submit(self, type: str, input: Any = None, *, options: Mapping[str, Any] | None = None,
                idempotency_key: str | None = None) -> Task:
         """Start a task. Without ``idempotency_key`` a fresh uuid4 is sent, so retries never start it twice;
         ``Task.created`` is False when the key had been used before (you get that earlier task)."""
-        body = _submit_body(type, input, options, idempotency_key)
-        return Task.model_validate(self._call("POST", "/v1/tasks", json=body, policy=_IDEMPOTENT))
+        return self._run(self._submit(type, input, options, idempotency_key))
 
     def get(self, task_id: str) -> Task:
-        return Task.model_validate(self._call("GET", _path("tasks", task_id), policy=_IDEMPOTENT))
+        return self._run(self._get(task_id))
 
     def list_tasks(self, status: str | None = None, type: str | None = None,
                    limit: int | None = 50, cursor: str | None = None) -> TaskPage:
         """One page, newest first as the server orders them; pass ``next_cursor`` for the next page."""
-        params = _list_params(status, type, limit, cursor)
-        return TaskPage.model_validate(self._call("GET", "/v1/tasks", params=params, policy=_IDEMPOTENT))
+        return self._run(self._list_tasks(status, type, limit, cursor))
 
     def iter_tasks(self, status: str | None = None, type: str | None = None,
                    *, page_size: int = 50) -> Iterator[Task]:
         """Every matching task, fetching pages as the iteration needs them."""
-        cursor = None
-        while True:
-            page = self.list_tasks(status, type, page_size, cursor)
-            yield from page.data
-            if not page.next_cursor or not page.data:
-                return
-            cursor = page.next_cursor
+        return self._iterate(self._iter_tasks(status, type, page_size))
 
     def cancel(self, task_id: str) -> Task:
         """Ask the task to stop; it ends ``cancelled`` soon after (a finished task stays as it was)."""
-        return Task.model_validate(self._call("POST", _path("tasks", task_id, "cancel"), policy=_IDEMPOTENT))
+        return self._run(self._cancel(task_id))
 
     def confirm(self, task_id: str, step: int, approve: bool = True) -> dict[str, Any]:
         """Answer an agent's ``confirmation_required`` event for ``step`` (an OS agent's risky action)."""
-        return self._call("POST", _path("tasks", task_id, "confirm"), json={"step": step, "approve": approve},
-                          policy=_IDEMPOTENT)
+        return self._run(self._confirm(task_id, step, approve))
 
     def stream_events(self, task_id: str, *, after: int = 0) -> Iterator[TaskEvent]:
         """Events with id > ``after``, live, ending after the one that ends the task. A dropped connection is
         resumed from the last event seen (``Last-Event-ID``), so each event comes exactly once, in order."""
-        return self._events(task_id, after, None)
-
-    def _events(self, task_id: str, after: int, deadline: float | None) -> Iterator[TaskEvent]:
-        resume = _Resume(task_id, after, self.max_reconnects, self.max_retry_wait)
-        path = _path("tasks", task_id, "events")
-        while not _expired(deadline):
-            cause: BaseException | None = None
-            try:
-                response = self._send("GET", path, policy=_IDEMPOTENT, stream=True, headers=resume.headers(),
-                                      timeout=self._stream_timeout(deadline))
-                try:
-                    decoder = SSEDecoder()
-                    for line in response.iter_lines():
-                        sse = decoder.feed(line)
-                        event = _task_event(sse, task_id) if sse is not None else None
-                        if event is not None and resume.accept(event):
-                            yield event
-                            if event.is_terminal:
-                                return
-                        if _expired(deadline):
-                            return
-                    sse = decoder.flush()
-                    event = _task_event(sse, task_id) if sse is not None else None
-                    if event is not None and resume.accept(event):
-                        yield event
-                        if event.is_terminal:
-                            return
-                finally:
-                    response.close()
-            except httpx.TransportError as exc:
-                cause = exc
-            except KimirayError as exc:  # the reconnect itself failed after its retries
-                if not _transient(exc):
-                    raise
-                cause = exc
-            if _expired(deadline):
-                return
-            if cause is None:  # closed cleanly, no final event: over already, or the server went away?
-                try:
-                    task = self.get(task_id)
-                except KimirayError as exc:
-                    if not _transient(exc):
-                        raise
-                    cause = exc
-                else:
-                    if task.done and task.last_event_id <= resume.last:
-                        return
-            self._sleep(resume.dropped(cause))
+        return self._iterate(self._events(task_id, after, None))
 
     def wait(self, task_id: str, timeout: float | None = None, *, raise_on_failure: bool = True,
              poll_interval: float = 1.0) -> Task:
         """Block until the task ends and return it. Follows the event stream; polls ``get`` if the stream is
         unavailable. Raises TaskFailedError / TaskCancelledError (unless ``raise_on_failure=False``) and
         WaitTimeoutError after ``timeout`` seconds (the task goes on)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        task = self.get(task_id)
-        if not task.done:
-            try:
-                with contextlib.closing(self._events(task_id, task.last_event_id, deadline)) as events:
-                    for event in events:
-                        if event.is_terminal:
-                            break
-            except AuthenticationError:
-                raise
-            except KimirayError:
-                pass  # no usable stream: polling below still gets there
-            task = self.get(task_id)
-            while not task.done and not _expired(deadline):
-                pause = poll_interval if deadline is None else min(poll_interval, deadline - time.monotonic())
-                self._sleep(max(0.0, pause))
-                poll_interval = min(poll_interval * 1.5, 5.0)
-                task = self.get(task_id)
-        return _finish_wait(task, task_id, timeout, raise_on_failure)
+        return self._run(self._wait(task_id, timeout, raise_on_failure, poll_interval))
 
     # -- chat and sessions -------------------------------------------------------------------------------------
     def chat(self, messages: Messages, *, session_id: str | None = None, model: str = DEFAULT_MODEL,
@@ -671,54 +864,37 @@ class Client(_Base):
         body = _chat_body(messages, session_id=session_id, model=model, max_tokens=max_tokens,
                           temperature=temperature, json_schema=json_schema, images=images, stream=stream,
                           extra=extra)
-        if not stream:
-            return chat_result(self._call("POST", "/v1/chat/completions", json=body, policy=_REFUSED))
-        response = self._send("POST", "/v1/chat/completions", json=body, policy=_REFUSED, stream=True,
-                              headers={"Accept": "text/event-stream"})
-        return ChatStream(response)
+        result = self._run(self._chat(body))
+        return ChatStream(result) if stream else result
 
     def create_session(self, metadata: Mapping[str, Any] | None = None, ttl_s: float | None = None) -> Session:
-        body = {"metadata": dict(metadata or {}), "ttl_s": ttl_s}
-        return Session.model_validate(self._call("POST", "/v1/sessions", json=body, policy=_REFUSED))
+        return self._run(self._create_session(metadata, ttl_s))
 
     def get_session(self, session_id: str) -> Session:
-        return Session.model_validate(self._call("GET", _path("sessions", session_id), policy=_IDEMPOTENT))
+        return self._run(self._get_session(session_id))
 
     def session_messages(self, session_id: str, start: int | None = None,
                          end: int | None = None) -> list[SessionMessage]:
-        params = {k: v for k, v in {"start": start, "end": end}.items() if v is not None}
-        body = self._call("GET", _path("sessions", session_id, "messages"), params=params, policy=_IDEMPOTENT)
-        return [SessionMessage.model_validate(m) for m in (body or {}).get("data", [])]
+        return self._run(self._session_messages(session_id, start, end))
 
     def delete_session(self, session_id: str) -> None:
-        self._call("DELETE", _path("sessions", session_id), policy=_REFUSED)
+        self._run(self._delete_session(session_id))
 
     # -- files -------------------------------------------------------------------------------------------------
     def upload_file(self, data: bytes | str | Path, content_type: str = "application/pdf") -> str:
         """Upload a file for a task to use by reference (``{"blob": ref}``); returns the ref. Uploading the same
         bytes twice is harmless (content-addressed), so this retries like a read."""
-        payload = Path(data).read_bytes() if isinstance(data, (str, Path)) else bytes(data)
-        body = self._call("POST", "/v1/files", content=payload, headers={"Content-Type": content_type},
-                          policy=_IDEMPOTENT)
-        return str(body["ref"])
+        return self._run(self._upload_file(data, content_type))
 
     def download_artifact(self, task_id: str, name: str, path: str | Path | None = None) -> bytes:
         """A file a task produced (``task.result["artifacts"]``: e.g. ``annotated_pdf``); written to ``path``
         too when given."""
-        response = self._send("GET", _path("tasks", task_id, "artifacts", name), policy=_IDEMPOTENT)
-        data = response.content
-        if path is not None:
-            Path(path).write_bytes(data)
-        return data
+        return self._run(self._download_artifact(task_id, name, path))
 
     # -- misc --------------------------------------------------------------------------------------------------
     def health(self) -> bool:
         """True when the server answers ``/readyz`` with 200 (a model replica is up); never raises."""
-        try:
-            response = self._http.send(self._request(self._http, "GET", "/readyz"))
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+        return self._run(self._health())
 
     def close(self) -> None:
         self._http.close()
@@ -742,17 +918,13 @@ class AsyncChatStream:
         self.result: ChatResult | None = None
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        decoder = SSEDecoder()
         try:
             async for line in self._response.aiter_lines():
-                sse = decoder.feed(line)
-                if sse is None:
-                    continue
-                if sse.data.strip() == "[DONE]":
-                    break
-                text = self._acc.feed(sse.data)
+                text = self._acc.line(line)
                 if text:
                     yield text
+                if self._acc.done:
+                    break
         except httpx.TransportError as exc:
             raise _transport_error(exc, self._response.request.url) from exc
         finally:
@@ -773,7 +945,7 @@ class AsyncChatStream:
         await self.aclose()
 
 
-class AsyncClient(_Base):
+class AsyncClient(_Core):
     """The :class:`Client` API for asyncio: every method is a coroutine, ``stream_events`` an async iterator."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
@@ -786,146 +958,99 @@ class AsyncClient(_Base):
         self._http = httpx.AsyncClient(transport=transport, timeout=timeout)
         self._sleep = sleep or asyncio.sleep
 
-    async def _send(self, method: str, path: str, *, policy: str | None, stream: bool = False,
-                    **kwargs: Any) -> httpx.Response:
-        attempt = 0
-        while True:
-            request = self._request(self._http, method, path, **kwargs)
+    # -- the transport: runs plans with awaits ---------------------------------------------------------------
+    async def _perform(self, op: _Op, lines: dict[int, AsyncIterator[str]]) -> Any:
+        if isinstance(op, _Send):
+            return await self._http.send(op.request, stream=op.stream)
+        if isinstance(op, _NextLine):
+            it = lines.get(id(op.response))
+            if it is None:
+                it = lines[id(op.response)] = op.response.aiter_lines()
+            return await anext(it, None)
+        if isinstance(op, _Discard):
             try:
-                response = await self._http.send(request, stream=stream)
-            except httpx.TransportError as exc:
-                if attempt < self.max_retries and _may_retry(policy, exc):
-                    await self._sleep(self._delay(attempt, exc))
-                    attempt += 1
-                    continue
-                raise _transport_error(exc, request.url) from exc
-            if response.status_code < 400:
-                return response
-            try:
-                await response.aread()
+                await op.response.aread()
             except httpx.TransportError:
                 pass
             finally:
-                await response.aclose()
-            error = error_from_response(response)
-            if attempt < self.max_retries and _may_retry(policy, error):
-                await self._sleep(self._delay(attempt, error))
-                attempt += 1
-                continue
-            raise error
+                await op.response.aclose()
+        elif isinstance(op, _Close):
+            lines.pop(id(op.response), None)
+            await op.response.aclose()
+        elif isinstance(op, _Sleep):
+            await self._sleep(op.seconds)
+        return None
 
-    async def _call(self, method: str, path: str, *, policy: str | None, **kwargs: Any) -> Any:
-        return _json_body(await self._send(method, path, policy=policy, **kwargs))
+    async def _iterate(self, plan: Plan, out: list[Any] | None = None) -> AsyncIterator[Any]:
+        """Runs ``plan``, yielding what it emits; its result goes into ``out``. Streams it opened are closed at
+        the end, also when the caller stops iterating early."""
+        opened: list[httpx.Response] = []
+        lines: dict[int, AsyncIterator[str]] = {}
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            while True:
+                try:
+                    op = plan.throw(error) if error is not None else plan.send(result)
+                except StopIteration as stop:
+                    if stop.value in opened:
+                        opened.remove(stop.value)  # handed to the caller (a chat stream)
+                    if out is not None:
+                        out.append(stop.value)
+                    return
+                result, error = None, None
+                if isinstance(op, _Emit):
+                    yield op.item
+                    continue
+                try:
+                    result = await self._perform(op, lines)
+                except httpx.HTTPError as exc:
+                    error = exc
+                if isinstance(op, _Send) and op.stream and result is not None:
+                    opened.append(result)
+        finally:
+            plan.close()
+            for response in opened:
+                await response.aclose()
+
+    async def _run(self, plan: Plan) -> Any:
+        out: list[Any] = []
+        async for _ in self._iterate(plan, out):
+            raise RuntimeError("a request plan emitted items outside an iterating method")
+        return out[0]
 
     # -- tasks -------------------------------------------------------------------------------------------------
     async def submit(self, type: str, input: Any = None, *,
                      options: Mapping[str, Any] | None = None, idempotency_key: str | None = None) -> Task:
         """See :meth:`Client.submit` (a uuid4 idempotency key is sent when none is given)."""
-        body = _submit_body(type, input, options, idempotency_key)
-        return Task.model_validate(await self._call("POST", "/v1/tasks", json=body, policy=_IDEMPOTENT))
+        return await self._run(self._submit(type, input, options, idempotency_key))
 
     async def get(self, task_id: str) -> Task:
-        return Task.model_validate(await self._call("GET", _path("tasks", task_id), policy=_IDEMPOTENT))
+        return await self._run(self._get(task_id))
 
     async def list_tasks(self, status: str | None = None, type: str | None = None,
                          limit: int | None = 50, cursor: str | None = None) -> TaskPage:
-        params = _list_params(status, type, limit, cursor)
-        return TaskPage.model_validate(await self._call("GET", "/v1/tasks", params=params, policy=_IDEMPOTENT))
+        return await self._run(self._list_tasks(status, type, limit, cursor))
 
-    async def iter_tasks(self, status: str | None = None, type: str | None = None,
-                         *, page_size: int = 50) -> AsyncIterator[Task]:
-        cursor = None
-        while True:
-            page = await self.list_tasks(status, type, page_size, cursor)
-            for task in page.data:
-                yield task
-            if not page.next_cursor or not page.data:
-                return
-            cursor = page.next_cursor
+    def iter_tasks(self, status: str | None = None, type: str | None = None,
+                   *, page_size: int = 50) -> AsyncIterator[Task]:
+        """See :meth:`Client.iter_tasks`; use with ``async for``."""
+        return self._iterate(self._iter_tasks(status, type, page_size))
 
     async def cancel(self, task_id: str) -> Task:
-        return Task.model_validate(
-            await self._call("POST", _path("tasks", task_id, "cancel"), policy=_IDEMPOTENT))
+        return await self._run(self._cancel(task_id))
 
     async def confirm(self, task_id: str, step: int, approve: bool = True) -> dict[str, Any]:
-        return await self._call("POST", _path("tasks", task_id, "confirm"), json={"step": step, "approve": approve},
-                                policy=_IDEMPOTENT)
+        return await self._run(self._confirm(task_id, step, approve))
 
     def stream_events(self, task_id: str, *, after: int = 0) -> AsyncIterator[TaskEvent]:
         """See :meth:`Client.stream_events`; use with ``async for``."""
-        return self._events(task_id, after, None)
-
-    async def _events(self, task_id: str, after: int, deadline: float | None) -> AsyncIterator[TaskEvent]:
-        resume = _Resume(task_id, after, self.max_reconnects, self.max_retry_wait)
-        path = _path("tasks", task_id, "events")
-        while not _expired(deadline):
-            cause: BaseException | None = None
-            try:
-                response = await self._send("GET", path, policy=_IDEMPOTENT, stream=True,
-                                            headers=resume.headers(), timeout=self._stream_timeout(deadline))
-                try:
-                    decoder = SSEDecoder()
-                    async for line in response.aiter_lines():
-                        sse = decoder.feed(line)
-                        event = _task_event(sse, task_id) if sse is not None else None
-                        if event is not None and resume.accept(event):
-                            yield event
-                            if event.is_terminal:
-                                return
-                        if _expired(deadline):
-                            return
-                    sse = decoder.flush()
-                    event = _task_event(sse, task_id) if sse is not None else None
-                    if event is not None and resume.accept(event):
-                        yield event
-                        if event.is_terminal:
-                            return
-                finally:
-                    await response.aclose()
-            except httpx.TransportError as exc:
-                cause = exc
-            except KimirayError as exc:
-                if not _transient(exc):
-                    raise
-                cause = exc
-            if _expired(deadline):
-                return
-            if cause is None:
-                try:
-                    task = await self.get(task_id)
-                except KimirayError as exc:
-                    if not _transient(exc):
-                        raise
-                    cause = exc
-                else:
-                    if task.done and task.last_event_id <= resume.last:
-                        return
-            await self._sleep(resume.dropped(cause))
+        return self._iterate(self._events(task_id, after, None))
 
     async def wait(self, task_id: str, timeout: float | None = None, *, raise_on_failure: bool = True,
                    poll_interval: float = 1.0) -> Task:
         """See :meth:`Client.wait`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        task = await self.get(task_id)
-        if not task.done:
-            events = self._events(task_id, task.last_event_id, deadline)
-            try:
-                async for event in events:
-                    if event.is_terminal:
-                        break
-            except AuthenticationError:
-                raise
-            except KimirayError:
-                pass
-            finally:
-                await events.aclose()
-            task = await self.get(task_id)
-            while not task.done and not _expired(deadline):
-                pause = poll_interval if deadline is None else min(poll_interval, deadline - time.monotonic())
-                await self._sleep(max(0.0, pause))
-                poll_interval = min(poll_interval * 1.5, 5.0)
-                task = await self.get(task_id)
-        return _finish_wait(task, task_id, timeout, raise_on_failure)
+        return await self._run(self._wait(task_id, timeout, raise_on_failure, poll_interval))
 
     # -- chat and sessions -------------------------------------------------------------------------------------
     async def chat(self, messages: Messages, *, session_id: str | None = None, model: str = DEFAULT_MODEL,
@@ -935,49 +1060,31 @@ class AsyncClient(_Base):
         body = _chat_body(messages, session_id=session_id, model=model, max_tokens=max_tokens,
                           temperature=temperature, json_schema=json_schema, images=images, stream=stream,
                           extra=extra)
-        if not stream:
-            return chat_result(await self._call("POST", "/v1/chat/completions", json=body, policy=_REFUSED))
-        response = await self._send("POST", "/v1/chat/completions", json=body, policy=_REFUSED, stream=True,
-                                    headers={"Accept": "text/event-stream"})
-        return AsyncChatStream(response)
+        result = await self._run(self._chat(body))
+        return AsyncChatStream(result) if stream else result
 
     async def create_session(self, metadata: Mapping[str, Any] | None = None,
                              ttl_s: float | None = None) -> Session:
-        body = {"metadata": dict(metadata or {}), "ttl_s": ttl_s}
-        return Session.model_validate(await self._call("POST", "/v1/sessions", json=body, policy=_REFUSED))
+        return await self._run(self._create_session(metadata, ttl_s))
 
     async def get_session(self, session_id: str) -> Session:
-        return Session.model_validate(await self._call("GET", _path("sessions", session_id), policy=_IDEMPOTENT))
+        return await self._run(self._get_session(session_id))
 
     async def session_messages(self, session_id: str, start: int | None = None,
                                end: int | None = None) -> list[SessionMessage]:
-        params = {k: v for k, v in {"start": start, "end": end}.items() if v is not None}
-        body = await self._call("GET", _path("sessions", session_id, "messages"), params=params,
-                                policy=_IDEMPOTENT)
-        return [SessionMessage.model_validate(m) for m in (body or {}).get("data", [])]
+        return await self._run(self._session_messages(session_id, start, end))
 
     async def upload_file(self, data: bytes | str | Path, content_type: str = "application/pdf") -> str:
-        payload = Path(data).read_bytes() if isinstance(data, (str, Path)) else bytes(data)
-        body = await self._call("POST", "/v1/files", content=payload, headers={"Content-Type": content_type},
-                                policy=_IDEMPOTENT)
-        return str(body["ref"])
+        return await self._run(self._upload_file(data, content_type))
 
     async def download_artifact(self, task_id: str, name: str, path: str | Path | None = None) -> bytes:
-        response = await self._send("GET", _path("tasks", task_id, "artifacts", name), policy=_IDEMPOTENT)
-        data = response.content
-        if path is not None:
-            Path(path).write_bytes(data)
-        return data
+        return await self._run(self._download_artifact(task_id, name, path))
 
     async def delete_session(self, session_id: str) -> None:
-        await self._call("DELETE", _path("sessions", session_id), policy=_REFUSED)
+        await self._run(self._delete_session(session_id))
 
     async def health(self) -> bool:
-        try:
-            response = await self._http.send(self._request(self._http, "GET", "/readyz"))
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+        return await self._run(self._health())
 
     async def close(self) -> None:
         await self._http.aclose()

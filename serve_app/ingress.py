@@ -8,16 +8,14 @@ metrics), so the same app runs behind Ray Serve (``RayBackend``) and in-process 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,6 +23,7 @@ from connectors.errors import ClientInputError
 from engine.runtime.request import Delta, GenerateRequest
 from serve_app import openai_api
 from serve_app.auth import AuthError, RateLimited
+from serve_app.chat_stream import chat_events, chat_stream_response
 from serve_app.config import AppConfig
 from serve_app.openapi_spec import install_openapi
 from serve_app.state import ApiError, IngressState, rate_limited
@@ -204,12 +203,19 @@ def create_app() -> FastAPI:
                 except Exception as exc:
                     await stream.aclose()
                     raise classify(exc) from None
-                include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = _sse_events(body, request_id, first, stream, deadline, include_usage, state, release,
-                                     remember)
+
+                async def on_finish(text: str, final: Delta) -> None:
+                    _count_tokens(state, final)
+                    if remember is not None:
+                        await remember(text, final.usage)
+
+                events = chat_events(
+                    request_id=request_id, model=body.model or config.model.served_name, first=first,
+                    deltas=stream, deadline=deadline, logprobs=bool(body.logprobs),
+                    include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                    classify=classify, on_finish=on_finish, release=release)
                 handed_off = True
-                return StreamingResponse(events, media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+                return chat_stream_response(events, request_id)
             try:
                 # one round trip for the whole generation (a stream would cost one per token)
                 deltas = await asyncio.wait_for(state.backend.complete(generate_request), config.request_timeout_s)
@@ -261,58 +267,6 @@ async def _continue_session(state: IngressState, owner: str, session_id: str, re
 def _count_tokens(state: Any, final: Delta) -> None:
     if final.usage is not None:
         state.metrics.tokens(final.usage.prompt_tokens, final.usage.completion_tokens)
-
-
-async def _sse_events(
-    body: Any, request_id: str, first: Delta, stream: AsyncIterator[Delta], deadline: float, include_usage: bool,
-    state: Any, release, remember=None,
-) -> AsyncIterator[bytes]:
-    """OpenAI SSE: role chunk, content chunks, a finish chunk, optional usage chunk, then [DONE].
-
-    If the client goes away, Starlette stops this generator; closing ``stream`` cancels the generation.
-    """
-    model = body.model or state.config.model.served_name
-    created = int(time.time())
-
-    def event(payload: dict[str, Any]) -> bytes:
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
-
-    texts: list[str] = []
-    try:
-        yield event(openai_api.chunk(request_id, model, created, role="assistant"))
-        delta: Delta | None = first
-        while delta is not None:
-            texts.append(delta.text)
-            if delta.text or delta.reasoning_text or (delta.logprobs and body.logprobs):
-                yield event(openai_api.chunk(
-                    request_id, model, created, content=delta.text or None,
-                    reasoning=delta.reasoning_text or None,
-                    logprobs=delta.logprobs if body.logprobs else None,
-                ))
-            if delta.finish_reason is not None:
-                if delta.finish_reason == "error":
-                    yield event(openai_api.error_body(500, "generation_failed", delta.error or "generation failed"))
-                else:
-                    yield event(openai_api.chunk(request_id, model, created, finish_reason=delta.finish_reason))
-                    if include_usage and delta.usage is not None:
-                        yield event(openai_api.chunk(request_id, model, created, usage=delta.usage))
-                    _count_tokens(state, delta)
-                    if remember is not None:
-                        await remember("".join(texts), delta.usage)
-                break
-            remaining = deadline - time.monotonic()
-            try:
-                delta = await asyncio.wait_for(stream.__anext__(), max(0.001, remaining))
-            except StopAsyncIteration:
-                delta = None
-            except Exception as exc:
-                err = classify(exc)
-                yield event(openai_api.error_body(err.status, err.code, err.message))
-                break
-        yield b"data: [DONE]\n\n"
-    finally:
-        await stream.aclose()
-        await release()
 
 
 # The module-level app that Ray Serve wraps; ``serve_app.app`` attaches its state in the Ingress replica.

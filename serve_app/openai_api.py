@@ -3,17 +3,16 @@ error bodies. The request schema and its conversion to the engine live in ``conn
 ``chat`` task uses them too); they are re-exported here for the ingress.
 
 Responses: :func:`completion_response` (``chat.completion``; Thinking reasoning in
-``choices[0].message.reasoning_content`` like vLLM / DeepSeek), :func:`chunk` / :func:`usage_chunk` /
-:class:`ChunkStream` (``chat.completion.chunk``), :func:`models_response`, :func:`error_body` (OpenAI error
-format). Finish reasons: the engine's ``stop`` / ``length`` are passed through; ``cancelled`` (client gone)
-and ``error`` are NOT mapped (:func:`map_finish_reason` returns None) - the caller answers them: a non-stream
-request with an ``error`` becomes a 500 :func:`error_body`; in a stream the caller sends an error event
-(``data: {"error": ...}``) and stops without ``[DONE]``; for ``cancelled`` nothing is sent.
+``choices[0].message.reasoning_content`` like vLLM / DeepSeek), :func:`chunk` / :func:`usage_chunk`
+(``chat.completion.chunk``; the stream itself is ``serve_app.chat_stream``), :func:`models_response`,
+:func:`error_body` (OpenAI error format). Finish reasons: the engine's ``stop`` / ``length`` are passed through;
+``cancelled`` and ``error`` are NOT mapped (:func:`map_finish_reason` returns None) - the caller answers them:
+a non-stream request with an ``error`` becomes a 500 :func:`error_body`; a stream ends with an error event
+(``data: {"error": ...}``) and no ``[DONE]``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +39,7 @@ from connectors.openai_messages import (
     VideoUrlPart,
     to_generate_request,
 )
-from engine.runtime.request import Delta, TokenLogprob, Usage
+from engine.runtime.request import TokenLogprob, Usage
 
 __all__ = [
     "RequestError",
@@ -66,9 +65,6 @@ __all__ = [
     "completion_response",
     "chunk",
     "usage_chunk",
-    "ChunkStream",
-    "sse_event",
-    "SSE_DONE",
     "models_response",
     "error_body",
     "error_type",
@@ -224,73 +220,6 @@ def usage_chunk(request_id: str, model: str, created: int, usage: Usage | Mappin
     """The last chunk when ``stream_options.include_usage``: no choices, the request's usage."""
     return {"id": request_id, "object": "chat.completion.chunk", "created": int(created), "model": model,
             "choices": [], "usage": usage_dict(usage)}
-
-
-class ChunkStream:
-    """Engine ``Delta`` stream -> ``chat.completion.chunk`` dicts.
-
-    ``feed(delta)`` returns the chunks to send for it: the role chunk first (``{"role": "assistant",
-    "content": ""}``), then a content / reasoning chunk when the delta carries text (or logprobs), and on the
-    final delta (``stop`` / ``length``) a chunk with an empty delta and the finish reason, followed by the usage
-    chunk when ``include_usage``. A delta finishing with ``cancelled`` / ``error`` yields only its text; the
-    caller reads ``failed`` / ``error`` and ends the stream itself (see the module docstring).
-    """
-
-    def __init__(self, request_id: str, model: str, *, include_usage: bool = False, logprobs: bool = False,
-                 token_bytes: TokenBytes | None = None, created: int | None = None) -> None:
-        self.request_id = request_id
-        self.model = model
-        self.include_usage = include_usage
-        self.logprobs = logprobs
-        self.token_bytes = token_bytes
-        self.created = int(time.time()) if created is None else int(created)
-        self.started = False
-        self.finish_reason: str | None = None
-        self.failed: str | None = None
-        self.error: str | None = None
-        self.usage: Usage | None = None
-
-    def _chunk(self, **kw: Any) -> dict[str, Any]:
-        return chunk(self.request_id, self.model, self.created, include_usage=self.include_usage,
-                     token_bytes=self.token_bytes, **kw)
-
-    def start(self) -> list[dict[str, Any]]:
-        if self.started:
-            return []
-        self.started = True
-        return [self._chunk(role="assistant", content="")]
-
-    def feed(self, delta: Delta) -> list[dict[str, Any]]:
-        out = self.start()
-        lp = delta.logprobs if self.logprobs else None
-        if delta.text or delta.reasoning_text or lp:
-            out.append(self._chunk(
-                content=delta.text if delta.text or not delta.reasoning_text else None,
-                reasoning=delta.reasoning_text or None,
-                logprobs=lp if lp else None,
-            ))
-        if delta.usage is not None:
-            self.usage = delta.usage
-        if delta.finish_reason is not None:
-            mapped = map_finish_reason(delta.finish_reason)
-            if mapped is None:
-                self.failed = delta.finish_reason
-                self.error = delta.error
-                return out
-            self.finish_reason = mapped
-            out.append(self._chunk(finish_reason=mapped))
-            if self.include_usage:
-                out.append(usage_chunk(self.request_id, self.model, self.created,
-                                       self.usage or Usage(prompt_tokens=0, completion_tokens=0)))
-        return out
-
-
-def sse_event(obj: Mapping[str, Any]) -> str:
-    """One server-sent event line pair for ``obj``."""
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
 
 
 def models_response(names: Sequence[str], *, created: int | None = None, owned_by: str = "kimiray") -> dict[str, Any]:

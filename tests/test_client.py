@@ -496,6 +496,55 @@ def test_stream_resumes_after_drop(fake: FakeServer) -> None:
     assert fake.sleeps == [0.25]  # one short backoff before reconnecting
 
 
+class _ClosableStream(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response body that records whether the client closed it."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.closed = False
+
+    def __iter__(self):
+        yield from self.chunks
+
+    async def __aiter__(self):
+        for chunk in self.chunks:
+            yield chunk
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def test_leaving_an_event_stream_early_closes_it() -> None:
+    """Both clients run the same request plans; a consumer that stops early still has its connection closed."""
+    chunks = [f'id: {i}\ndata: {{"id": {i}, "type": "progress", "data": {{}}}}\n\n'.encode() for i in (1, 2, 3)]
+    bodies: list[_ClosableStream] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(_ClosableStream(chunks))
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"}, stream=bodies[-1])
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        return handler(request)
+
+    with Client(BASE, KEY, transport=httpx.MockTransport(handler)) as kc:
+        events = kc.stream_events("task_1")
+        assert next(events).id == 1
+        events.close()
+    assert len(bodies) == 1 and bodies[0].closed
+
+    async def main() -> None:
+        async with AsyncClient(BASE, KEY, transport=httpx.MockTransport(handle)) as kc:
+            events = kc.stream_events("task_1")
+            assert (await anext(events)).id == 1
+            await events.aclose()
+
+    asyncio.run(main())
+    assert len(bodies) == 2 and bodies[1].closed
+
+
 def test_stream_never_repeats_when_server_replays(fake: FakeServer) -> None:
     fake.ignore_last_event_id = True
     with fake.client() as kc:

@@ -1,5 +1,5 @@
 """kimiray.langchain.ChatKimiVL against the real Serve app (local Ray, tiny random-weight checkpoint), plus a few
-offline checks of message conversion and retries (httpx.MockTransport)."""
+offline checks of message conversion, tool refusal and retries (httpx2.MockTransport: the openai client's httpx)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import base64
 import io
 import json
 
-import httpx
+import httpx2
+import openai
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from PIL import Image
@@ -71,7 +72,8 @@ def test_invoke_text(service) -> None:
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     assert reply.response_metadata["finish_reason"] in ("stop", "length")
     assert reply.response_metadata["model_name"] == "kimi-vl"
-    assert reply.id and reply.id.startswith("chatcmpl-")
+    assert reply.response_metadata["id"].startswith("chatcmpl-")
+    assert reply.response_metadata["model_provider"] == "kimiray"
 
 
 def test_invoke_with_image_both_formats(service) -> None:
@@ -96,15 +98,15 @@ def test_stream_matches_invoke(service) -> None:
     whole = llm.invoke(prompt)
     chunks = list(llm.stream(prompt))
     assert "".join(c.content for c in chunks) == whole.content
-    last = chunks[-1]
-    assert last.chunk_position == "last"
-    assert _counts(last.usage_metadata) == _counts(whole.usage_metadata)
-    assert all(c.usage_metadata is None for c in chunks[:-1])
-    assert last.response_metadata["finish_reason"] == whole.response_metadata["finish_reason"]
+    assert chunks[-1].chunk_position == "last"
+    with_usage = [c for c in chunks if c.usage_metadata]
+    assert len(with_usage) == 1 and _counts(with_usage[0].usage_metadata) == _counts(whole.usage_metadata)
     merged = chunks[0]
     for c in chunks[1:]:
         merged += c
     assert merged.content == whole.content and merged.usage_metadata["output_tokens"] == whole.usage_metadata["output_tokens"]
+    assert merged.response_metadata["finish_reason"] == whole.response_metadata["finish_reason"]
+    assert merged.response_metadata["model_provider"] == "kimiray"
 
 
 def test_ainvoke_and_astream(service) -> None:
@@ -120,7 +122,10 @@ def test_ainvoke_and_astream(service) -> None:
     assert reply.content == sync_reply.content
     assert _counts(reply.usage_metadata) == _counts(sync_reply.usage_metadata)
     assert "".join(c.content for c in chunks) == reply.content
-    assert _counts(chunks[-1].usage_metadata) == _counts(reply.usage_metadata)
+    merged = chunks[0]
+    for c in chunks[1:]:
+        merged += c
+    assert _counts(merged.usage_metadata) == _counts(reply.usage_metadata)
 
 
 def test_structured_output_pydantic(service) -> None:
@@ -150,21 +155,41 @@ def test_errors(service) -> None:
     bad = _llm(service, api_key="sk-wrong", max_tokens=4)
     with pytest.raises(KimiVLAPIError) as info:
         bad.invoke("hi")
-    assert info.value.status == 401 and info.value.code == "invalid_api_key"
+    assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
     assert "sk-wrong" not in str(info.value)
     with pytest.raises(KimiVLAPIError) as info:
         list(bad.stream("hi"))
-    assert info.value.status == 401
+    assert info.value.status_code == 401
 
     async def main():
         await bad.ainvoke("hi")
 
     with pytest.raises(KimiVLAPIError) as info:
         asyncio.run(main())
-    assert info.value.status == 401
+    assert info.value.status_code == 401
     with pytest.raises(KimiVLAPIError) as info:
         _llm(service, max_tokens=10**6).invoke("hi")
-    assert info.value.status == 422 and info.value.code == "max_tokens_too_large" and info.value.message
+    assert info.value.status_code == 422 and info.value.code == "max_tokens_too_large" and info.value.message
+    with pytest.raises(KimiVLAPIError) as info:  # no key at all: no Authorization header, the server says so
+        ChatKimiVL(base_url=service, api_key=None, max_tokens=4).invoke("hi")
+    assert info.value.status_code == 401
+
+
+def test_tools_refused(service) -> None:
+    llm = _llm(service, max_tokens=4)
+
+    def get_weather(city: str) -> str:
+        """Weather in a city."""
+        return "sunny"
+
+    with pytest.raises(ValueError, match="no tool calling"):
+        llm.bind_tools([get_weather])
+    with pytest.raises(ValueError, match="no tool calling"):
+        llm.invoke("hi", tool_choice="auto")
+    with pytest.raises(ValueError, match="no tool calling"):
+        llm.with_structured_output(Person, method="function_calling")
+    with pytest.raises(ValueError, match="no tool calling"):
+        llm.invoke([HumanMessage("hi"), AIMessage("", tool_calls=[{"name": "get_weather", "args": {}, "id": "1"}])])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -194,36 +219,74 @@ def test_message_conversion() -> None:
 def test_retries_honour_retry_after_and_are_bounded() -> None:
     calls: list[float] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         calls.append(1)
         if len(calls) < 3:
-            return httpx.Response(503, headers={"Retry-After": "0"},
+            return httpx2.Response(503, headers={"Retry-After": "0"},
                                   json={"error": {"message": "busy", "type": "service_unavailable_error",
                                                   "param": None, "code": "overloaded"}})
         body = json.loads(request.content)
         assert body["top_k"] == 5 and body["model"] == "kimi-vl"
-        return httpx.Response(200, json={
-            "id": "chatcmpl-x", "model": "kimi-vl",
+        return httpx2.Response(200, json={
+            "id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": "kimi-vl",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok", "reasoning_content": "r"},
                          "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
 
-    transport = httpx.MockTransport(handler)
-    llm = ChatKimiVL(api_key="k", http_client=httpx.Client(transport=transport), extra_body={"top_k": 5},
+    transport = httpx2.MockTransport(handler)
+    llm = ChatKimiVL(api_key="k", http_client=httpx2.Client(transport=transport), extra_body={"top_k": 5},
                      max_retries=2)
     reply = llm.invoke("hi")
     assert reply.content == "ok" and reply.additional_kwargs["reasoning_content"] == "r" and len(calls) == 3
 
     calls.clear()
-    llm = ChatKimiVL(api_key="k", http_client=httpx.Client(transport=transport), max_retries=1)
+    llm = ChatKimiVL(api_key="k", http_client=httpx2.Client(transport=transport), max_retries=1)
     with pytest.raises(KimiVLAPIError) as info:
         llm.invoke("hi")
-    assert info.value.status == 503 and info.value.code == "overloaded" and len(calls) == 2
+    assert info.value.status_code == 503 and info.value.code == "overloaded" and len(calls) == 2
 
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
+    refused: list[int] = []
 
-    llm = ChatKimiVL(http_client=httpx.Client(transport=httpx.MockTransport(refuse)), max_retries=1,
-                     max_retry_wait=0.01)
+    def refuse(request: httpx2.Request) -> httpx2.Response:
+        refused.append(1)
+        raise httpx2.ConnectError("refused", request=request)
+
+    llm = ChatKimiVL(http_client=httpx2.Client(transport=httpx2.MockTransport(refuse)), max_retries=1)
     with pytest.raises(KimiVLConnectionError):
         llm.invoke("hi")
+    assert len(refused) == 2
+
+
+def test_stream_reasoning_and_cut_stream() -> None:
+    """reasoning_content deltas reach the chunks; an error event mid-stream raises, and so does a stream that
+    stops without a finish reason (no silent truncation)."""
+    def sse(*events: dict) -> bytes:
+        return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+
+    def delta(**d) -> dict:
+        return {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1, "model": "kimi-vl",
+                "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
+
+    finish = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1, "model": "kimi-vl",
+              "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    bodies = {
+        "ok": sse(delta(role="assistant", content=""), delta(reasoning_content="think"), delta(content="A"),
+                  finish) + b"data: [DONE]\n\n",
+        "error": sse(delta(role="assistant", content=""), delta(content="A"),
+                     {"error": {"message": "boom", "type": "server_error", "param": None,
+                                "code": "generation_failed"}}),
+        "cut": sse(delta(role="assistant", content=""), delta(content="A")),
+    }
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        which = json.loads(request.content)["messages"][0]["content"]
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=bodies[which])
+
+    llm = ChatKimiVL(api_key="k", http_client=httpx2.Client(transport=httpx2.MockTransport(handler)))
+    chunks = list(llm.stream("ok"))
+    assert "".join(c.content for c in chunks) == "A"
+    assert [c.additional_kwargs.get("reasoning_content") for c in chunks if c.additional_kwargs] == ["think"]
+    with pytest.raises(openai.APIError, match="boom"):
+        list(llm.stream("error"))
+    with pytest.raises(KimiVLAPIError, match="before the answer finished"):
+        list(llm.stream("cut"))

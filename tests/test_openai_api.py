@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,9 +24,8 @@ from engine.tokenizer import normalize_messages
 from connectors.limits import Limits
 from connectors.media import MediaError
 from connectors.openai_messages import ChatCompletionRequest, RequestError, _allocate, to_generate_request
+from serve_app.chat_stream import chat_events
 from serve_app.openai_api import (
-    SSE_DONE,
-    ChunkStream,
     chunk,
     completion_response,
     error_body,
@@ -34,7 +34,6 @@ from serve_app.openai_api import (
     map_finish_reason,
     models_response,
     new_request_id,
-    sse_event,
     usage_chunk,
 )
 from tests.media_helpers import MediaServer, colour_frames, data_url, png_bytes
@@ -352,13 +351,33 @@ def stream_deltas() -> list[Delta]:
     ]
 
 
-def test_chunk_stream() -> None:
-    s = ChunkStream("chatcmpl-x", "kimi-vl", include_usage=True, logprobs=True, token_bytes=token_bytes)
-    chunks = [c for d in stream_deltas() for c in s.feed(d)]
-    parsed = [ChatCompletionChunk.model_validate(json.loads(json.dumps(c))) for c in chunks]
+def stream_events(deltas: list[Delta], *, include_usage: bool, logprobs: bool) -> list[str]:
+    """The SSE body the service's one stream path (serve_app.chat_stream) makes of ``deltas``, event by event."""
+    async def collect() -> list[bytes]:
+        async def rest():
+            for delta in deltas[1:]:
+                yield delta
+
+        async def nothing(*args: Any) -> None:
+            return None
+
+        events = chat_events(request_id="chatcmpl-x", model="kimi-vl", first=deltas[0], deltas=rest(),
+                             deadline=time.monotonic() + 30, logprobs=logprobs, include_usage=include_usage,
+                             classify=lambda exc: exc, on_finish=nothing, release=nothing)
+        return [e async for e in events]
+
+    return [e.decode() for e in asyncio.run(collect())]
+
+
+def test_chat_stream_content() -> None:
+    events = stream_events(stream_deltas(), include_usage=True, logprobs=True)
+    assert all(e.startswith("data: ") and e.endswith("\n\n") and "\n" not in e[:-2] for e in events)
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    parsed = [ChatCompletionChunk.model_validate(c) for c in chunks]
     for p in parsed:
         assert_no_extra(p, allowed=frozenset({"reasoning_content"}))
-    assert parsed[0].choices[0].delta.role == "assistant"
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert sum(1 for p in parsed if p.choices and p.choices[0].delta.role) == 1
     content = "".join(p.choices[0].delta.content or "" for p in parsed if p.choices)
     reasoning = "".join((p.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
@@ -367,20 +386,12 @@ def test_chunk_stream() -> None:
     assert [p.choices[0].finish_reason for p in parsed if p.choices][-1] == "length"
     assert all(p.choices[0].finish_reason is None for p in parsed[:-2])
     assert parsed[-1].choices == [] and parsed[-1].usage.prompt_tokens_details.cached_tokens == 2
-    lps = [t.token for p in parsed if p.choices and p.choices[0].logprobs for t in p.choices[0].logprobs.content]
-    assert lps == ["Hel", "\ufffd"]
-    assert s.finish_reason == "length" and s.failed is None
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])  # as OpenAI, with include_usage
+    lps = [t.logprob for p in parsed if p.choices and p.choices[0].logprobs for t in p.choices[0].logprobs.content]
+    assert lps == [-0.1, -1.0]
     # without include_usage / logprobs: no usage chunk, no usage keys, no logprobs
-    s = ChunkStream("chatcmpl-x", "kimi-vl")
-    chunks = [c for d in stream_deltas() for c in s.feed(d)]
+    chunks = [json.loads(e[6:]) for e in stream_events(stream_deltas(), include_usage=False, logprobs=False)[:-1]]
     assert all("usage" not in c and c["choices"] and "logprobs" not in c["choices"][0] for c in chunks)
-
-
-def test_chunk_stream_error_is_left_to_the_caller() -> None:
-    s = ChunkStream("chatcmpl-x", "kimi-vl", include_usage=True)
-    out = s.feed(Delta(request_id="r", text="par", finish_reason="error", error="boom"))
-    assert [c["choices"][0]["delta"] for c in out] == [{"role": "assistant", "content": ""}, {"content": "par"}]
-    assert s.failed == "error" and s.error == "boom" and s.finish_reason is None
     assert map_finish_reason("cancelled") is None and map_finish_reason("stop") == "stop"
 
 
@@ -400,12 +411,6 @@ def test_models_and_errors() -> None:
     assert status == 500 and "secret" not in body["error"]["message"]
 
 
-def test_sse_encoding() -> None:
-    ev = sse_event({"a": "é"})
-    assert ev.startswith("data: ") and ev.endswith("\n\n") and json.loads(ev[6:]) == {"a": "é"}
-    assert SSE_DONE == "data: [DONE]\n\n"
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the real openai client against our builders (httpx MockTransport)
 # ----------------------------------------------------------------------------------------------------------
@@ -423,9 +428,7 @@ def test_openai_client_round_trip() -> None:
         g = asyncio.run(to_generate_request(req, LIMITS, "chatcmpl-sdk"))
         assert g.max_tokens == 20 and g.json_schema == {"type": "object"}
         if req.stream:
-            s = ChunkStream("chatcmpl-sdk", req.model, include_usage=req.include_usage, logprobs=bool(req.logprobs),
-                            token_bytes=token_bytes)
-            events = [sse_event(c) for d in stream_deltas() for c in s.feed(d)] + [SSE_DONE]
+            events = stream_events(stream_deltas(), include_usage=req.include_usage, logprobs=bool(req.logprobs))
             return httpx.Response(200, headers={"content-type": "text/event-stream"}, content="".join(events).encode())
         body = completion_response("chatcmpl-sdk", req.model, "Hello!", "hmm", "stop",
                                    Usage(prompt_tokens=3, completion_tokens=2), LOGPROBS, token_bytes=token_bytes)

@@ -74,6 +74,12 @@ def test_streaming_with_usage_chunk(service) -> None:
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert all(c.usage is None for c in chunks[:-1]) and len({c.id for c in chunks}) == 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = _client(service).chat.completions.create(
+        model="kimi-vl", messages=[{"role": "user", "content": "Stream please"}], max_tokens=10,
+        extra_body={"ignore_eos": True})
+    assert text == whole.choices[0].message.content  # greedy: the stream carries the same answer
 
 
 def test_image_message(service) -> None:
@@ -164,22 +170,49 @@ def test_bad_input_is_4xx_json(service) -> None:
     assert huge.status_code == 413
 
 
+def _engine_stats(service: str) -> dict:
+    return httpx.get(f"{service}/v1/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
+
+
+def _assert_cancelled(service: str, steps_before: int, max_tokens: int) -> None:
+    """The engine is idle again with its cache free, well before the request could have generated
+    ``max_tokens``: the request was aborted, not run to the end."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        stats = _engine_stats(service)
+        if stats["running"] == 0 and stats["waiting"] == 0 and stats["cache_usage"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["cache_usage"] == 0, stats
+    assert stats["steps"] - steps_before < max_tokens, stats  # one decode step per token had it not been aborted
+
+
 def test_disconnect_cancels_generation(service) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": "kimi-vl", "messages": [{"role": "user", "content": "long one"}], "max_tokens": 3000,
             "stream": True, "ignore_eos": True}
+    steps_before = _engine_stats(service)["steps"]
     with httpx.stream("POST", f"{service}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
         assert r.status_code == 200
         for i, _line in enumerate(r.iter_lines()):
             if i > 6:
                 break  # leave mid-stream
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        stats = httpx.get(f"{service}/v1/stats", headers=headers).json()
-        if stats["running"] == 0 and stats["waiting"] == 0 and stats["cache_usage"] == 0:
+    _assert_cancelled(service, steps_before, 3000)
+
+
+def test_openai_client_closing_a_stream_cancels_generation(service) -> None:
+    steps_before = _engine_stats(service)["steps"]
+    stream = _client(service).chat.completions.create(
+        model="kimi-vl", messages=[{"role": "user", "content": "long one"}], max_tokens=3000, stream=True,
+        extra_body={"ignore_eos": True})
+    received = []
+    for chunk in stream:
+        received.append(chunk)
+        if len(received) >= 4:
             break
-        time.sleep(0.2)
-    assert stats["running"] == 0 and stats["cache_usage"] == 0, stats
+    stream.close()
+    assert received[0].choices[0].delta.role == "assistant"
+    _assert_cancelled(service, steps_before, 3000)
 
 
 def test_video_frames_and_video_url(service) -> None:

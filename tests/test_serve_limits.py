@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -66,8 +67,19 @@ def test_request_timeout_504_and_stream_error_event(service) -> None:
     slow = _post(service, "sk-slow", _body(3000))
     assert slow.status_code == 504, slow.text
     assert slow.json()["error"]["code"] == "timeout"
+    steps_before = httpx.get(f"{service}/v1/stats", headers={"Authorization": "Bearer sk-slow"}).json()["steps"]
     with httpx.stream("POST", f"{service}/v1/chat/completions", json=_body(3000, stream=True), timeout=60,
                       headers={"Authorization": "Bearer sk-slow"}) as r:
         assert r.status_code == 200
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
-    assert '"code": "timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
+    # the deadline passed mid-stream: the stream ends with the error event, no [DONE] pretending success
+    assert '"code": "timeout"' in lines[-1] and "data: [DONE]" not in lines
+    assert not any('"finish_reason": "' in line for line in lines)
+    stats = {}
+    for _ in range(100):  # and the generation was aborted: the engine is idle with its cache free
+        stats = httpx.get(f"{service}/v1/stats", headers={"Authorization": "Bearer sk-slow"}).json()
+        if stats["running"] == 0 and stats["cache_usage"] == 0:
+            break
+        time.sleep(0.1)
+    assert stats["running"] == 0 and stats["cache_usage"] == 0, stats
+    assert stats["steps"] - steps_before < 3000, stats  # fewer decode steps than the tokens it asked for
