@@ -29,7 +29,10 @@ class ChatInput(BaseModel):
     def _openai_messages(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from serve_app.openai_api import ChatCompletionRequest
 
+        from agents.sources import check_message_media
+
         ChatCompletionRequest.model_validate({"model": "kimi-vl", "messages": value})
+        check_message_media(value)
         return value
 
 

@@ -349,8 +349,7 @@ def test_creations_have_their_own_per_key_budget(tmp_path: Path, engine: Any) ->
     with task_server(f"sqlite:///{tmp_path}", ",".join(keys), engine=engine,
                      app_args={"auth": {"creates_per_minute": 6}}) as url:
         a, b = auth("sk-create-a"), auth("sk-create-b")
-        task = {"type": "chat", "input": {"messages": [{"role": "user", "content": "hi"}]},
-                "options": {"max_tokens": 2}}
+        task = {"type": "chat", "input": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
         first = httpx.post(f"{url}/v1/tasks", json=task, headers=a, timeout=30)
         assert first.status_code == 202, first.text
         for method, path, kwargs in (("POST", "/v1/tasks", {"json": task}), ("POST", "/v1/sessions", {"json": {}}),
