@@ -52,13 +52,9 @@ def _start_service(model: str | None, port: int) -> None:
 
 
 def _stop_service() -> None:
-    import ray
-    from ray import serve
+    from kimiray.ray_lifecycle import stop_serve
 
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
+    stop_serve(["kimiray"])
 
 
 def _sample_contract(path: Path, pages: int) -> Path:
