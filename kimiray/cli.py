@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -24,7 +26,38 @@ def _sample_image(path: Path) -> Path:
     return path
 
 
+class DemoError(Exception):
+    """A problem with the user's input or environment: one ``kimiray: error:`` line, no traceback."""
+
+
+def one_line_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Expected failures (a missing file, a model that can't be loaded) as one ``kimiray: error:`` line and exit
+    code 2 (input) or 1 (anything else); ``--debug`` shows the traceback instead."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except KeyboardInterrupt:
+            print("kimiray: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:  # noqa: BLE001 - the point: no traceback unless asked for
+            if getattr(args, "debug", False):
+                raise
+            message = " ".join(str(exc).split())[:600] or type(exc).__name__
+            if not isinstance(exc, DemoError):
+                message = f"{type(exc).__name__}: {message} (--debug shows the traceback)"
+            print(f"kimiray: error: {message}", file=sys.stderr)
+            return 2 if isinstance(exc, DemoError) else 1
+
+    return run
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.image and not Path(args.image).expanduser().is_file():
+        raise DemoError(f"no such image file: {args.image}")
+    if args.model and not Path(args.model).expanduser().exists() and args.model.count("/") != 1:
+        raise DemoError(f"--model {args.model!r} is neither a checkpoint directory nor a Hugging Face id (org/name)")
     import torch
 
     from engine.generate import SamplingParams, generate
@@ -80,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--temperature", type=float, default=0.0)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    demo.set_defaults(func=cmd_demo)
+    demo.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    demo.set_defaults(func=one_line_errors(cmd_demo))
     serve = sub.add_parser("serve", help="run the Ray Serve application from ray_config.yaml")
     serve.add_argument("config", nargs="?", default="ray_config.yaml")
     serve.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
