@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from kimiray.cli_errors import DemoError, one_line_errors
 
 
 def _sample_image(path: Path) -> Path:
@@ -26,33 +26,6 @@ def _sample_image(path: Path) -> Path:
     return path
 
 
-class DemoError(Exception):
-    """A problem with the user's input or environment: one ``kimiray: error:`` line, no traceback."""
-
-
-def one_line_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Expected failures (a missing file, a model that can't be loaded) as one ``kimiray: error:`` line and exit
-    code 2 (input) or 1 (anything else); ``--debug`` shows the traceback instead."""
-
-    @functools.wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except KeyboardInterrupt:
-            print("kimiray: interrupted", file=sys.stderr)
-            return 130
-        except Exception as exc:  # noqa: BLE001 - the point: no traceback unless asked for
-            if getattr(args, "debug", False):
-                raise
-            message = " ".join(str(exc).split())[:600] or type(exc).__name__
-            if not isinstance(exc, DemoError):
-                message = f"{type(exc).__name__}: {message} (--debug shows the traceback)"
-            print(f"kimiray: error: {message}", file=sys.stderr)
-            return 2 if isinstance(exc, DemoError) else 1
-
-    return run
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.image and not Path(args.image).expanduser().is_file():
         raise DemoError(f"no such image file: {args.image}")
@@ -62,7 +35,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from engine.generate import SamplingParams, generate
     from engine.loader import load
-    from kimiray.paths import data_dir, tiny_checkpoint_dir
+    from connectors.paths import data_dir, tiny_checkpoint_dir
 
     model_path = args.model or str(tiny_checkpoint_dir())
     image_path = Path(args.image) if args.image else _sample_image(data_dir() / "demo-screenshot.png")

@@ -68,7 +68,7 @@ def _sample_contract(path: Path, pages: int) -> Path:
 def _check_pdf(path: Path) -> None:
     """The same header check the service makes at submission, here before anything starts."""
     from agents.sources import file_kind
-    from kimiray.cli import DemoError
+    from kimiray.cli_errors import DemoError
 
     if not path.is_file():
         raise DemoError(f"no such file: {path}")
@@ -91,7 +91,7 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 
 def run_demo(args: argparse.Namespace) -> int:
     import kimiray
-    from kimiray.paths import data_dir, tiny_checkpoint_dir
+    from connectors.paths import data_dir, tiny_checkpoint_dir
     from kimiray.progress import ProgressPrinter
 
     for key, value in LOOPBACK_ENV.items():
@@ -152,6 +152,6 @@ def add_contract_demo_command(subparsers: Any) -> None:
     demo.add_argument("--pages", type=int, default=20, help="pages of the generated sample contract")
     demo.add_argument("--timeout", type=float, default=1800.0)
     demo.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    from kimiray.cli import one_line_errors
+    from kimiray.cli_errors import one_line_errors
 
     demo.set_defaults(func=one_line_errors(run_demo))

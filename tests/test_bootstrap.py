@@ -4,7 +4,6 @@ for .venv/bin/python that records the pip calls (installing torch for real takes
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
 import subprocess

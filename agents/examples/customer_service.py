@@ -31,6 +31,7 @@ from agents.base import Agent, AgentContext
 from agents.chat import chat_within_window, conversation_growth
 from agents.messages import storable
 from agents.registry import register_agent
+from agents.sources import media_url_problem
 
 POLICY = (
     "You are the support assistant of ACME Cloud. Be brief and concrete. Refunds over 100 EUR, legal threats "
@@ -50,8 +51,6 @@ class CustomerTurn(BaseModel):
     @classmethod
     def _usable_urls(cls, value: list[str]) -> list[str]:
         """A malformed data: URL (or a path) is a 422 at submission, not a failed turn later."""
-        from agents.sources import media_url_problem
-
         for i, url in enumerate(value):
             if problem := media_url_problem(url):
                 raise ValueError(f"images[{i}]: {problem}")
@@ -90,7 +89,7 @@ class CustomerServiceAgent(Agent):
         await ctx.step("read_message")
         parts: list[dict] = [{"type": "image_url", "image_url": {"url": url}} for url in input.images]
         parts.append({"type": "text", "text": input.message})
-        new_messages, _ = await to_engine_messages([{"role": "user", "content": parts}], 256)
+        new_messages, _ = await to_engine_messages([{"role": "user", "content": parts}], 256, limits=ctx.limits)
         system = [] if history else [{"role": "system", "content": POLICY}]
         await ctx.progress(2, 3, "asking the model")
 
