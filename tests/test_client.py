@@ -447,6 +447,13 @@ def test_connection_errors(fake: FakeServer) -> None:
         assert kc.health() is True
 
 
+def test_a_401_says_how_to_pass_a_key() -> None:
+    err = error_for(401, {"error": {"message": "Missing API key.", "type": "authentication_error"}})
+    assert isinstance(err, AuthenticationError) and err.status == 401
+    assert "KIMIRAY_API_KEY" in str(err) and "--api-key" in str(err) and "Missing API key." in str(err)
+    assert "KIMIRAY_API_KEY" not in str(error_for(403, {"error": {"message": "not yours"}}))
+
+
 def test_error_for_stream_error_body() -> None:
     err = error_for(None, {"error": {"message": "overloaded", "type": "service_unavailable_error",
                                      "code": "overloaded"}})

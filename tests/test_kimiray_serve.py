@@ -75,6 +75,8 @@ def test_kimiray_serve_runs_the_config(tmp_path: Path) -> None:
         assert reply.status_code == 200, reply.text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
+        rest = proc.stdout.read()
+        assert "shutting down" in rest and "graceful_shutdown failed" not in rest, rest  # a clean exit reads clean
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

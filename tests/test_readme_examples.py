@@ -221,3 +221,33 @@ def test_python_examples_run(service: tuple[str, dict[str, str], Path]) -> None:
                           text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "=== all python blocks ran" in proc.stdout, output[-6000:]
+
+
+def test_chat_without_max_tokens_on_the_default_deployment(service: tuple[str, dict[str, str], Path],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first call a newcomer makes leaves max_tokens out: it works through the official openai client, the SDK
+    and LangChain, and the reply is bounded by what the context window leaves after the prompt."""
+    import openai
+
+    import kimiray
+    from kimiray.langchain import ChatKimiVL
+
+    url, env, _ = service
+    window = 4096  # the tiny checkpoint's context (max_position_embeddings)
+    monkeypatch.setenv("KIMIRAY_URL", url)
+    monkeypatch.setenv("KIMIRAY_API_KEY", API_KEY)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, SAFE_ENV[name])
+
+    reply = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY).chat.completions.create(
+        model="kimi-vl", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert 0 < reply.usage.completion_tokens and reply.usage.prompt_tokens + reply.usage.completion_tokens <= window
+
+    with kimiray.Client() as client:  # KIMIRAY_URL / KIMIRAY_API_KEY, as the README says
+        chat = client.chat("hi")
+    assert chat.finish_reason in ("stop", "length")
+    assert chat.usage["prompt_tokens"] + chat.usage["completion_tokens"] <= window
+
+    message = ChatKimiVL().invoke("Hello")
+    assert isinstance(message.content, str)
