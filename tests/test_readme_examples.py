@@ -11,8 +11,8 @@ must say so with a marker, or this test fails. How they run, against one service
 * the service is the README's own ``kimiray serve ray_config.yaml`` command (the default deployment config, the
   tiny checkpoint), on a free port instead of 8000, with its data under a temporary ``$KIMIRAY_HOME``;
 * in every block ``http://127.0.0.1:8000`` becomes that service's address and ``.venv/bin/`` this
-  interpreter's bin directory; ``KIMIRAY_URL`` / ``KIMIRAY_API_KEY`` are set, as the README's client
-  settings describe;
+  interpreter's bin directory; ``KIMIRAY_URL``, ``KIMIRAY_BASE_URL`` and ``KIMIRAY_API_KEY`` are set, as the
+  README's client settings describe;
 * the working directory holds the sample files the examples name: ``screenshot.png``, ``msa.pdf`` (a generated
   contract) and ``demo.mp4`` (a generated video);
 * ``python`` blocks run in README order in one interpreter sharing their names, like a notebook (a later block
@@ -175,7 +175,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dic
                 break
             lines.append(line)
         assert any(f"ready at {url}/v1" in line for line in lines), "".join(lines)
-        client_env = env | {"KIMIRAY_URL": url, "KIMIRAY_API_KEY": API_KEY,
+        client_env = env | {"KIMIRAY_URL": url, "KIMIRAY_BASE_URL": f"{url}/v1", "KIMIRAY_API_KEY": API_KEY,
                             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         yield url, client_env, work
     finally:
@@ -235,6 +235,7 @@ def test_chat_without_max_tokens_on_the_default_deployment(service: tuple[str, d
     url, env, _ = service
     window = 4096  # the tiny checkpoint's context (max_position_embeddings)
     monkeypatch.setenv("KIMIRAY_URL", url)
+    monkeypatch.setenv("KIMIRAY_BASE_URL", f"{url}/v1")  # LangChain's variable: the API root, with /v1
     monkeypatch.setenv("KIMIRAY_API_KEY", API_KEY)
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.setenv(name, SAFE_ENV[name])
