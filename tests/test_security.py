@@ -189,10 +189,16 @@ def test_one_key_cannot_reach_another_keys_objects(server: str) -> None:
     mine = _submit(server, KEY_B, {"type": "report", "input": {"text": "B"}, "idempotency_key": "same"})
     assert mine["id"] != report["id"] and mine["created"] is True
 
-    # A's file used by B as a task input: the task fails as "not found", and reads nothing of A's
-    stolen = _submit(server, KEY_B, {"type": "contract_extraction", "input": {"blob": blob}})
-    failed = wait_for_status(server, KEY_B, stolen["id"], ("failed", "succeeded"))
-    assert failed["status"] == "failed" and failed["error"]["code"] == "blob_not_found", failed
+    # A's file used by B as a task input: refused at submission exactly like a blob that does not exist
+    def refusal(ref: str) -> dict:
+        r = httpx.post(f"{server}/v1/tasks", json={"type": "contract_extraction", "input": {"blob": ref}},
+                       headers=auth(KEY_B), timeout=30)
+        assert r.status_code == 422, r.text
+        return r.json()["error"]
+
+    stolen, missing = refusal(blob), refusal("f" * 64)
+    assert stolen["param"] == missing["param"] == "input.blob"
+    assert stolen["message"].replace(blob, "X") == missing["message"].replace("f" * 64, "X")
 
     # and A's objects are untouched by B's attempts
     assert httpx.get(f"{server}/v1/sessions/{sid}", headers=auth(KEY_A)).status_code == 200
