@@ -35,6 +35,26 @@ class AgentError(Exception):
         self.message = message
 
 
+class InputRejected(ValueError):
+    """Raised by :meth:`Agent.check_submission`: the input parsed but cannot work (a 422 naming ``param``)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class SubmissionCheck:
+    """What a submission check may look at besides the input: the caller's uploaded blobs (read-only)."""
+
+    def __init__(self, owner: str, blobs: BlobStore) -> None:
+        self.owner = owner
+        self._blobs = blobs
+
+    async def blob(self, ref: str) -> bytes | None:
+        return await self._blobs.get(self.owner, ref)
+
+
 class EmptyInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -60,6 +80,11 @@ class Agent(abc.ABC):
     @classmethod
     def validate_input(cls, data: dict[str, Any]) -> BaseModel:
         return cls.Input.model_validate(data)
+
+    @classmethod
+    async def check_submission(cls, input: Any, check: SubmissionCheck) -> None:
+        """Checks at ``POST /v1/tasks`` that need more than the input itself (an uploaded blob's file type, the
+        configured desktops): raise :class:`InputRejected` and the submission is a 422, nothing stored."""
 
 
 class AgentContext:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from agents.base import Agent, AgentContext, AgentError
 from agents.messages import session_growth, storable
 from agents.registry import register_agent
+from agents.sources import check_message_media
 from connectors.errors import ClientInputError
 from connectors.limits import Limits
 from connectors.openai_messages import ChatCompletionRequest, to_generate_request
@@ -31,6 +32,7 @@ class ChatInput(BaseModel):
     @classmethod
     def _openai_messages(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ChatCompletionRequest.model_validate({"model": "kimi-vl", "messages": value})
+        check_message_media(value)
         return value
 
 

@@ -16,8 +16,10 @@ are ignored):
 * ``n`` must be 1 (422). ``top_logprobs`` needs ``logprobs: true`` (422). A non-empty ``logit_bias`` is refused
   (422) rather than silently ignored.
 * ``max_completion_tokens`` wins over ``max_tokens``; over ``limits.max_tokens_cap`` -> 422
-  ``max_tokens_too_large``; absent -> ``defaults["max_tokens"]`` if given, else ``limits.max_tokens_cap``
-  (the engine still stops at the context length).
+  ``max_tokens_too_large``; given and too long for the context window with the prompt -> 400
+  ``context_length_exceeded`` (from the engine). Absent -> as OpenAI and vLLM: up to what the context window
+  leaves after the prompt, capped by ``defaults["max_tokens"]`` if given, else by ``limits.max_tokens_cap``
+  (``GenerateRequest.fit_max_tokens``: the engine, which tokenizes the prompt, lowers the bound).
 * Sampling fields left out (None) take ``defaults`` (e.g. the model card's recommended temperature), else the
   engine's defaults (greedy). Extensions: ``top_k`` (``-1`` = off, as in vLLM), ``min_p``,
   ``repetition_penalty``. ``stop``: a string or up to 16 strings; empty strings are dropped.
@@ -316,12 +318,14 @@ async def to_generate_request(
     defaults = dict(defaults or {})
 
     # max tokens
+    fit_max_tokens = False
     if req.max_completion_tokens is not None:
         max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
     elif req.max_tokens is not None:
         max_tokens, param = req.max_tokens, "max_tokens"
-    else:
+    else:  # an upper bound only: the engine fits it to what the context leaves after the prompt
         max_tokens, param = min(int(defaults.get("max_tokens", limits.max_tokens_cap)), limits.max_tokens_cap), None
+        fit_max_tokens = True
     if max_tokens > limits.max_tokens_cap:
         raise RequestError(f"{param} = {max_tokens} is over this server's limit of {limits.max_tokens_cap}",
                            code="max_tokens_too_large", param=param)
@@ -420,6 +424,7 @@ async def to_generate_request(
         return GenerateRequest(
             messages=messages,
             max_tokens=max_tokens,
+            fit_max_tokens=fit_max_tokens,
             stop=req.stop or [],
             seed=req.seed,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,

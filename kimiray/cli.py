@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from kimiray.cli_errors import DemoError, one_line_errors
+
 
 def _sample_image(path: Path) -> Path:
     """A small synthetic 'screenshot' (title bar, a button, some text) so the demo needs no input file."""
@@ -25,6 +27,10 @@ def _sample_image(path: Path) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.image and not Path(args.image).expanduser().is_file():
+        raise DemoError(f"no such image file: {args.image}")
+    if args.model and not Path(args.model).expanduser().exists() and args.model.count("/") != 1:
+        raise DemoError(f"--model {args.model!r} is neither a checkpoint directory nor a Hugging Face id (org/name)")
     import torch
 
     from engine.generate import SamplingParams, generate
@@ -80,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--temperature", type=float, default=0.0)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    demo.set_defaults(func=cmd_demo)
+    demo.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    demo.set_defaults(func=one_line_errors(cmd_demo))
     serve = sub.add_parser("serve", help="run the Ray Serve application from ray_config.yaml")
     serve.add_argument("config", nargs="?", default="ray_config.yaml")
     serve.add_argument("--address", help="Ray cluster address (default: start a local Ray)")

@@ -5,7 +5,7 @@
     from kimiray.client import Client
 
     with Client("http://127.0.0.1:8000", api_key="sk-...") as kc:
-        task = kc.submit("contract_review", {"url": "https://example.com/c.pdf"})
+        task = kc.submit("contract_extraction", {"url": "https://example.com/c.pdf"})
         for event in kc.stream_events(task.id):      # reconnects by itself (Last-Event-ID)
             print(event.type, event.data)
         task = kc.wait(task.id, timeout=600)         # raises TaskFailedError / TaskCancelledError / WaitTimeoutError

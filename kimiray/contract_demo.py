@@ -52,13 +52,9 @@ def _start_service(model: str | None, port: int) -> None:
 
 
 def _stop_service() -> None:
-    import ray
-    from ray import serve
+    from kimiray.ray_lifecycle import stop_serve
 
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
+    stop_serve(["kimiray"])
 
 
 def _sample_contract(path: Path, pages: int) -> Path:
@@ -67,6 +63,19 @@ def _sample_contract(path: Path, pages: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(make_contract(pages=pages, seed=0).pdf)
     return path
+
+
+def _check_pdf(path: Path) -> None:
+    """The same header check the service makes at submission, here before anything starts."""
+    from agents.sources import file_kind
+    from kimiray.cli_errors import DemoError
+
+    if not path.is_file():
+        raise DemoError(f"no such file: {path}")
+    with path.open("rb") as f:
+        kind = file_kind(f.read(1024))
+    if kind != "a PDF":
+        raise DemoError(f"{path} is not a PDF ({kind or 'no %PDF- header'}); contract-demo reads PDFs")
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +99,9 @@ def run_demo(args: argparse.Namespace) -> int:
     os.environ.pop("KIMIRAY_API_KEYS", None)  # loopback only: no key needed
     home = data_dir()
     out_dir = home / "demo"
-    pdf = Path(args.pdf) if args.pdf else _sample_contract(out_dir / "sample-contract.pdf", args.pages)
+    if args.pdf:
+        _check_pdf(Path(args.pdf).expanduser())  # before Ray starts: a wrong file is refused in a blink
+    pdf = Path(args.pdf).expanduser() if args.pdf else _sample_contract(out_dir / "sample-contract.pdf", args.pages)
     if not args.model:
         tiny_checkpoint_dir()  # written once here, not raced by the replicas
     print(f"[kimiray] contract: {pdf} ({pdf.stat().st_size // 1024} KiB)", flush=True)
@@ -140,4 +151,7 @@ def add_contract_demo_command(subparsers: Any) -> None:
     demo.add_argument("--pdf", help="your contract (default: a generated sample contract)")
     demo.add_argument("--pages", type=int, default=20, help="pages of the generated sample contract")
     demo.add_argument("--timeout", type=float, default=1800.0)
-    demo.set_defaults(func=run_demo)
+    demo.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    from kimiray.cli_errors import one_line_errors
+
+    demo.set_defaults(func=one_line_errors(run_demo))

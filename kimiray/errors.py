@@ -127,6 +127,10 @@ class WaitTimeoutError(KimirayError):
         self.task = task
 
 
+# How a 401 is fixed from the client side (SDK, CLI and LangChain all read the same variable).
+AUTH_HINT = ("Pass the server's key: api_key=... (SDK, ChatKimiVL), --api-key (CLI), or set KIMIRAY_API_KEY; "
+             "the server's keys are its KIMIRAY_API_KEYS.")
+
 _BY_STATUS: dict[int, type[KimirayError]] = {
     400: InvalidRequestError, 401: AuthenticationError, 403: AuthenticationError, 404: NotFoundError,
     409: ConflictError, 413: InvalidRequestError, 415: InvalidRequestError, 422: InvalidRequestError,
@@ -180,6 +184,8 @@ def error_for(status: int | None, body: Any, *, headers: Mapping[str, str] | Non
     kwargs: dict[str, Any] = dict(status=status, request_id=request_id, body=body, **fields)
     if cls in (RateLimitError, ServiceUnavailableError):
         kwargs["retry_after"] = parse_retry_after(headers)
+    if status == 401:
+        message = f"{message} {AUTH_HINT}"
     return cls(message, **kwargs)
 
 

@@ -1,4 +1,8 @@
-"""``kimiray serve``: run ray_config.yaml the way ``serve run`` does, with progress and a "ready at URL" line."""
+"""``kimiray serve``: run ray_config.yaml the way ``serve run`` does, with progress and a "ready at URL" line.
+
+While serving it watches the Ray cluster (its GCS, and the raylet it started): when the cluster dies the port is
+closed for good, so it says so and exits non-zero (a supervisor such as systemd restarts it) instead of
+sitting there silently."""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 SAFE_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0"}
+EXIT_CLUSTER_DIED = 3
+WATCH_EVERY_S = 2.0
 
 
 def _load_config(path: Path) -> dict[str, Any]:
@@ -46,6 +52,8 @@ def _check_keys(config: dict[str, Any]) -> None:
 def run_serve(config_path: str, address: str | None = None, timeout_s: float = 900.0) -> int:
     import ray
     from ray import serve
+
+    from kimiray.ray_lifecycle import cluster_problem, gcs_address, local_raylet_pid, raylet_alive, stop_serve
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
@@ -78,8 +86,7 @@ def run_serve(config_path: str, address: str | None = None, timeout_s: float = 9
         failed = [f"{n}: {a.message}" for n, a in apps.items() if str(a.status).endswith(("DEPLOY_FAILED", "UNHEALTHY"))]
         if failed:
             print("[kimiray] deployment failed:\n  " + "\n  ".join(failed), file=sys.stderr, flush=True)
-            serve.shutdown()
-            ray.shutdown()
+            stop_serve(list(apps), owns_ray=address is None)
             return 1
         if time.monotonic() - started > timeout_s:
             print("[kimiray] timed out waiting for the application", file=sys.stderr, flush=True)
@@ -96,9 +103,18 @@ def run_serve(config_path: str, address: str | None = None, timeout_s: float = 9
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    gcs, raylet = gcs_address(), (local_raylet_pid() if address is None else None)
+    next_check = time.monotonic() + WATCH_EVERY_S
     while not stop["now"]:
         time.sleep(0.5)
+        if time.monotonic() < next_check:
+            continue
+        next_check = time.monotonic() + WATCH_EVERY_S
+        problem = cluster_problem(gcs) or (None if raylet_alive(raylet) else f"the raylet (pid {raylet}) exited")
+        if problem:
+            print(f"[kimiray] the Ray cluster under this service died: {problem}; "
+                  f"http://{http.host}:{http.port} is down. Exiting.", file=sys.stderr, flush=True)
+            return EXIT_CLUSTER_DIED
     print("[kimiray] shutting down (draining in-flight requests) …", flush=True)
-    serve.shutdown()
-    ray.shutdown()
+    stop_serve([app.name for app in schema.applications], owns_ray=address is None)
     return 0

@@ -106,6 +106,10 @@ def load_json_arg(value: str, flag: str) -> Any:
         raise UsageError(f"{flag}: {what} ({exc})") from None
 
 
+# ``--option`` keys that are task options (``POST /v1/tasks`` ``options``); every other key is an input field.
+TASK_OPTION_KEYS = ("session_id",)
+
+
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     """``key=value`` pairs; a value that parses as JSON (``3``, ``true``, ``[1,2]``) is taken as such."""
     options: dict[str, Any] = {}
@@ -211,10 +215,18 @@ def _task_outcome(task: Task, output: str | None) -> int:
     return EXIT_FAILED
 
 
+def split_options(pairs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--option`` pairs -> (input fields, task options). Input fields go through the agent's schema on the
+    server, so an unknown key or a bad value is refused there (422) instead of being ignored."""
+    fields = {k: v for k, v in pairs.items() if k not in TASK_OPTION_KEYS}
+    return fields, {k: v for k, v in pairs.items() if k in TASK_OPTION_KEYS}
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     payload = build_input(args.source, schema=args.schema, input_json=args.input_json)
-    options = parse_options(args.option)
-    if args.source is None and args.input_json is None and args.schema is None and not options:
+    fields, options = split_options(parse_options(args.option))
+    payload.update(fields)
+    if args.source is None and args.input_json is None and args.schema is None and not (fields or options):
         raise UsageError("nothing to submit: give a file or URL, or --input-json (use '{}' for no input)")
     runtime = _runtime(args)
     try:
@@ -337,11 +349,14 @@ def add_task_commands(subparsers: Any) -> None:
     submit = subparsers.add_parser(
         "submit", parents=[conn], help="submit an agent task and follow it to its result",
         description="Submit a task, show its progress, print the result JSON on stdout.")
-    submit.add_argument("type", help="task type, e.g. contract_review")
+    submit.add_argument("type", help="task type: contract_extraction, video_analysis, os_agent, chat, ... "
+                        "(GET /v1/task-types lists them with their input fields)")
     submit.add_argument("source", nargs="?", help="a local file (sent inline, base64) or an http(s) URL")
     submit.add_argument("--schema", help="JSON schema for the result: a file path or inline JSON")
     submit.add_argument("--option", action="append", metavar="KEY=VALUE",
-                        help="task option (repeatable); values that parse as JSON are sent as such")
+                        help="an input field of the task type, e.g. kind=question (repeatable; values that parse "
+                        "as JSON are sent as such; an unknown key or bad value is refused); session_id=ID "
+                        "continues a session")
     submit.add_argument("--input-json", help="extra input fields: a JSON object, inline or a file path")
     submit.add_argument("--idempotency-key", help="resubmitting with the same key returns the same task")
     submit.add_argument("--no-wait", action="store_true", help="print the task id and exit")

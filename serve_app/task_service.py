@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from agents.base import InputRejected, SubmissionCheck
 from agents.registry import AgentRegistry, InvalidTaskInput, UnknownTaskType, build_registry
 from connectors.errors import ClientInputError
 from connectors.stores import open_stores, stores_url_from_env
@@ -20,6 +21,11 @@ from serve_app.config import TasksConfig
 class NotFoundError(ClientInputError):
     default_status = 404
     default_code = "not_found"
+
+
+# What ``options`` of ``POST /v1/tasks`` may hold (everything else the agent reads is an input field): an unknown
+# key is a 422, never silently ignored.
+TASK_OPTIONS = ("session_id",)
 
 
 class TaskService:
@@ -35,21 +41,38 @@ class TaskService:
         await self.stores.close()
 
     # ------------------------------------------------------------------ tasks
-    def validate(self, submission: TaskSubmission) -> None:
+    def validate(self, submission: TaskSubmission) -> Any:
+        """The validated input model (a 4xx for anything the input's own schema refuses)."""
         try:
-            self.registry.validate(submission.type, submission.input)
+            validated = self.registry.validate(submission.type, submission.input)
         except UnknownTaskType as exc:
             raise ClientInputError(str(exc), status_code=422, code="unknown_task_type", param="type") from None
         except InvalidTaskInput as exc:
             raise ClientInputError(str(exc), status_code=422, code="invalid_input", param=exc.param) from None
+        unknown = sorted(set(submission.options) - set(TASK_OPTIONS))
+        if unknown:
+            raise ClientInputError(f"unknown task option {unknown[0]!r}: options take only {', '.join(TASK_OPTIONS)}"
+                                   f"; the agent's settings are input fields (GET /v1/task-types)", status_code=422,
+                                   code="invalid_input", param=f"options.{unknown[0]}")
         size = len(json.dumps([submission.input, submission.options], default=str))
         if size > self.config.max_input_bytes:
             raise ClientInputError(f"task input + options are {size} bytes of JSON, over the limit of "
                                    f"{self.config.max_input_bytes}; put large files in a URL", status_code=413,
                                    code="input_too_large", param="input")
+        return validated
+
+    async def check(self, owner: str, submission: TaskSubmission, validated: Any) -> None:
+        """The agent's own checks that look beyond the input (uploaded blobs, configured desktops)."""
+        try:
+            await self.registry.get(submission.type).check_submission(validated,
+                                                                      SubmissionCheck(owner, self.stores.blobs))
+        except InputRejected as exc:
+            raise ClientInputError(exc.message, status_code=422, code="invalid_input",
+                                   param=f"input.{exc.param}") from None
 
     async def submit(self, owner: str, submission: TaskSubmission) -> tuple[dict[str, Any], bool]:
-        self.validate(submission)
+        validated = self.validate(submission)
+        await self.check(owner, submission, validated)
         session_id = submission.options.get("session_id")
         if session_id is not None:
             if not isinstance(session_id, str) or await self.stores.sessions.get(session_id, owner) is None:

@@ -94,6 +94,20 @@ HTTP_CASES: list[tuple[str, str, str, dict[str, Any], int]] = [
         "blob": "../../../secret"}}}, 422),
     ("video: schema without events", "POST", "/v1/tasks", {"json": {"type": "video_analysis", "input": {
         "file": {"data": ""}, "schema": {"type": "object", "properties": {"a": {}}}}}}, 422),
+    ("unknown task option", "POST", "/v1/tasks", {"json": {"type": "chat", "input": {"messages": [
+        {"role": "user", "content": "hi"}]}, "options": {"max_tokens": 2}}}, 422),
+    ("chat task: malformed data URL", "POST", "/v1/tasks", {"json": {"type": "chat", "input": {"messages": [
+        {"role": "user", "content": image_part("data:image/png;base64,…")}]}}}, 422),
+    ("customer_service: the README's placeholder data URL", "POST", "/v1/tasks", {"json": {
+        "type": "customer_service", "input": {"message": "hi", "images": ["data:image/png;base64,…"]}}}, 422),
+    ("contract: a PNG named .pdf", "POST", "/v1/tasks", {"json": {"type": "contract_extraction", "input": {
+        "file": {"name": "c.pdf", "data": b64(png())}}}}, 422),
+    ("contract: blob never uploaded", "POST", "/v1/tasks", {"json": {"type": "contract_extraction", "input": {
+        "blob": "0" * 64}}}, 422),
+    ("video: a PDF given as the video", "POST", "/v1/tasks", {"json": {"type": "video_analysis", "input": {
+        "file": {"data": b64(b"%PDF-1.7 not a video")}}}}, 422),
+    ("os_agent: unknown desktop", "POST", "/v1/tasks", {"json": {"type": "os_agent", "input": {
+        "goal": "x", "desktop": "no-such-desktop"}}}, 422),
     ("unknown session in options", "POST", "/v1/tasks", {"json": {"type": "chat", "input": {"messages": [
         {"role": "user", "content": "hi"}]}, "options": {"session_id": "sess_missing"}}}, 404),
     ("missing task", "GET", "/v1/tasks/task_missing", {}, 404),
@@ -146,7 +160,6 @@ def test_bad_request_is_a_clean_4xx(server: str, name: str, method: str, path: s
 AGENT_CASES = [
     ("encrypted PDF", "contract_extraction", "encrypted"),
     ("corrupt PDF", "contract_extraction", "corrupt"),
-    ("PNG named .pdf", "contract_extraction", "not_pdf"),
     ("zero-page PDF", "contract_extraction", "empty"),
     ("corrupt video", "video_analysis", "corrupt"),
     ("audio-only video", "video_analysis", "no_video_stream"),
@@ -161,8 +174,7 @@ def test_bad_files_fail_their_tasks_clearly(server: str, tmp_path: Path) -> None
 
     pdfs = make_bad_pdfs(tmp_path / "pdf")
     videos = make_bad_videos(tmp_path / "video")
-    files = {"encrypted": pdfs["encrypted"], "corrupt_pdf": pdfs["corrupt"], "not_pdf": pdfs["not_pdf"],
-             "empty_pdf": pdfs["empty"], "corrupt_video": videos["corrupt"],
+    files = {"encrypted": pdfs["encrypted"], "corrupt_pdf": pdfs["corrupt"], "empty_pdf": pdfs["empty"], "corrupt_video": videos["corrupt"],
              "no_video_stream": videos["no_video_stream"], "resolution_too_large": videos["resolution_too_large"],
              "too_long": videos["too_long"]}
     ids = {}
@@ -181,6 +193,45 @@ def test_bad_files_fail_their_tasks_clearly(server: str, tmp_path: Path) -> None
             time.sleep(0.1)
         assert task["status"] == "failed" and task["error"]["code"] == code, (name, task)
         assert task["attempts"] == 1, (name, task)
+
+
+def test_uploaded_blobs_are_checked_at_submission(server: str, tmp_path: Path) -> None:
+    """A Word file uploaded and given as a contract is a 422 naming input.blob, before anything is queued."""
+    import zipfile
+
+    docx = tmp_path / "contract.docx"
+    with zipfile.ZipFile(docx, "w") as z:
+        z.writestr("word/document.xml", "<w:document/>")
+    ref = httpx.post(f"{server}/v1/files", headers=H, content=docx.read_bytes()).json()
+    blob = ref.get("ref") or ref.get("id")
+    before = httpx.get(f"{server}/v1/tasks?limit=500", headers=H).json()["data"]
+    r = httpx.post(f"{server}/v1/tasks", headers=H, json={"type": "contract_extraction", "input": {"blob": blob}})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == "input.blob" and "Word" in error["message"] and error["code"] == "invalid_input"
+    assert len(httpx.get(f"{server}/v1/tasks?limit=500", headers=H).json()["data"]) == len(before)
+    pdf = httpx.post(f"{server}/v1/files", headers=H, content=b"%PDF-1.4 tiny").json()
+    ok = httpx.post(f"{server}/v1/tasks", headers=H, json={"type": "contract_extraction", "input": {
+        "blob": pdf.get("ref") or pdf.get("id")}})
+    assert ok.status_code == 202, ok.text  # a PDF header passes; whether it opens is the agent's job
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["kind=summary"], "kind"),                       # a typo of a value
+    (["kind=question"], "needs a question"),          # a value that needs another field
+    (["colour=red"], "colour"),                       # an unknown key
+])
+def test_cli_options_are_validated_input(server: str, options: list[str], expected: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """``kimiray submit --option k=v`` feeds the agent's validated input: a bad one exits 2 with the reason."""
+    from kimiray import task_cli
+
+    argv = ["submit", "video_analysis", "https://example.com/v.mp4", "--url", server, "--api-key", KEY]
+    for option in options:
+        argv += ["--option", option]
+    assert task_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
 
 
 def test_server_still_serves_after_the_battery(server: str) -> None:

@@ -447,6 +447,13 @@ def test_connection_errors(fake: FakeServer) -> None:
         assert kc.health() is True
 
 
+def test_a_401_says_how_to_pass_a_key() -> None:
+    err = error_for(401, {"error": {"message": "Missing API key.", "type": "authentication_error"}})
+    assert isinstance(err, AuthenticationError) and err.status == 401
+    assert "KIMIRAY_API_KEY" in str(err) and "--api-key" in str(err) and "Missing API key." in str(err)
+    assert "KIMIRAY_API_KEY" not in str(error_for(403, {"error": {"message": "not yours"}}))
+
+
 def test_error_for_stream_error_body() -> None:
     err = error_for(None, {"error": {"message": "overloaded", "type": "service_unavailable_error",
                                      "code": "overloaded"}})
@@ -763,7 +770,8 @@ def test_cli_submit_file(cli, fake: FakeServer, tmp_path: Path, capsys: pytest.C
     schema = tmp_path / "schema.json"
     schema.write_text('{"type": "object"}')
     code = cli(["submit", "echo", str(doc), "--schema", str(schema), "--option", "pages=3",
-                "--option", "lang=en", "--url", "http://elsewhere:9000", "--api-key", "sk-test"])
+                "--option", "lang=en", "--option", "session_id=sess_1", "--url", "http://elsewhere:9000",
+                "--api-key", "sk-test"])
     out, err = capsys.readouterr()
     assert code == 0
     result = json.loads(out)
@@ -771,7 +779,9 @@ def test_cli_submit_file(cli, fake: FakeServer, tmp_path: Path, capsys: pytest.C
     sent = json.loads(next(r.content for r in fake.requests if r.method == "POST"))
     assert sent["input"]["file"] == {"name": "contract.txt", "content_type": "text/plain",
                                      "data": base64.b64encode(b"party A pays party B").decode()}
-    assert sent["input"]["schema"] == {"type": "object"} and sent["options"] == {"pages": 3, "lang": "en"}
+    assert sent["input"]["schema"] == {"type": "object"}
+    # --option feeds the input (validated by the agent's schema on the server); session_id is the task option
+    assert sent["input"]["pages"] == 3 and sent["input"]["lang"] == "en" and sent["options"] == {"session_id": "sess_1"}
     assert "task_0001" in err and "chunk 2 done" in err and "status: succeeded" in err
     assert task_cli.made == [("http://elsewhere:9000", "sk-test")]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -74,6 +75,72 @@ def test_kimiray_serve_runs_the_config(tmp_path: Path) -> None:
         assert reply.status_code == 200, reply.text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
+        rest = proc.stdout.read()
+        assert "shutting down" in rest and "graceful_shutdown failed" not in rest, rest  # a clean exit reads clean
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """{pid: command name} of every process below ``pid`` (Linux /proc), e.g. the GCS and raylet it started."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+        names[int(entry.name)] = name
+    found: dict[int, str] = {}
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found[child] = names.get(child, "")
+        todo.extend(children.get(child, []))
+    return found
+
+
+def test_kimiray_serve_exits_when_its_cluster_dies(tmp_path: Path) -> None:
+    """Kill the GCS and raylet of the cluster `kimiray serve` started: it says so and exits non-zero."""
+    port = free_port()
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": "hello", "route_prefix": "/", "import_path": "tests.tiny_serve_app:app",
+                          "runtime_env": {"env_vars": {"PYTHONPATH": str(REPO)}}}]}))
+    env = os.environ | SAFE_ENV | {"KIMIRAY_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1",
+                                   "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "kimiray.cli", "serve", str(config)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    started: dict[int, str] = {}
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not any("ready at" in line for line in lines):
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+        assert any("ready at" in line for line in lines), "".join(lines)
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text == "hello"
+        started = _descendants(proc.pid)
+        cluster = {pid: name for pid, name in started.items() if name in ("gcs_server", "raylet")}
+        assert sorted(cluster.values()) == ["gcs_server", "raylet"], started
+        for pid in cluster:
+            os.kill(pid, signal.SIGKILL)
+        code = proc.wait(timeout=90)
+        rest = proc.stdout.read()
+        assert code == 3, "".join(lines) + rest
+        assert "the Ray cluster under this service died" in rest and f"127.0.0.1:{port}" in rest, rest
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in started:  # whatever Ray left behind (workers of the killed raylet), ours by PID
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -195,9 +195,11 @@ def test_sampling_fields_and_defaults() -> None:
 def test_max_tokens_cap() -> None:
     limits = Limits(max_tokens_cap=100)
     base = {"messages": [{"role": "user", "content": "hi"}]}
-    assert convert(base, limits).max_tokens == 100
+    absent = convert(base, limits)
+    assert absent.max_tokens == 100 and absent.fit_max_tokens  # a bound the engine fits to the context left
     assert convert(base, limits, defaults={"max_tokens": 5000}).max_tokens == 100  # a default is clamped
-    assert convert({**base, "max_tokens": 100}, limits).max_tokens == 100
+    given = convert({**base, "max_tokens": 100}, limits)
+    assert given.max_tokens == 100 and not given.fit_max_tokens  # what the client asked for, or an error
     assert convert({**base, "max_tokens": 1000, "max_completion_tokens": 10}, limits).max_tokens == 10
     for field in ("max_tokens", "max_completion_tokens"):
         with pytest.raises(RequestError) as info:

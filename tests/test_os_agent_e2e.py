@@ -106,13 +106,12 @@ def test_tiny_model_drives_a_real_desktop_only_through_checked_actions(
                     assert r.status_code == 404
                     r = http.post(f"/v1/tasks/{second.id}/confirm", json={"step": -1}, headers=own)
                     assert r.status_code == 422
-                    # an unknown desktop fails the task with a clear code, in one attempt
+                    # an unknown desktop is refused at submission (the configured names in the message)
                     bad = http.post("/v1/tasks", json={"type": "os_agent", "input": {"goal": "x",
                                                                                       "desktop": "nope"}},
-                                    headers=own).json()
-                done3 = client.wait(bad["id"], timeout=120, raise_on_failure=False)
-                assert done3.status == "failed" and done3.error.code == "unknown_desktop"
-                assert "lab" in done3.error.message and done3.attempts == 1
+                                    headers=own)
+                    assert bad.status_code == 422 and bad.json()["error"]["param"] == "input.desktop", bad.text
+                    assert "lab" in bad.json()["error"]["message"] and "remote" in bad.json()["error"]["message"]
             assert read_state(state)["ready"] is True  # the app survived whatever the model did
         finally:
             stop_app(app)

@@ -214,6 +214,24 @@ def test_admission_limits_and_too_long(tiny_bundle) -> None:
     run(engine.shutdown())
 
 
+def test_fit_max_tokens_takes_what_the_context_leaves(tiny_bundle) -> None:
+    """OpenAI's absent max_tokens: an upper bound lowered to the room after the prompt, never an error unless the
+    prompt alone fills the window; an explicit max_tokens that does not fit stays an error."""
+    engine = _engine(tiny_bundle, cache_tokens=256)
+    window = min(engine.engine.max_model_len, engine.engine.cache_capacity_tokens)
+    fitted = engine.engine.make_sequence({"messages": text_message("hi"), "max_tokens": 32768, "fit_max_tokens": True})
+    assert len(fitted.prompt_ids) + fitted.max_tokens == window
+    small = engine.engine.make_sequence({"messages": text_message("hi"), "max_tokens": 4, "fit_max_tokens": True})
+    assert small.max_tokens == 4  # the bound is kept when it fits
+    with pytest.raises(RequestTooLongError, match="leaves no room"):
+        engine.engine.make_sequence({"messages": text_message("word " * 400), "max_tokens": 8, "fit_max_tokens": True})
+    deltas = run(collect(engine, {"messages": text_message("hi"), "max_tokens": 32768, "fit_max_tokens": True,
+                                  "ignore_eos": True}))
+    assert deltas[-1].finish_reason == "length" and len(tokens_of(deltas)) == fitted.max_tokens
+    _assert_all_blocks_free(engine)
+    run(engine.shutdown())
+
+
 def test_seeded_sampling_is_reproducible_across_batches(tiny_bundle) -> None:
     engine = _engine(tiny_bundle, cache_tokens=4096)
     request = {"messages": text_message("tell me a story"), "max_tokens": 12, "temperature": 1.0, "top_p": 0.95,

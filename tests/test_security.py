@@ -190,10 +190,16 @@ def test_one_key_cannot_reach_another_keys_objects(server: str) -> None:
     mine = _submit(server, KEY_B, {"type": "report", "input": {"text": "B"}, "idempotency_key": "same"})
     assert mine["id"] != report["id"] and mine["created"] is True
 
-    # A's file used by B as a task input: the task fails as "not found", and reads nothing of A's
-    stolen = _submit(server, KEY_B, {"type": "contract_extraction", "input": {"blob": blob}})
-    failed = wait_for_status(server, KEY_B, stolen["id"], ("failed", "succeeded"))
-    assert failed["status"] == "failed" and failed["error"]["code"] == "blob_not_found", failed
+    # A's file used by B as a task input: refused at submission exactly like a blob that does not exist
+    def refusal(ref: str) -> dict:
+        r = httpx.post(f"{server}/v1/tasks", json={"type": "contract_extraction", "input": {"blob": ref}},
+                       headers=auth(KEY_B), timeout=30)
+        assert r.status_code == 422, r.text
+        return r.json()["error"]
+
+    stolen, missing = refusal(blob), refusal("f" * 64)
+    assert stolen["param"] == missing["param"] == "input.blob"
+    assert stolen["message"].replace(blob, "X") == missing["message"].replace("f" * 64, "X")
 
     # and A's objects are untouched by B's attempts
     assert httpx.get(f"{server}/v1/sessions/{sid}", headers=auth(KEY_A)).status_code == 200
@@ -350,8 +356,7 @@ def test_creations_have_their_own_per_key_budget(tmp_path: Path, engine: Any) ->
     with task_server(f"sqlite:///{tmp_path}", ",".join(keys), engine=engine,
                      app_args={"auth": {"creates_per_minute": 6}}) as url:
         a, b = auth("sk-create-a"), auth("sk-create-b")
-        task = {"type": "chat", "input": {"messages": [{"role": "user", "content": "hi"}]},
-                "options": {"max_tokens": 2}}
+        task = {"type": "chat", "input": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
         first = httpx.post(f"{url}/v1/tasks", json=task, headers=a, timeout=30)
         assert first.status_code == 202, first.text
         for method, path, kwargs in (("POST", "/v1/tasks", {"json": task}), ("POST", "/v1/sessions", {"json": {}}),

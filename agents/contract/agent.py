@@ -14,12 +14,12 @@ import asyncio
 import time
 from typing import Any
 
-from agents.base import Agent, AgentContext, AgentError
+from agents.base import Agent, AgentContext, AgentError, InputRejected, SubmissionCheck
 from agents.contract.extract import ChunkStats, extract_chunk, merge_results
 from agents.contract.inputs import ContractInput
 from agents.contract.schema import build_targets, plan_groups
 from agents.registry import register_agent
-from agents.sources import load_source
+from agents.sources import file_kind, load_source, source_head
 
 
 async def read_document(ctx: AgentContext, data: bytes, input: ContractInput) -> Any:
@@ -47,6 +47,14 @@ async def read_document(ctx: AgentContext, data: bytes, input: ContractInput) ->
 class ContractExtractionAgent(Agent):
     type = "contract_extraction"
     Input = ContractInput
+
+    @classmethod
+    async def check_submission(cls, input: ContractInput, check: SubmissionCheck) -> None:
+        """A file or blob that is not a PDF (a .docx, a scan as PNG) is refused at the door."""
+        got = await source_head(check, input.file, input.blob)
+        if got is not None and (kind := file_kind(got[0])) != "a PDF":
+            what = "empty" if kind == "empty" else (kind or "not a PDF (no %PDF- header)")
+            raise InputRejected(f"the contract must be a PDF; this file is {what}", got[1])
     description = ("Long contracts (PDF) -> CUAD's 41 clause categories or your JSON schema, each value with "
                    "verified page citations; annotated PDF and Markdown summary as artifacts.")
 

@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agents.base import Agent, AgentContext
 from agents.chat import chat_within_window, conversation_growth
 from agents.messages import storable
 from agents.registry import register_agent
+from agents.sources import media_url_problem
 
 POLICY = (
     "You are the support assistant of ACME Cloud. Be brief and concrete. Refunds over 100 EUR, legal threats "
@@ -45,6 +46,15 @@ class CustomerTurn(BaseModel):
     images: list[str] = Field(default_factory=list, max_length=8,
                               description="screenshots as data: URLs or public http(s) URLs")
     customer_id: str | None = Field(None, max_length=200)
+
+    @field_validator("images")
+    @classmethod
+    def _usable_urls(cls, value: list[str]) -> list[str]:
+        """A malformed data: URL (or a path) is a 422 at submission, not a failed turn later."""
+        for i, url in enumerate(value):
+            if problem := media_url_problem(url):
+                raise ValueError(f"images[{i}]: {problem}")
+        return value
 
 
 class Reply(BaseModel):

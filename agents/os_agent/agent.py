@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from agents.base import Agent, AgentContext, AgentError
+from agents.base import Agent, AgentContext, AgentError, InputRejected, SubmissionCheck
 from agents.os_agent import convention
 from agents.os_agent.history import PastStep, PromptTooLarge, StepPrompt, fit_image
 from agents.os_agent.inputs import OSAgentInput
@@ -321,6 +321,27 @@ class OSAgentLoop:
 class OSAgent(Agent):
     type = "os_agent"
     Input = OSAgentInput
+
+    @classmethod
+    async def check_submission(cls, input: OSAgentInput, check: SubmissionCheck) -> None:
+        """The replay blob exists; a named desktop is one of the configured ones (the same configuration the
+        runners read: ``KIMIRAY_DESKTOPS`` set for the whole application, or desktops registered in-process)."""
+        if input.replay is not None:
+            if await check.blob(input.replay) is None:
+                raise InputRejected(f"blob {input.replay} not found (upload the trajectory with POST /v1/files)",
+                                    "replay")
+            return
+        from connectors.desktop.registry import desktops_from_env
+
+        try:
+            names = sorted({*desktops_from_env(), *_DESKTOP_FACTORIES})
+        except ValueError:
+            return  # a broken configuration is the operator's problem; the runner reports it on the task
+        configured = ", ".join(names) or "none (the operator sets KIMIRAY_DESKTOPS)"
+        if input.desktop is None and len(names) != 1:
+            raise InputRejected(f"name a desktop; configured: {configured}", "desktop")
+        if input.desktop is not None and input.desktop not in names:
+            raise InputRejected(f"desktop {input.desktop!r} is not configured; configured: {configured}", "desktop")
     description = ("Computer use: looks at screenshots of an operator-configured desktop and clicks, types and "
                    "scrolls until the goal is met (Kimi-VL pyautogui actions with fractional coordinates), under "
                    "a safety policy; streams every step and ends with an HTML report of the trajectory.")

@@ -13,9 +13,9 @@ import asyncio
 import json
 from typing import Any
 
-from agents.base import Agent, AgentContext, AgentError
+from agents.base import Agent, AgentContext, AgentError, InputRejected, SubmissionCheck
 from agents.registry import register_agent
-from agents.sources import load_source
+from agents.sources import file_kind, load_source, source_head
 from agents.video import prompts
 from agents.video.inputs import VideoInput
 from agents.video.timeline import check_citations, merge_timeline, moments, timeline_text, window_observations
@@ -56,6 +56,14 @@ def plan_windows(frames: list[Any], input: VideoInput, resources: Any) -> list[A
 class VideoAnalysisAgent(Agent):
     type = "video_analysis"
     Input = VideoInput
+
+    @classmethod
+    async def check_submission(cls, input: VideoInput, check: SubmissionCheck) -> None:
+        """A file or blob that is surely no video (a PDF, an image, an Office document) is refused at the door;
+        anything else goes to the decoder, which knows far more containers than a magic-number list."""
+        got = await source_head(check, input.file, input.blob)
+        if got is not None and (kind := file_kind(got[0])) not in (None, "empty"):
+            raise InputRejected(f"expected a video file; this file is {kind}", got[1])
     description = ("Videos -> summary, answers with mm:ss citations, moments as time ranges, or schema-shaped "
                    "events; timeline JSON and a contact sheet of the key moments.")
 

@@ -155,6 +155,15 @@ class LLMEngine:
             images = _image_spans(
                 prompt, self.tokenizer.media_pad_id, inputs.pixel_values, inputs.image_grid_hws, inputs.num_image_tokens
             )
+        if request.fit_max_tokens:
+            room = min(self.max_model_len, self.cache_capacity_tokens) - len(prompt)
+            if room < 1:
+                raise RequestTooLongError(
+                    f"the prompt ({len(prompt)} tokens) leaves no room for output in the context window of "
+                    f"{min(self.max_model_len, self.cache_capacity_tokens)} tokens"
+                )
+            if room < request.max_tokens:
+                request = request.model_copy(update={"max_tokens": room})
         total = len(prompt) + request.max_tokens
         if total > self.max_model_len:
             raise RequestTooLongError(

@@ -40,6 +40,10 @@ class GenerateRequest(BaseModel):
         None, min_length=1, description="an already tokenized prompt (text only), instead of messages"
     )
     max_tokens: int = Field(256, ge=1)
+    fit_max_tokens: bool = Field(False, description=(
+        "max_tokens is only an upper bound: lowered to what the context window (and the KV cache) leaves after "
+        "the prompt. For callers that set no output length (OpenAI's absent max_tokens); an explicit length "
+        "that does not fit stays an error"))
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
