@@ -56,6 +56,7 @@ class Page(BaseModel):
     blocks: list[Block] = Field(default_factory=list)
     tables: list[Table] = Field(default_factory=list)
     scanned: bool = False  # no usable text layer: the model reads the rendered image instead
+    ocr: bool = False  # ``text`` and ``blocks`` (OCR lines with their boxes) come from OCR of the scanned image
     image_png: bytes | None = Field(None, repr=False)  # rendered page for scanned pages
     columns: int = 1
     removed: list[str] = Field(default_factory=list, description="header/footer lines removed from this page")
