@@ -316,13 +316,22 @@ def find_quote(page: Page, quote: str, *, fuzzy: bool = True, threshold: float =
 
 
 _CONTENT_WORD = re.compile(r"[^\W_]*\d[^\W_]*|[^\W\d_]{4,}")
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_NEGATION = re.compile(r"\b(?:not|no|nor|never|neither|none|nothing|without|non)\b")
 
 
 def _same_content_words(quote: str, source: str) -> bool:
     """Fuzzy tolerance is for spacing, punctuation, hyphenation and small typos, never for different facts: every
     number and every word of 4+ letters of the quote must be in the matched source text (one-letter typos in
     words of 7+ letters are forgiven). Otherwise "governed by the laws of Mars" would verify against "governed by
-    the laws of Ohio" at 90% similarity."""
+    the laws of Ohio" at 90% similarity.  The quote's numbers must come in the source's order (a number changed
+    into one that occurs elsewhere in the window still fails), and both must say "not"/"no"/"without"... equally
+    often ("shall" is not "shall not")."""
+    if len(_NEGATION.findall(quote)) != len(_NEGATION.findall(source)):
+        return False
+    numbers = iter(_NUMBER.findall(source))
+    if not all(any(n == m for m in numbers) for n in _NUMBER.findall(quote)):  # an ordered subsequence
+        return False
     have = set(_CONTENT_WORD.findall(source))
     for word in _CONTENT_WORD.findall(quote):
         if word in have:
