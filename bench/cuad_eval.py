@@ -235,6 +235,8 @@ def run_model(directory: Path, csv_path: Path | None, *, contracts: list[str] | 
         preds, confs = predictions_of(run["result"])
         per_contract.append((preds, confs, gold))
         run["gold"], run["predicted"] = len(gold), len(preds)
+        run["values"] = [{"category": f["key"], "value": v["value"], "confidence": v.get("confidence"),
+                          "verified": v["verified"]} for f in run["result"]["fields"] for v in f["values"]]
     report = score([p for ps, _, _ in per_contract for p in ps], [g for _, _, gs in per_contract for g in gs],
                    page_must_match=False) if len(per_contract) == 1 else _pooled(per_contract)
     curve = pr_curve(per_contract, page_must_match=False)
