@@ -137,6 +137,9 @@ def merge_results(document: Document, targets: list[Any], chunk_results: list[di
                     for c in slot.citations):
                 slot.citations.append(citation)
             slot.verified = any(c.verified for c in slot.citations)
+    if document.ocr_skipped:
+        warnings.append(f"{document.ocr_skipped} scanned page(s) were not OCR'd (max_ocr_pages / ocr_time_s reached): "
+                        "the model read their images, but quotes from them cannot be verified")
     dropped = low = 0
     fields: list[FieldResult] = []
     data: dict[str, Any] = {}

@@ -124,7 +124,7 @@ def normalize(text: str) -> tuple[str, list[int]]:
     return "".join(out), idx
 
 
-@lru_cache(maxsize=2048)
+@lru_cache(maxsize=512)
 def _normalized(text: str) -> tuple[str, tuple[int, ...]]:
     """Pages are searched once per quote: cache their normalization by text."""
     norm, idx = normalize(text)
@@ -372,21 +372,40 @@ def _seam_blocks(page: Page, at_end: bool) -> int:
     return n
 
 
-def _joined(pages: list[Page], skip_seams: bool) -> tuple[str, list[tuple[int, int, int, int]]] | None:
-    """The pages' texts joined by blank lines, and segments ``(joined_start, joined_end, page index,
-    page offset)``.  ``skip_seams`` leaves out each inner page edge's seam lines; None when there is none."""
+def _bounds(page: Page, role: str, q_len: int) -> tuple[int, int] | None:
+    """The part of a page's text a quote spanning the seam can touch: the tail of the first page, the head of the
+    last, a whole middle page (None when that page is longer than the quote, so it cannot lie inside it)."""
+    norm, idx = _normalized(page.text)
+    reach = int(q_len * 1.5) + 50
+    if role == "middle":
+        return (0, len(page.text)) if len(norm) <= q_len else None
+    if len(norm) <= reach:
+        return 0, len(page.text)
+    if role == "first":
+        return idx[len(norm) - reach], len(page.text)
+    return 0, idx[reach - 1] + 1
+
+
+def _joined(pages: list[Page], skip_seams: bool, q_len: int) -> tuple[str, list[tuple[int, int, int, int]]] | None:
+    """The pages' texts (only what a quote of ``q_len`` normalized characters across the seams can reach) joined by
+    blank lines, and segments ``(joined_start, joined_end, page index, page offset)``.  ``skip_seams`` leaves out
+    each inner page edge's seam lines; None when there is none, or when a middle page is longer than the quote."""
     text_parts: list[str] = []
     segments: list[tuple[int, int, int, int]] = []
     pos = 0
     skipped = False
     for k, page in enumerate(pages):
-        start, end = 0, len(page.text)
+        role = "first" if k == 0 else ("last" if k == len(pages) - 1 else "middle")
+        bounds = _bounds(page, role, q_len)
+        if bounds is None:
+            return None
+        start, end = bounds
         if skip_seams:
             if k > 0 and (n := _seam_blocks(page, at_end=False)):
-                start = page.blocks[n].char_start if n < len(page.blocks) else end
+                start = max(start, page.blocks[n].char_start if n < len(page.blocks) else end)
                 skipped = True
             if k < len(pages) - 1 and (n := _seam_blocks(page, at_end=True)):
-                end = page.blocks[-n - 1].char_end if n < len(page.blocks) else start
+                end = min(end, page.blocks[-n - 1].char_end if n < len(page.blocks) else start)
                 skipped = True
         if start >= end:
             continue
@@ -426,19 +445,29 @@ def find_across(pages: list[Page], quote: str, *, fuzzy: bool = True,
     at the page seams (see :func:`_seam_line`)."""
     if len(pages) < 2 or any((p.scanned and not p.ocr) or not p.text for p in pages):
         return None
-    q, _ = normalize(quote)
+    q = _normalized(quote)[0]
     if len(q) < MIN_QUOTE_CHARS:
         return None
     if any(p.ocr for p in pages):
         fuzzy, threshold = True, min(threshold, OCR_FUZZY_THRESHOLD)
+    # cheap test first: a match starts in the first page's tail and ends in the last page's head, so (exact) the
+    # quote's first and last characters are there, or (fuzzy) some 8-character piece of each half of it is
+    reach = int(len(q) * 1.5) + 50
+    head, tail = _normalized(pages[0].text)[0][-reach:], _normalized(pages[-1].text)[0][:reach]
+    if not fuzzy and (q[:MIN_QUOTE_CHARS] not in head or q[-MIN_QUOTE_CHARS:] not in tail):
+        return None
+    half = len(q) // 2
+    if fuzzy and not (any(q[i:i + 8] in head for i in range(0, max(1, half - 7), 4))
+                      and any(q[i:i + 8] in tail for i in range(half, max(half + 1, len(q) - 7), 4))):
+        return None
     for skip in (False, True):
-        joined = _joined(pages, skip)
+        joined = _joined(pages, skip, len(q))
         if joined is None:
             continue
         text, segments = joined
         if segments[0][2] != 0 or segments[-1][2] != len(pages) - 1:
             continue
-        t, idx = _normalized(text)
+        t, idx = normalize(text)  # small: only what the quote can reach
         pos = t.find(q)
         hit: tuple[int, int, float] | None = (pos, pos + len(q), 1.0) if pos >= 0 else None
         if hit is None and fuzzy:
@@ -521,7 +550,7 @@ def verify(
             if hit is not None and (best is None or hit.similarity > best.similarity):
                 best = hit.model_copy(update={"page_corrected": moved})
         for run, moved in runs:
-            if moved != neighbours or (best is not None and best.similarity >= 0.97):
+            if moved != neighbours or best is not None:  # a one-page match wins; runs are the costly fallback
                 continue
             hit = find_across(run, quote, fuzzy=True, threshold=threshold)
             if hit is not None and (best is None or hit.similarity > best.similarity):

@@ -16,7 +16,7 @@ BBox = tuple[float, float, float, float]
 
 class DocumentError(ValueError):
     """A document we refuse, with a machine code: ``encrypted`` (no/wrong password), ``corrupt``, ``empty``
-    (zero pages), ``not_pdf``, ``too_many_pages``, ``too_large``."""
+    (zero pages), ``not_pdf``, ``too_many_pages``, ``too_large``, ``ocr_unavailable`` (scanned pages, no OCR)."""
 
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
@@ -69,6 +69,8 @@ class Document(BaseModel):
     sections: list[Section] = Field(default_factory=list)
     title: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    ocr_pages: int = 0  # scanned pages given an OCR text layer
+    ocr_skipped: int = 0  # scanned pages left image-only because the OCR page or time bound was reached
 
 
 class GoldClause(BaseModel):
