@@ -5,7 +5,9 @@ in pages and time, a garbage text layer is OCR'd too, and a machine without Tess
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import random
 
 import pymupdf
@@ -146,3 +148,57 @@ def test_missing_tesseract_data_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
         read_pdf(mixed, ocr=True)
     assert err.value.code == "ocr_unavailable" and "tesseract-ocr" in err.value.message
     assert read_pdf(mixed, ocr=False).pages[1].scanned  # without OCR the document still reads
+
+
+# -- through the contract agent -------------------------------------------------------------------------------------
+
+
+class ScannedQuoteModel:
+    """Quotes the clause of the scanned page 2 (as a model reading the page image would)."""
+
+    async def generate(self, request):
+        from connectors.model_client import ModelReply
+        from engine.runtime.request import Usage
+
+        item = {"category": "termination_for_convenience", "value": "Yes", "quote": QUOTE, "page": 2}
+        bounds = request.json_schema["properties"]["items"]["items"]["properties"]["page"]
+        items = [item] if bounds["minimum"] <= 2 <= bounds["maximum"] else []
+        return ModelReply(text=json.dumps({"items": items}), finish_reason="stop",
+                          usage=Usage(prompt_tokens=10, completion_tokens=10))
+
+
+def test_the_agent_verifies_quotes_from_scanned_pages(tmp_path, mixed: bytes) -> None:
+    from connectors.stores import open_stores
+    from tests.test_contract_agent import _input, _run_task
+
+    async def main() -> None:
+        stores = open_stores(f"sqlite:///{tmp_path / 'stores'}")
+        _, done = await _run_task(stores, ScannedQuoteModel(), _input(mixed, categories=["Termination For Convenience"]))
+        assert done.status == "succeeded", done.error
+        [value] = done.result["fields"][0]["values"]
+        [citation] = value["citations"]
+        assert value["verified"] and citation["source"] == "ocr" and citation["page"] == 2 and citation["bboxes"]
+        assert 0 < value["confidence"] <= 1
+        # without OCR the same quote cannot be checked: unverified, never silently empty
+        _, plain = await _run_task(stores, ScannedQuoteModel(), _input(mixed, categories=["Termination For Convenience"],
+                                                                        ocr=False))
+        assert plain.status == "succeeded" and not plain.result["fields"][0]["values"][0]["verified"]
+        await stores.close()
+
+    asyncio.run(main())
+
+
+def test_the_agent_fails_with_ocr_unavailable(tmp_path, mixed: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    from connectors.stores import open_stores
+    from tests.test_contract_agent import _input, _run_task
+
+    monkeypatch.setattr(ocr, "find_tessdata", lambda language="eng": None)
+
+    async def main() -> None:
+        stores = open_stores(f"sqlite:///{tmp_path / 'stores'}")
+        _, done = await _run_task(stores, ScannedQuoteModel(), _input(mixed))
+        assert done.status == "failed" and done.error.code == "ocr_unavailable", done.error
+        assert done.attempts == 1
+        await stores.close()
+
+    asyncio.run(main())
