@@ -62,7 +62,8 @@ def require_tessdata(language: str = DEFAULT_LANGUAGE) -> str:
 
 
 def ocr_blocks(page: pymupdf.Page, *, tessdata: str, language: str = DEFAULT_LANGUAGE,
-               dpi: int = OCR_DPI) -> list[RawBlock]:
+               dpi: int | None = None) -> list[RawBlock]:
     """The page's text as OCR reads it, as blocks of lines with their boxes (page coordinates)."""
-    textpage = page.get_textpage_ocr(flags=TEXT_FLAGS, language=language, dpi=dpi, full=True, tessdata=tessdata)
+    textpage = page.get_textpage_ocr(flags=TEXT_FLAGS, language=language, dpi=dpi or OCR_DPI, full=True,
+                                     tessdata=tessdata)
     return text_blocks(page.get_text("dict", flags=TEXT_FLAGS, textpage=textpage))
