@@ -46,6 +46,8 @@ def test_span_logprob_averages_the_value_tokens_only() -> None:
     [lp] = confidence.item_logprobs(reply, lps, 1)
     assert lp == pytest.approx(-0.7)
     assert confidence.item_logprobs(reply, None, 1) == [None]
+    stop = TokenLogprob(token_id=99, logprob=-0.1, token_bytes=b"<|im_end|>")  # the stop token is not in the text
+    assert confidence.item_logprobs(reply, [*lps, stop], 1) == [pytest.approx(-0.7)]
     assert confidence.item_logprobs(reply, lps[:-1], 1) == [None]  # the tokens do not spell the reply
 
 
@@ -81,3 +83,33 @@ def test_merge_sets_confidence_and_min_confidence_drops_low_values() -> None:
     kept = merge_results(doc, targets, chunks, ContractInput.model_validate({**data, "min_confidence": 0.5}), chunks=2)
     assert [v.value for v in kept.result.fields[0].values] == ["Delaware"]
     assert kept.result.low_confidence_dropped == 2
+
+
+def test_value_logprobs_from_the_real_engine(tiny_checkpoint) -> None:
+    """The engine's logprobs (tiny checkpoint, guided JSON) line up with the reply text, stop token included."""
+    import asyncio
+
+    import torch
+
+    from connectors.model_client import BackendModelClient
+    from engine.runtime.engine import AsyncEngine
+    from engine.runtime.request import GenerateRequest
+    from serve_app.backend import LocalBackend
+
+    item = {"type": "object", "properties": {"category": {"enum": ["governing_law"]},
+                                             "value": {"type": "string", "maxLength": 8}},
+            "required": ["category", "value"], "additionalProperties": False}
+    schema = {"type": "object", "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 1,
+                                                         "items": item}},
+              "required": ["items"], "additionalProperties": False}
+    engine = AsyncEngine.from_pretrained(str(tiny_checkpoint), device="cpu", dtype=torch.float32)
+    client = BackendModelClient(LocalBackend(engine))
+
+    async def main():
+        return await client.generate(GenerateRequest(messages=[{"role": "user", "content": "Governed by Ohio law."}],
+                                                     json_schema=schema, max_tokens=80, temperature=0.0, logprobs=0))
+
+    reply = asyncio.run(main())
+    assert reply.logprobs and len(reply.logprobs) == len(reply.token_ids)
+    [lp] = confidence.item_logprobs(reply.text, reply.logprobs, len(json.loads(reply.text)["items"]))
+    assert lp is not None and lp <= 0.0

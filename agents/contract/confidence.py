@@ -14,6 +14,7 @@ chunk gets full agreement by default.  When the model client returns no logprobs
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -40,21 +41,34 @@ def value_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def span_logprob(text: str, logprobs: Sequence[Any] | None, span: tuple[int, int]) -> float | None:
-    """Mean log-probability of the generated tokens overlapping ``span`` (characters of ``text``); None when
-    the tokens' bytes do not spell ``text`` (no logprobs, or output the detokenizer changed)."""
+def token_char_ends(logprobs: Sequence[Any]) -> list[int] | None:
+    """Character offset, in the decoded reply, after each generated token (tokens are byte pieces: one character
+    can span tokens, and invalid UTF-8 decodes to U+FFFD as the detokenizer does); None without token bytes."""
     if not logprobs or any(getattr(lp, "token_bytes", None) is None for lp in logprobs):
         return None
-    raw = text.encode()
-    if b"".join(lp.token_bytes for lp in logprobs) != raw:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    ends, length = [], 0
+    for i, lp in enumerate(logprobs):
+        length += len(decoder.decode(lp.token_bytes, final=i == len(logprobs) - 1))
+        ends.append(length)
+    return ends
+
+
+def span_logprob(text: str, logprobs: Sequence[Any] | None, span: tuple[int, int]) -> float | None:
+    """Mean log-probability of the generated tokens overlapping ``span`` (characters of ``text``); None when
+    the tokens do not spell ``text`` (no logprobs, or output the detokenizer changed; a trailing stop token is
+    allowed)."""
+    ends = token_char_ends(logprobs or [])
+    if ends is None or ends[-1] < len(text):
         return None
-    lo, hi = len(text[: span[0]].encode()), len(text[: span[1]].encode())
-    picked, pos = [], 0
-    for lp in logprobs:
-        end = pos + len(lp.token_bytes)
-        if end > lo and pos < hi and math.isfinite(lp.logprob):
+    # the last token may be the stop token, whose bytes are not part of the reply text
+    if b"".join(lp.token_bytes for lp in logprobs or []).decode("utf-8", "replace")[: len(text)] != text:
+        return None
+    picked, start = [], 0
+    for lp, end in zip(logprobs or [], ends):
+        if end > span[0] and start < span[1] and math.isfinite(lp.logprob):
             picked.append(lp.logprob)
-        pos = end
+        start = end
     return sum(picked) / len(picked) if picked else None
 
 
