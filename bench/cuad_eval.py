@@ -179,7 +179,8 @@ def run_tasks(submit_and_wait: Any, pdfs: list[Path], options: dict[str, Any]) -
         if done.status != "succeeded":
             raise SystemExit(f"{pdf.name}: task {done.status}: {done.error}")
         results.append({"contract": pdf.name, "seconds": round(time.perf_counter() - started, 1),
-                        "result": done.result})
+                        "chunks": done.result["chunks"],
+                        "model_calls": done.result.get("stats", {}).get("model_calls"), "result": done.result})
         print(f"{pdf.name}: {done.result['chunks']} chunks in {results[-1]['seconds']}s", flush=True)
     return results
 
