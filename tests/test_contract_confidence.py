@@ -113,3 +113,14 @@ def test_value_logprobs_from_the_real_engine(tiny_checkpoint) -> None:
     assert reply.logprobs and len(reply.logprobs) == len(reply.token_ids)
     [lp] = confidence.item_logprobs(reply.text, reply.logprobs, len(json.loads(reply.text)["items"]))
     assert lp is not None and lp <= 0.0
+
+
+def test_min_confidence_and_ocr_bounds_are_checked_at_submission() -> None:
+    from pydantic import ValidationError
+
+    data = {"file": {"name": "a.pdf", "data": "JVBERi0="}}
+    for bad in ({"min_confidence": 1.5}, {"min_confidence": -0.1}, {"max_ocr_pages": -1}, {"ocr_time_s": 0}):
+        with pytest.raises(ValidationError):
+            ContractInput.model_validate({**data, **bad})
+    ok = ContractInput.model_validate({**data, "min_confidence": 0.25, "ocr": False})
+    assert ok.min_confidence == 0.25 and ok.ocr is False
