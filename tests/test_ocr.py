@@ -88,8 +88,8 @@ def test_scanned_page_gets_an_ocr_text_layer_and_its_quotes_verify(mixed: bytes)
     assert "Delaware" in scanned.text and scanned.blocks
     c = verify(document, QUOTE, [2])
     assert c is not None and c.verified and c.source == "ocr" and c.page == 2 and c.bboxes
-    for x0, y0, x1, y1 in c.bboxes:  # OCR boxes in page coordinates, where the clause was drawn
-        assert 60 <= x0 < x1 <= 560 and 60 <= y0 < y1 <= 420
+    for x0, y0, x1, y1 in c.bboxes:  # OCR line boxes in page coordinates, where the clause was drawn
+        assert 60 <= x0 < x1 <= 560 and 60 <= y0 < y1 <= 420 and y1 - y0 < 30
     text_hit = verify(document, "deliver the Products to the warehouse of the Buyer in Ohio", [1])
     assert text_hit is not None and text_hit.source == "text" and text_hit.page == 1  # page by page
     # OCR's fuzziness is never room for a different number or name

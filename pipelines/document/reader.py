@@ -169,7 +169,9 @@ class PdfReader:
                 if read is None:
                     return Page(number=number, width=width, height=height, text="", scanned=True, image_png=png,
                                 removed=removed)
-                blocks, removed = furniture.strip(read, patterns, height)
+                # one block per OCR line: a citation's boxes are then the lines it touches, not whole paragraphs
+                lines = [RawBlock(lines=[ln]) for b in read for ln in b.lines]
+                blocks, removed = furniture.strip(lines, patterns, height)
             else:
                 tables = find_tables(page, number)
             del page
