@@ -524,7 +524,9 @@ def verify(
 ) -> Citation | None:
     """Find ``quote`` on the cited ``pages``, else within ``search_neighbours`` pages of them (models are often
     one page off; the citation records the page it is really on).  Exact matches anywhere in that range win
-    over fuzzy ones; a fuzzy match on a cited page over one on a neighbour; otherwise the most similar wins."""
+    over fuzzy ones; a fuzzy match on a cited page over one on a neighbour; otherwise the most similar wins.
+    A quote found on no single page is searched across runs of 2..``MAX_SPAN_PAGES`` consecutive pages of that
+    range (:func:`find_across`), exactly first, fuzzily only when no one-page fuzzy match exists."""
     if not quote or not pages:
         return None
     by_number = {p.number: p for p in document.pages}
