@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
-from engine.runtime.request import Delta, GenerateRequest, Usage
+from engine.runtime.request import Delta, GenerateRequest, TokenLogprob, Usage
 
 log = logging.getLogger("kimiray.model_client")
 
@@ -37,6 +37,7 @@ class ModelReply(BaseModel):
     finish_reason: str | None = None
     usage: Usage | None = None
     token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token when the request asked for logprobs
 
 
 @runtime_checkable
@@ -56,6 +57,7 @@ def reply_from_deltas(deltas: list[Delta]) -> ModelReply:
         finish_reason=final.finish_reason,
         usage=final.usage,
         token_ids=[t for d in deltas for t in d.token_ids],
+        logprobs=[lp for d in deltas for lp in d.logprobs or []] if any(d.logprobs for d in deltas) else None,
     )
 
 

@@ -62,10 +62,11 @@ def test_sixty_page_contract_end_to_end_with_resume(tmp_path: Path, engine, tiny
         result = ContractResult.model_validate(done.result)
         assert result.page_count == 60 and {f.name for f in result.fields} == set(CATEGORIES)
         # a citation is verified only if its quote is really on that page of the PDF
-        document = read_pdf(contract.pdf)
+        document = read_pdf(contract.pdf, ocr=True)  # the agent OCRs the scanned page
         verified = [c for f in result.fields for v in f.values for c in v.citations if c.verified]
-        for c in verified:
-            assert document.pages[c.page - 1].text[c.char_start:c.char_end] == c.quote
+        for c in verified:  # on every page it names (a clause across a page break has one part per page)
+            for part in c.segments():
+                assert document.pages[part.page - 1].text[part.char_start:part.char_end] == part.quote
         assert all(v.verified == any(c.verified for c in v.citations) for f in result.fields for v in f.values)
         # the annotated PDF: same pages, one highlight per verified citation
         out = tmp_path / "annotated.pdf"

@@ -23,22 +23,32 @@ from agents.sources import file_kind, load_source, source_head
 
 
 async def read_document(ctx: AgentContext, data: bytes, input: ContractInput) -> Any:
-    """PyMuPDF work runs in a thread (the heartbeat keeps beating); page progress is sent at most every 0.5 s."""
-    from pipelines.document.reader import read_pdf
+    """PyMuPDF work (OCR of scanned pages included) runs in a thread (the heartbeat keeps beating); page progress,
+    with the count of OCR'd pages, is sent at most every 0.5 s."""
+    from pipelines.document.reader import open_pdf
     from pipelines.document.types import DocumentError
 
     loop = asyncio.get_running_loop()
     last = [0.0]
 
+    reader: list[Any] = []
+
     def on_page(done: int, total: int) -> None:
         now = time.monotonic()
         if now - last[0] >= 0.5 or done == total:
             last[0] = now
-            asyncio.run_coroutine_threadsafe(ctx.emit("reading", {"page": done, "pages": total}), loop)
+            ocr_pages = reader[0].ocr_pages if reader else 0
+            asyncio.run_coroutine_threadsafe(ctx.emit("reading", {"page": done, "pages": total,
+                                                                  "ocr_pages": ocr_pages}), loop)
+
+    def read() -> Any:
+        with open_pdf(data, password=input.password, max_pages=input.max_pages, truncate=input.truncate,
+                      ocr=input.ocr, max_ocr_pages=input.max_ocr_pages, ocr_time_s=input.ocr_time_s) as opened:
+            reader.append(opened)
+            return opened.document(on_page)
 
     try:
-        return await asyncio.to_thread(read_pdf, data, password=input.password, max_pages=input.max_pages,
-                                       truncate=input.truncate, on_page=on_page)
+        return await asyncio.to_thread(read)
     except DocumentError as exc:
         raise AgentError(exc.message, code=exc.code) from None
 
@@ -70,6 +80,7 @@ class ContractExtractionAgent(Agent):
         document = await read_document(ctx, data, input)
         scanned = sum(p.scanned for p in document.pages)
         await ctx.emit("document", {"pages": document.page_count, "scanned_pages": scanned,
+                                    "ocr_pages": document.ocr_pages, "ocr_skipped": document.ocr_skipped,
                                     "sections": len(document.sections), "title": document.title})
 
         await ctx.step("plan")

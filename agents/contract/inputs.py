@@ -24,6 +24,12 @@ class ContractInput(BaseModel):
     password: str | None = Field(None, max_length=500)
     unverified: Literal["mark", "drop"] = Field("mark", description="values whose quote is not found on the cited "
                                                 "page: kept and marked unverified, or dropped")
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="drop values whose confidence (token "
+                                  "probability x chunk agreement x verification, see README) is below this")
+    ocr: bool = Field(True, description="give scanned pages an OCR text layer so their quotes can be verified "
+                      "(false: the model still reads their images, but their quotes cannot verify)")
+    max_ocr_pages: int = Field(200, ge=0, le=10_000, description="OCR at most this many scanned pages")
+    ocr_time_s: float = Field(600.0, gt=0, le=3600, description="stop starting OCR of new pages after this long")
     max_pages: int = Field(500, ge=1, le=10_000)
     truncate: bool = Field(False, description="over max_pages: read the first max_pages instead of failing")
     chunk_tokens: int | None = Field(None, ge=256, description="cap on a chunk's document tokens")

@@ -1,7 +1,8 @@
 """Write the agent's findings back into the PDF as highlights with notes, so a reviewer can check each answer
 against its source in any PDF viewer.
 
-Only verified citations are drawn: an unverified quote has no trustworthy location.  The highlight follows the
+Only verified citations are drawn: an unverified quote has no trustworthy location.  A citation across a page
+break is drawn on each page it touches.  The highlight follows the
 quoted text itself (PyMuPDF's search inside the cited blocks); when the search cannot find it (text extracted
 differently than it is drawn, a fuzzy match) the cited blocks are highlighted instead, which is coarser but
 never points at the wrong place.
@@ -15,7 +16,7 @@ from typing import Any
 import pymupdf
 from pydantic import BaseModel, Field
 
-from pipelines.document.citations import Citation
+from pipelines.document.citations import Citation, CitationPart
 from pipelines.document.types import DocumentError
 
 ANNOT_TITLE = "kimiray"
@@ -53,7 +54,7 @@ def _value_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _quads(page: pymupdf.Page, citation: Citation) -> list:
+def _quads(page: pymupdf.Page, citation: CitationPart) -> list:
     """Quads of the quoted text inside the cited blocks, else the blocks' rectangles.  Without blocks (a
     reader that kept none) the whole page is searched."""
     rects = [pymupdf.Rect(b) for b in citation.bboxes]
@@ -100,8 +101,9 @@ def annotate_pdf(pdf_bytes: bytes, items: list[AnnotatedItem], *, password: str 
         for item in items:
             text = f"{item.label}: {_value_text(item.value)}"
             colour = _colour(item.label)
-            for c in item.citations:
-                if not c.verified or not 1 <= c.page <= doc.page_count:
+            # a citation across a page break is highlighted on every page it touches
+            for c in [part for c in item.citations if c.verified for part in c.segments()]:
+                if not 1 <= c.page <= doc.page_count:
                     continue
                 page = doc[c.page - 1]
                 quads = _quads(page, c)

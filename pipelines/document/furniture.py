@@ -1,14 +1,17 @@
 """Running headers and footers ("page furniture"): learned from a sample of pages, then dropped from every page.
 
-A line is furniture when it sits in the top or bottom margin band and, with digit runs replaced by ``#``
-("Page 3 of 60" and "Page 12 of 60" both become "page # of #"), recurs on at least half of the sampled pages.
-Sampling a bounded number of pages keeps the cost flat for 2,000-page files.
+A line is furniture when it sits at the edge of the page's text (in the top or bottom margin band, or among the
+first/last few text lines: filings printed from HTML put the page number and legends mid-sheet, right under the
+last line of text) and, with digit runs replaced by ``#`` ("Page 3 of 60" and "Page 12 of 60" both become
+"page # of #"), recurs on at least half of the sampled pages. Sampling a bounded number of pages keeps the cost
+flat for 2,000-page files.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable
 
@@ -17,11 +20,13 @@ from pipelines.document.layout import Line, RawBlock
 SAMPLE_PAGES = 40
 MIN_PAGES = 3
 MIN_SHARE = 0.5
+EDGE_LINES = 3  # the first and last this many text lines of a page are furniture candidates too
 
 _DIGITS = re.compile(r"\d+")
 
 
 def normalise(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text)  # non-breaking spaces, ligatures
     return " ".join(_DIGITS.sub("#", text).lower().split())
 
 
@@ -35,8 +40,33 @@ def in_margin(line: Line, height: float) -> bool:
     return line.bbox[3] <= b or line.bbox[1] >= height - b
 
 
+def edge_lines(lines: Iterable[Line], k: int = EDGE_LINES) -> set[int]:
+    """``id()`` of the top ``k`` and bottom ``k`` lines of a page (by vertical position)."""
+    ordered = sorted(lines, key=lambda ln: (ln.bbox[1], ln.bbox[0]))
+    return {id(ln) for ln in ordered[:k] + ordered[-k:]}
+
+
+_PAGE_NUMBER = re.compile(r"^[\W_]*(page|p\.)?\s*#(\s*(of|/)\s*#)?[\W_]*$")
+
+
+def pattern(line: Line, height: float, edges: set[int]) -> str | None:
+    """The line's furniture key, None when it is no candidate.  In the margin bands digit runs are wildcards;
+    edge lines outside them must repeat verbatim (a page number is the one wildcard there), so body lines that
+    differ only in their numbers ("Body line 1 of page 5") are never taken for furniture."""
+    if in_margin(line, height):
+        return normalise(line.text)
+    if id(line) not in edges:
+        return None
+    key = normalise(line.text)
+    if _PAGE_NUMBER.match(key):
+        return key
+    return "=" + " ".join(unicodedata.normalize("NFKC", line.text).lower().split())
+
+
 def margin_patterns(lines: Iterable[Line], height: float) -> set[str]:
-    return {normalise(ln.text) for ln in lines if in_margin(ln, height)}
+    lines = list(lines)
+    edges = edge_lines(lines)
+    return {k for ln in lines if (k := pattern(ln, height, edges))}
 
 
 def sample_indices(page_count: int, k: int = SAMPLE_PAGES) -> list[int]:
@@ -69,10 +99,11 @@ def strip(blocks: list[RawBlock], patterns: set[str], height: float) -> tuple[li
         return blocks, []
     kept: list[RawBlock] = []
     removed: list[str] = []
+    edges = edge_lines([ln for b in blocks for ln in b.lines])
     for block in blocks:
         lines = []
         for ln in block.lines:
-            if in_margin(ln, height) and normalise(ln.text) in patterns:
+            if pattern(ln, height, edges) in patterns:
                 removed.append(ln.text)
             else:
                 lines.append(ln)

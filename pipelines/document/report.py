@@ -38,6 +38,7 @@ class ContractResult(BaseModel):
     page_count: int
     fields: list[FieldResult] = Field(default_factory=list)
     unverified_dropped: int = 0  # values dropped because none of their quotes was found
+    low_confidence_dropped: int = 0  # values dropped because their confidence was under min_confidence
     chunks: int = 0
     schema_kind: Literal["cuad", "user"] = "cuad"
     warnings: list[str] = Field(default_factory=list)
@@ -55,7 +56,8 @@ def _value(value: Any) -> str:
 
 
 def _citation_line(c: Citation) -> str:
-    where = f"p. {c.page} — “{_one_line(c.quote, QUOTE_CHARS)}”"
+    pages = f"pp. {c.page}–{c.page_end}" if c.page_end and c.page_end != c.page else f"p. {c.page}"
+    where = f"{pages} — “{_one_line(c.quote, QUOTE_CHARS)}”"
     if not c.verified:
         return f"⚠ unverified: {where} (quote not found in the document)"
     notes = []
@@ -63,6 +65,8 @@ def _citation_line(c: Citation) -> str:
         notes.append("page corrected")
     if c.similarity < 1.0:
         notes.append(f"approximate match {c.similarity:.0%}")
+    if c.source == "ocr":
+        notes.append("OCR text")
     return where + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -103,6 +107,9 @@ def markdown_summary(result: ContractResult) -> str:
         n = result.unverified_dropped
         lines += [f"{n} value{'s' if n != 1 else ''} dropped: {'their quotes were' if n != 1 else 'its quote was'} "
                   "not found in the document.", ""]
+    if result.low_confidence_dropped:
+        n = result.low_confidence_dropped
+        lines += [f"{n} value{'s' if n != 1 else ''} below the requested minimum confidence dropped.", ""]
     if result.warnings:
         lines += ["## Warnings", ""] + [f"- {_one_line(w, 300)}" for w in result.warnings] + [""]
     return "\n".join(lines).rstrip() + "\n"

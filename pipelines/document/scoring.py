@@ -203,3 +203,79 @@ def load_cuad_json(path_or_obj: str | Path | dict[str, Any]) -> dict[str, list[G
                     seen.add((category, text, start))
                     clauses.append(GoldClause(category=category, text=text, start=start))
     return out
+
+
+def load_master_clauses(path: str | Path) -> dict[str, list[GoldClause]]:
+    """Gold clauses per contract from CUAD's ``master_clauses.csv``: keyed by the ``Filename`` column lower-cased
+    without its extension; each category column holds the clause texts as a Python list literal (``-Answer``
+    columns are CUAD's normalised answers and are skipped).  CUAD joins the pieces of a discontinuous clause with
+    ``<omitted>``; the text is kept as CUAD has it (see :func:`clause_parts`)."""
+    import ast
+    import csv
+
+    out: dict[str, list[GoldClause]] = {}
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            name = str(row.get("Filename") or "").strip()
+            if not name:
+                continue
+            clauses = out.setdefault(Path(name).stem.lower(), [])
+            for column, cell in row.items():
+                if column in (None, "Filename") or "answer" in column.lower() or not cell or not cell.startswith("["):
+                    continue
+                try:
+                    texts = ast.literal_eval(cell)
+                except (ValueError, SyntaxError):
+                    continue
+                for text in texts if isinstance(texts, list) else []:
+                    if isinstance(text, str) and text.strip():
+                        clauses.append(GoldClause(category=column.strip(), text=text))
+    return out
+
+
+def clause_parts(text: str) -> list[str]:
+    """The contiguous pieces of a CUAD clause (CUAD writes ``<omitted>`` where it left text out)."""
+    return [p.strip() for p in text.split("<omitted>") if p.strip()]
+
+
+class CurvePoint(BaseModel):
+    threshold: float
+    precision: float
+    recall: float
+
+
+def pr_curve(contracts: list[tuple[list[PredictedClause], list[float], list[GoldClause]]],
+             **score_options: Any) -> list[CurvePoint]:
+    """Precision/recall over all contracts as the confidence threshold falls through every predicted
+    confidence (CUAD's way of scoring systems that rank their answers); matching as :func:`score`."""
+    thresholds = sorted({c for _, confs, _ in contracts for c in confs}, reverse=True)
+    gold_total = sum(len(g) for _, _, g in contracts)
+    points: list[CurvePoint] = []
+    for t in thresholds:
+        tp = fp = 0
+        for preds, confs, gold in contracts:
+            kept = [p for p, c in zip(preds, confs) if c >= t]
+            if not kept:
+                continue
+            report = score(kept, gold, **score_options)
+            tp += sum(c.tp for c in report.per_category.values())
+            fp += sum(c.fp for c in report.per_category.values())
+        points.append(CurvePoint(threshold=t, precision=tp / (tp + fp) if tp + fp else 0.0,
+                                 recall=tp / gold_total if gold_total else 0.0))
+    return points
+
+
+def aupr(points: list[CurvePoint]) -> float:
+    """Area under the precision-recall curve (step-wise, precision interpolated to the right as in CUAD)."""
+    area, last_recall = 0.0, 0.0
+    pts = sorted(points, key=lambda p: p.recall)
+    for i, p in enumerate(pts):
+        best = max(q.precision for q in pts[i:])
+        area += (p.recall - last_recall) * best
+        last_recall = p.recall
+    return area
+
+
+def precision_at_recall(points: list[CurvePoint], recall: float) -> float:
+    """Best precision at a threshold that reaches ``recall`` (0 when no threshold does)."""
+    return max((p.precision for p in points if p.recall >= recall), default=0.0)

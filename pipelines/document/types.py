@@ -16,7 +16,7 @@ BBox = tuple[float, float, float, float]
 
 class DocumentError(ValueError):
     """A document we refuse, with a machine code: ``encrypted`` (no/wrong password), ``corrupt``, ``empty``
-    (zero pages), ``not_pdf``, ``too_many_pages``, ``too_large``."""
+    (zero pages), ``not_pdf``, ``too_many_pages``, ``too_large``, ``ocr_unavailable`` (scanned pages, no OCR)."""
 
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
@@ -56,6 +56,7 @@ class Page(BaseModel):
     blocks: list[Block] = Field(default_factory=list)
     tables: list[Table] = Field(default_factory=list)
     scanned: bool = False  # no usable text layer: the model reads the rendered image instead
+    ocr: bool = False  # ``text`` and ``blocks`` (OCR lines with their boxes) come from OCR of the scanned image
     image_png: bytes | None = Field(None, repr=False)  # rendered page for scanned pages
     columns: int = 1
     removed: list[str] = Field(default_factory=list, description="header/footer lines removed from this page")
@@ -68,6 +69,8 @@ class Document(BaseModel):
     sections: list[Section] = Field(default_factory=list)
     title: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    ocr_pages: int = 0  # scanned pages given an OCR text layer
+    ocr_skipped: int = 0  # scanned pages left image-only because the OCR page or time bound was reached
 
 
 class GoldClause(BaseModel):
