@@ -198,6 +198,11 @@ def create_app() -> FastAPI:
     from serve_app.tasks_api import router as tasks_router
 
     app.include_router(tasks_router)
+    from serve_app.batches import router as batches_router
+    from serve_app.openai_files import router as files_router
+
+    app.include_router(files_router)
+    app.include_router(batches_router)
     install_openapi(app, PUBLIC_ROUTES)
 
     @app.get("/healthz", tags=["ops"])

@@ -238,7 +238,12 @@ async def task_artifact(request: Request, task_id: str, name: str) -> Response:
 @router.post("/v1/files", status_code=201, tags=["tasks"])
 async def upload_file(request: Request) -> JSONResponse:
     """Upload a file (the raw request body, any content type) for a task to use by reference (``blob``): large
-    PDFs need not travel base64-encoded inside the task's JSON. Limited by ``limits.max_body_bytes``."""
+    PDFs need not travel base64-encoded inside the task's JSON. Limited by ``limits.max_body_bytes``.
+    A ``multipart/form-data`` body with ``purpose`` is the OpenAI Files API (``serve_app.openai_files``)."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        from serve_app.openai_files import create_openai_file
+
+        return await create_openai_file(request)
     _admit_create(request)
     service = _service(request)
     data = await request.body()
