@@ -154,3 +154,90 @@ def test_cancel_mid_way_keeps_finished_lines_and_reports_the_rest(server: str) -
     ids = [line["custom_id"] for line in ok + bad]
     assert sorted(ids) == sorted(line["custom_id"] for line in lines)  # each exactly once
     assert all(line["error"]["code"] == "batch_cancelled" for line in bad)
+
+
+def test_runner_killed_mid_batch_and_redis_restart_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    """Redis store, runners as real worker processes: SIGKILL the runner once lines are checkpointed, SIGKILL and
+    restart redis-server, then a second runner finishes: every custom_id once, checkpointed lines not re-run."""
+    import asyncio
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from connectors.stores import open_stores
+    from tests.redis_harness import redis_server
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "RAY_USAGE_STATS_ENABLED": "0", "KIMIRAY_HOME": str(tmp_path)}
+
+    def start_worker(url: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "agents.worker", "--stores", url, "--model", "tiny",
+                                 "--concurrency", "2", "--lease-s", "2"], cwd=str(repo), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def checkpointed(url: str, task_id: str) -> dict[str, Any]:
+        stores = open_stores(url)
+        try:
+            record = await stores.tasks.get(task_id, None)
+            if record is None or record.session_id is None:
+                return {}
+            partials = await stores.sessions.partials(record.session_id, None)
+            return {k: v for k, v in partials.items() if k.startswith("r.")}
+        finally:
+            await stores.close()
+
+    lines = batch_lines(200, max_tokens=24, ignore_eos=True)
+    workers: list[subprocess.Popen] = []
+    with redis_server(tmp_path / "redis") as redis, \
+            task_server(redis.url, KEY_A, run_tasks=False) as url:
+        try:
+            c = client(url)
+            upload = c.files.create(file=("r.jsonl", jsonl(lines)), purpose="batch")
+            batch = c.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h")
+            task_id = "task_" + batch.id.removeprefix("batch_")
+            workers.append(start_worker(redis.url))
+            deadline = time.monotonic() + 180
+            before: dict[str, Any] = {}
+            while not before:
+                assert time.monotonic() < deadline, "the first runner checkpointed nothing"
+                time.sleep(0.05)
+                before = asyncio.run(checkpointed(redis.url, task_id))
+            workers[0].send_signal(signal.SIGKILL)  # no release, no goodbye
+            workers[0].wait()
+            before = asyncio.run(checkpointed(redis.url, task_id))
+            assert 0 < len(before) < 200, len(before)
+            redis.stop(kill=True)  # appendfsync always: what was acknowledged survives
+            redis.start()
+            assert c.batches.retrieve(batch.id).status in ("in_progress", "validating")
+            workers.append(start_worker(redis.url))
+            done = wait_batch(c, batch.id, ("completed", "failed", "cancelled", "expired"), timeout=240)
+            assert done.status == "completed", done
+            assert done.request_counts.completed == 200 and done.request_counts.total == 200
+            out = read_lines(c, done.output_file_id)
+            assert sorted(line["custom_id"] for line in out) == sorted(line["custom_id"] for line in lines)
+            by_id = {line["custom_id"]: line for line in out}
+            for key, line in before.items():  # checkpointed before the kill: written as stored, not run again
+                assert by_id[lines[int(key[2:])]["custom_id"]] == line
+            task = asyncio.run(_task(redis.url, task_id))
+            assert task.attempts >= 2
+        finally:
+            for proc in workers:
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(20)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+
+
+async def _task(url: str, task_id: str) -> Any:
+    from connectors.stores import open_stores
+
+    stores = open_stores(url)
+    try:
+        return await stores.tasks.get(task_id, None)
+    finally:
+        await stores.close()
