@@ -200,9 +200,11 @@ def create_app() -> FastAPI:
     app.include_router(tasks_router)
     from serve_app.batches import router as batches_router
     from serve_app.openai_files import router as files_router
+    from serve_app.responses import router as responses_router
 
     app.include_router(files_router)
     app.include_router(batches_router)
+    app.include_router(responses_router)
     install_openapi(app, PUBLIC_ROUTES)
 
     @app.get("/healthz", tags=["ops"])
@@ -257,6 +259,9 @@ def create_app() -> FastAPI:
             except Exception as exc:
                 raise classify(exc) from None
             remember = None
+            routing = request.headers.get("x-session-id")  # the LLM-router convention: affinity only, no memory
+            if routing and body.session_id is None and 0 < len(routing) <= 200:
+                generate_request = generate_request.model_copy(update={"session_id": routing})
             if body.session_id is not None:
                 generate_request, remember = await _continue_session(state, key_id, body.session_id,
                                                                      generate_request)
