@@ -241,3 +241,30 @@ async def _task(url: str, task_id: str) -> Any:
         return await stores.tasks.get(task_id, None)
     finally:
         await stores.close()
+
+
+def test_sdk_helpers_and_cli_batch_submit(server: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from kimiray import batch_cli
+    from kimiray.client import Client
+    from kimiray.errors import InvalidRequestError
+
+    with Client(server, KEY_A) as kc:
+        upload = kc.batch_file([{"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 2}
+                                for i in range(5)])
+        assert upload["purpose"] == "batch"
+        seen: list[str] = []
+        batch = kc.wait_batch(kc.create_batch(upload["id"])["id"], timeout=60, poll_s=0.05,
+                              on_progress=lambda b: seen.append(b["status"]))
+        assert batch["status"] == "completed" and seen[-1] == "completed"
+        assert sorted(kc.batch_results(batch)) == [f"request-{i}" for i in range(5)]
+        with pytest.raises(InvalidRequestError) as err:
+            kc.batch_file(b'{"custom_id": "a"}\n')
+        assert "line 1" in str(err.value)
+    source = tmp_path / "nightly.jsonl"
+    source.write_bytes(jsonl(batch_lines(6, images_every=3)))
+    code = batch_cli.main(["batch", "submit", str(source), "--url", server, "--api-key", KEY_A, "--poll", "0.05",
+                           "--metadata", "job=cli"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["status"] == "completed" and report["request_counts"]["completed"] == 6
+    written = [json.loads(line) for line in (tmp_path / "nightly.output.jsonl").read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in written) == [f"req-{i}" for i in range(6)]
