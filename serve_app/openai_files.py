@@ -58,7 +58,7 @@ async def create_openai_file(request: Request) -> JSONResponse:
     record = await create_file(service.stores.sessions, service.stores.blobs, _owner(request), data,
                                filename=(upload.filename or "upload")[:255], purpose=purpose,
                                content_type=upload.content_type or "application/octet-stream", ttl_s=FILE_TTL_S)
-    return JSONResponse(record.public(), status_code=200)
+    return JSONResponse(record.public(), status_code=201)  # the route's status; the official client takes any 2xx
 
 
 async def _file(request: Request, file_id: str) -> Any:
