@@ -10,6 +10,7 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from connectors.paths import tiny_checkpoint_dir
 from engine.runtime.request import Delta, GenerateRequest
 from serve_app.config import AppConfig
 from serve_app.routing import SessionAffinityRouter
@@ -35,7 +36,6 @@ class ModelServer:
         import torch
 
         from engine.runtime.engine import AsyncEngine
-        from kimiray.paths import tiny_checkpoint_dir
 
         cfg = AppConfig.model_validate(config)
         path = cfg.model.model or str(tiny_checkpoint_dir())

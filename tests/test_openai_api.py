@@ -1,5 +1,5 @@
-"""serve_app.openai_api: request schema, conversion to GenerateRequest, and response / chunk / error builders
-checked against the openai SDK's own types and client (no Ray, no model)."""
+"""connectors.openai_messages (request schema, conversion to GenerateRequest) and serve_app.openai_api (response /
+chunk / error builders), checked against the openai SDK's own types and client (no Ray, no model)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,12 @@ from pydantic import BaseModel, ValidationError
 from engine.processor import collect_media as processor_media
 from engine.runtime.request import Delta, GenerateRequest, TokenLogprob, Usage
 from engine.tokenizer import normalize_messages
-from serve_app.config import Limits
-from serve_app.media import MediaError
+from connectors.limits import Limits
+from connectors.media import MediaError
+from connectors.openai_messages import ChatCompletionRequest, RequestError, _allocate, to_generate_request
 from serve_app.openai_api import (
     SSE_DONE,
-    ChatCompletionRequest,
     ChunkStream,
-    RequestError,
-    _allocate,
     chunk,
     completion_response,
     error_body,
@@ -37,10 +35,9 @@ from serve_app.openai_api import (
     models_response,
     new_request_id,
     sse_event,
-    to_generate_request,
     usage_chunk,
 )
-from tests.test_media import MediaServer, colour_frames, data_url, png_bytes
+from tests.media_helpers import MediaServer, colour_frames, data_url, png_bytes
 
 LIMITS = Limits()
 PRIVATE_OK = Limits(allow_private_urls=True)

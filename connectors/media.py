@@ -70,8 +70,8 @@ import httpx
 from PIL import Image
 
 from engine.processor import ImageInputError, ProcessorError, VideoFrames, load_image, sample_frame_indices
-from serve_app.config import Limits
-from serve_app.errors import ClientInputError
+from connectors.limits import Limits
+from connectors.errors import ClientInputError
 
 __all__ = [
     "MediaError",
