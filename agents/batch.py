@@ -26,12 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agents.base import Agent, AgentContext, AgentError, TaskCancelled
 from agents.registry import register_agent
+from connectors.errors import ClientInputError
 from connectors.model_client import ContextTooLongError, ModelError, ModelReply
+from connectors.openai_messages import ChatCompletionRequest, to_generate_request
 from connectors.stores.files import create_file, get_file
-# Upward imports (agents -> serve_app) that the i16layers move takes down a layer; see the module's report.
-from serve_app.config import Limits
-from serve_app.errors import ClientInputError
-from serve_app.openai_api import ChatCompletionRequest, completion_response, to_generate_request
 
 BATCH_ENDPOINTS = ("/v1/chat/completions",)
 COMPLETION_WINDOWS = {"24h": 24 * 3600.0}
@@ -169,6 +167,23 @@ def _unrun_line(custom_id: str, code: str, message: str) -> dict[str, Any]:
             "error": {"code": code, "message": message}}
 
 
+def chat_completion(request_id: str, model: str, reply: ModelReply) -> dict[str, Any]:
+    """The ``chat.completion`` body of one output line (reasoning in ``message.reasoning_content``, as the
+    chat-completions route answers it)."""
+    message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+    if reply.reasoning:
+        message["reasoning_content"] = reply.reasoning
+    body: dict[str, Any] = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+                            "model": model, "choices": [{"index": 0, "message": message, "logprobs": None,
+                                                         "finish_reason": reply.finish_reason or "stop"}]}
+    if reply.usage is not None:
+        body["usage"] = {"prompt_tokens": reply.usage.prompt_tokens,
+                         "completion_tokens": reply.usage.completion_tokens,
+                         "total_tokens": reply.usage.prompt_tokens + reply.usage.completion_tokens,
+                         "prompt_tokens_details": {"cached_tokens": reply.usage.cached_tokens}}
+    return body
+
+
 def is_success(line: dict[str, Any]) -> bool:
     response = line.get("response") or {}
     return response.get("status_code") == 200
@@ -263,7 +278,7 @@ class OpenAIBatchAgent(Agent):
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             body = ChatCompletionRequest.model_validate(line.body)
-            request = await to_generate_request(body, Limits(), request_id)
+            request = await to_generate_request(body, ctx.limits, request_id)  # the service's limits and URL rules
             ctx.check_cancelled()
             # no session id: the lines of a batch are independent and should spread over the replicas
             reply: ModelReply = await ctx.model.generate(request)
@@ -275,10 +290,8 @@ class OpenAIBatchAgent(Agent):
             return _error_line(line.custom_id, 500, "model_error", str(exc)[:2000])
         except ValueError as exc:
             return _error_line(line.custom_id, 400, "invalid_request", str(exc)[:2000])
-        response = completion_response(request_id=request_id, model=body.model or input.model, text=reply.text,
-                                       reasoning=reply.reasoning, finish_reason=reply.finish_reason or "stop",
-                                       usage=reply.usage)
-        return _ok_line(_batch_hex(ctx.task_id), line.custom_id, response)
+        return _ok_line(_batch_hex(ctx.task_id), line.custom_id,
+                        chat_completion(request_id, body.model or input.model, reply))
 
     async def _write_files(self, ctx: AgentContext, lines: list[BatchLine], results: dict[int, dict[str, Any]],
                            stop_reason: str | None) -> dict[str, str | None]:

@@ -22,11 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from agents.base import Agent, AgentContext, AgentError
 from agents.messages import storable
 from agents.registry import register_agent
+from connectors.errors import ClientInputError
+from connectors.limits import Limits
+from connectors.openai_messages import ChatCompletionRequest, to_generate_request
 from connectors.stores.base import SessionStore
-# Upward imports (agents -> serve_app) that the i16layers move takes down a layer; see the module's report.
-from serve_app.config import Limits
-from serve_app.errors import ClientInputError
-from serve_app.openai_api import ChatCompletionRequest, to_generate_request
 
 RESPONSE_KIND = "openai_response"
 RESPONSE_TYPE = "openai_response"
@@ -410,7 +409,8 @@ class OpenAIResponseAgent(Agent):
         await ctx.step("prepare")
         try:
             chain = await load_chain(ctx.sessions, ctx.owner, req.previous_response_id)
-            request, n_instructions = await to_engine_request(req, input.served_name, input.response_id)
+            request, n_instructions = await to_engine_request(req, input.served_name, input.response_id,
+                                                              ctx.limits)
         except ClientInputError as exc:
             raise AgentError(exc.message, code=exc.code) from None
         messages = list(request.messages or [])

@@ -23,9 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from agents.batch import FILES_PARTIAL, BatchFileError, parse_batch_jsonl, parse_counts
 from connectors.stores.base import TaskRecord, TaskSubmission
 from connectors.stores.files import get_file
-from serve_app.errors import ClientInputError
+from connectors.errors import ClientInputError
 from serve_app.openai_files import batch_file_error
-from serve_app.tasks_api import NotFoundError, _admit_create, _owner, _service
+from serve_app.state import app_state
+from serve_app.task_service import NotFoundError
+from serve_app.tasks_api import Service, _admit_create, _owner
 
 router = APIRouter()
 BATCH_TYPE = "openai_batch"
@@ -110,21 +112,18 @@ async def batch_object(service: Any, task: TaskRecord) -> dict[str, Any]:
     }
 
 
-async def _task(request: Request, batch_id: str) -> TaskRecord:
+async def _task(request: Request, service: Any, batch_id: str) -> TaskRecord:
     task_id = task_id_of(batch_id)
-    record = await _service(request).stores.tasks.get(task_id, _owner(request)) if task_id else None
+    record = await service.stores.tasks.get(task_id, _owner(request)) if task_id else None
     if record is None or record.type != BATCH_TYPE:
         raise NotFoundError(f"batch {batch_id!r} not found", param="batch_id")
     return record
 
 
 @router.post("/v1/batches", tags=["openai"])
-async def create_batch(request: Request, body: BatchCreate) -> JSONResponse:
+async def create_batch(request: Request, service: Service, body: BatchCreate) -> JSONResponse:
     """Create a batch from an uploaded ``purpose="batch"`` file; it runs as a durable task."""
-    from serve_app.ingress import _state
-
     _admit_create(request)
-    service = _service(request)
     owner = _owner(request)
     record = await get_file(service.stores.sessions, owner, body.input_file_id)
     if record is None:
@@ -140,7 +139,7 @@ async def create_batch(request: Request, body: BatchCreate) -> JSONResponse:
         await asyncio.to_thread(parse_batch_jsonl, data, endpoint=body.endpoint)
     except BatchFileError as exc:
         raise batch_file_error(exc, param="input_file_id") from None
-    state = _state(request)
+    state = app_state(request)
     submission = TaskSubmission(type=BATCH_TYPE, input={
         "input_file_id": body.input_file_id, "endpoint": body.endpoint,
         "completion_window": body.completion_window, "metadata": body.metadata, "created_at": time.time(),
@@ -152,15 +151,14 @@ async def create_batch(request: Request, body: BatchCreate) -> JSONResponse:
 
 
 @router.get("/v1/batches/{batch_id}", tags=["openai"])
-async def retrieve_batch(request: Request, batch_id: str) -> dict[str, Any]:
-    return await batch_object(_service(request), await _task(request, batch_id))
+async def retrieve_batch(request: Request, service: Service, batch_id: str) -> dict[str, Any]:
+    return await batch_object(service, await _task(request, service, batch_id))
 
 
 @router.post("/v1/batches/{batch_id}/cancel", tags=["openai"])
-async def cancel_batch(request: Request, batch_id: str) -> dict[str, Any]:
+async def cancel_batch(request: Request, service: Service, batch_id: str) -> dict[str, Any]:
     """The batch becomes ``cancelling`` and then ``cancelled``; requests already finished stay in its files."""
-    task = await _task(request, batch_id)
-    service = _service(request)
+    task = await _task(request, service, batch_id)
     record = await service.stores.tasks.cancel(task.id, _owner(request))
     return await batch_object(service, record or task)
 
@@ -171,11 +169,10 @@ def _cursor_after(task: TaskRecord) -> str:
 
 
 @router.get("/v1/batches", tags=["openai"])
-async def list_batches(request: Request, after: str | None = Query(None, max_length=200),
+async def list_batches(request: Request, service: Service, after: str | None = Query(None, max_length=200),
                        limit: int = Query(20, ge=1, le=100)) -> dict[str, Any]:
     """Newest first; ``after`` = the last batch id of the previous page (what the official client sends)."""
-    service = _service(request)
-    cursor = _cursor_after(await _task(request, after)) if after else None
+    cursor = _cursor_after(await _task(request, service, after)) if after else None
     page = await service.stores.tasks.list(_owner(request), type=BATCH_TYPE, limit=limit, cursor=cursor)
     data = [await batch_object(service, t) for t in page.tasks]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,

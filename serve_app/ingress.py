@@ -25,8 +25,11 @@ from connectors.errors import ClientInputError
 from engine.runtime.request import Delta, GenerateRequest
 from serve_app import openai_api
 from serve_app.auth import AuthError, RateLimited
+from serve_app.batches import router as batches_router
 from serve_app.config import AppConfig
+from serve_app.files_api import router as files_router
 from serve_app.openapi_spec import install_openapi
+from serve_app.responses import router as responses_router
 from serve_app.state import ApiError, IngressState, rate_limited
 from serve_app.state import app_state as _state
 from serve_app.state import install_state as install_state  # re-exported: serve_app.app and tests install here
@@ -138,10 +141,6 @@ def create_app() -> FastAPI:
         return error_response(classify(exc))
 
     app.include_router(tasks_router)
-    from serve_app.batches import router as batches_router
-    from serve_app.openai_files import router as files_router
-    from serve_app.responses import router as responses_router
-
     app.include_router(files_router)
     app.include_router(batches_router)
     app.include_router(responses_router)

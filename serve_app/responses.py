@@ -40,10 +40,27 @@ from agents.responses import (
 )
 from connectors.stores.base import TERMINAL_STATUSES, TaskSubmission
 from engine.runtime.request import Delta
-from serve_app.tasks_api import NotFoundError, _admit_create, _owner, _service
+from connectors.errors import ClientInputError
+from serve_app.auth import RateLimited
+from serve_app.state import ApiError, app_state, rate_limited
+from serve_app.task_service import NotFoundError, TaskService
+from serve_app.tasks_api import _admit_create, _owner
 
 router = APIRouter()
 SESSION_HEADER = "x-session-id"
+
+
+def _service(request: Request) -> TaskService:
+    return app_state(request).tasks()
+
+
+def _stream_error(exc: BaseException) -> dict[str, str]:
+    """The ``error`` of a ``response.failed`` event (a stream has no status code left to use)."""
+    if isinstance(exc, ClientInputError):
+        return {"code": exc.code, "message": exc.message}
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return {"code": "timeout", "message": "the response took longer than the server's timeout"}
+    return {"code": "server_error", "message": f"generation failed ({type(exc).__name__})"}
 
 
 def routing_session(request: Request) -> str | None:
@@ -112,11 +129,8 @@ def item_events(emit: EventStream, output: list[dict[str, Any]]) -> list[bytes]:
 async def create_response(request: Request, body: ResponseCreate) -> Any:
     """Create a model response. ``previous_response_id`` continues a stored conversation; ``background=true``
     runs it as a durable task (poll ``GET /v1/responses/{id}``); ``stream=true`` sends Responses SSE events."""
-    from serve_app.auth import RateLimited
-    from serve_app.ingress import _state, classify, rate_limited
-
     check_supported(body)
-    state = _state(request)
+    state = app_state(request)
     owner = _owner(request)
     header_session = routing_session(request)
     served = state.config.model.served_name
@@ -124,12 +138,7 @@ async def create_response(request: Request, body: ResponseCreate) -> Any:
     service = state.tasks() if needs_store else None
     chain = Chain()
     if body.previous_response_id is not None:
-        try:
-            chain = await load_chain(service.stores.sessions, owner, body.previous_response_id)
-        except ResponsesInputError:
-            raise
-        except Exception as exc:
-            raise classify(exc) from None
+        chain = await load_chain(service.stores.sessions, owner, body.previous_response_id)
     response_id = new_response_id()
     if body.background:
         return await _start_background(request, service, owner, body, chain, response_id, served)
@@ -145,12 +154,10 @@ async def create_response(request: Request, body: ResponseCreate) -> Any:
         await slot.__aexit__(None, None, None)
 
     try:
-        try:
-            generate_request, n_instructions = await asyncio.wait_for(
-                to_engine_request(body, served, response_id, state.config.limits),
-                state.config.limits.url_fetch_timeout_s * 2)
-        except Exception as exc:
-            raise classify(exc) from None
+        # errors propagate to the ingress middleware, which answers them like chat completions' (4xx, 503, 504)
+        generate_request, n_instructions = await asyncio.wait_for(
+            to_engine_request(body, served, response_id, state.config.limits),
+            state.config.limits.url_fetch_timeout_s * 2)
         messages = list(generate_request.messages or [])
         own = messages[n_instructions:]
         generate_request = generate_request.model_copy(update={
@@ -164,13 +171,8 @@ async def create_response(request: Request, body: ResponseCreate) -> Any:
             handed_off = True
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": response_id})
-        try:
-            deltas = await asyncio.wait_for(state.backend.complete(generate_request), state.config.request_timeout_s)
-        except Exception as exc:
-            raise classify(exc) from None
+        deltas = await asyncio.wait_for(state.backend.complete(generate_request), state.config.request_timeout_s)
         if not deltas or deltas[-1].finish_reason == "error":
-            from serve_app.ingress import ApiError
-
             raise ApiError(500, "generation_failed", (deltas[-1].error if deltas else None) or "generation failed")
         final = deltas[-1]
         text = "".join(d.text for d in deltas)
@@ -222,8 +224,6 @@ async def _stream(state: Any, service: Any, owner: str, body: ResponseCreate, ch
                   generate_request: Any, own: list[dict[str, Any]], created: float, model: str,
                   release: Any) -> AsyncIterator[bytes]:
     """Foreground stream: created, in_progress, then per output item added / deltas / done, then completed."""
-    from serve_app.ingress import classify
-
     emit = EventStream()
     start = response_object(body, response_id=response_id, model=model, status="in_progress", created_at=created)
     reasoning_id, message_id = f"rs_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
@@ -260,9 +260,7 @@ async def _stream(state: Any, service: Any, owner: str, body: ResponseCreate, ch
             except StopAsyncIteration:
                 break
             except Exception as exc:
-                err = classify(exc)
-                failed = {**start, "status": "failed", "error": {"code": err.code, "message": err.message}}
-                yield emit("response.failed", response=failed)
+                yield emit("response.failed", response={**start, "status": "failed", "error": _stream_error(exc)})
                 return
             if delta.reasoning_text:
                 if not state_["reasoning_open"] and not output and not state_["message_open"]:
