@@ -124,7 +124,7 @@ class BatchInput(BaseModel):
     metadata: dict[str, str] | None = None
     created_at: float = Field(default_factory=time.time, description="start of the completion window")
     model: str = Field("kimi-vl", description="the served model name written into each response body")
-    max_in_flight: int = Field(64, ge=1, le=1024, description="requests of this batch in flight at once")
+    max_in_flight: int = Field(64, ge=1, le=256, description="requests of this batch in flight at once")
 
 
 class BatchResult(BaseModel):

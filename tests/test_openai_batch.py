@@ -268,3 +268,21 @@ def test_sdk_helpers_and_cli_batch_submit(server: str, tmp_path: Path, capsys: p
     assert code == 0 and report["status"] == "completed" and report["request_counts"]["completed"] == 6
     written = [json.loads(line) for line in (tmp_path / "nightly.output.jsonl").read_text().splitlines()]
     assert sorted(line["custom_id"] for line in written) == [f"req-{i}" for i in range(6)]
+
+
+def test_expired_completion_window_reports_every_line_as_batch_expired(server: str) -> None:
+    """A batch whose 24 h window has passed (submitted as its task with an old ``created_at``) runs nothing and
+    ends ``expired``, with every custom_id in the error file."""
+    import httpx
+
+    c = client(server)
+    lines = batch_lines(3, images_every=0)
+    upload = c.files.create(file=("late.jsonl", jsonl(lines)), purpose="batch")
+    task = httpx.post(f"{server}/v1/tasks", headers={"Authorization": f"Bearer {KEY_A}"}, json={
+        "type": "openai_batch", "input": {"input_file_id": upload.id, "created_at": time.time() - 25 * 3600}}).json()
+    batch_id = "batch_" + task["id"].removeprefix("task_")
+    done = wait_batch(c, batch_id, ("expired", "completed", "failed", "cancelled"))
+    assert done.status == "expired" and done.expired_at and done.output_file_id is None
+    bad = read_lines(c, done.error_file_id)
+    assert sorted(line["custom_id"] for line in bad) == ["req-0", "req-1", "req-2"]
+    assert {line["error"]["code"] for line in bad} == {"batch_expired"}

@@ -176,3 +176,66 @@ def test_cancel_a_queued_background_response(tmp_path: Path) -> None:
         assert c.responses.retrieve(r.id).status == "cancelled"
         with pytest.raises(openai.BadRequestError):  # background needs store
             c.responses.create(model="kimi-vl", input="x", background=True, store=False)
+
+
+class ThinkingEngine:
+    """A scripted engine with the AsyncEngine's ``generate`` shape: reasoning deltas, then text (a Thinking
+    model); a prompt containing FAIL ends in an engine error."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    async def generate(self, request: Any):
+        from engine.runtime.request import Delta, Usage
+
+        self.requests.append(request)
+        rid = request.request_id
+        if "FAIL" in json.dumps(request.messages, default=str):
+            yield Delta(request_id=rid, text="par")
+            yield Delta(request_id=rid, finish_reason="error", error="engine exploded")
+            return
+        for piece in ("Let me", " think."):
+            yield Delta(request_id=rid, reasoning_text=piece)
+        yield Delta(request_id=rid, text="Hello")
+        yield Delta(request_id=rid, text=" world", finish_reason="stop",
+                    usage=Usage(prompt_tokens=12, completion_tokens=6))
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+def test_reasoning_items_and_a_failed_stream_with_a_thinking_model(tmp_path: Path) -> None:
+    engine = ThinkingEngine()
+    with task_server(f"sqlite:///{tmp_path}", KEY_A, engine=engine, run_tasks=False) as url:
+        c = client(url)
+        r = c.responses.create(model="kimi-vl", input="Hi", previous_response_id=None)
+        assert [item.type for item in r.output] == ["reasoning", "message"]
+        assert r.output[0].content[0].text == "Let me think." and r.output_text == "Hello world"
+        assert r.usage.input_tokens == 12 and r.usage.output_tokens == 6 and r.usage.total_tokens == 18
+        events = list(c.responses.create(model="kimi-vl", input="Hi", stream=True,
+                                         extra_headers={"x-session-id": "conv-7"}))
+        assert [e.type for e in events] == [
+            "response.created", "response.in_progress",
+            "response.output_item.added", "response.reasoning_text.delta", "response.reasoning_text.delta",
+            "response.reasoning_text.done", "response.output_item.done",
+            "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+            "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+            "response.output_item.done", "response.completed"]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert events[2].output_index == 0 and events[7].output_index == 1 and events[9].output_index == 1
+        assert events[-1].response.output[0].type == "reasoning" and events[-1].response.output_text == "Hello world"
+        assert engine.requests[-1].session_id == "conv-7"  # the routing header reached the model request
+        second = c.responses.create(model="kimi-vl", input="Again", previous_response_id=r.id)
+        assert engine.requests[-1].session_id == r.id  # a chain routes by its first response's id
+        assert [m["role"] for m in engine.requests[-1].messages] == ["user", "assistant", "user"]
+        assert engine.requests[-1].messages[1]["content"] == "Hello world"  # earlier reasoning is not re-sent
+        c.responses.create(model="kimi-vl", input="Third", previous_response_id=second.id)
+        assert engine.requests[-1].session_id == r.id
+        c.chat.completions.create(model="kimi-vl", messages=[{"role": "user", "content": "Hi"}],
+                                  extra_headers={"x-session-id": "chat-9"})
+        assert engine.requests[-1].session_id == "chat-9"  # the header on chat completions: routing only
+        failed = list(c.responses.create(model="kimi-vl", input="FAIL now", stream=True))
+        assert failed[-1].type == "response.failed" and failed[-1].response.status == "failed"
+        assert failed[-1].response.error.message == "engine exploded"
+        with pytest.raises(openai.InternalServerError):
+            c.responses.create(model="kimi-vl", input="FAIL again")
