@@ -29,7 +29,7 @@ from agents.registry import register_agent
 from connectors.errors import ClientInputError
 from connectors.model_client import ContextTooLongError, ModelError, ModelReply
 from connectors.openai_messages import ChatCompletionRequest, to_generate_request
-from connectors.stores.files import create_file, get_file
+from connectors.stores.files import FILE_TTL_S, create_file, get_file
 
 BATCH_ENDPOINTS = ("/v1/chat/completions",)
 COMPLETION_WINDOWS = {"24h": 24 * 3600.0}
@@ -242,7 +242,11 @@ class OpenAIBatchAgent(Agent):
                     index = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                line = await self._run_line(ctx, input, lines[index])
+                try:
+                    line = await self._run_line(ctx, input, lines[index])
+                except TaskCancelled:  # asked to stop while this line was being prepared: it did not run
+                    stop_reason = "cancelled"
+                    return
                 await ctx.save_partial(f"{RESULT_PREFIX}{index}", line)  # the checkpoint, before counting it
                 results[index] = line
                 if is_success(line):
@@ -314,7 +318,7 @@ class OpenAIBatchAgent(Agent):
                 record = await create_file(
                     ctx.sessions, ctx.blobs, ctx.owner, ("\n".join(rows) + "\n").encode(),
                     filename=f"batch_{hex_id}_{suffix}.jsonl", purpose="batch_output",
-                    content_type="application/jsonl", file_id=f"file-{hex_id}-{suffix}")
+                    content_type="application/jsonl", file_id=f"file-{hex_id}-{suffix}", ttl_s=FILE_TTL_S)
                 files[key] = record.id
         await ctx.save_partial(FILES_PARTIAL, files)
         return files

@@ -14,11 +14,10 @@ from fastapi.responses import JSONResponse
 
 from agents.batch import BatchFileError, parse_batch_jsonl
 from connectors.errors import ClientInputError
-from connectors.stores.files import create_file
+from connectors.stores.files import FILE_TTL_S, create_file
 from serve_app.task_service import TaskService
 
 PURPOSES = ("batch", "user_data", "vision", "assistants", "fine-tune", "evals")
-FILE_TTL_S = 30 * 24 * 3600.0
 
 
 def batch_file_error(exc: BatchFileError, param: str = "file") -> ClientInputError:

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from connectors.stores.base import BlobStore, SessionStore
 
 FILE_KIND = "openai_file"
+FILE_TTL_S = 30 * 24 * 3600.0  # uploads and batch output files are kept 30 days (as OpenAI's batch files)
 
 
 class FileRecord(BaseModel):
