@@ -215,7 +215,7 @@ async def _start_background(request: Request, service: Any, owner: str, body: Re
         options={"session_id": response_id}))
     await service.stores.sessions.update_metadata(response_id, owner, {"task_id": task["id"]})
     if body.stream:
-        return StreamingResponse(_background_events(service, owner, response_id, 0), media_type="text/event-stream",
+        return StreamingResponse(_background_events(service, owner, response_id, -1), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     return JSONResponse(obj)
 

@@ -103,6 +103,11 @@ def test_background_response_runs_as_a_task_and_is_polled(server: str) -> None:
     assert [e.sequence_number for e in events] == list(range(len(events)))
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == r.output_text
+    live = list(c.responses.create(model="kimi-vl", input="Stream it.", background=True, stream=True,
+                                   max_output_tokens=2))  # created now, the rest when its task ends
+    assert live[0].type == "response.created" and live[-1].type in ("response.completed", "response.incomplete")
+    assert [e.sequence_number for e in live] == list(range(len(live)))
+    assert c.responses.retrieve(live[-1].response.id).output_text == live[-1].response.output_text
     with pytest.raises(openai.BadRequestError):  # only background responses can be cancelled
         c.responses.cancel(first.id)
     done = c.responses.cancel(r.id)  # already ended: unchanged
