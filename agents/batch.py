@@ -149,7 +149,7 @@ def _batch_hex(task_id: str) -> str:
     return task_id.removeprefix("task_")
 
 
-def _ok_line(batch_hex: str, custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
+def _ok_line(custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
     return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
             "response": {"status_code": 200, "request_id": body.get("id", ""), "body": body}, "error": None}
 
@@ -294,8 +294,7 @@ class OpenAIBatchAgent(Agent):
             return _error_line(line.custom_id, 500, "model_error", str(exc)[:2000])
         except ValueError as exc:
             return _error_line(line.custom_id, 400, "invalid_request", str(exc)[:2000])
-        return _ok_line(_batch_hex(ctx.task_id), line.custom_id,
-                        chat_completion(request_id, body.model or input.model, reply))
+        return _ok_line(line.custom_id, chat_completion(request_id, body.model or input.model, reply))
 
     async def _write_files(self, ctx: AgentContext, lines: list[BatchLine], results: dict[int, dict[str, Any]],
                            stop_reason: str | None) -> dict[str, str | None]:

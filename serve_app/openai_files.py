@@ -1,8 +1,9 @@
 """OpenAI ``files.create`` (multipart ``file`` + ``purpose``): ``POST /v1/files`` with a multipart body lands here
 (``tasks_api.upload_file`` hands it over, after the per-key creation budget); a raw body keeps the task API's blob
-upload. ``retrieve`` / ``content`` / ``delete`` are routes in ``serve_app.files_api``. A ``purpose="batch"`` file is checked line by line at upload, so a malformed line is a
-400 naming it before any batch exists. Records live in the session store (``connectors.stores.files``): another
-key's file is a 404 like a missing one.
+upload. ``retrieve`` / ``content`` / ``delete`` are routes in ``serve_app.files_api``.
+
+A ``purpose="batch"`` file is checked line by line at upload, so a malformed line is a 400 naming it before any
+batch exists. Records live in the session store (``connectors.stores.files``).
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ async def create_response(request: Request, body: ResponseCreate) -> Any:
         if final.usage is not None:
             state.metrics.tokens(final.usage.prompt_tokens, final.usage.completion_tokens)
         if body.store:
-            await _store(service, owner, body, chain, response_id, obj, own, text, state)
+            await _store(service, owner, body, chain, response_id, obj, own, text)
         return JSONResponse(obj, headers={"X-Request-Id": response_id})
     finally:
         if not handed_off:
@@ -191,7 +191,7 @@ async def create_response(request: Request, body: ResponseCreate) -> Any:
 
 
 async def _store(service: Any, owner: str, body: ResponseCreate, chain: Chain, response_id: str,
-                 obj: dict[str, Any], own: list[dict[str, Any]], text: str, state: Any) -> None:
+                 obj: dict[str, Any], own: list[dict[str, Any]], text: str) -> None:
     ttl = service.config.session_ttl_s
     await open_response(service.stores.sessions, owner, body, response_id, chain, obj, ttl)
     await record_turn(service.stores.sessions, owner, response_id, own, text, obj)
@@ -309,7 +309,7 @@ async def _stream(state: Any, service: Any, owner: str, body: ResponseCreate, ch
         if final.usage is not None:
             state.metrics.tokens(final.usage.prompt_tokens, final.usage.completion_tokens)
         if body.store:
-            await _store(service, owner, body, chain, response_id, obj, own, full, state)
+            await _store(service, owner, body, chain, response_id, obj, own, full)
         yield emit(_final_event(obj), response=obj)
     finally:
         await stream.aclose()
@@ -447,7 +447,9 @@ async def delete_response(request: Request, response_id: str) -> dict[str, Any]:
 async def list_input_items(request: Request, response_id: str, limit: int = Query(20, ge=1, le=100),
                            order: Literal["asc", "desc"] = "desc", after: str | None = Query(None, max_length=200),
                            include: list[str] | None = Query(None)) -> dict[str, Any]:
-    """The input items of a stored response (this turn's messages)."""
+    """The input items of a stored response (this turn's messages). ``include`` is accepted and ignored: input
+    items carry everything there is."""
+    del include
     await _session(request, response_id)
     items = await input_items(_service(request).stores.sessions, _owner(request), response_id)
     if order == "desc":
