@@ -203,7 +203,8 @@ class OpenAIBatchAgent(Agent):
         if data is None:
             raise AgentError(f"input file {input.input_file_id!r} not found", code="file_not_found")
         try:
-            lines = parse_batch_jsonl(data, endpoint=input.endpoint)
+            # off the event loop: 50,000 lines take seconds, and this loop also runs the lease heartbeats
+            lines = await asyncio.to_thread(parse_batch_jsonl, data, endpoint=input.endpoint)
         except BatchFileError as exc:
             raise AgentError(str(exc), code="invalid_file") from None
 
