@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the app to be ready")
     serve.set_defaults(func=cmd_serve)
     from agents.worker import add_worker_command
+    from kimiray.batch_cli import add_batch_commands
     from kimiray.contract_demo import add_contract_demo_command
     from kimiray.task_cli import add_task_commands
 
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_contract_demo_command(sub)
     add_task_commands(sub)
     add_worker_command(sub)
+    add_batch_commands(sub)
     return parser
 
 

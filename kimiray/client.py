@@ -891,6 +891,67 @@ class Client(_Core):
         too when given."""
         return self._run(self._download_artifact(task_id, name, path))
 
+    # -- OpenAI Batch API (kimiray.batch) -----------------------------------------------------------------------
+    def batch_file(self, requests: Any, *, filename: str = "batch.jsonl", model: str = DEFAULT_MODEL
+                   ) -> dict[str, Any]:
+        """Upload a batch input file (``purpose="batch"``): a .jsonl path, its bytes, or request dicts (full lines
+        or chat bodies, which get ``custom_id`` ``request-<n>``). A malformed line is an InvalidRequestError naming
+        it. Returns the OpenAI file object."""
+        from kimiray.batch import jsonl_bytes, multipart_upload
+
+        if isinstance(requests, (str, Path)) and filename == "batch.jsonl":
+            filename = Path(requests).name
+        body, content_type = multipart_upload(jsonl_bytes(requests, model=model), filename)
+        return self._call("POST", "/v1/files", content=body, headers={"Content-Type": content_type},
+                          policy=_REFUSED)
+
+    def create_batch(self, input_file_id: str, *, metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
+        body = {"input_file_id": input_file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        if metadata:
+            body["metadata"] = dict(metadata)
+        return self._call("POST", "/v1/batches", json=body, policy=_REFUSED)
+
+    def get_batch(self, batch_id: str) -> dict[str, Any]:
+        return self._call("GET", _path("batches", batch_id), policy=_IDEMPOTENT)
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return self._call("POST", _path("batches", batch_id, "cancel"), policy=_IDEMPOTENT)
+
+    def wait_batch(self, batch_id: str, timeout: float | None = None, *, poll_s: float = 1.0,
+                   on_progress: Callable[[Mapping[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the batch ends (completed, failed, expired, cancelled); ``on_progress(batch)`` is called
+        whenever its status or counts change. Raises WaitTimeoutError after ``timeout`` seconds."""
+        from kimiray.batch import TERMINAL_BATCH_STATUSES
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen: Any = None
+        while True:
+            batch = self.get_batch(batch_id)
+            key = (batch.get("status"), json.dumps(batch.get("request_counts"), sort_keys=True))
+            if on_progress is not None and key != seen:
+                on_progress(batch)
+            seen = key
+            if batch.get("status") in TERMINAL_BATCH_STATUSES:
+                return batch
+            if _expired(deadline):
+                raise WaitTimeoutError(batch_id, timeout)
+            self._sleep(poll_s)
+
+    def file_content(self, file_id: str) -> bytes:
+        return self._send("GET", _path("files", file_id, "content"), policy=_IDEMPOTENT).content
+
+    def batch_results(self, batch: Mapping[str, Any] | str) -> dict[str, dict[str, Any]]:
+        """Every output and error line of a finished batch, by ``custom_id``."""
+        from kimiray.batch import parse_jsonl
+
+        info = self.get_batch(batch) if isinstance(batch, str) else batch
+        lines: dict[str, dict[str, Any]] = {}
+        for key in ("output_file_id", "error_file_id"):
+            if info.get(key):
+                for line in parse_jsonl(self.file_content(info[key])):
+                    lines[line["custom_id"]] = line
+        return lines
+
     # -- misc --------------------------------------------------------------------------------------------------
     def health(self) -> bool:
         """True when the server answers ``/readyz`` with 200 (a model replica is up); never raises."""

@@ -23,9 +23,12 @@ from connectors.errors import ClientInputError
 from engine.runtime.request import Delta, GenerateRequest
 from serve_app import openai_api
 from serve_app.auth import AuthError, RateLimited
+from serve_app.batches import router as batches_router
 from serve_app.chat_stream import chat_events, chat_stream_response
 from serve_app.config import AppConfig
+from serve_app.files_api import router as files_router
 from serve_app.openapi_spec import install_openapi
+from serve_app.responses import router as responses_router
 from serve_app.state import ApiError, IngressState, rate_limited
 from serve_app.state import app_state as _state
 from serve_app.state import install_state as install_state  # re-exported: serve_app.app and tests install here
@@ -138,6 +141,9 @@ def create_app() -> FastAPI:
         return error_response(classify(exc))
 
     app.include_router(tasks_router)
+    app.include_router(files_router)
+    app.include_router(batches_router)
+    app.include_router(responses_router)
     install_openapi(app, PUBLIC_ROUTES)
 
     @app.get("/healthz", tags=["ops"])
@@ -190,6 +196,9 @@ def create_app() -> FastAPI:
             except Exception as exc:
                 raise classify(exc) from None
             remember = None
+            routing = request.headers.get("x-session-id")  # the LLM-router convention: affinity only, no memory
+            if routing and body.session_id is None and 0 < len(routing) <= 200:
+                generate_request = generate_request.model_copy(update={"session_id": routing})
             if body.session_id is not None:
                 generate_request, remember = await _continue_session(state, key_id, body.session_id,
                                                                      generate_request)

@@ -59,12 +59,22 @@ _MEDIA_TYPES: dict[tuple[str, str], dict[str, Any]] = {
     ("post", "/v1/chat/completions"): {"application/json": {"schema": {"type": "object"}}, **_SSE},
     ("get", "/v1/tasks/{task_id}/events"): _SSE,
     ("get", "/v1/tasks/{task_id}/artifacts/{name}"): {"*/*": _BINARY},
+    ("post", "/v1/responses"): {"application/json": {"schema": {"type": "object"}}, **_SSE},
+    ("get", "/v1/responses/{response_id}"): {"application/json": {"schema": {"type": "object"}}, **_SSE},
+    ("get", "/v1/files/{file_id}/content"): {"*/*": _BINARY},
 }
 
 # Routes that read the raw request body themselves, so FastAPI cannot see it.
 _RAW_BODIES: dict[tuple[str, str], dict[str, Any]] = {
-    ("post", "/v1/files"): {"required": True, "description": "the file's bytes, any content type",
-                            "content": {"application/octet-stream": _BINARY, "*/*": _BINARY}},
+    ("post", "/v1/files"): {"required": True, "description": "the file's bytes, any content type (a task blob); or "
+                            "multipart/form-data with `file` and `purpose` (the OpenAI Files API: "
+                            "`purpose=batch` JSONL is checked line by line)",
+                            "content": {"multipart/form-data": {"schema": {
+                                "type": "object", "required": ["file", "purpose"], "properties": {
+                                    "file": {"type": "string", "format": "binary"},
+                                    "purpose": {"type": "string", "enum": ["batch", "user_data", "vision",
+                                                                           "assistants", "fine-tune", "evals"]}}}},
+                                        "application/octet-stream": _BINARY, "*/*": _BINARY}},
 }
 
 

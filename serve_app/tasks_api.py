@@ -19,6 +19,7 @@ from agents.messages import session_growth, storable
 from connectors.errors import ClientInputError
 from connectors.stores.base import TERMINAL_STATUSES, TaskEvent, TaskSubmission
 from serve_app.auth import RateLimited
+from serve_app.openai_files import create_openai_file
 from serve_app.state import IngressState, app_state, rate_limited
 from serve_app.task_service import NotFoundError, TaskService
 
@@ -183,8 +184,11 @@ async def task_artifact(request: Request, service: Service, task_id: str, name: 
 @router.post("/v1/files", status_code=201, tags=["tasks"])
 async def upload_file(request: Request, service: Service) -> JSONResponse:
     """Upload a file (the raw request body, any content type) for a task to use by reference (``blob``): large
-    PDFs need not travel base64-encoded inside the task's JSON. Limited by ``limits.max_body_bytes``."""
+    PDFs need not travel base64-encoded inside the task's JSON. Limited by ``limits.max_body_bytes``.
+    A ``multipart/form-data`` body with ``purpose`` is the OpenAI Files API (``serve_app.openai_files``)."""
     _admit_create(request)
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await create_openai_file(request, service, _owner(request))
     data = await request.body()
     if not data:
         raise ClientInputError("empty body: send the file's bytes as the request body", param="body")
