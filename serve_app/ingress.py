@@ -25,6 +25,7 @@ from serve_app import openai_api
 from serve_app.auth import ApiKeyAuth, AuthError, KeyLimiter, RateLimited, load_api_keys
 from serve_app.backend import Backend
 from serve_app.config import AppConfig
+from serve_app.console_ui import is_console_path
 from serve_app.errors import ClientInputError
 from serve_app.metrics import ServeMetrics
 from serve_app.openapi_spec import install_openapi
@@ -154,7 +155,7 @@ def create_app() -> FastAPI:
         state: IngressState | None = None
         try:
             state = _state(request)
-            if path not in PUBLIC_ROUTES:
+            if path not in PUBLIC_ROUTES and not is_console_path(path):
                 try:
                     identity = state.auth.authenticate(request.headers.get("authorization"))
                 except AuthError as exc:
@@ -198,6 +199,11 @@ def create_app() -> FastAPI:
     from serve_app.tasks_api import router as tasks_router
 
     app.include_router(tasks_router)
+    from serve_app.console_api import router as console_api_router
+    from serve_app.console_ui import router as console_router
+
+    app.include_router(console_api_router)
+    app.include_router(console_router)
     install_openapi(app, PUBLIC_ROUTES)
 
     @app.get("/healthz", tags=["ops"])

@@ -1,0 +1,342 @@
+"""The web console at /ui in a real Chromium (Debian's, driven by Playwright) against the real service: the
+ingress app over HTTP, a TaskRunner, the tiny checkpoint in the real engine, an Xvfb desktop. One service and one
+browser for every scenario; screenshots of each screen go to ``test-artifacts/console/``.
+
+The tiny random-weight model drives the contract extraction submitted through the form, the chat stream and the
+cancel path. Two scenarios need a reply random weights cannot give, so requests that carry ``SCRIPTED`` in their
+text get a scripted model instead (the agent code, stores, REST API and browser are the same): a contract reply
+whose value is an XSS payload quoting a document that contains one, and an OS agent that clicks the one button
+whose click needs an operator's approval."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pymupdf
+import pytest
+import torch
+
+from connectors.model_client import BackendModelClient, ModelReply
+from engine.runtime.request import GenerateRequest, Usage
+from tests.task_server import task_server, wait_for_status
+
+CHROMIUM = "/usr/bin/chromium"
+try:
+    from playwright.sync_api import Page, expect, sync_playwright
+except ImportError:  # pragma: no cover - the test extra installs it
+    sync_playwright = None  # type: ignore[assignment]
+
+pytestmark = pytest.mark.skipif(
+    sync_playwright is None or not Path(CHROMIUM).exists() or shutil.which("Xvfb") is None,
+    reason="needs playwright, Debian's chromium and Xvfb (scripts/test.sh installs them)")
+
+KEY, OTHER = "sk-console-test-0001", "sk-console-test-0002"
+SCRIPTED = "[console-scripted]"
+XSS_VALUE = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
+XSS_SENTENCE = "This Agreement is governed by the laws of <script>window.__xss=3</script> Delaware."
+XSS_NAME = '<img src=x onerror="window.__xss=4">.pdf'
+ARTIFACTS = Path(os.environ.get("KIMIRAY_TEST_ARTIFACTS", "test-artifacts")) / "console"
+SCREEN = (800, 600)
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--no-first-run"]
+
+
+def _texts(request: GenerateRequest) -> str:
+    parts = []
+    for message in request.messages or []:
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return "\n".join(parts)
+
+
+class RoutedModel:
+    """The real tiny engine, except for requests whose text carries ``SCRIPTED`` (see the module docstring)."""
+
+    def __init__(self, real: Any, os_model: Any) -> None:
+        self.real, self.os_model = real, os_model
+
+    async def generate(self, request: GenerateRequest) -> ModelReply:
+        text = _texts(request)
+        if SCRIPTED not in text:
+            return await self.real.generate(request)
+        if request.json_schema and "items" in request.json_schema.get("properties", {}):  # a contract chunk
+            item = {"category": "governing_law", "value": XSS_VALUE, "quote": XSS_SENTENCE, "page": 1}
+            return ModelReply(text=json.dumps({"items": [item]}), finish_reason="stop",
+                              usage=Usage(prompt_tokens=100, completion_tokens=20))
+        return await self.os_model.generate(request)
+
+
+def _pdf(lines: list[str]) -> bytes:
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)
+    y = 90
+    for line in lines:
+        page.insert_text((72, y), line, fontsize=11)
+        y += 22
+    return doc.tobytes()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
+    from agents.os_agent.harness.launch import launch_app, stop_app
+    from connectors.desktop.xvfb import VirtualDisplay
+    from engine.runtime.engine import AsyncEngine
+    from serve_app.backend import LocalBackend
+    from tests.os_agent_helpers import ScreenReadingModel
+
+    tmp = tmp_path_factory.mktemp("console")
+    (tmp / "home").mkdir()
+    (tmp / "home" / "tiny-kimi-vl").symlink_to(tiny_checkpoint)  # the runner's tokenizer = the engine's
+    engine = AsyncEngine.from_pretrained(str(tiny_checkpoint), device="cpu", dtype=torch.float32)
+    with pytest.MonkeyPatch.context() as mp, VirtualDisplay(*SCREEN) as display:
+        mp.setenv("KIMIRAY_HOME", str(tmp / "home"))
+        mp.setenv("KIMIRAY_DESKTOPS", json.dumps({"lab": {"kind": "x11", "display": display.display}}))
+        state = tmp / "app.json"
+        app = launch_app(display.env(), state)
+        model = RoutedModel(BackendModelClient(LocalBackend(engine)), ScreenReadingModel(state, SCREEN))
+        try:
+            with task_server(f"sqlite:///{tmp / 'stores'}", f"{KEY},{OTHER}", engine=engine, model_client=model,
+                             tasks_args={"runner_concurrency": 3}) as url:
+                yield {"url": url, "state": state}
+        finally:
+            stop_app(app)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, service):
+    """A fresh tab (own sessionStorage) at 1280x800; fails the test on any page error or CSP violation."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    tab = context.new_page()
+    problems: list[str] = []
+    tab.on("pageerror", lambda exc: problems.append(f"pageerror: {exc}"))
+    tab.on("console", lambda msg: problems.append(f"console: {msg.text}")
+           if msg.type == "error" and "Content Security Policy" in msg.text else None)
+    tab.set_default_timeout(30_000)
+    yield tab
+    context.close()
+    assert not problems, problems
+
+
+def _shot(page: Page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def _sign_in(page: Page, url: str, key: str = KEY) -> None:
+    page.goto(f"{url}/ui/")
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Tasks")).to_be_visible()
+
+
+def _api(url: str, key: str = KEY) -> httpx.Client:
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def test_console_is_static_with_a_strict_csp_and_the_new_routes_are_bounded(service) -> None:
+    url = service["url"]
+    with httpx.Client(base_url=url, timeout=30) as anon:
+        index = anon.get("/ui/")
+        assert index.status_code == 200 and "text/html" in index.headers["content-type"]
+        csp = index.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+        assert "<script" in index.text and not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", index.text)  # no inline
+        assert anon.get("/ui").status_code == 308
+        assert anon.get("/ui/app.js").headers["content-type"].startswith("text/javascript")
+        for bad in ("/ui/..%2Fingress.py", "/ui/%2e%2e/console_ui.py", "/ui/.hidden.js", "/ui/nope.js"):
+            assert anon.get(bad).status_code == 404, bad
+        assert anon.get("/v1/task-types").status_code == 401  # the console's pages are public, the API is not
+    pdf = _pdf(["Page image test.", "Second line."])
+    with _api(url) as own, _api(url, OTHER) as other:
+        ref = own.post("/v1/files", content=pdf, headers={"Content-Type": "application/pdf"}).json()["ref"]
+        task = own.post("/v1/tasks", json={"type": "sleepy", "input": {"steps": 1, "step_s": 0}}).json()
+        got = own.get(f"/v1/files/{ref}")
+        assert got.status_code == 200 and got.content == pdf and got.headers["content-type"] == "application/pdf"
+        assert "sandbox" in got.headers["content-security-policy"]
+        assert other.get(f"/v1/files/{ref}").status_code == 404  # another key's file is missing, not forbidden
+        assert own.get("/v1/files/not-a-ref").status_code == 422
+        contract = own.post("/v1/tasks", json={"type": "contract_extraction", "input": {
+            "blob": ref, "categories": ["Governing Law"], "max_output_tokens": 16}}).json()
+        image = own.get(f"/v1/tasks/{contract['id']}/pages/1", params={"width": 300})
+        assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert image.headers["x-page-width"] == "612.00" and image.headers["x-page-count"] == "1"
+        assert pymupdf.Pixmap(image.content).width == 300
+        assert own.get(f"/v1/tasks/{contract['id']}/pages/2").status_code == 404
+        assert own.get(f"/v1/tasks/{contract['id']}/pages/1", params={"width": 5000}).status_code == 422
+        assert other.get(f"/v1/tasks/{contract['id']}/pages/1").status_code == 404
+        assert own.get(f"/v1/tasks/{task['id']}/pages/1").status_code == 404  # no PDF behind a sleepy task
+        wait_for_status(url, KEY, contract["id"], ("succeeded", "failed"), timeout=120)
+
+
+def test_sign_in_wrong_key_then_right_key_then_sign_out(page: Page, service) -> None:
+    url = service["url"]
+    page.goto(f"{url}/ui/")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    page.get_by_label("API key").fill("sk-wrong-key-000000")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_contain_text("401")
+    expect(page.get_by_role("alert")).to_contain_text("a valid API key is required")
+    assert page.evaluate("sessionStorage.length") == 0
+    _shot(page, "01-sign-in-error")
+    _sign_in(page, url)
+    assert KEY not in page.url
+    assert page.evaluate("sessionStorage.getItem('kimiray.apiKey')") == KEY
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('kimiray.apiKey')") is None
+
+
+def _wait_status(page: Page, status: str, timeout_ms: int = 180_000) -> None:
+    expect(page.locator("#task-status")).to_have_text(status, timeout=timeout_ms)
+
+
+def test_submit_form_shows_field_errors_then_a_contract_runs_and_is_reviewed(page: Page, service) -> None:
+    from pipelines.document.synthetic import make_contract
+
+    url = service["url"]
+    _sign_in(page, url)
+    page.get_by_role("link", name="New task").click()
+    expect(page.get_by_label("Task type")).to_have_value("contract_extraction")
+    categories = page.get_by_label("Categories")
+    categories.fill("Not A Category")
+    page.get_by_role("button", name="Submit").click()  # 422 from the server, shown at the field it names
+    error = page.locator("#err-categories")
+    expect(error).to_contain_text("422")
+    expect(categories).to_have_attribute("aria-invalid", "true")
+    _shot(page, "02-submit-field-error")
+    categories.fill("Governing Law\nInsurance")
+    page.get_by_label("File").set_input_files({"name": "msa.pdf", "mimeType": "application/pdf",
+                                               "buffer": make_contract(pages=2, seed=1).pdf})
+    page.get_by_text("More options").click()
+    page.get_by_label("Max Output Tokens").fill("48")
+    page.get_by_label("Max Items Per Chunk").fill("2")
+    page.get_by_role("button", name="Submit").click()
+    expect(page.locator("h1 code")).to_be_visible()
+    task_id = page.locator("h1 code").inner_text()
+    _wait_status(page, "succeeded")
+    expect(page.locator("#events li").first).to_contain_text("#1")
+    ids = [int(t.strip("#")) for t in page.locator("#events .event-id").all_inner_texts()]
+    assert ids == list(range(1, len(ids) + 1))  # every event once, in order
+    # the review: server-rendered pages beside every requested field
+    expect(page.locator("#fields h3")).to_have_text(["Governing Law", "Insurance"])
+    first_page = page.locator("#page-1 img")
+    expect(first_page).to_have_attribute("src", re.compile("^blob:"))
+    page.wait_for_function("() => document.querySelector('#page-1 img').naturalWidth > 0")
+    values = page.locator(".value-text")
+    if values.count():  # random weights may find nothing; when they do, the value selects and scrolls
+        values.first.click()
+        expect(page.locator(".value.selected")).to_have_count(1)
+    _shot(page, "03-contract-review-tiny-model")
+    record = _api(url).get(f"/v1/tasks/{task_id}").json()
+    assert record["status"] == "succeeded" and record["input"]["categories"] == ["Governing Law", "Insurance"]
+    assert record["input"]["max_output_tokens"] == 48 and len(record["input"]["blob"]) == 64
+
+
+def test_review_draws_citation_boxes_and_nothing_untrusted_executes(page: Page, service) -> None:
+    url = service["url"]
+    pdf = _pdf([f"Master Services Agreement {SCRIPTED}", "", XSS_SENTENCE, "",
+                '<img src=x onerror="window.__xss=5"> is how the other party signs.'])
+    with _api(url) as own:
+        task = own.post("/v1/tasks", json={"type": "contract_extraction", "input": {
+            "file": {"name": XSS_NAME, "data": base64.b64encode(pdf).decode()},
+            "categories": ["Governing Law"]}}).json()
+    wait_for_status(url, KEY, task["id"], ("succeeded",), timeout=120)
+    _sign_in(page, url)
+    page.goto(f"{url}/ui/#/tasks/{task['id']}")
+    _wait_status(page, "succeeded")
+    value = page.locator(".value-text").first
+    expect(value).to_have_text(XSS_VALUE)  # the payload is shown as text
+    expect(page.locator(".value .badge-verified")).to_have_count(1)
+    expect(page.locator("[data-artifact='annotated_pdf']")).to_contain_text("<img src=x")
+    value.click()
+    box = page.locator("#page-1 .cite-box.active")
+    expect(box).to_have_count(1)
+    expect(box).to_be_in_viewport()
+    page.wait_for_function("() => document.querySelector('#page-1 img').naturalWidth > 0")
+    # the box sits on the quoted line: inside the page, in its upper half, wider than tall
+    frame, rect = page.locator("#page-1 .page-box").bounding_box(), box.bounding_box()
+    assert frame and rect and frame["x"] <= rect["x"] and rect["x"] + rect["width"] <= frame["x"] + frame["width"]
+    assert frame["y"] < rect["y"] < frame["y"] + frame["height"] / 2 and rect["width"] > 3 * rect["height"]
+    _shot(page, "04-contract-review-citation")
+    # the follow-up chat on the task's session streams a reply from the tiny model
+    page.get_by_label("Ask about this contract").fill("Which law governs? <script>window.__xss=6</script>")
+    page.get_by_role("button", name="Ask").click()
+    expect(page.locator("#followup-log .msg.user")).to_have_text("Which law governs? <script>window.__xss=6</script>")
+    page.wait_for_function("() => document.querySelector('#followup-log .msg.assistant').textContent.length > 0")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Markdown").click()
+    assert download.value.suggested_filename.endswith(".summary.md")
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("img[src='x'], script:not([src])").count() == 0
+
+
+def test_tasks_list_filters_live_progress_and_cancel(page: Page, service) -> None:
+    url = service["url"]
+    with _api(url) as own:
+        slow = own.post("/v1/tasks", json={"type": "sleepy", "input": {"steps": 400, "step_s": 0.1,
+                                                                      "tag": "<b>slow</b>"}}).json()
+        for i in range(3):
+            own.post("/v1/tasks", json={"type": "sleepy", "input": {"steps": 1, "step_s": 0, "tag": str(i)}})
+    _sign_in(page, url)
+    row = page.locator(f"tr[data-task-id='{slow['id']}']")
+    expect(row.locator(".status")).to_have_text("running")
+    page.wait_for_function(f"() => document.querySelector(\"tr[data-task-id='{slow['id']}'] progress\").value >= 3")
+    page.get_by_label("Type").select_option("sleepy")
+    page.get_by_label("Status").select_option("running")
+    expect(page.locator("tbody tr")).to_have_count(1)
+    _shot(page, "05-tasks-list")
+    page.get_by_role("link", name=slow["id"]).click()
+    expect(page.locator("#stream-state")).to_have_text("● live")
+    page.wait_for_function("() => document.querySelectorAll('#events li').length >= 6")
+    _shot(page, "06-task-running")
+    page.get_by_role("button", name="Cancel").click()
+    _wait_status(page, "cancelled", 30_000)
+    expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
+    page.get_by_role("link", name="← Tasks").click()
+    page.get_by_label("Status").select_option("cancelled")
+    expect(page.locator(f"tr[data-task-id='{slow['id']}'] .status")).to_have_text("cancelled")
+
+
+def test_event_stream_resumes_after_a_dropped_connection_without_gaps_or_repeats(page: Page, service) -> None:
+    url = service["url"]
+    with _api(url) as own:
+        task = own.post("/v1/tasks", json={"type": "sleepy", "input": {"steps": 30, "step_s": 0.1}}).json()
+    _sign_in(page, url)
+    resumed: list[str | None] = []
+
+    def cut_first_stream(route) -> None:
+        """The first events connection delivers 5 events, then drops; later ones pass through."""
+        resumed.append(route.request.headers.get("last-event-id"))
+        if len(resumed) > 1:
+            route.continue_()
+            return
+        response = route.fetch()
+        events = [e for e in response.text().split("\n\n") if e.startswith("id:")]
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
+                      body="".join(e + "\n\n" for e in events[:5]))
+
+    page.route(re.compile(r".*/events$"), cut_first_stream)
+    page.goto(f"{url}/ui/#/tasks/{task['id']}")
+    expect(page.locator("#events li").last).to_contain_text("status succeeded", timeout=60_000)
+    ids = [int(t.strip("#")) for t in page.locator("#events .event-id").all_inner_texts()]
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) >= 60  # none missed, none repeated
+    assert resumed[:2] == [None, "5"]  # the reconnect asked only for the events after the fifth
