@@ -340,3 +340,73 @@ def test_event_stream_resumes_after_a_dropped_connection_without_gaps_or_repeats
     ids = [int(t.strip("#")) for t in page.locator("#events .event-id").all_inner_texts()]
     assert ids == list(range(1, len(ids) + 1)) and len(ids) >= 60  # none missed, none repeated
     assert resumed[:2] == [None, "5"]  # the reconnect asked only for the events after the fifth
+
+
+def test_os_agent_steps_stream_and_a_risky_click_is_approved_in_the_browser(page: Page, service) -> None:
+    from agents.os_agent.harness.launch import read_state
+
+    url = service["url"]
+    with _api(url) as own:
+        task = own.post("/v1/tasks", json={"type": "os_agent", "input": {
+            "goal": f"{SCRIPTED} Click the Dangerous button.", "desktop": "lab", "max_steps": 4,
+            "policy": {"confirm": ["click"]}, "confirm_timeout_s": 120, "settle_s": 0.1,
+            "screenshot_max_side": 640}}).json()
+    _sign_in(page, url)
+    page.goto(f"{url}/ui/#/tasks/{task['id']}")
+    approve = page.get_by_role("button", name="Approve")
+    expect(approve).to_be_visible(timeout=60_000)
+    expect(page.locator("#confirmations code")).to_contain_text("click")
+    assert read_state(service["state"]).get("dangerous_clicked") in (None, False)  # nothing ran before approval
+    _shot(page, "07-os-agent-confirmation")
+    approve.click()
+    _wait_status(page, "succeeded", 120_000)
+    expect(page.locator("#confirmations")).to_contain_text("approved")
+    expect(page.locator("#outcome")).to_contain_text("done")
+    first = page.locator(".step[data-index='0']")
+    expect(first.locator(".badge")).to_have_text("executed")
+    expect(first.locator("img")).to_have_attribute("src", re.compile("^blob:"))
+    expect(first.locator("svg circle.click")).to_have_count(1)
+    page.wait_for_function("() => document.querySelector(\".step[data-index='0'] img\").naturalWidth > 0")
+    # the ring is drawn where the click went: over the button's box on the screenshot
+    widget = read_state(service["state"])["widgets"]["dangerous"]
+    shot, ring = first.locator("img").bounding_box(), first.locator("svg circle.click").bounding_box()
+    assert shot and ring
+    cx = (ring["x"] + ring["width"] / 2 - shot["x"]) / shot["width"] * SCREEN[0]
+    cy = (ring["y"] + ring["height"] / 2 - shot["y"]) / shot["height"] * SCREEN[1]
+    assert widget[0] - 2 <= cx <= widget[2] + 2 and widget[1] - 2 <= cy <= widget[3] + 2
+    assert read_state(service["state"])["dangerous_clicked"]
+    first.scroll_into_view_if_needed()
+    _shot(page, "08-os-agent-steps")
+
+
+def test_chat_playground_streams_with_an_image_and_json_schema_mode(page: Page, service) -> None:
+    from PIL import Image
+    import io
+
+    url = service["url"]
+    _sign_in(page, url)
+    page.get_by_role("link", name="Chat").click()
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, "PNG")
+    page.get_by_label("Message (Ctrl+Enter sends)").fill("What colour is this? <img src=x onerror=window.__xss=7>")
+    page.get_by_label("Image").set_input_files({"name": "red.png", "mimeType": "image/png",
+                                                "buffer": buffer.getvalue()})
+    page.get_by_text("Settings").click()
+    page.get_by_label("Max tokens").fill("12")
+    page.get_by_role("button", name="Send").click()
+    first = page.locator("#chat-log .msg.assistant").first
+    expect(first).to_have_attribute("data-finish", re.compile("stop|length"), timeout=60_000)
+    expect(page.locator("#chat-log .msg.user p")).to_have_text("What colour is this? <img src=x onerror=window.__xss=7>")
+    expect(page.locator("#chat-log .msg.user img.thumb")).to_have_count(1)
+    # JSON-schema mode: the second turn is constrained to the schema, and carries the first turn along
+    page.get_by_label("JSON-schema mode").check()
+    page.get_by_label("Max tokens").fill("48")
+    page.get_by_label("JSON schema").fill('{"type": "object", "properties": {"ok": {"type": "boolean"}}, '
+                                          '"required": ["ok"], "additionalProperties": false}')
+    page.get_by_label("Message (Ctrl+Enter sends)").fill("Answer in JSON.")
+    page.get_by_label("Message (Ctrl+Enter sends)").press("Control+Enter")
+    second = page.locator("#chat-log .msg.assistant").nth(1)
+    expect(second).to_have_attribute("data-finish", "stop", timeout=60_000)
+    assert isinstance(json.loads(second.locator(".answer").inner_text())["ok"], bool)
+    assert page.evaluate("window.__xss") is None
+    _shot(page, "09-chat")
