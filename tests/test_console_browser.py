@@ -70,11 +70,20 @@ class RoutedModel:
         text = _texts(request)
         if SCRIPTED not in text:
             return await self.real.generate(request)
-        if request.json_schema and "items" in request.json_schema.get("properties", {}):  # a contract chunk
-            item = {"category": "governing_law", "value": XSS_VALUE, "quote": XSS_SENTENCE, "page": 1}
-            return ModelReply(text=json.dumps({"items": [item]}), finish_reason="stop",
-                              usage=Usage(prompt_tokens=100, completion_tokens=20))
-        return await self.os_model.generate(request)
+        properties = (request.json_schema or {}).get("properties", {})
+        if "items" in properties:  # a contract chunk
+            reply: dict[str, Any] = {"items": [
+                {"category": "governing_law", "value": XSS_VALUE, "quote": XSS_SENTENCE, "page": 1}]}
+        elif "observations" in properties:  # a video window: the red scene starts at 00:10
+            reply = {"observations": [{"start": "00:10", "end": "00:14", "relevant": True,
+                                       "description": "a red car <img src=x onerror=window.__xss=8>"}]}
+        elif "answer" in properties:  # the video's answer over the timeline
+            reply = {"answer": "The red car appears at 00:10.", "citations": [{"time": "00:10",
+                                                                               "claim": "red car"}]}
+        else:
+            return await self.os_model.generate(request)
+        return ModelReply(text=json.dumps(reply), finish_reason="stop",
+                          usage=Usage(prompt_tokens=100, completion_tokens=20))
 
 
 def _pdf(lines: list[str]) -> bytes:
@@ -410,3 +419,27 @@ def test_chat_playground_streams_with_an_image_and_json_schema_mode(page: Page, 
     assert isinstance(json.loads(second.locator(".answer").inner_text())["ok"], bool)
     assert page.evaluate("window.__xss") is None
     _shot(page, "09-chat")
+
+
+def test_video_timeline_and_answer_citations_seek_the_uploaded_video(page: Page, service) -> None:
+    from pipelines.video.synthetic import make_video
+
+    url = service["url"]
+    clip = make_video(None, seconds=20, fps=5, size=(320, 240),
+                      scenes=[(0.0, "intro", (20, 40, 220)), (10.0, "red car", (220, 30, 30))])
+    with _api(url) as own:
+        ref = own.post("/v1/files", content=clip.data, headers={"Content-Type": "video/mp4"}).json()["ref"]
+        task = own.post("/v1/tasks", json={"type": "video_analysis", "input": {
+            "blob": ref, "kind": "question", "question": f"{SCRIPTED} When does the red car appear?",
+            "max_frames": 8, "max_side": 160}}).json()
+    wait_for_status(url, KEY, task["id"], ("succeeded",), timeout=120)
+    _sign_in(page, url)
+    page.goto(f"{url}/ui/#/tasks/{task['id']}")
+    expect(page.locator("#answer")).to_have_text("The red car appears at 00:10.")
+    expect(page.locator("#timeline li")).to_contain_text(["a red car <img src=x onerror=window.__xss=8>"])
+    expect(page.locator("#contact-sheet")).to_have_attribute("src", re.compile("^blob:"))
+    page.wait_for_function("() => document.querySelector('#player').readyState >= 1", timeout=30_000)
+    page.get_by_role("button", name="00:10", exact=True).click()
+    page.wait_for_function("() => Math.abs(document.querySelector('#player').currentTime - 10) < 0.5")
+    assert page.evaluate("window.__xss") is None
+    _shot(page, "10-video")
