@@ -3,12 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh test
-# System packages the tests start themselves: redis-server (free loopback ports), Xvfb + xdotool + Tk (desktops).
+# System packages the tests start themselves: redis-server (free loopback ports), Xvfb + xdotool + Tk (desktops),
+# chromium (the web console's browser tests).
 APT_PKGS=()
 command -v redis-server >/dev/null 2>&1 || APT_PKGS+=(redis-server)
 command -v Xvfb >/dev/null 2>&1 || APT_PKGS+=(xvfb)
 command -v xdotool >/dev/null 2>&1 || APT_PKGS+=(xdotool)
 .venv/bin/python -c "import tkinter" 2>/dev/null || APT_PKGS+=(python3-tk)  # the desktop tests' Tk app
+[ -x /usr/bin/chromium ] || APT_PKGS+=(chromium)  # the console's browser tests (Playwright drives it)
 if [ "${#APT_PKGS[@]}" -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq >/dev/null

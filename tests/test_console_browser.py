@@ -260,15 +260,20 @@ def test_submit_form_shows_field_errors_then_a_contract_runs_and_is_reviewed(pag
     assert record["input"]["max_output_tokens"] == 48 and len(record["input"]["blob"]) == 64
 
 
-def test_review_draws_citation_boxes_and_nothing_untrusted_executes(page: Page, service) -> None:
-    url = service["url"]
+def _scripted_contract(url: str) -> dict[str, Any]:
+    """A finished contract task whose document and (scripted) model reply carry XSS payloads, cited on page 1."""
     pdf = _pdf([f"Master Services Agreement {SCRIPTED}", "", XSS_SENTENCE, "",
                 '<img src=x onerror="window.__xss=5"> is how the other party signs.'])
     with _api(url) as own:
         task = own.post("/v1/tasks", json={"type": "contract_extraction", "input": {
             "file": {"name": XSS_NAME, "data": base64.b64encode(pdf).decode()},
             "categories": ["Governing Law"]}}).json()
-    wait_for_status(url, KEY, task["id"], ("succeeded",), timeout=120)
+    return wait_for_status(url, KEY, task["id"], ("succeeded",), timeout=120)
+
+
+def test_review_draws_citation_boxes_and_nothing_untrusted_executes(page: Page, service) -> None:
+    url = service["url"]
+    task = _scripted_contract(url)
     _sign_in(page, url)
     page.goto(f"{url}/ui/#/tasks/{task['id']}")
     _wait_status(page, "succeeded")
@@ -443,3 +448,32 @@ def test_video_timeline_and_answer_citations_seek_the_uploaded_video(page: Page,
     page.wait_for_function("() => Math.abs(document.querySelector('#player').currentTime - 10) < 0.5")
     assert page.evaluate("window.__xss") is None
     _shot(page, "10-video")
+
+
+def test_citation_shapes_keyboard_and_a_narrow_window(page: Page, service) -> None:
+    """Both citation shapes (one page with boxes; several pages, boxes naming their page) are read; the review
+    works from the keyboard; a narrow window stacks pages over fields."""
+    url = service["url"]
+    _sign_in(page, url)
+    shapes = page.evaluate("""async () => {
+        const m = await import('/ui/contract.js');
+        const one = {page: 2, bboxes: [[10, 20, 30, 40]], quote: 'q', verified: true};
+        const range = {page: 3, page_end: 5, quote: 'q', verified: true, confidence: 0.8,
+                       bboxes: [{page: 3, bbox: [1, 2, 3, 4]}, {page: 5, bboxes: [[5, 6, 7, 8]]}, [4, 9, 9, 9, 9]]};
+        const list = {pages: [7, 8], quote: 'q', verified: false};
+        return [m.citationPages(one), m.citationBoxes(one), m.citationPages(range), m.citationBoxes(range),
+                m.citationPages(list), m.citationBoxes(list)];
+    }""")
+    assert shapes == [[2], [{"page": 2, "box": [10, 20, 30, 40]}], [3, 4, 5],
+                      [{"page": 3, "box": [1, 2, 3, 4]}, {"page": 5, "box": [5, 6, 7, 8]}, {"page": 4, "box": [9, 9, 9, 9]}],
+                      [7, 8], []]
+    page.goto(f"{url}/ui/#/tasks/{_scripted_contract(url)['id']}")
+    value = page.locator(".value-text").first
+    value.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#page-1 .cite-box.active")).to_have_count(1)
+    page.set_viewport_size({"width": 420, "height": 800})
+    pages, fields = page.locator("#pages").bounding_box(), page.locator("#fields").bounding_box()
+    assert pages and fields and fields["y"] >= pages["y"] + pages["height"] - 1  # stacked, not side by side
+    assert page.evaluate("document.documentElement.scrollWidth") <= 420  # no sideways scrolling
+    _shot(page, "11-contract-review-narrow")

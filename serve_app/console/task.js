@@ -18,6 +18,14 @@ function eventSummary(event) {
   return JSON.stringify(data).slice(0, 300);
 }
 
+/** The input for display: long strings (inline base64 files) cut, so a large input stays readable. */
+function shorten(value) {
+  if (typeof value === 'string') return value.length > 300 ? `${value.slice(0, 300)}… (${value.length} chars)` : value;
+  if (Array.isArray(value)) return value.map(shorten);
+  if (value && typeof value === 'object') return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, shorten(v)]));
+  return value;
+}
+
 export async function renderTask(main, taskId, signal) {
   let task = await api(`/v1/tasks/${encodeURIComponent(taskId)}`, {signal});
   const statusCell = h('span', {id: 'task-status'}, badge(task.status));
@@ -29,6 +37,7 @@ export async function renderTask(main, taskId, signal) {
     try {
       task = await api(`/v1/tasks/${encodeURIComponent(taskId)}/cancel`, {method: 'POST'});
       cancel.textContent = task.cancel_requested && !isTerminal(task.status) ? 'Cancelling…' : 'Cancel';
+      showResult();
     } catch (err) { cancel.disabled = false; errorBox.textContent = err.message; }
   }}, 'Cancel');
   cancel.hidden = isTerminal(task.status);
@@ -48,8 +57,10 @@ export async function renderTask(main, taskId, signal) {
     view ? view.element : null,
     h('div', {class: 'columns'},
       h('section', {class: 'card', 'aria-label': 'Events'}, h('h2', null, 'Events'), log),
-      h('div', null, artifacts, resultBox)));
+      h('div', null, artifacts, resultBox,
+        h('details', {class: 'card'}, h('summary', null, 'Input'), json(shorten(task.input))))));
 
+  let viewShown = false;
   function showResult() {
     replace(statusCell, badge(task.status));
     cancel.hidden = isTerminal(task.status);
@@ -64,7 +75,10 @@ export async function renderTask(main, taskId, signal) {
         h('span', {class: 'muted'}, ` ${entry.content_type || ''} ${entry.size ? `${Math.ceil(entry.size / 1024)} KiB` : ''}`))))) : null);
     replace(resultBox, result !== null && result !== undefined ? h('details', {class: 'card', open: !view},
       h('summary', null, 'Result JSON'), json(result)) : null);
-    if (view && isTerminal(task.status)) view.onTask(task);
+    if (view && isTerminal(task.status) && !viewShown) {
+      viewShown = true; // once: a replayed status event must not rebuild the review under the user's focus
+      view.onTask(task);
+    }
   }
   showResult();
 
@@ -77,7 +91,7 @@ export async function renderTask(main, taskId, signal) {
       if (log.children.length > 500) log.firstElementChild.remove();
       if (event.type === 'progress') { setProgress(bar, event.data); progressText.textContent = event.data.message || ''; }
       if (view && view.onEvent) view.onEvent(event);
-      if (event.type === 'status') {
+      if (event.type === 'status' && event.data.status !== task.status) {
         task = await api(`/v1/tasks/${encodeURIComponent(taskId)}`, {signal});
         showResult();
       }
