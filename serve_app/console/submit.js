@@ -24,7 +24,7 @@ function kindOf(name, s) {
   if (Array.isArray(s.enum)) return 'enum';
   if (s.type === 'boolean') return 'boolean';
   if (s.type === 'integer' || s.type === 'number') return 'number';
-  if (s.type === 'string') return (s.maxLength || 0) > 500 || ['goal', 'message', 'question', 'instructions'].includes(name) ? 'text' : 'string';
+  if (s.type === 'string') return name !== 'url' && (s.maxLength || 0) > 500 || ['goal', 'message', 'question', 'instructions'].includes(name) ? 'text' : 'string';
   if (s.type === 'array' && s.items && (s.items.type === 'string' || Array.isArray(s.items.enum))) return 'lines';
   return 'json';
 }
@@ -44,7 +44,10 @@ function fieldControl(name, s, required) {
   else if (kind === 'number') {
     control = h('input', {...common, type: 'number', step: s.type === 'integer' ? '1' : 'any', min: s.minimum ?? s.exclusiveMinimum,
       max: s.maximum ?? s.exclusiveMaximum, placeholder: s.default ?? ''});
-  } else if (kind === 'string') control = h('input', {...common, type: name === 'password' ? 'password' : 'text', placeholder: s.default ?? ''});
+  } else if (kind === 'string') {
+    const type = name === 'password' ? 'password' : name === 'url' ? 'url' : 'text';
+    control = h('input', {...common, type, placeholder: s.default ?? (name === 'url' ? 'https://…' : '')});
+  }
   else if (kind === 'text') control = h('textarea', {...common, rows: 3});
   else if (kind === 'lines') control = h('textarea', {...common, rows: 3, placeholder: 'one per line'});
   else control = h('textarea', {...common, rows: 3, class: 'code', placeholder: s.default != null ? JSON.stringify(s.default) : 'JSON'});
