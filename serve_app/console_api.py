@@ -75,8 +75,14 @@ async def _task_pdf(request: Request, task_id: str) -> tuple[bytes, str | None]:
 def render_page(data: bytes, page: int, width: int, password: str | None) -> tuple[bytes, float, float, int]:
     """PNG of page ``page`` (1-based) ``width`` pixels wide (less for a page that would exceed the pixel
     budget), with the page's size in PDF points and the page count."""
-    with _render_slots:
+    if not _render_slots.acquire(timeout=RENDER_TIMEOUT_S / 2):  # waiting threads would starve the pool
+        from serve_app.ingress import ApiError
+
+        raise ApiError(503, "overloaded", "page rendering is busy; retry shortly", {"Retry-After": "2"})
+    try:
         return _render(data, page, width, password)
+    finally:
+        _render_slots.release()
 
 
 def _render(data: bytes, page: int, width: int, password: str | None) -> tuple[bytes, float, float, int]:

@@ -477,3 +477,27 @@ def test_citation_shapes_keyboard_and_a_narrow_window(page: Page, service) -> No
     assert pages and fields and fields["y"] >= pages["y"] + pages["height"] - 1  # stacked, not side by side
     assert page.evaluate("document.documentElement.scrollWidth") <= 420  # no sideways scrolling
     _shot(page, "11-contract-review-narrow")
+
+
+def test_chat_shows_a_thinking_models_reasoning_apart_from_the_answer(page: Page, service) -> None:
+    """The tiny checkpoint is not a Thinking model, so this one reply is the OpenAI-style stream a Thinking model
+    sends (``reasoning_content`` deltas, then ``content``), served in place of the real one: the display is what
+    is under test."""
+    url = service["url"]
+    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
+              {"choices": [{"index": 0, "delta": {"reasoning_content": "The image is red, "}, "finish_reason": None}]},
+              {"choices": [{"index": 0, "delta": {"reasoning_content": "<b>so</b> answer red."}, "finish_reason": None}]},
+              {"choices": [{"index": 0, "delta": {"content": "Red."}, "finish_reason": None}]},
+              {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    page.route(re.compile(r".*/v1/chat/completions$"), lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=body))
+    _sign_in(page, url)
+    page.get_by_role("link", name="Chat").click()
+    page.get_by_label("Message (Ctrl+Enter sends)").fill("What colour?")
+    page.get_by_role("button", name="Send").click()
+    bubble = page.locator("#chat-log .msg.assistant")
+    expect(bubble).to_have_attribute("data-finish", "stop")
+    expect(bubble.locator(".answer")).to_have_text("Red.")
+    expect(bubble.locator(".reasoning")).to_be_visible()
+    expect(bubble.locator(".reasoning-text")).to_have_text("The image is red, <b>so</b> answer red.")
