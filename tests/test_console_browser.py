@@ -501,3 +501,40 @@ def test_chat_shows_a_thinking_models_reasoning_apart_from_the_answer(page: Page
     expect(bubble.locator(".answer")).to_have_text("Red.")
     expect(bubble.locator(".reasoning")).to_be_visible()
     expect(bubble.locator(".reasoning-text")).to_have_text("The image is red, <b>so</b> answer red.")
+
+
+def test_tasks_list_pages_through_only_this_keys_tasks(page: Page, service) -> None:
+    url = service["url"]
+    with _api(url, OTHER) as other:
+        ids = [other.post("/v1/tasks", json={"type": "sleepy", "input": {"steps": 1, "step_s": 0, "tag": str(i)}})
+               .json()["id"] for i in range(23)]
+    _sign_in(page, url, OTHER)
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(20)
+    first_page = rows.evaluate_all("rows => rows.map(r => r.dataset.taskId)")
+    page.get_by_role("button", name="Older →").click()
+    expect(rows).to_have_count(3)
+    expect(page.get_by_role("button", name="Older →")).to_be_disabled()
+    second_page = rows.evaluate_all("rows => rows.map(r => r.dataset.taskId)")
+    assert sorted(first_page + second_page) == sorted(ids)  # every task once, none of the other key's
+    page.get_by_role("button", name="← Newer").click()
+    expect(rows).to_have_count(20)
+
+
+def test_os_agent_denied_click_does_not_run(page: Page, service) -> None:
+    url = service["url"]
+    with _api(url) as own:
+        task = own.post("/v1/tasks", json={"type": "os_agent", "input": {
+            "goal": f"{SCRIPTED} Click the Dangerous button.", "desktop": "lab", "max_steps": 1,
+            "policy": {"confirm": ["click"]}, "confirm_timeout_s": 120, "settle_s": 0.1}}).json()
+    _sign_in(page, url)
+    page.goto(f"{url}/ui/#/tasks/{task['id']}")
+    deny = page.get_by_role("button", name="Deny")
+    expect(deny).to_be_visible(timeout=60_000)
+    page.keyboard.press("Tab")  # focus starts on Approve: the decision can be made from the keyboard
+    expect(deny).to_be_focused()
+    page.keyboard.press("Enter")
+    _wait_status(page, "succeeded", 120_000)
+    expect(page.locator("#confirmations")).to_contain_text("denied")
+    expect(page.locator(".step[data-index='0'] .badge")).not_to_have_text("executed")
+    expect(page.locator("#outcome")).to_contain_text("max_steps")
