@@ -522,10 +522,12 @@ def test_tasks_list_pages_through_only_this_keys_tasks(page: Page, service) -> N
 
 
 def test_os_agent_denied_click_does_not_run(page: Page, service) -> None:
+    from agents.os_agent.harness.launch import read_state
+
     url = service["url"]
     with _api(url) as own:
         task = own.post("/v1/tasks", json={"type": "os_agent", "input": {
-            "goal": f"{SCRIPTED} Click the Dangerous button.", "desktop": "lab", "max_steps": 1,
+            "goal": f"{SCRIPTED} Tick the I agree box.", "desktop": "lab", "max_steps": 1,
             "policy": {"confirm": ["click"]}, "confirm_timeout_s": 120, "settle_s": 0.1}}).json()
     _sign_in(page, url)
     page.goto(f"{url}/ui/#/tasks/{task['id']}")
@@ -538,3 +540,4 @@ def test_os_agent_denied_click_does_not_run(page: Page, service) -> None:
     expect(page.locator("#confirmations")).to_contain_text("denied")
     expect(page.locator(".step[data-index='0'] .badge")).not_to_have_text("executed")
     expect(page.locator("#outcome")).to_contain_text("max_steps")
+    assert not read_state(service["state"]).get("agree")

@@ -167,16 +167,18 @@ export function contractView(task, signal) {
         values.length ? list : h('p', {class: 'muted'}, 'not found')));
     }
 
-    const exportBar = h('div', {class: 'exports'},
+    const exportError = h('span', {class: 'error', role: 'alert'});
+    const report = (err) => { exportError.textContent = err.message; };
+    const exportBar = h('div', {class: 'exports'}, exportError,
       h('button', {type: 'button', id: 'export-json', onclick: () => {
         const blob = new Blob([JSON.stringify(result, null, 2)], {type: 'application/json'});
         saveUrl(URL.createObjectURL(blob), `${task.id}.json`);
       }}, 'Export JSON'),
       result.artifacts && result.artifacts.annotated_pdf ? h('button', {type: 'button', id: 'export-pdf',
-        onclick: () => download(`${taskPath}/artifacts/annotated_pdf`, result.artifacts.annotated_pdf.filename)},
+        onclick: () => download(`${taskPath}/artifacts/annotated_pdf`, result.artifacts.annotated_pdf.filename).catch(report)},
       'Annotated PDF') : null,
       result.artifacts && result.artifacts.summary_md ? h('button', {type: 'button', id: 'export-md',
-        onclick: () => download(`${taskPath}/artifacts/summary_md`, result.artifacts.summary_md.filename)},
+        onclick: () => download(`${taskPath}/artifacts/summary_md`, result.artifacts.summary_md.filename).catch(report)},
       'Markdown') : null);
 
     const sessionId = result.session_id || done.session_id;

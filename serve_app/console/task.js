@@ -71,7 +71,7 @@ export async function renderTask(main, taskId, signal) {
       h('ul', null, Object.entries(files).map(([name, entry]) => h('li', null,
         h('button', {type: 'button', class: 'link', dataset: {artifact: name},
           onclick: () => download(`/v1/tasks/${encodeURIComponent(taskId)}/artifacts/${encodeURIComponent(name)}`,
-            entry.filename || name)}, entry.filename || name),
+            entry.filename || name).catch((err) => { errorBox.textContent = err.message; })}, entry.filename || name),
         h('span', {class: 'muted'}, ` ${entry.content_type || ''} ${entry.size ? `${Math.ceil(entry.size / 1024)} KiB` : ''}`))))) : null);
     replace(resultBox, result !== null && result !== undefined ? h('details', {class: 'card', open: !view},
       h('summary', null, 'Result JSON'), json(result)) : null);
@@ -92,8 +92,12 @@ export async function renderTask(main, taskId, signal) {
       if (event.type === 'progress') { setProgress(bar, event.data); progressText.textContent = event.data.message || ''; }
       if (view && view.onEvent) view.onEvent(event);
       if (event.type === 'status' && event.data.status !== task.status) {
-        task = await api(`/v1/tasks/${encodeURIComponent(taskId)}`, {signal});
-        showResult();
+        try {
+          task = await api(`/v1/tasks/${encodeURIComponent(taskId)}`, {signal});
+          showResult();
+        } catch (err) {
+          if (!signal.aborted) errorBox.textContent = err.message;
+        }
       }
     },
   }).then(() => { if (!signal.aborted) connection.textContent = isTerminal(task.status) ? 'ended' : ''; })

@@ -29,8 +29,8 @@ export async function renderTasks(main, signal) {
   statusSelect.value = state.status;
   typeSelect.value = state.type;
   const tbody = h('tbody');
-  const prev = h('button', {type: 'button', onclick: () => { state.page -= 1; load(); }}, '← Newer');
-  const next = h('button', {type: 'button', onclick: () => { state.page += 1; load(); }}, 'Older →');
+  const prev = h('button', {type: 'button', onclick: () => { state.page -= 1; refresh(); }}, '← Newer');
+  const next = h('button', {type: 'button', onclick: () => { state.page += 1; refresh(); }}, 'Older →');
   const info = h('span', {class: 'muted', role: 'status'});
   replace(main,
     h('div', {class: 'toolbar'}, h('h1', null, 'Tasks'), h('span', {class: 'spacer'}),
@@ -49,7 +49,14 @@ export async function renderTasks(main, signal) {
     sessionStorage.setItem('kimiray.filter.type', state.type);
     state.cursors = [null];
     state.page = 0;
-    load();
+    refresh();
+  }
+
+  /** load() from an event handler: a load replaced by a newer one is not an error; others are shown. */
+  function refresh() {
+    load().catch((err) => {
+      if (err.name !== 'AbortError' && !signal.aborted) info.textContent = `could not load the tasks: ${err.message}`;
+    });
   }
 
   async function load() {
@@ -76,7 +83,7 @@ export async function renderTasks(main, signal) {
     };
     for (let i = 0; i < LIVE_STREAMS; i += 1) startNext();
     if (waiting.length) {
-      setTimeout(() => { if (!local.signal.aborted && waiting.length) load(); }, 5000);
+      setTimeout(() => { if (!local.signal.aborted && waiting.length) refresh(); }, 5000);
     }
   }
 
