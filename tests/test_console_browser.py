@@ -451,7 +451,7 @@ def test_video_timeline_and_answer_citations_seek_the_uploaded_video(page: Page,
 
 
 def test_citation_shapes_keyboard_and_a_narrow_window(page: Page, service) -> None:
-    """Both citation shapes (one page with boxes; several pages, boxes naming their page) are read; the review
+    """Both citation shapes (one page with boxes; a page range with one part per page) are read; the review
     works from the keyboard; a narrow window stacks pages over fields."""
     url = service["url"]
     _sign_in(page, url)
@@ -461,12 +461,17 @@ def test_citation_shapes_keyboard_and_a_narrow_window(page: Page, service) -> No
         const range = {page: 3, page_end: 5, quote: 'q', verified: true, confidence: 0.8,
                        bboxes: [{page: 3, bbox: [1, 2, 3, 4]}, {page: 5, bboxes: [[5, 6, 7, 8]]}, [4, 9, 9, 9, 9]]};
         const list = {pages: [7, 8], quote: 'q', verified: false};
+        const parts = {page: 9, page_end: 10, bboxes: [[1, 1, 2, 2]], quote: 'a b', verified: true, parts: [
+            {page: 9, char_start: 0, char_end: 1, bboxes: [[1, 1, 2, 2]], quote: 'a'},
+            {page: 10, char_start: 0, char_end: 1, bboxes: [[3, 3, 4, 4], [5, 5, 6, 6]], quote: 'b'}]};
         return [m.citationPages(one), m.citationBoxes(one), m.citationPages(range), m.citationBoxes(range),
-                m.citationPages(list), m.citationBoxes(list)];
+                m.citationPages(list), m.citationBoxes(list), m.citationPages(parts), m.citationBoxes(parts)];
     }""")
     assert shapes == [[2], [{"page": 2, "box": [10, 20, 30, 40]}], [3, 4, 5],
                       [{"page": 3, "box": [1, 2, 3, 4]}, {"page": 5, "box": [5, 6, 7, 8]}, {"page": 4, "box": [9, 9, 9, 9]}],
-                      [7, 8], []]
+                      [7, 8], [], [9, 10],
+                      [{"page": 9, "box": [1, 1, 2, 2]}, {"page": 10, "box": [3, 3, 4, 4]},
+                       {"page": 10, "box": [5, 5, 6, 6]}]]
     page.goto(f"{url}/ui/#/tasks/{_scripted_contract(url)['id']}")
     value = page.locator(".value-text").first
     value.focus()

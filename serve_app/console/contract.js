@@ -1,7 +1,7 @@
 // Contract review: the PDF's pages (rendered by the server) beside the extracted fields; each value's citations
 // drawn as boxes on every page they list; clicking a value scrolls to its highlight. Follow-up chat on the
 // task's session and exports. Citations come in two shapes: {page, bboxes:[[x0,y0,x1,y1]...]} and cross-page
-// ones ({pages:[...]} / {page, page_end} and boxes that name their page); both are read by citationBoxes().
+// ones ({page, page_end, parts:[{page, bboxes}...]}, or boxes that name their page); citationBoxes() reads both.
 import {api, download, saveUrl, streamChat} from './api.js';
 import {badge, h, pct, replace} from './dom.js';
 
@@ -11,7 +11,7 @@ const isBox = (b) => Array.isArray(b) && b.length === 4 && b.every((n) => typeof
 export function citationPages(c) {
   const pages = new Set();
   if (Number.isInteger(c.page)) pages.add(c.page);
-  for (const p of Array.isArray(c.pages) ? c.pages : []) {
+  for (const p of [...(Array.isArray(c.pages) ? c.pages : []), ...(Array.isArray(c.parts) ? c.parts : [])]) {
     if (Number.isInteger(p)) pages.add(p);
     else if (p && Number.isInteger(p.page)) pages.add(p.page);
   }
@@ -44,10 +44,15 @@ export function citationBoxes(c) {
     }
   };
   for (const key of ['bboxes', 'boxes']) for (const e of Array.isArray(c[key]) ? c[key] : []) take(e, defaultPage);
-  for (const key of ['spans', 'locations', 'pages']) {
+  for (const key of ['parts', 'spans', 'locations', 'pages']) {
     for (const e of Array.isArray(c[key]) ? c[key] : []) if (e && typeof e === 'object') take(e, defaultPage);
   }
-  return out;
+  // a cross-page citation repeats its first part's boxes at the top level: each box once
+  const seen = new Set();
+  return out.filter(({page, box}) => {
+    const key = `${page}:${box.join(',')}`;
+    return seen.has(key) ? false : (seen.add(key), true);
+  });
 }
 
 function valueText(value) {
@@ -155,7 +160,8 @@ export function contractView(task, signal) {
           const label = cPages.length > 1 ? `pp. ${cPages[0]}–${cPages[cPages.length - 1]}` : `p. ${cPages[0] ?? '?'}`;
           return h('li', {class: 'citation'},
             h('button', {type: 'button', class: 'link', onclick: () => select(valueId, cPages[0])}, label), ' ',
-            h('q', null, citation.quote || ''), citation.verified ? null : badge('not found', 'unverified'));
+            h('q', null, citation.quote || ''), citation.verified ? null : badge('not found', 'unverified'),
+            citation.source === 'ocr' ? badge('OCR', 'confidence') : null);
         });
         list.append(h('li', {class: 'value', dataset: {valueId}},
           h('button', {type: 'button', class: 'value-text', 'aria-label': `Show ${field.name} on the page`,
