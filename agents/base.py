@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from connectors.limits import Limits
 from connectors.model_client import ModelClient, ModelReply
 from connectors.stores.base import BlobStore, Progress, SessionStore
 from engine.runtime.request import GenerateRequest
@@ -67,7 +68,7 @@ class AgentContext:
     def __init__(
         self, *, task_id: str, owner: str, session_id: str, options: dict[str, Any], attempt: int,
         model: ModelClient, sessions: SessionStore, blobs: BlobStore, emit: Any, cancelled: Any,
-        resources: Any = None,
+        resources: Any = None, limits: Limits | None = None,
     ) -> None:
         self.task_id = task_id
         self.owner = owner
@@ -80,6 +81,8 @@ class AgentContext:
         self._emit = emit  # async (type, data) -> None
         self._cancelled = cancelled  # () -> bool
         self._resources = resources
+        # the service's input limits (ray_config.yaml ``limits``): URL rules, media sizes for the task's inputs
+        self.limits = limits if limits is not None else Limits()
         self.log = logging.LoggerAdapter(log, {"task_id": task_id})
 
     # ------------------------------------------------------------------ control

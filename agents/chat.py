@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from agents.base import Agent, AgentContext, AgentError
 from agents.messages import session_growth, storable
 from agents.registry import register_agent
+from connectors.errors import ClientInputError
+from connectors.limits import Limits
+from connectors.openai_messages import ChatCompletionRequest, to_generate_request
 
 
 class ChatInput(BaseModel):
@@ -27,8 +30,6 @@ class ChatInput(BaseModel):
     @field_validator("messages")
     @classmethod
     def _openai_messages(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from serve_app.openai_api import ChatCompletionRequest
-
         ChatCompletionRequest.model_validate({"model": "kimi-vl", "messages": value})
         return value
 
@@ -43,17 +44,15 @@ class ChatOutput(BaseModel):
     parsed: Any = None
 
 
-async def to_engine_messages(messages: list[dict[str, Any]], max_tokens: int | None) -> tuple[list[dict], int]:
-    """OpenAI-format messages -> engine messages (media loaded with the service's limits and URL rules)."""
-    from serve_app.config import Limits
-    from serve_app.errors import ClientInputError
-    from serve_app.openai_api import ChatCompletionRequest, to_generate_request
-
+async def to_engine_messages(messages: list[dict[str, Any]], max_tokens: int | None, *,
+                             limits: Limits) -> tuple[list[dict], int]:
+    """OpenAI-format messages -> engine messages (media loaded under the service's ``limits`` and URL rules:
+    pass ``ctx.limits``)."""
     body = {"model": "kimi-vl", "messages": messages}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     try:
-        request = await to_generate_request(ChatCompletionRequest.model_validate(body), Limits(), "task",
+        request = await to_generate_request(ChatCompletionRequest.model_validate(body), limits, "task",
                                             defaults={"max_tokens": 512})
     except ClientInputError as exc:
         raise AgentError(exc.message, code=exc.code) from None
@@ -103,7 +102,7 @@ class ChatAgent(Agent):
 
     async def run(self, ctx: AgentContext, input: ChatInput) -> ChatOutput:
         await ctx.step("prepare")
-        new_messages, max_tokens = await to_engine_messages(input.messages, input.max_tokens)
+        new_messages, max_tokens = await to_engine_messages(input.messages, input.max_tokens, limits=ctx.limits)
         history = await ctx.history()
         await ctx.step("generate", history_messages=len(history))
         reply = await chat_within_window(ctx, history, new_messages, max_tokens=max_tokens,

@@ -9,6 +9,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from connectors.paths import tiny_checkpoint_dir
+
 
 class ModelResources:
     def __init__(self, model_path: str | None = None) -> None:
@@ -19,8 +21,6 @@ class ModelResources:
     @cached_property
     def path(self) -> Path:
         if self._path is None:
-            from kimiray.paths import tiny_checkpoint_dir
-
             return tiny_checkpoint_dir()
         root = Path(self._path).expanduser()
         if root.is_dir():

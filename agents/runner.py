@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from agents.base import Agent, AgentContext, AgentError, TaskCancelled
 from agents.registry import AgentRegistry, UnknownTaskType
+from connectors.limits import Limits
 from connectors.model_client import ContextTooLongError, ModelClient, ModelError, ModelUnavailableError
 from connectors.stores.base import Lease, Progress, TaskError, TaskRecord
 from pipelines.map_reduce import MapReduceCancelled
@@ -41,6 +42,8 @@ class RunnerOptions(BaseModel):
     retry_delay_s: float = Field(1.0, ge=0, description="pause before re-queueing a task whose model was down")
     model_path: str | None = Field(None, description="the served checkpoint (tokenizer for planning); None: tiny")
     purge_every_s: float = Field(600.0, gt=0, description="how often ended tasks past retention are deleted")
+    limits: Limits = Field(default_factory=Limits, description="the service's input limits (ray_config.yaml "
+                           "``limits``), handed to every agent as ``ctx.limits``")
 
 
 def _worker_id() -> str:
@@ -217,6 +220,7 @@ class TaskRunner:
             task_id=task.id, owner=task.owner, session_id=session_id, options=task.options,
             attempt=task.attempts, model=self.model, sessions=self.stores.sessions, blobs=self.stores.blobs,
             emit=emit, cancelled=lambda: attempt.cancel_requested, resources=self.resources,
+            limits=self.options.limits,
         )
         agent: Agent = agent_cls()
         try:

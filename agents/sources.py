@@ -1,5 +1,5 @@
 """Where an agent's input file comes from: inline base64, an uploaded blob, or a public URL (fetched under the
-service's SSRF rules and size limits). Shared by the document and video agents."""
+service's SSRF rules and ``limits``, ``ctx.limits``). Shared by the document and video agents."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import binascii
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agents.base import AgentContext, AgentError
+from connectors.errors import ClientInputError
+from connectors.media import fetch_url
 
 
 class FileInput(BaseModel):
@@ -50,12 +52,8 @@ async def load_source(ctx: AgentContext, file: FileInput | None, url: str | None
         if data is None:
             raise AgentError(f"blob {blob} not found (upload it with POST /v1/files)", code="blob_not_found")
         return data, default_name
-    from serve_app.config import Limits
-    from serve_app.errors import ClientInputError
-    from serve_app.media import fetch_url
-
     try:
-        data = await fetch_url(url or "", Limits(), max_bytes=max_bytes, what=what)
+        data = await fetch_url(url or "", ctx.limits, max_bytes=max_bytes, what=what)
     except ClientInputError as exc:
         raise AgentError(exc.message, code=exc.code) from None
     return data, (url or default_name).rstrip("/").rsplit("/", 1)[-1].split("?")[0] or default_name

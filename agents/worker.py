@@ -12,14 +12,31 @@ import argparse
 import asyncio
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
-from connectors.model_client import ModelError, ModelReply
+from connectors.backend import LocalBackend
+from connectors.limits import Limits
+from connectors.model_client import BackendModelClient, ModelError, ModelReply
+from connectors.paths import tiny_checkpoint_dir
 
 
 class NoModel:
     async def generate(self, request: Any) -> ModelReply:
         raise ModelError("this worker runs without a model (--model none)")
+
+
+def limits_from_config(path: str | None) -> Limits:
+    """The input limits a worker enforces: ``args.limits`` of the first application in a Serve config
+    (ray_config.yaml), so tasks run here follow the same URL and size rules as the service's; none: defaults."""
+    if path is None:
+        return Limits()
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    apps = raw.get("applications") if isinstance(raw, dict) else None
+    args = (apps[0].get("args") or {}) if apps else raw
+    return Limits.model_validate(args.get("limits") or {})
 
 
 async def run_worker(args: argparse.Namespace) -> int:
@@ -34,17 +51,15 @@ async def run_worker(args: argparse.Namespace) -> int:
     else:
         import torch
 
-        from connectors.model_client import BackendModelClient
         from engine.runtime.engine import AsyncEngine
-        from kimiray.paths import tiny_checkpoint_dir
-        from serve_app.backend import LocalBackend
 
         path = str(tiny_checkpoint_dir()) if args.model in (None, "tiny") else args.model
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = BackendModelClient(LocalBackend(AsyncEngine.from_pretrained(path, device=device)))
     model_path = None if args.model in (None, "tiny", "none") else args.model
-    runner = TaskRunner(stores, registry, model, RunnerOptions(concurrency=args.concurrency, lease_s=args.lease_s,
-                                                               model_path=model_path))
+    options = RunnerOptions(concurrency=args.concurrency, lease_s=args.lease_s, model_path=model_path,
+                            limits=limits_from_config(args.config))
+    runner = TaskRunner(stores, registry, model, options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -66,6 +81,8 @@ def add_worker_command(subparsers: Any) -> None:
     worker.add_argument("--model", default="tiny", help="checkpoint dir or HF id, 'tiny', or 'none'")
     worker.add_argument("--concurrency", type=int, default=2)
     worker.add_argument("--lease-s", type=float, default=30.0)
+    worker.add_argument("--config", help="a Serve config (ray_config.yaml) whose args.limits the tasks follow "
+                        "(URL rules, media sizes); default: the built-in limits")
     worker.set_defaults(func=lambda a: asyncio.run(run_worker(a)))
 
 

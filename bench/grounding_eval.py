@@ -103,7 +103,7 @@ def _local_engine(device: str | None):
     import torch
 
     from engine.runtime.engine import AsyncEngine
-    from kimiray.paths import tiny_checkpoint_dir
+    from connectors.paths import tiny_checkpoint_dir
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return AsyncEngine.from_pretrained(str(tiny_checkpoint_dir()), device=device)
@@ -112,7 +112,7 @@ def _local_engine(device: str | None):
 async def _run(args: argparse.Namespace, samples: list) -> Any:
     from agents.os_agent.grounding import ModelLocator, evaluate
     from connectors.model_client import BackendModelClient
-    from serve_app.backend import LocalBackend
+    from connectors.backend import LocalBackend
 
     engine = None
     if args.url:

@@ -55,7 +55,7 @@ def serve(port_file: Path, home: Path, keys: str, runner_concurrency: int) -> No
     import torch
 
     from engine.runtime.engine import AsyncEngine
-    from kimiray.paths import tiny_checkpoint_dir
+    from connectors.paths import tiny_checkpoint_dir
     from tests.task_server import task_server
 
     torch.set_num_threads(1)

@@ -48,8 +48,8 @@ async def cpu_steps(args: argparse.Namespace) -> dict:
     from connectors.model_client import BackendModelClient
     from connectors.stores import open_stores
     from engine.runtime.engine import AsyncEngine
-    from kimiray.paths import tiny_checkpoint_dir
-    from serve_app.backend import LocalBackend
+    from connectors.paths import tiny_checkpoint_dir
+    from connectors.backend import LocalBackend
 
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp())

@@ -254,7 +254,7 @@ def main() -> None:
     from ray import serve
 
     from engine.runtime.engine import AsyncEngine
-    from kimiray.paths import tiny_checkpoint_dir
+    from connectors.paths import tiny_checkpoint_dir
 
     checkpoint = tiny_checkpoint_dir()
     app_args, options = production_settings()

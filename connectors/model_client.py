@@ -1,7 +1,7 @@
 """How agents reach the model: one small interface over the in-process engine or a Ray Serve handle.
 
 Agents never see the transport. Inside the cluster the client wraps the ModelServer DeploymentHandle (through
-``serve_app.backend.RayBackend``), in ``LocalRuntime`` the in-process engine (``LocalBackend``); unit tests of
+``connectors.backend.RayBackend``), in ``LocalRuntime`` the in-process engine (``LocalBackend``); unit tests of
 agent logic pass a scripted client with the same ``generate`` method.
 """
 
@@ -60,7 +60,7 @@ def reply_from_deltas(deltas: list[Delta]) -> ModelReply:
 
 
 class BackendModelClient:
-    """A ``serve_app.backend`` Backend (LocalBackend or RayBackend) as a ModelClient.
+    """A ``connectors.backend`` Backend (LocalBackend or RayBackend) as a ModelClient.
 
     A generation has no side effects, so when the model side is unavailable (a replica died mid-request, is
     restarting, or sheds load) the same request is sent again, with backoff, for up to ``retry_s``: the task

@@ -29,7 +29,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from engine.generate import SamplingParams, generate
     from engine.loader import load
-    from kimiray.paths import data_dir, tiny_checkpoint_dir
+    from connectors.paths import data_dir, tiny_checkpoint_dir
 
     model_path = args.model or str(tiny_checkpoint_dir())
     image_path = Path(args.image) if args.image else _sample_image(data_dir() / "demo-screenshot.png")

@@ -82,7 +82,7 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 
 def run_demo(args: argparse.Namespace) -> int:
     import kimiray
-    from kimiray.paths import data_dir, tiny_checkpoint_dir
+    from connectors.paths import data_dir, tiny_checkpoint_dir
     from kimiray.progress import ProgressPrinter
 
     for key, value in LOOPBACK_ENV.items():

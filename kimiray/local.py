@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from connectors.limits import Limits
 from kimiray.errors import InvalidRequestError, KimirayError, NotFoundError, TaskCancelledError, TaskFailedError
 from kimiray.errors import WaitTimeoutError
 from kimiray.types import ChatResult, Session, SessionMessage, Task, TaskEvent, TaskPage
@@ -32,10 +33,11 @@ class LocalRuntime:
         self, model: str | None = None, *, stores_url: str | None = None, agent_modules: tuple[str, ...] = (),
         concurrency: int = 2, lease_s: float = 30.0, device: str | None = None, dtype: str | None = None,
         engine_options: dict[str, Any] | None = None, model_client: Any = None, owner: str = "local",
-        run_tasks: bool = True,
+        run_tasks: bool = True, limits: Limits | None = None,
     ) -> None:
         """``model_client``: any ``connectors.model_client.ModelClient`` instead of loading a checkpoint (tests,
-        or a remote model). ``run_tasks=False`` only submits (another process runs them)."""
+        or a remote model). ``run_tasks=False`` only submits (another process runs them). ``limits``: the input
+        limits tasks follow (URL rules, media sizes), as ``limits`` in ray_config.yaml does for the service."""
         self.owner = owner
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kimiray-local", daemon=True)
@@ -45,7 +47,7 @@ class LocalRuntime:
         self.engine = None
         try:
             self._call(self._open(model, stores_url, agent_modules, concurrency, lease_s, device, dtype,
-                                  engine_options or {}, model_client, run_tasks))
+                                  engine_options or {}, model_client, run_tasks, limits or Limits()))
         except BaseException:
             self._stop_loop()
             raise
@@ -56,23 +58,24 @@ class LocalRuntime:
         return future.result(timeout)
 
     async def _open(self, model, stores_url, agent_modules, concurrency, lease_s, device, dtype, engine_options,
-                    model_client, run_tasks) -> None:
+                    model_client, run_tasks, limits) -> None:
         from agents.runner import RunnerOptions, TaskRunner
         from connectors.model_client import BackendModelClient
         from serve_app.config import TasksConfig
-        from serve_app.tasks_api import TaskService
+        from serve_app.task_service import TaskService
 
         config = TasksConfig(stores_url=stores_url, agent_modules=list(agent_modules), lease_s=lease_s,
                              runner_concurrency=concurrency)
         self.service = TaskService(config)
         if model_client is None:
-            from serve_app.backend import LocalBackend
+            from connectors.backend import LocalBackend
 
             await asyncio.to_thread(self._load_engine, model, device, dtype, engine_options)
             model_client = BackendModelClient(LocalBackend(self.engine))
         self.model_client = model_client
         self.runner = TaskRunner(self.service.stores, self.service.registry, model_client,
-                                 RunnerOptions(concurrency=concurrency, lease_s=lease_s, model_path=model))
+                                 RunnerOptions(concurrency=concurrency, lease_s=lease_s, model_path=model,
+                                               limits=limits))
         if run_tasks:
             self._stop = asyncio.Event()
             self._runner_task = asyncio.ensure_future(self.runner.run_forever(self._stop))
@@ -81,7 +84,7 @@ class LocalRuntime:
         import torch
 
         from engine.runtime.engine import AsyncEngine
-        from kimiray.paths import tiny_checkpoint_dir
+        from connectors.paths import tiny_checkpoint_dir
 
         path = model or str(tiny_checkpoint_dir())
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,7 +136,7 @@ class LocalRuntime:
 
     async def _guard(self, coro: Any) -> Any:
         """Service errors -> the SDK's exceptions, as the HTTP client would raise them."""
-        from serve_app.errors import ClientInputError
+        from connectors.errors import ClientInputError
 
         try:
             return await coro

@@ -17,4 +17,7 @@ if [ "${#APT_PKGS[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${APT_PKGS[@]}" >/dev/null
 fi
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Static checks first (seconds): the layer order and no import cycles (pyproject [tool.importlinter]), then ruff.
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/lint-imports
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

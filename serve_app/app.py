@@ -11,11 +11,11 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serve_app.backend import RayBackend
+from connectors.backend import RayBackend
 from serve_app.config import AppConfig
 from serve_app.ingress import app as fastapi_app
-from serve_app.ingress import install_state
 from serve_app.model_server import ModelServer
+from serve_app.state import install_state
 from serve_app.task_runner import TaskRunnerDeployment
 
 

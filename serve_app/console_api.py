@@ -15,7 +15,10 @@ from typing import Any
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
-from serve_app.errors import ClientInputError
+from connectors.errors import ClientInputError
+from serve_app.state import ApiError
+from serve_app.task_service import TaskService
+from serve_app.tasks_api import Service, _owner
 
 router = APIRouter()
 
@@ -32,11 +35,10 @@ def _not_found(message: str, param: str) -> ClientInputError:
 
 
 @router.get("/v1/files/{ref}", tags=["tasks"])
-async def download_file(request: Request, ref: str = Path(..., pattern=r"^[0-9a-f]{64}$")) -> Response:
+async def download_file(request: Request, service: Service,
+                        ref: str = Path(..., pattern=r"^[0-9a-f]{64}$")) -> Response:
     """A stored file of this key (an upload, a task's screenshot or artifact) by its ``ref``."""
-    from serve_app.tasks_api import _owner, _service
-
-    blobs = _service(request).stores.blobs
+    blobs = service.stores.blobs
     info = await blobs.info(_owner(request), ref)
     data = await blobs.get(_owner(request), ref) if info is not None else None
     if info is None or data is None:
@@ -45,11 +47,8 @@ async def download_file(request: Request, ref: str = Path(..., pattern=r"^[0-9a-
                     headers={**FILE_HEADERS, "Content-Disposition": f'attachment; filename="{ref[:16]}"'})
 
 
-async def _task_pdf(request: Request, task_id: str) -> tuple[bytes, str | None]:
+async def _task_pdf(request: Request, service: TaskService, task_id: str) -> tuple[bytes, str | None]:
     """The task's input PDF (uploaded blob or inline file); for a URL input, its annotated PDF artifact."""
-    from serve_app.tasks_api import _owner, _service
-
-    service = _service(request)
     owner = _owner(request)
     task = await service.get(owner, task_id)  # 404 for a missing or foreign task
     source: dict[str, Any] = task.get("input") or {}
@@ -76,8 +75,6 @@ def render_page(data: bytes, page: int, width: int, password: str | None) -> tup
     """PNG of page ``page`` (1-based) ``width`` pixels wide (less for a page that would exceed the pixel
     budget), with the page's size in PDF points and the page count."""
     if not _render_slots.acquire(timeout=RENDER_TIMEOUT_S / 2):  # waiting threads would starve the pool
-        from serve_app.ingress import ApiError
-
         raise ApiError(503, "overloaded", "page rendering is busy; retry shortly", {"Retry-After": "2"})
     try:
         return _render(data, page, width, password)
@@ -110,12 +107,12 @@ def _render(data: bytes, page: int, width: int, password: str | None) -> tuple[b
 
 
 @router.get("/v1/tasks/{task_id}/pages/{page}", tags=["tasks"])
-async def page_image(request: Request, task_id: str, page: int = Path(..., ge=1, le=100_000),
+async def page_image(request: Request, service: Service, task_id: str, page: int = Path(..., ge=1, le=100_000),
                      width: int = Query(1000, ge=100, le=2000)) -> Response:
     """Page ``page`` (1-based) of the task's input PDF as a PNG ``width`` pixels wide. Headers ``X-Page-Width``
     and ``X-Page-Height`` give the page's size in PDF points (citation boxes are in points), ``X-Page-Count``
     the number of pages."""
-    data, password = await _task_pdf(request, task_id)
+    data, password = await _task_pdf(request, service, task_id)
     png, w, h, count = await asyncio.wait_for(asyncio.to_thread(render_page, data, page, width, password),
                                               RENDER_TIMEOUT_S)
     return Response(png, media_type="image/png", headers={

@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import RedirectResponse, Response
 
-from serve_app.errors import ClientInputError
+from connectors.errors import ClientInputError
 
 CONSOLE_DIR = Path(__file__).with_name("console")
 CONSOLE_PREFIX = "/ui"

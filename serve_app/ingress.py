@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP ingress (FastAPI, served by Ray Serve through ``serve.ingress``).
 
-Every route reads its collaborators from ``app.state`` (backend, config, auth, limiter, metrics), so the same
-app runs behind Ray Serve (``RayBackend``) and in-process for tests and benchmarks (``LocalBackend``).
+Every route reads its collaborators from the app's state (``serve_app.state``: backend, config, auth, limiter,
+metrics), so the same app runs behind Ray Serve (``RayBackend``) and in-process for tests and benchmarks
+(``LocalBackend``).
 """
 
 from __future__ import annotations
@@ -20,33 +21,23 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from connectors.errors import ClientInputError
 from engine.runtime.request import Delta, GenerateRequest
 from serve_app import openai_api
-from serve_app.auth import ApiKeyAuth, AuthError, KeyLimiter, RateLimited, load_api_keys
-from serve_app.backend import Backend
+from serve_app.auth import AuthError, RateLimited
 from serve_app.config import AppConfig
+from serve_app.console_api import router as console_api_router
 from serve_app.console_ui import is_console_path
-from serve_app.errors import ClientInputError
-from serve_app.metrics import ServeMetrics
+from serve_app.console_ui import router as console_router
 from serve_app.openapi_spec import install_openapi
+from serve_app.state import ApiError, IngressState, rate_limited
+from serve_app.state import app_state as _state
+from serve_app.state import install_state as install_state  # re-exported: serve_app.app and tests install here
+from serve_app.tasks_api import remember_turn, session_history
+from serve_app.tasks_api import router as tasks_router
 
 log = logging.getLogger("kimiray.ingress")
 PUBLIC_ROUTES = {"/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
-
-
-class ApiError(Exception):
-    """An error with its HTTP status and OpenAI-style body."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None, param: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers, self.param = status, code, message, headers or {}, param
-
-
-def rate_limited(exc: RateLimited, message: str) -> ApiError:
-    """The 429 for a refused per-key limiter, with Retry-After in whole seconds (at least 1)."""
-    return ApiError(429, "rate_limited", message, {"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))})
 
 
 def classify(exc: BaseException) -> ApiError:
@@ -92,53 +83,6 @@ def error_response(err: ApiError) -> JSONResponse:
     )
 
 
-class IngressState:
-    """What the routes use: config, backend, auth, per-key limiters (requests; stored creations), metrics."""
-
-    def __init__(self, config: AppConfig, backend: Backend, task_service: Any = None) -> None:
-        from serve_app.auth import check_bind_allowed
-
-        self.config = config
-        self.backend = backend
-        self._task_service = task_service
-        self.auth = ApiKeyAuth(load_api_keys(config.auth), config.auth)
-        check_bind_allowed(config.host, self.auth.enabled)  # no keys -> loopback only, or refuse to start
-        self.limiter = KeyLimiter(config.auth.requests_per_minute, config.auth.max_concurrent_per_key)
-        self.create_limiter = KeyLimiter(config.auth.creates_per_minute, config.auth.max_concurrent_per_key)
-        self.metrics = ServeMetrics(model=config.model.served_name)
-
-    def tasks(self) -> Any:
-        """The task/session service, opened on first use (a chat-only deployment never touches a store)."""
-        if self._task_service is None:
-            from serve_app.tasks_api import TaskService
-
-            self._task_service = TaskService(self.config.tasks)
-        return self._task_service
-
-
-# Ray Serve runs the user constructor before it attaches its own copy of the FastAPI app, so a replica keeps
-# its state here; in-process apps (tests, benchmarks) keep theirs on ``app.state.kimiray``.
-_replica_state: IngressState | None = None
-
-
-def install_state(app: FastAPI | None, config: AppConfig, backend: Backend, task_service: Any = None) -> IngressState:
-    """Attach state to ``app`` (in-process use) or, with ``app=None``, to this replica process."""
-    global _replica_state
-    state = IngressState(config, backend, task_service)
-    if app is None:
-        _replica_state = state
-    else:
-        app.state.kimiray = state
-    return state
-
-
-def _state(request: Request) -> IngressState:
-    state = getattr(request.app.state, "kimiray", None) or _replica_state
-    if state is None:
-        raise ApiError(503, "starting", "the service is starting", {"Retry-After": "2"})
-    return state
-
-
 def create_app() -> FastAPI:
     app = FastAPI(
         title="kimiray",
@@ -159,7 +103,8 @@ def create_app() -> FastAPI:
                 try:
                     identity = state.auth.authenticate(request.headers.get("authorization"))
                 except AuthError as exc:
-                    raise ApiError(exc.status, exc.code, "a valid API key is required (Authorization: Bearer …)")
+                    raise ApiError(exc.status, exc.code, "a valid API key is required (Authorization: Bearer …)",
+                                   exc.headers)  # 401: WWW-Authenticate: Bearer (RFC 6750)
                 key_id = identity.key_id
                 request.state.key_id = key_id
             length = request.headers.get("content-length")
@@ -196,12 +141,7 @@ def create_app() -> FastAPI:
     async def on_client_input_error(request: Request, exc: ClientInputError):
         return error_response(classify(exc))
 
-    from serve_app.tasks_api import router as tasks_router
-
     app.include_router(tasks_router)
-    from serve_app.console_api import router as console_api_router
-    from serve_app.console_ui import router as console_router
-
     app.include_router(console_api_router)
     app.include_router(console_router)
     install_openapi(app, PUBLIC_ROUTES)
@@ -224,11 +164,9 @@ def create_app() -> FastAPI:
 
     @app.get("/v1/stats", tags=["ops"])
     async def stats(request: Request) -> dict[str, Any]:
-        """Engine statistics: queue depth, cache usage, prefix- and vision-cache hits."""
-        state = _state(request)
-        data = await state.backend.stats()
-        state.metrics.engine_stats(data)
-        return data
+        """Engine statistics of one model replica: queue depth, cache usage, prefix- and vision-cache hits. (The
+        gauges in Ray's metrics come from each ModelServer's health check, not from here.)"""
+        return await _state(request).backend.stats()
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(request: Request, body: openai_api.ChatCompletionRequest):
@@ -311,8 +249,6 @@ def create_app() -> FastAPI:
 
 async def _continue_session(state: IngressState, owner: str, session_id: str, request: GenerateRequest):
     """Prepend the session's messages; return the request and a coroutine that stores this turn."""
-    from serve_app.tasks_api import remember_turn, session_history
-
     service = state.tasks()
     try:
         history = await session_history(service, owner, session_id)

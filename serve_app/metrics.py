@@ -12,7 +12,6 @@ Names (Ray's exporter adds the ``ray_`` prefix, and ``_total`` to counters)::
     kimiray_prompt_tokens              counter    model
     kimiray_completion_tokens          counter    model
     kimiray_generation_tokens_per_second histogram model                      (one observation per request)
-    kimiray_queue_depth                gauge      model, replica
     kimiray_kv_cache_usage             gauge      model, replica               (fraction 0..1)
     kimiray_engine_running             gauge      model, replica
     kimiray_engine_waiting             gauge      model, replica
@@ -21,6 +20,11 @@ Names (Ray's exporter adds the ``ray_`` prefix, and ``_total`` to counters)::
     kimiray_vision_cache_hit_ratio     gauge      model, replica
     kimiray_engine_preemptions         gauge      model, replica               (cumulative count)
     kimiray_engine_alive               gauge      model, replica               (1/0)
+
+Who records what: the Ingress records requests, latency and tokens; each ModelServer replica records the decode
+rate of every request that finishes (tokens after the first delta / time from first to last delta) and sets the
+engine gauges from its health check (every 10 s), so every replica's engine is exported once, under its own
+``replica`` tag. ``kimiray_engine_waiting`` is the replica's queue depth.
 
 ``status`` is the class ("2xx", "4xx", ...); ``route`` should be a route template, and when ``routes`` is given
 anything outside it is recorded as "other", so scanners can't grow the label set. Gauges carry ``replica`` (the
@@ -53,7 +57,6 @@ _SPECS: dict[str, tuple] = {
     "completion_tokens": ("counter", "Completion tokens generated", _MODEL_TAGS),
     "generation_tokens_per_second": ("histogram", "Per-request decode rate in tokens per second", _MODEL_TAGS,
                                      RATE_BOUNDARIES),
-    "queue_depth": ("gauge", "Requests queued in this replica", _GAUGE_TAGS),
     "kv_cache_usage": ("gauge", "Fraction of KV cache blocks in use", _GAUGE_TAGS),
     "engine_running": ("gauge", "Sequences running in the engine", _GAUGE_TAGS),
     "engine_waiting": ("gauge", "Sequences waiting in the engine scheduler", _GAUGE_TAGS),
@@ -204,12 +207,6 @@ class ServeMetrics:
         """Decode rate of one request, observed into a histogram."""
         if tokens_per_s is not None and tokens_per_s >= 0:
             self._record("generation_tokens_per_second", "observe", float(tokens_per_s), {"model": self.model})
-
-    def queue_depth(self, n: int) -> None:
-        self._gauge("queue_depth", n)
-
-    def cache_usage(self, fraction: float) -> None:
-        self._gauge("kv_cache_usage", fraction)
 
     def engine_stats(self, stats: Mapping[str, Any]) -> None:
         """Set the gauges from ``AsyncEngine.stats()``; missing keys are skipped."""

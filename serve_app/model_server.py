@@ -10,8 +10,10 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from connectors.paths import tiny_checkpoint_dir
 from engine.runtime.request import Delta, GenerateRequest
 from serve_app.config import AppConfig
+from serve_app.metrics import ServeMetrics
 from serve_app.routing import SessionAffinityRouter
 
 log = logging.getLogger("kimiray.model_server")
@@ -35,7 +37,6 @@ class ModelServer:
         import torch
 
         from engine.runtime.engine import AsyncEngine
-        from kimiray.paths import tiny_checkpoint_dir
 
         cfg = AppConfig.model_validate(config)
         path = cfg.model.model or str(tiny_checkpoint_dir())
@@ -43,19 +44,31 @@ class ModelServer:
         started = time.monotonic()
         self.engine = AsyncEngine.from_pretrained(path, device=device, dtype=cfg.model.dtype, **cfg.model.engine)
         self.name = cfg.model.served_name
-        from serve_app.metrics import ServeMetrics
-
         self.metrics = ServeMetrics(model=self.name)
         log.info("ModelServer loaded %s on %s in %.1fs", path, device, time.monotonic() - started)
 
     async def generate(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Delta]:
-        async for delta in self.engine.generate(request):
+        async for delta in self._measured(request):
             yield delta
 
     async def complete(self, request: GenerateRequest | dict[str, Any]) -> list[Delta]:
         """The whole generation in one reply: a non-streaming HTTP request then costs one Ray round trip instead
         of one per token. Cancelling the call (client gone) cancels the generation."""
-        return [delta async for delta in self.engine.generate(request)]
+        return [delta async for delta in self._measured(request)]
+
+    async def _measured(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Delta]:
+        """The engine's deltas; a request that finishes normally records its decode rate (tokens after the first
+        delta / time from the first delta to the last) in ``generation_tokens_per_second``."""
+        first_at, first_tokens = None, 0
+        async for delta in self.engine.generate(request):
+            now = time.monotonic()
+            if first_at is None:
+                first_at, first_tokens = now, len(delta.token_ids)
+            elif delta.finish_reason in ("stop", "length") and delta.usage is not None and now > first_at:
+                decoded = delta.usage.completion_tokens - first_tokens
+                if decoded > 0:
+                    self.metrics.generation_rate(decoded / (now - first_at))
+            yield delta
 
     async def stats(self) -> dict[str, Any]:
         return self.engine.stats()
@@ -76,7 +89,8 @@ class ModelServer:
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it. It also exports
-        the engine's gauges (queue depth, cache usage, cache hit ratios) to Ray's metrics."""
+        the engine's gauges (running / waiting sequences, cache usage, cache hit ratios) to Ray's metrics: the one
+        place they are set, so each replica reports its own engine once per period."""
         stats = self.engine.stats()
         metrics = getattr(self, "metrics", None)
         if metrics is not None:

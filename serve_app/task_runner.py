@@ -13,9 +13,20 @@ from typing import Any
 
 from ray import serve
 
+from agents.runner import RunnerOptions, TaskRunner
+from connectors.backend import RayBackend
+from connectors.model_client import BackendModelClient
 from serve_app.config import AppConfig
+from serve_app.task_service import TaskService
 
 log = logging.getLogger("kimiray.task_runner")
+
+
+def runner_options(app_config: AppConfig) -> RunnerOptions:
+    """The runner's settings from the application's config; ``limits`` goes to every agent as ``ctx.limits``."""
+    cfg = app_config.tasks
+    return RunnerOptions(concurrency=cfg.runner_concurrency, lease_s=cfg.lease_s, session_ttl_s=cfg.session_ttl_s,
+                         model_path=app_config.model.model, limits=app_config.limits)
 
 
 @serve.deployment(
@@ -27,18 +38,12 @@ log = logging.getLogger("kimiray.task_runner")
 )
 class TaskRunnerDeployment:
     def __init__(self, model_server: Any, config: dict[str, Any]) -> None:
-        from agents.runner import RunnerOptions, TaskRunner
-        from connectors.model_client import BackendModelClient
-        from serve_app.backend import RayBackend
-        from serve_app.tasks_api import TaskService
-
         app_config = AppConfig.model_validate(config)
         cfg = app_config.tasks
         service = TaskService(cfg)  # the same stores and agents the ingress validates against
         self.stores, registry = service.stores, service.registry
-        options = RunnerOptions(concurrency=cfg.runner_concurrency, lease_s=cfg.lease_s,
-                                session_ttl_s=cfg.session_ttl_s, model_path=app_config.model.model)
-        self.runner = TaskRunner(self.stores, registry, BackendModelClient(RayBackend(model_server)), options)
+        self.runner = TaskRunner(self.stores, registry, BackendModelClient(RayBackend(model_server)),
+                                 runner_options(app_config))
         self._stop = asyncio.Event()
         # Serve runs the constructor inside the replica's event loop: the loop runs beside request handling.
         self._loop_task = asyncio.get_running_loop().create_task(self.runner.run_forever(self._stop))

@@ -8,78 +8,29 @@ Every record belongs to the caller's API key; another key's id answers 404 exact
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from agents.registry import AgentRegistry, InvalidTaskInput, UnknownTaskType, build_registry
+from agents.messages import session_growth, storable
+from connectors.errors import ClientInputError
 from connectors.stores.base import TERMINAL_STATUSES, TaskEvent, TaskSubmission
-from serve_app.config import TasksConfig
-from serve_app.errors import ClientInputError
+from serve_app.auth import RateLimited
+from serve_app.state import IngressState, app_state, rate_limited
+from serve_app.task_service import NotFoundError, TaskService
 
 router = APIRouter()
 
 
-class NotFoundError(ClientInputError):
-    default_status = 404
-    default_code = "not_found"
+def task_service(state: Annotated[IngressState, Depends(app_state)]) -> TaskService:
+    """The task/session service of the app's state (a FastAPI dependency; opened on first use)."""
+    return state.tasks()
 
 
-class TaskService:
-    """Stores + agent registry + settings, shared by the task and session routes (and the chat session hook)."""
-
-    def __init__(self, config: TasksConfig, stores: Any = None, registry: AgentRegistry | None = None) -> None:
-        from connectors.stores import open_stores, stores_url_from_env
-
-        self.config = config
-        self.stores = stores or open_stores(config.stores_url or stores_url_from_env(),
-                                            blob_threshold=config.blob_threshold)
-        self.registry = registry or build_registry(config.agent_modules)
-
-    async def close(self) -> None:
-        await self.stores.close()
-
-    # ------------------------------------------------------------------ tasks
-    def validate(self, submission: TaskSubmission) -> None:
-        try:
-            self.registry.validate(submission.type, submission.input)
-        except UnknownTaskType as exc:
-            raise ClientInputError(str(exc), status_code=422, code="unknown_task_type", param="type") from None
-        except InvalidTaskInput as exc:
-            raise ClientInputError(str(exc), status_code=422, code="invalid_input", param=exc.param) from None
-        size = len(json.dumps([submission.input, submission.options], default=str))
-        if size > self.config.max_input_bytes:
-            raise ClientInputError(f"task input + options are {size} bytes of JSON, over the limit of "
-                                   f"{self.config.max_input_bytes}; put large files in a URL", status_code=413,
-                                   code="input_too_large", param="input")
-
-    async def submit(self, owner: str, submission: TaskSubmission) -> tuple[dict[str, Any], bool]:
-        self.validate(submission)
-        session_id = submission.options.get("session_id")
-        if session_id is not None:
-            if not isinstance(session_id, str) or await self.stores.sessions.get(session_id, owner) is None:
-                raise NotFoundError(f"session {session_id!r} not found", param="options.session_id")
-        agent_cls = self.registry.get(submission.type)
-        record, created = await self.stores.tasks.submit(
-            owner, submission, max_attempts=min(self.config.max_attempts, agent_cls.max_attempts),
-            retention_s=self.config.retention_s)
-        return record.public(), created
-
-    async def get(self, owner: str, task_id: str) -> dict[str, Any]:
-        record = await self.stores.tasks.get(task_id, owner)
-        if record is None:
-            raise NotFoundError(f"task {task_id!r} not found", param="task_id")
-        return record.public()
-
-
-def _service(request: Request) -> TaskService:
-    from serve_app.ingress import _state
-
-    return _state(request).tasks()
+Service = Annotated[TaskService, Depends(task_service)]
 
 
 def _owner(request: Request) -> str:
@@ -88,10 +39,7 @@ def _owner(request: Request) -> str:
 
 def _admit_create(request: Request) -> None:
     """Per-key budget for requests that store something (task, file, session): 429 with Retry-After past it."""
-    from serve_app.auth import RateLimited
-    from serve_app.ingress import _state, rate_limited
-
-    state = _state(request)
+    state = app_state(request)
     try:
         state.create_limiter.acquire(_owner(request)).release()
     except RateLimited as exc:
@@ -107,10 +55,9 @@ def _task_json(task: dict[str, Any], created: bool | None = None) -> dict[str, A
 
 
 @router.post("/v1/tasks", status_code=202, tags=["tasks"])
-async def submit_task(request: Request, body: TaskSubmission) -> JSONResponse:
+async def submit_task(request: Request, service: Service, body: TaskSubmission) -> JSONResponse:
     """Accept a task (202) or, for an idempotency key seen before, return the existing one (200)."""
     _admit_create(request)
-    service = _service(request)
     task, created = await service.submit(_owner(request), body)
     return JSONResponse(_task_json(task, created), status_code=202 if created else 200,
                         headers={"Location": f"/v1/tasks/{task['id']}"})
@@ -119,12 +66,12 @@ async def submit_task(request: Request, body: TaskSubmission) -> JSONResponse:
 @router.get("/v1/tasks", tags=["tasks"])
 async def list_tasks(
     request: Request,
+    service: Service,
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
     type: str | None = Query(None, max_length=64),
     limit: int = Query(50, ge=1, le=500),
     cursor: str | None = Query(None, max_length=500),
 ) -> dict[str, Any]:
-    service = _service(request)
     try:
         page = await service.stores.tasks.list(_owner(request), status=status, type=type, limit=limit,
                                                cursor=cursor)
@@ -134,20 +81,20 @@ async def list_tasks(
 
 
 @router.get("/v1/task-types", tags=["tasks"])
-async def task_types(request: Request) -> dict[str, Any]:
+async def task_types(request: Request, service: Service) -> dict[str, Any]:
     """The task types this service runs, with their input JSON schemas."""
-    return {"object": "list", "data": _service(request).registry.describe()}
+    return {"object": "list", "data": service.registry.describe()}
 
 
 @router.get("/v1/tasks/{task_id}", tags=["tasks"])
-async def get_task(request: Request, task_id: str) -> dict[str, Any]:
-    return _task_json(await _service(request).get(_owner(request), task_id))
+async def get_task(request: Request, service: Service, task_id: str) -> dict[str, Any]:
+    return _task_json(await service.get(_owner(request), task_id))
 
 
 @router.post("/v1/tasks/{task_id}/cancel", tags=["tasks"])
-async def cancel_task(request: Request, task_id: str) -> dict[str, Any]:
+async def cancel_task(request: Request, service: Service, task_id: str) -> dict[str, Any]:
     """Queued tasks end at once; running ones at the agent's next step; ended ones are unchanged."""
-    record = await _service(request).stores.tasks.cancel(task_id, _owner(request))
+    record = await service.stores.tasks.cancel(task_id, _owner(request))
     if record is None:
         raise NotFoundError(f"task {task_id!r} not found", param="task_id")
     return _task_json(record.public())
@@ -160,9 +107,8 @@ class Confirmation(BaseModel):
 
 
 @router.post("/v1/tasks/{task_id}/confirm", tags=["tasks"])
-async def confirm_action(request: Request, task_id: str, body: Confirmation) -> dict[str, Any]:
+async def confirm_action(request: Request, service: Service, task_id: str, body: Confirmation) -> dict[str, Any]:
     """Approve or decline a risky action a running agent is waiting on (event ``confirmation_required``)."""
-    service = _service(request)
     owner = _owner(request)
     task = await service.get(owner, task_id)
     if task["status"] not in ("queued", "running") or not task.get("session_id"):
@@ -181,10 +127,10 @@ def _ends_task(event: TaskEvent) -> bool:
 
 
 @router.get("/v1/tasks/{task_id}/events", tags=["tasks"])
-async def task_events(request: Request, task_id: str, after: int | None = Query(None, ge=0)) -> StreamingResponse:
+async def task_events(request: Request, service: Service, task_id: str,
+                      after: int | None = Query(None, ge=0)) -> StreamingResponse:
     """Server-sent events, ``id:`` = the event's number. Resume with ``Last-Event-ID`` (or ``?after=N``): only
     later events are sent, none is missed. The stream ends after the event that ends the task."""
-    service = _service(request)
     await service.get(_owner(request), task_id)  # 404 for a missing or foreign task
     header = request.headers.get("last-event-id")
     if header is not None and not header.strip().isdigit():
@@ -219,9 +165,8 @@ async def task_events(request: Request, task_id: str, after: int | None = Query(
 
 
 @router.get("/v1/tasks/{task_id}/artifacts/{name}", tags=["tasks"])
-async def task_artifact(request: Request, task_id: str, name: str) -> Response:
+async def task_artifact(request: Request, service: Service, task_id: str, name: str) -> Response:
     """A file the task produced (e.g. ``annotated_pdf``, ``summary_md``), listed in ``result.artifacts``."""
-    service = _service(request)
     task = await service.get(_owner(request), task_id)
     artifacts = (task.get("result") or {}).get("artifacts") if isinstance(task.get("result"), dict) else None
     entry = (artifacts or {}).get(name)
@@ -236,11 +181,10 @@ async def task_artifact(request: Request, task_id: str, name: str) -> Response:
 
 
 @router.post("/v1/files", status_code=201, tags=["tasks"])
-async def upload_file(request: Request) -> JSONResponse:
+async def upload_file(request: Request, service: Service) -> JSONResponse:
     """Upload a file (the raw request body, any content type) for a task to use by reference (``blob``): large
     PDFs need not travel base64-encoded inside the task's JSON. Limited by ``limits.max_body_bytes``."""
     _admit_create(request)
-    service = _service(request)
     data = await request.body()
     if not data:
         raise ClientInputError("empty body: send the file's bytes as the request body", param="body")
@@ -263,17 +207,16 @@ def _session_json(record: Any) -> dict[str, Any]:
     return {"object": "session", **record.public()}
 
 
-async def _session(request: Request, session_id: str) -> Any:
-    record = await _service(request).stores.sessions.get(session_id, _owner(request))
+async def _session(request: Request, service: TaskService, session_id: str) -> Any:
+    record = await service.stores.sessions.get(session_id, _owner(request))
     if record is None:
         raise NotFoundError(f"session {session_id!r} not found", param="session_id")
     return record
 
 
 @router.post("/v1/sessions", status_code=201, tags=["sessions"])
-async def create_session(request: Request, body: SessionCreate | None = None) -> JSONResponse:
+async def create_session(request: Request, service: Service, body: SessionCreate | None = None) -> JSONResponse:
     _admit_create(request)
-    service = _service(request)
     body = body or SessionCreate()
     record = await service.stores.sessions.create(
         _owner(request), metadata=body.metadata, ttl_s=body.ttl_s or service.config.session_ttl_s)
@@ -281,30 +224,30 @@ async def create_session(request: Request, body: SessionCreate | None = None) ->
 
 
 @router.get("/v1/sessions/{session_id}", tags=["sessions"])
-async def get_session(request: Request, session_id: str) -> dict[str, Any]:
-    return _session_json(await _session(request, session_id))
+async def get_session(request: Request, service: Service, session_id: str) -> dict[str, Any]:
+    return _session_json(await _session(request, service, session_id))
 
 
 @router.get("/v1/sessions/{session_id}/messages", tags=["sessions"])
-async def session_messages(request: Request, session_id: str, start: int = Query(0, ge=0),
+async def session_messages(request: Request, service: Service, session_id: str, start: int = Query(0, ge=0),
                            end: int | None = Query(None, ge=0)) -> dict[str, Any]:
     """Stored messages; media parts appear as ``blob_ref`` parts (not inlined)."""
-    await _session(request, session_id)
-    messages = await _service(request).stores.sessions.messages(session_id, _owner(request), start=start, end=end)
+    await _session(request, service, session_id)
+    messages = await service.stores.sessions.messages(session_id, _owner(request), start=start, end=end)
     return {"object": "list", "data": [m.model_dump(mode="json") for m in messages]}
 
 
 @router.get("/v1/sessions/{session_id}/children", tags=["sessions"])
-async def session_children(request: Request, session_id: str) -> dict[str, Any]:
-    await _session(request, session_id)
-    children = await _service(request).stores.sessions.children(session_id, _owner(request))
+async def session_children(request: Request, service: Service, session_id: str) -> dict[str, Any]:
+    await _session(request, service, session_id)
+    children = await service.stores.sessions.children(session_id, _owner(request))
     return {"object": "list", "data": [_session_json(c) for c in children]}
 
 
 @router.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
-async def delete_session(request: Request, session_id: str) -> Response:
-    await _session(request, session_id)
-    await _service(request).stores.sessions.delete(session_id, _owner(request))
+async def delete_session(request: Request, service: Service, session_id: str) -> Response:
+    await _session(request, service, session_id)
+    await service.stores.sessions.delete(session_id, _owner(request))
     return Response(status_code=204)
 
 
@@ -321,8 +264,6 @@ async def session_history(service: TaskService, owner: str, session_id: str) -> 
 async def remember_turn(service: TaskService, owner: str, session_id: str, new_messages: list[dict[str, Any]],
                         reply_text: str, usage: Any) -> None:
     """Append the turn's new messages and the reply; the session's token count becomes the conversation's."""
-    from agents.messages import session_growth, storable
-
     grown = await session_growth(service.stores.sessions, session_id, owner, usage)
     await service.stores.sessions.append(
         session_id, owner, storable(new_messages) + [{"role": "assistant", "content": reply_text}],

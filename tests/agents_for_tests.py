@@ -48,7 +48,7 @@ class ChunkedCountAgent(Agent):
     Input = ChunkedInput
 
     async def run(self, ctx: AgentContext, input: ChunkedInput) -> dict:
-        from kimiray.paths import tiny_checkpoint_dir
+        from connectors.paths import tiny_checkpoint_dir
         from pipelines import ContextBudget, ContextPlanner, Piece, TokenCounter, map_reduce
 
         counter = TokenCounter.from_pretrained(tiny_checkpoint_dir())

@@ -38,7 +38,7 @@ def running_service(home: Path, api_keys: str, args: dict[str, Any] | None = Non
     os.environ.update(SAFE_ENV)
     os.environ["KIMIRAY_HOME"] = str(home)
     os.environ["KIMIRAY_API_KEYS"] = api_keys
-    from kimiray.paths import tiny_checkpoint_dir
+    from connectors.paths import tiny_checkpoint_dir
 
     tiny_checkpoint_dir()  # write it once here, not racing in replicas
     port = free_port()

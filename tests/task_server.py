@@ -26,10 +26,10 @@ def task_server(stores_url: str, api_keys: str, *, engine: Any = None, model_cli
 
     from agents.runner import RunnerOptions, TaskRunner
     from connectors.model_client import BackendModelClient
-    from serve_app.backend import LocalBackend
+    from connectors.backend import LocalBackend
     from serve_app.config import AppConfig
     from serve_app.ingress import create_app, install_state
-    from serve_app.tasks_api import TaskService
+    from serve_app.task_service import TaskService
 
     os.environ["KIMIRAY_API_KEYS"] = api_keys
     tasks = {"stores_url": stores_url, "agent_modules": list(agent_modules), "lease_s": lease_s,

@@ -8,33 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
 
-from agents import Agent, AgentContext, AgentRegistry
+from agents import Agent, AgentRegistry
 from agents.registry import InvalidTaskInput, UnknownTaskType, build_registry
 from agents.runner import RunnerOptions, TaskRunner, task_session_id
-from connectors.model_client import ModelReply, ModelUnavailableError
+from connectors.model_client import ModelReply
 from connectors.stores import open_stores
 from connectors.stores.base import TaskSubmission
-from engine.runtime.request import GenerateRequest, Usage
-
-
-class ScriptedModel:
-    """Answers from a list (or a function), recording every request."""
-
-    def __init__(self, replies: list[str] | None = None, fail_times: int = 0) -> None:
-        self.replies = list(replies or [])
-        self.requests: list[GenerateRequest] = []
-        self.fail_times = fail_times
-
-    async def generate(self, request: GenerateRequest) -> ModelReply:
-        self.requests.append(request)
-        if self.fail_times > 0:
-            self.fail_times -= 1
-            raise ModelUnavailableError("replica restarting")
-        text = self.replies.pop(0) if self.replies else "ok"
-        return ModelReply(text=text, finish_reason="stop",
-                          usage=Usage(prompt_tokens=10 * len(self.requests), completion_tokens=3))
+from engine.runtime.request import GenerateRequest
+from tests.scripted_models import ScriptedModel
 
 
 def run(coro: Any) -> Any:
@@ -116,7 +98,7 @@ def test_agent_error_fails_the_task_with_its_code(store_url: str) -> None:
     async def main() -> None:
         stores = open_stores(store_url)
         runner = TaskRunner(stores, registry_with_tests(), ScriptedModel())
-        task = await _submit(stores, "sleepy", {"steps": 1, "step_s": 0, "fail_with": "document is encrypted"})
+        await _submit(stores, "sleepy", {"steps": 1, "step_s": 0, "fail_with": "document is encrypted"})
         done = await runner.run_once()
         assert done.status == "failed" and done.error.code == "requested_failure"
         assert done.error.message == "document is encrypted" and done.attempts == 1

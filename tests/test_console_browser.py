@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +100,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
     from agents.os_agent.harness.launch import launch_app, stop_app
     from connectors.desktop.xvfb import VirtualDisplay
     from engine.runtime.engine import AsyncEngine
-    from serve_app.backend import LocalBackend
+    from connectors.backend import LocalBackend
     from tests.os_agent_helpers import ScreenReadingModel
 
     tmp = tmp_path_factory.mktemp("console")

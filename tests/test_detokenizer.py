@@ -52,7 +52,7 @@ def reference(text, stops=(), split=False, started=False):
 
 def tokens_spanned(tok, ids: list[int], start: int, length: int) -> int:
     """How many tokens of ``ids`` cover the characters ``[start, start + length)`` of the decoded text."""
-    n, pos, prev = 0, 0, ""
+    n, prev = 0, ""
     for i in range(len(ids)):
         cur = tok.decode(ids[: i + 1])
         if not cur.endswith("\ufffd"):

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.loader import CheckpointError, checkpoint_targets, load, load_model, resolve_dtype
+from engine.loader import CheckpointError, checkpoint_targets, load_model, resolve_dtype
 from engine.config import ConfigError, parse_config
 from engine.tiny import official_tensor_shapes, tiny_config
 

@@ -1,4 +1,4 @@
-"""serve_app.media: data URLs, SSRF-safe fetching, size / time limits, images and video frames (no Ray, no model).
+"""connectors.media: data URLs, SSRF-safe fetching, size / time limits, images and video frames (no Ray, no model).
 
 Remote fetches go to ``http.server`` threads on 127.0.0.1; refusals of private addresses happen before any
 connection, so no test touches the network.
@@ -8,25 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import io
 import ipaddress
 import shutil
 import ssl
 import subprocess
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 from PIL import Image
 
-from serve_app import media
-from serve_app.config import Limits
-from serve_app.media import (
+from connectors import media
+from connectors.limits import Limits
+from connectors.media import (
     MediaError,
     address_refusal,
     decode_data_url,
@@ -34,101 +31,7 @@ from serve_app.media import (
     load_image_part,
     load_video_part,
 )
-
-# ----------------------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------------------
-
-
-def png_bytes(color: tuple[int, int, int] = (255, 0, 0), size: tuple[int, int] = (8, 6)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def data_url(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
-class MediaServer:
-    """A tiny threaded HTTP server on 127.0.0.1 with the routes the tests need.
-
-    /img.png (?c=r,g,b colour), /big (1 MiB streamed without Content-Length), /biglen (declares 50 MB),
-    /slow (sleeps 3 s), /redirect?to=URL (302), /missing (404), /html (a web page).
-    """
-
-    def __init__(self) -> None:
-        self.hosts: list[str] = []
-        self.paths: list[str] = []
-        self.big_bytes_sent = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:  # keep test output clean
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                outer.hosts.append(self.headers.get("Host", ""))
-                outer.paths.append(self.path)
-                parsed = urllib.parse.urlparse(self.path)
-                query = urllib.parse.parse_qs(parsed.query)
-                route = parsed.path
-                try:
-                    if route == "/img.png":
-                        color = tuple(int(c) for c in query.get("c", ["255,0,0"])[0].split(","))
-                        self._send(200, png_bytes(color), "image/png")  # type: ignore[arg-type]
-                    elif route == "/big":
-                        self.send_response(200)
-                        self.send_header("Content-Type", "image/png")
-                        self.end_headers()
-                        for _ in range(16):
-                            self.wfile.write(b"\0" * 65536)
-                            outer.big_bytes_sent += 65536
-                    elif route == "/biglen":
-                        self.send_response(200)
-                        self.send_header("Content-Type", "image/png")
-                        self.send_header("Content-Length", str(50_000_000))
-                        self.end_headers()
-                        self.wfile.write(b"\0" * 1024)
-                    elif route == "/slow":
-                        time.sleep(3)
-                        self._send(200, png_bytes(), "image/png")
-                    elif route == "/redirect":
-                        self.send_response(302)
-                        self.send_header("Location", query["to"][0])
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                    elif route == "/html":
-                        self._send(200, b"<html><body>not an image</body></html>", "text/html")
-                    else:
-                        self._send(404, b"not found", "text/plain")
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def _send(self, status: int, body: bytes, ctype: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def url(self, path: str) -> str:
-        return f"{self.origin}{path}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from tests.media_helpers import MediaServer, colour_frames, data_url, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -413,10 +316,6 @@ def test_image_url_schemes(url: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # video
 # ----------------------------------------------------------------------------------------------------------
-def colour_frames(n: int) -> list[str]:
-    return [data_url(png_bytes((k, 0, 0))) for k in range(n)]
-
-
 def test_video_frames_with_fps() -> None:
     frames = run(load_video_part({"type": "video", "video": {"frames": colour_frames(4), "fps": 2.0}}, STRICT))
     assert len(frames) == 4
@@ -479,13 +378,6 @@ def test_http_video_frames(server: MediaServer) -> None:
     urls = [server.url(f"/img.png?c={k},{k},{k}") for k in range(3)]
     frames = run(load_video_part({"type": "video", "video": {"frames": urls, "fps": 1}}, PRIVATE_OK))
     assert [im.getpixel((0, 0)) for im in frames.frames] == [(0, 0, 0), (1, 1, 1), (2, 2, 2)]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("av") is not None, reason="PyAV installed: video URLs are decoded")
-def test_video_url_without_decoder_is_422() -> None:
-    err = media_error(load_video_part({"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}, STRICT))
-    assert (err.status_code, err.code) == (422, "video_url_unsupported")
-    assert "frames" in err.message
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a test certificate")

@@ -42,9 +42,6 @@ def exercise(m: ServeMetrics) -> None:
     m.tokens(0, 0)  # Ray counters refuse 0: must be skipped, not raise
     m.generation_rate(42.5)
     m.generation_rate(0.0)
-    m.queue_depth(4)
-    m.queue_depth(0)
-    m.cache_usage(0.5)
     m.engine_stats(STATS)
     m.engine_stats({"running": 0, "waiting": 0, "prefix_cache_query_blocks": 0, "vision_cache_hits": 0,
                     "vision_cache_misses": 0, "alive": False})

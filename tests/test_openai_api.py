@@ -1,5 +1,5 @@
-"""serve_app.openai_api: request schema, conversion to GenerateRequest, and response / chunk / error builders
-checked against the openai SDK's own types and client (no Ray, no model)."""
+"""connectors.openai_messages (request schema, conversion to GenerateRequest) and serve_app.openai_api (response /
+chunk / error builders), checked against the openai SDK's own types and client (no Ray, no model)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,12 @@ from pydantic import BaseModel, ValidationError
 from engine.processor import collect_media as processor_media
 from engine.runtime.request import Delta, GenerateRequest, TokenLogprob, Usage
 from engine.tokenizer import normalize_messages
-from serve_app.config import Limits
-from serve_app.media import MediaError
+from connectors.limits import Limits
+from connectors.media import MediaError
+from connectors.openai_messages import ChatCompletionRequest, RequestError, _allocate, to_generate_request
 from serve_app.openai_api import (
     SSE_DONE,
-    ChatCompletionRequest,
     ChunkStream,
-    RequestError,
-    _allocate,
     chunk,
     completion_response,
     error_body,
@@ -37,10 +35,9 @@ from serve_app.openai_api import (
     models_response,
     new_request_id,
     sse_event,
-    to_generate_request,
     usage_chunk,
 )
-from tests.test_media import MediaServer, colour_frames, data_url, png_bytes
+from tests.media_helpers import MediaServer, colour_frames, data_url, png_bytes
 
 LIMITS = Limits()
 PRIVATE_OK = Limits(allow_private_urls=True)
@@ -274,15 +271,12 @@ def test_ssrf_through_the_api(server: MediaServer) -> None:
         assert info.value.code == "url_not_allowed"
 
 
-def test_video_url_part() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("av") is not None:
-        pytest.skip("PyAV installed: video URLs are decoded")
+def test_video_url_part_that_is_not_a_video_names_the_part() -> None:
+    junk = data_url(b"definitely not a video" * 10, "video/mp4")
     with pytest.raises(MediaError) as info:
-        convert({"messages": [user({"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}})]})
-    assert (info.value.status_code, info.value.code) == (422, "video_url_unsupported")
-    assert info.value.param == "messages[0].content[0].video_url.url"
+        convert({"messages": [user(text("look"), {"type": "video_url", "video_url": {"url": junk}})]})
+    assert (info.value.status_code, info.value.code) == (415, "unsupported_video_format")
+    assert info.value.param == "messages[0].content[1].video_url.url"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ in Kimi-VL's format, through the real TaskRunner and embedded stores. Success is
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import time
 from pathlib import Path

@@ -110,6 +110,7 @@ def test_every_route_but_the_public_ones_needs_a_key(server: str, headers: dict[
     for method, path in PROTECTED:
         r = httpx.request(method, f"{server}{_concrete(path)}", headers=headers, timeout=30, json={})
         assert r.status_code == 401, (method, path, r.status_code, r.text)
+        assert r.headers["www-authenticate"] == "Bearer", (method, path)  # RFC 6750: the scheme to use
         assert r.headers["content-type"].startswith("application/json"), (method, path)
         assert r.json()["error"]["type"] == "authentication_error", (method, path)
         for value in headers.values():  # the presented credential is never echoed

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from openai import APIStatusError, AsyncOpenAI, OpenAI
+from openai import AsyncOpenAI, OpenAI
 from PIL import Image
 
 from tests.serve_harness import running_service

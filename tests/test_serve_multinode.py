@@ -165,7 +165,7 @@ def test_replicas_on_workers_and_recovery_from_node_loss(tmp_path, monkeypatch) 
     # import: if this process imported ray earlier, ray.init(address="127.0.0.1:…") would rewrite the address to
     # the machine's IP. Apply the same setting here.
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-    from kimiray.paths import tiny_checkpoint_dir
+    from connectors.paths import tiny_checkpoint_dir
 
     tiny_checkpoint_dir()  # write it once here, not racing in replicas
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from connectors.stores import open_stores
 from connectors.stores.base import TaskSubmission

@@ -14,7 +14,6 @@ from pydantic import BaseModel
 from engine.tiny_tokenizer import SPECIAL_TOKEN_OFFSETS, tokenizer_config, write_tiny_tokenizer
 from engine.tokenizer import (
     KIMI_PAT_STR,
-    MEDIA_BLOCK,
     ChatTemplateError,
     ImageItem,
     KimiTokenizer,

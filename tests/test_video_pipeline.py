@@ -33,9 +33,7 @@ from pipelines.video.synthetic import (
     SyntheticVideo,
     _render,
     format_clock,
-    make_8k_video,
     make_bad_videos,
-    make_long_video,
     make_video,
 )
 

@@ -10,8 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from serve_app.config import Limits
-from serve_app.media import MediaError, load_video_part
+from connectors.limits import Limits
+from connectors.media import MediaError, load_video_part
 
 
 def make_video(seconds: float, fps: int = 10, size=(64, 48)) -> bytes:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agents.sources import FileInput, one_source
+from pipelines.document.cuad import resolve_categories, user_schema_fields
 
 
 class ContractInput(BaseModel):
@@ -41,8 +42,6 @@ class ContractInput(BaseModel):
     @classmethod
     def _usable_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
-            from pipelines.document.cuad import user_schema_fields
-
             user_schema_fields(value)  # raises ValueError naming the problem
         return value
 
@@ -50,7 +49,5 @@ class ContractInput(BaseModel):
     @classmethod
     def _known_categories(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
-            from agents.contract.schema import resolve_categories
-
             resolve_categories(value)
         return value

@@ -13,24 +13,11 @@ from pydantic import BaseModel, ConfigDict
 
 from agents.contract.inputs import ContractInput
 from pipelines.context import Chunk, ContextBudget, ContextPlanner, Piece
-from pipelines.document.cuad import Category, Field, category_by_key, extraction_schema
+from pipelines.document.cuad import Category, Field, extraction_schema, resolve_categories
 from pipelines.document.cuad import extraction_schema_for_user, load_categories, prompt_for, user_schema_fields
 from pipelines.document.types import Document
 
 PROMPT_SHARE = 0.35  # the instructions may take at most this share of a call's prompt budget
-
-
-def resolve_categories(names: list[str]) -> list[Category]:
-    """CUAD categories by key or name (case-insensitive); ``ValueError`` naming the unknown ones."""
-    found, unknown = [], []
-    for name in names:
-        try:
-            found.append(category_by_key(name))
-        except (KeyError, ValueError):
-            unknown.append(name)
-    if unknown:
-        raise ValueError(f"unknown CUAD categories: {', '.join(map(repr, unknown))} (see GET /v1/task-types)")
-    return list({c.key: c for c in found}.values())
 
 
 def build_targets(input: ContractInput) -> list[Category | Field]:

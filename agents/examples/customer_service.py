@@ -79,7 +79,7 @@ class CustomerServiceAgent(Agent):
         await ctx.step("read_message")
         parts: list[dict] = [{"type": "image_url", "image_url": {"url": url}} for url in input.images]
         parts.append({"type": "text", "text": input.message})
-        new_messages, _ = await to_engine_messages([{"role": "user", "content": parts}], 256)
+        new_messages, _ = await to_engine_messages([{"role": "user", "content": parts}], 256, limits=ctx.limits)
         system = [] if history else [{"role": "system", "content": POLICY}]
         await ctx.progress(2, 3, "asking the model")
 

@@ -3,7 +3,7 @@
 :func:`open_stores` picks the implementation from a URL so callers (ingress, runners, the SDK) never name
 one::
 
-    None | "embedded"        -> SQLite + files under kimiray.paths.data_dir() / "stores" (or ``home``)
+    None | "embedded"        -> SQLite + files under connectors.paths.data_dir() / "stores" (or ``home``)
     "sqlite:///abs/dir"      -> SQLite + files in /abs/dir
     "redis://host:port/db"   -> Redis (also rediss://, unix://)
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from connectors.paths import data_dir
 from connectors.stores.base import (
     TERMINAL_STATUSES,
     BlobRef,
@@ -94,8 +95,6 @@ def open_stores(
     call does, so this is safe outside an event loop. ``key_prefix`` only applies to Redis."""
     if url is None or url == "embedded":
         if home is None:
-            from kimiray.paths import data_dir
-
             home = data_dir() / "stores"
         return _embedded(Path(home), blob_threshold, url="embedded")
     if url.startswith("sqlite://"):

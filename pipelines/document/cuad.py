@@ -107,6 +107,19 @@ def category_by_key(key_or_name: str) -> Category:
     raise KeyError(f"unknown CUAD category {key_or_name!r}")
 
 
+def resolve_categories(names: list[str]) -> list[Category]:
+    """CUAD categories by key or name (case-insensitive); ``ValueError`` naming the unknown ones."""
+    found, unknown = [], []
+    for name in names:
+        try:
+            found.append(category_by_key(name))
+        except (KeyError, ValueError):
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"unknown CUAD categories: {', '.join(map(repr, unknown))} (see GET /v1/task-types)")
+    return list({c.key: c for c in found}.values())
+
+
 # -- schemas ---------------------------------------------------------------------------------------------------
 
 

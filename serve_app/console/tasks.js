@@ -110,5 +110,9 @@ export async function renderTasks(main, signal) {
     }).catch(() => {});
   }
 
-  await load();
+  try {
+    await load();
+  } catch (err) {
+    if (err.name !== 'AbortError') throw err; // a filter changed before the first page came: not an error
+  }
 }

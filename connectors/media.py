@@ -45,11 +45,9 @@ API accepts a list of frame URLs (``data:`` / ``http(s)``) with optional ``fps``
 * More frames than allowed (``max_frames``, default ``limits.max_video_frames``) are SAMPLED DOWN, not refused:
   ``sample_frame_indices(n, None, max_frames)`` picks segment centres uniformly; only the chosen frames are
   fetched. Timestamps follow the chosen frames; with only ``fps`` they are derived as ``index / fps``.
-* A video file URL (``video_url``) needs PyAV (``importlib.util.find_spec("av")``). Without it: 422
-  ``video_url_unsupported`` telling the client to send frames. With it, the file (at most
-  ``limits.max_body_bytes``, the size it could have had inline) is decoded in a thread and sampled with
-  ``sample_frame_indices(n, fps, max_frames)`` (1 frame/s, our processor convention). That path is untested
-  where PyAV is absent.
+* A video file URL (``video_url``): the file (at most ``limits.max_body_bytes``, the size it could have had
+  inline) is decoded with PyAV (a required dependency) in a thread and sampled with
+  ``sample_frame_indices(n, fps, max_frames)`` (1 frame/s, our processor convention).
 """
 
 from __future__ import annotations
@@ -57,7 +55,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import importlib.util
 import io
 import ipaddress
 import math
@@ -66,12 +63,13 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Any
 
+import av
 import httpx
 from PIL import Image
 
 from engine.processor import ImageInputError, ProcessorError, VideoFrames, load_image, sample_frame_indices
-from serve_app.config import Limits
-from serve_app.errors import ClientInputError
+from connectors.limits import Limits
+from connectors.errors import ClientInputError
 
 __all__ = [
     "MediaError",
@@ -84,7 +82,6 @@ __all__ = [
     "decode_data_url",
     "load_image_part",
     "load_video_part",
-    "video_decoding_available",
 ]
 
 MAX_REDIRECTS = 3
@@ -411,11 +408,6 @@ async def load_image_part(url: str, limits: Limits, *, trusted_origins: Collecti
 # ----------------------------------------------------------------------------------------------------------
 # Video
 # ----------------------------------------------------------------------------------------------------------
-def video_decoding_available() -> bool:
-    """True when PyAV is importable (video file URLs can be decoded)."""
-    return importlib.util.find_spec("av") is not None
-
-
 def _plain(part: Any) -> Any:
     dump = getattr(part, "model_dump", None)
     return dump(by_alias=True, exclude_none=True) if callable(dump) and not isinstance(part, dict) else part
@@ -545,12 +537,6 @@ async def load_video_part(part: Any, limits: Limits, *, max_frames: int | None =
 async def _load_video_url(url: Any, limits: Limits, budget: int, trusted_origins: Collection[str]) -> VideoFrames:
     if not isinstance(url, str) or not url.strip():
         raise MediaError("video_url needs {'url': ...}", code="invalid_url")
-    if not video_decoding_available():
-        raise MediaError(
-            "video file URLs are not supported by this server (no video decoder installed); send the video as "
-            "sampled frames: {\"type\": \"video\", \"video\": {\"frames\": [<image URLs>], \"fps\": <frames per s>}}",
-            status_code=422, code="video_url_unsupported",
-        )
     url = url.strip()
     scheme = _scheme(url)
     if scheme == "data":
@@ -567,8 +553,6 @@ async def _load_video_url(url: Any, limits: Limits, budget: int, trusted_origins
 
 def _decode_video(data: bytes, limits: Limits, budget: int) -> VideoFrames:
     """Decode with PyAV and sample ~1 frame/s (``sample_frame_indices``), at most ``budget`` frames."""
-    import av  # type: ignore[import-not-found]
-
     def open_container() -> Any:
         try:
             return av.open(io.BytesIO(data), mode="r")

@@ -1,0 +1,77 @@
+"""The ingress's state and the errors its routes raise, shared by the chat routes (``serve_app.ingress``) and the
+task / session routes (``serve_app.tasks_api``) without either importing the other.
+
+Routes reach the state through :func:`app_state`, a FastAPI dependency, so the same app runs behind Ray Serve
+(``RayBackend``) and in-process for tests and benchmarks (``LocalBackend``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+from connectors.backend import Backend
+from serve_app.auth import ApiKeyAuth, KeyLimiter, RateLimited, check_bind_allowed, load_api_keys
+from serve_app.config import AppConfig
+from serve_app.metrics import ServeMetrics
+from serve_app.task_service import TaskService
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and OpenAI-style body."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers, self.param = status, code, message, headers or {}, param
+
+
+def rate_limited(exc: RateLimited, message: str) -> ApiError:
+    """The 429 for a refused per-key limiter, with Retry-After in whole seconds (at least 1)."""
+    return ApiError(429, "rate_limited", message, {"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))})
+
+
+class IngressState:
+    """What the routes use: config, backend, auth, per-key limiters (requests; stored creations), metrics."""
+
+    def __init__(self, config: AppConfig, backend: Backend, task_service: Any = None) -> None:
+        self.config = config
+        self.backend = backend
+        self._task_service = task_service
+        self.auth = ApiKeyAuth(load_api_keys(config.auth), config.auth)
+        check_bind_allowed(config.host, self.auth.enabled)  # no keys -> loopback only, or refuse to start
+        self.limiter = KeyLimiter(config.auth.requests_per_minute, config.auth.max_concurrent_per_key)
+        self.create_limiter = KeyLimiter(config.auth.creates_per_minute, config.auth.max_concurrent_per_key)
+        self.metrics = ServeMetrics(model=config.model.served_name)
+
+    def tasks(self) -> TaskService:
+        """The task/session service, opened on first use (a chat-only deployment never touches a store)."""
+        if self._task_service is None:
+            self._task_service = TaskService(self.config.tasks)
+        return self._task_service
+
+
+# Ray Serve runs the user constructor before it attaches its own copy of the FastAPI app, so a replica keeps
+# its state here; in-process apps (tests, benchmarks) keep theirs on ``app.state.kimiray``.
+_replica_state: IngressState | None = None
+
+
+def install_state(app: FastAPI | None, config: AppConfig, backend: Backend, task_service: Any = None) -> IngressState:
+    """Attach state to ``app`` (in-process use) or, with ``app=None``, to this replica process."""
+    global _replica_state
+    state = IngressState(config, backend, task_service)
+    if app is None:
+        _replica_state = state
+    else:
+        app.state.kimiray = state
+    return state
+
+
+def app_state(request: Request) -> IngressState:
+    """The app's state; a FastAPI dependency (``Depends(app_state)``) for routes, called directly by middleware."""
+    state = getattr(request.app.state, "kimiray", None) or _replica_state
+    if state is None:
+        raise ApiError(503, "starting", "the service is starting", {"Retry-After": "2"})
+    return state

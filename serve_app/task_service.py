@@ -1,0 +1,67 @@
+"""The task and session service behind the REST routes: stores + agent registry + settings.
+
+Submission validates everything a runner would later trip over - the task type is registered, the input matches
+the agent's schema, a named session exists for this key - so bad input is a 4xx now, never a failed task later.
+Used by the routes (``serve_app.tasks_api``), the chat session hook and ``kimiray.LocalRuntime``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from agents.registry import AgentRegistry, InvalidTaskInput, UnknownTaskType, build_registry
+from connectors.errors import ClientInputError
+from connectors.stores import open_stores, stores_url_from_env
+from connectors.stores.base import TaskSubmission
+from serve_app.config import TasksConfig
+
+
+class NotFoundError(ClientInputError):
+    default_status = 404
+    default_code = "not_found"
+
+
+class TaskService:
+    """Stores + agent registry + settings, shared by the task and session routes (and the chat session hook)."""
+
+    def __init__(self, config: TasksConfig, stores: Any = None, registry: AgentRegistry | None = None) -> None:
+        self.config = config
+        self.stores = stores or open_stores(config.stores_url or stores_url_from_env(),
+                                            blob_threshold=config.blob_threshold)
+        self.registry = registry or build_registry(config.agent_modules)
+
+    async def close(self) -> None:
+        await self.stores.close()
+
+    # ------------------------------------------------------------------ tasks
+    def validate(self, submission: TaskSubmission) -> None:
+        try:
+            self.registry.validate(submission.type, submission.input)
+        except UnknownTaskType as exc:
+            raise ClientInputError(str(exc), status_code=422, code="unknown_task_type", param="type") from None
+        except InvalidTaskInput as exc:
+            raise ClientInputError(str(exc), status_code=422, code="invalid_input", param=exc.param) from None
+        size = len(json.dumps([submission.input, submission.options], default=str))
+        if size > self.config.max_input_bytes:
+            raise ClientInputError(f"task input + options are {size} bytes of JSON, over the limit of "
+                                   f"{self.config.max_input_bytes}; put large files in a URL", status_code=413,
+                                   code="input_too_large", param="input")
+
+    async def submit(self, owner: str, submission: TaskSubmission) -> tuple[dict[str, Any], bool]:
+        self.validate(submission)
+        session_id = submission.options.get("session_id")
+        if session_id is not None:
+            if not isinstance(session_id, str) or await self.stores.sessions.get(session_id, owner) is None:
+                raise NotFoundError(f"session {session_id!r} not found", param="options.session_id")
+        agent_cls = self.registry.get(submission.type)
+        record, created = await self.stores.tasks.submit(
+            owner, submission, max_attempts=min(self.config.max_attempts, agent_cls.max_attempts),
+            retention_s=self.config.retention_s)
+        return record.public(), created
+
+    async def get(self, owner: str, task_id: str) -> dict[str, Any]:
+        record = await self.stores.tasks.get(task_id, owner)
+        if record is None:
+            raise NotFoundError(f"task {task_id!r} not found", param="task_id")
+        return record.public()
