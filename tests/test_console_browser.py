@@ -443,10 +443,18 @@ def test_video_timeline_and_answer_citations_seek_the_uploaded_video(page: Page,
     expect(page.locator("#timeline li")).to_contain_text(["a red car <img src=x onerror=window.__xss=8>"])
     expect(page.locator("#contact-sheet")).to_have_attribute("src", re.compile("^blob:"))
     page.wait_for_function("() => document.querySelector('#player').readyState >= 1", timeout=30_000)
+    page.wait_for_function("() => document.querySelector('#contact-sheet').naturalWidth > 0")
     page.get_by_role("button", name="00:10", exact=True).click()
     page.wait_for_function("() => Math.abs(document.querySelector('#player').currentTime - 10) < 0.5")
+    # the contact sheet's frame nearest 00:10 is outlined (its time is in the artifact's frame list)
+    cells = _api(url).get(f"/v1/tasks/{task['id']}").json()["result"]["artifacts"]["contact_sheet"]["frames"]
+    nearest = min(cells, key=lambda c: abs(c["t"] - 10))
+    expect(page.locator("#frame-marker")).to_be_visible()
+    assert float(page.locator("#frame-marker").get_attribute("data-t")) == nearest["t"]
     assert page.evaluate("window.__xss") is None
     _shot(page, "10-video")
+    page.locator("#frame-marker").scroll_into_view_if_needed()
+    _shot(page, "10b-video-contact-sheet")
 
 
 def test_citation_shapes_keyboard_and_a_narrow_window(page: Page, service) -> None:

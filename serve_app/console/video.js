@@ -1,7 +1,7 @@
 // Video: the timeline of observations with their times, the answer with its time citations; clicking a time
-// seeks the uploaded video, or shows the contact sheet for URL/inline inputs.
+// seeks the uploaded video and outlines the nearest frame of the contact sheet.
 import {objectUrl} from './api.js';
-import {badge, h, replace} from './dom.js';
+import {badge, h, pct, replace} from './dom.js';
 
 export function videoView(task, signal) {
   const element = h('section', {class: 'video', 'aria-label': 'Video analysis'});
@@ -19,13 +19,30 @@ export function videoView(task, signal) {
       objectUrl(`/v1/tasks/${encodeURIComponent(task.id)}/artifacts/contact_sheet`)
         .then((url) => { sheet.src = url; }).catch(() => {});
     }
+    const cells = (sheetInfo && Array.isArray(sheetInfo.frames)) ? sheetInfo.frames : [];
+    const marker = h('div', {class: 'frame-marker', id: 'frame-marker', hidden: true});
+    const sheetBox = h('div', {class: 'sheet-box'}, sheet, marker);
+    /** Outline the contact-sheet frame nearest `seconds` (its box is in sheet pixels). */
+    const markFrame = (seconds) => {
+      if (!cells.length || !sheet.naturalWidth) return null;
+      const cell = cells.reduce((best, c) => (Math.abs(c.t - seconds) < Math.abs(best.t - seconds) ? c : best));
+      const [x0, y0, x1, y1] = cell.box;
+      marker.style.left = pct(x0, sheet.naturalWidth);
+      marker.style.top = pct(y0, sheet.naturalHeight);
+      marker.style.width = pct(x1 - x0, sheet.naturalWidth);
+      marker.style.height = pct(y1 - y0, sheet.naturalHeight);
+      marker.dataset.t = String(cell.t);
+      marker.hidden = false;
+      return cell;
+    };
     const seek = (seconds, label) => {
       now.textContent = `at ${label}`;
+      const cell = markFrame(seconds);
       if (blob && player.isConnected) {
         player.currentTime = seconds;
         player.scrollIntoView({block: 'nearest'});
-      } else {
-        sheet.scrollIntoView({block: 'nearest'});
+      } else if (cell) {
+        marker.scrollIntoView({block: 'nearest'});
       }
     };
     const timeButton = (seconds, label) => h('button', {type: 'button', class: 'link time', onclick: () => seek(seconds, label)}, label);
@@ -38,7 +55,7 @@ export function videoView(task, signal) {
         citations.length ? h('ul', null, citations) : null) : null,
       h('div', {class: 'columns'},
         h('div', {class: 'card'}, h('h2', null, 'Timeline'), timeline),
-        h('div', {class: 'card'}, blob ? player : null, now, sheetInfo ? sheet : null)));
+        h('div', {class: 'card'}, blob ? player : null, now, sheetInfo ? sheetBox : null)));
   }
 
   return {element, onTask};
