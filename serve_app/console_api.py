@@ -1,8 +1,8 @@
 """Two read-only routes the web console needs beyond the task API, both under the caller's key like the rest:
 ``GET /v1/files/{ref}`` (a file this key uploaded or one of its tasks stored: OS-agent screenshots, an uploaded
 video to seek in) and ``GET /v1/tasks/{id}/pages/{n}`` (one page of a task's input PDF rendered to PNG with
-PyMuPDF, for reviewing citations beside the page). Rendering is bounded: page size in pixels, one render per
-core at a time, and a timeout."""
+PyMuPDF, for reviewing citations beside the page). Rendering is bounded: page size in pixels, two renders
+at a time (a busy renderer answers 503), and a timeout."""
 
 from __future__ import annotations
 
