@@ -10,6 +10,8 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import av
+import numpy as np
 from PIL import Image
 
 
@@ -106,3 +108,19 @@ class MediaServer:
 
 def colour_frames(n: int) -> list[str]:
     return [data_url(png_bytes((k, 0, 0))) for k in range(n)]
+
+
+def make_video(seconds: float, fps: int = 10, size=(64, 48)) -> bytes:
+    """A real MPEG-4 file: each second has its own colour, so sampled frames can be told apart."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for k in range(int(seconds * fps)):
+            colour = (k // fps * 60) % 256
+            pixels = np.full((size[1], size[0], 3), colour, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()

@@ -1,14 +1,20 @@
-"""A scripted model for OS-agent tests: it "sees" the Tk test app through the app's state file (widget boxes in
-screen pixels) and answers like Kimi-VL does - a pyautogui call with fractional coordinates - so every layer
+"""Helpers for OS-agent tests: a desktop host over HTTP (``desktop_host``) and a scripted model that "sees" the Tk
+test app through the app's state file (widget boxes in screen pixels) and answers like Kimi-VL does - a pyautogui call with fractional coordinates - so every layer
 below the model (prompting, parsing, conversion, policy, the real X11 executor on Xvfb) is exercised for real."""
 
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from agents.os_agent.harness.launch import read_state
+from connectors.desktop.base import Executor
 from connectors.model_client import ModelReply
 from engine.runtime.request import GenerateRequest, Usage
 
@@ -90,3 +96,29 @@ def to_json_reply(text: str) -> dict[str, Any]:
         action["to_x"], action["to_y"] = parsed.points[1]
     action.update({k: v for k, v in parsed.args.items() if k in ("clicks", "text", "keys", "answer", "reason")})
     return {"thought": parsed.thought, "action": action}
+
+
+@contextmanager
+def desktop_host(executor: Executor, token: str | None) -> Iterator[tuple[str, Any]]:
+    """``desktop_host_app`` under uvicorn in a thread on a free loopback port; yields (url, server)."""
+    import uvicorn
+
+    from connectors.desktop.http import desktop_host_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(desktop_host_app(executor, token), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("desktop host did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -11,11 +11,8 @@ import io
 import json
 import logging
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +33,7 @@ from connectors.desktop.registry import (
 from connectors.desktop.replay import RecordedTrajectory, ReplayExecutor, TrajectoryRecorder
 from connectors.desktop.x11 import X11Executor, x11_keysym, xdotool_chord
 from connectors.desktop.xvfb import VirtualDisplay, XvfbError
+from tests.os_agent_helpers import desktop_host
 
 _MISSING = [b for b in ("Xvfb", "xdotool") if shutil.which(b) is None]
 if importlib.util.find_spec("tkinter") is None:
@@ -112,32 +110,6 @@ def click_entry(x11: Executor, app: App) -> None:
     x, y = app.center("name")
     run(x11.execute(Click(x=x, y=y)))
     app.wait(lambda s: s["focus"] == "name")
-
-
-@contextmanager
-def desktop_host(executor: Executor, token: str | None) -> Iterator[tuple[str, Any]]:
-    """``desktop_host_app`` under uvicorn in a thread on a free loopback port; yields (url, server)."""
-    import uvicorn
-
-    from connectors.desktop.http import desktop_host_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(desktop_host_app(executor, token), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("desktop host did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,8 @@ def service(tmp_path_factory: pytest.TempPathFactory):
     }
     options = {"ModelServer": {"num_replicas": 2, "max_ongoing_requests": 32},
                "TaskRunner": {"num_replicas": 2}}
-    with running_service(home, KEY, args, options, with_runner=True) as url:
+    # a Ray of its own: this module kills replica processes with SIGKILL
+    with running_service(home, KEY, args, options, with_runner=True, shared=False) as url:
         yield url, home
 
 

@@ -72,12 +72,22 @@ def test_noop_without_ray_does_not_even_import_ray():
 
 
 def test_noop_with_ray_imported_but_not_initialised():
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        pytest.skip("Ray already initialised in this process")
-    m = ServeMetrics("kimi-vl")
-    exercise(m)
-    assert not m.active and m._metrics is None
+    pytest.importorskip("ray")
+    # in a fresh process: this one may hold the session's shared Ray (tests/serve_harness.py)
+    code = (
+        "import ray\n"
+        "from tests.test_metrics import exercise\n"
+        "from serve_app.metrics import ServeMetrics\n"
+        "assert not ray.is_initialized()\n"
+        "m = ServeMetrics('kimi-vl')\n"
+        "exercise(m)\n"
+        "assert not m.active and m._metrics is None\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
 
 
 def test_disabled_is_always_noop():
@@ -91,25 +101,11 @@ def test_disabled_is_always_noop():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray = pytest.importorskip("ray")
-    from tests.serve_harness import SAFE_ENV
+    """The session's shared local Ray (its workers import serve_app and this module by name)."""
+    pytest.importorskip("ray")
+    from tests.serve_harness import shared_ray
 
-    env = {
-        **SAFE_ENV,
-        # workers import serve_app and this module by name
-        "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p),
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        started = not ray.is_initialized()
-        if started:
-            ray.init(include_dashboard=False, num_cpus=1, _node_ip_address="127.0.0.1", log_to_driver=False)
-        try:
-            yield ray
-        finally:
-            if started:
-                ray.shutdown()
+    return shared_ray()
 
 
 def test_records_in_driver(ray_local, caplog):

@@ -50,7 +50,7 @@ def test_tiny_model_drives_a_real_desktop_only_through_checked_actions(
     from connectors.desktop.x11 import X11Executor
     from connectors.desktop.xvfb import VirtualDisplay
     from engine.runtime.engine import AsyncEngine
-    from tests.test_desktop_executors import desktop_host
+    from tests.os_agent_helpers import desktop_host
 
     monkeypatch.setenv("KIMIRAY_HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()

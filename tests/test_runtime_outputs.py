@@ -9,7 +9,7 @@ import torch
 
 from engine.runtime.engine import AsyncEngine, EngineOptions, LLMEngine
 from tests.runtime_helpers import collect, run, text_message, tokens_of
-from tests.test_guided import SCHEMAS, validate
+from tests.json_schema_helpers import SCHEMAS, validate
 
 
 def _engine(bundle, **options) -> AsyncEngine:

@@ -183,7 +183,7 @@ def test_disconnect_cancels_generation(service) -> None:
 
 
 def test_video_frames_and_video_url(service) -> None:
-    from tests.test_video_url import make_video
+    from tests.media_helpers import make_video
 
     frames = {"type": "video", "video": {"frames": [_png_data_url(k) for k in range(3)], "fps": 1.0}}
     clip = {"type": "video_url",

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import httpx
 import pytest
 
-from tests.serve_harness import SAFE_ENV, free_port
+from tests.serve_harness import SAFE_ENV, free_port, stop_shared_ray
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -155,6 +155,7 @@ def test_replicas_on_workers_and_recovery_from_node_loss(tmp_path, monkeypatch) 
     for name, value in env.items():
         monkeypatch.setenv(name, value)  # the nodes started below inherit this environment
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    stop_shared_ray()  # this test's driver connects to a cluster of its own
 
     import ray
     import ray._private.ray_constants as ray_constants

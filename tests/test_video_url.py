@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 
-import av
-import numpy as np
 import pytest
 
 from connectors.limits import Limits
 from connectors.media import MediaError, load_video_part
-
-
-def make_video(seconds: float, fps: int = 10, size=(64, 48)) -> bytes:
-    """A real MPEG-4 file: each second has its own colour, so sampled frames can be told apart."""
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        for k in range(int(seconds * fps)):
-            colour = (k // fps * 60) % 256
-            pixels = np.full((size[1], size[0], 3), colour, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
+from tests.media_helpers import make_video
 
 
 def _part(data: bytes) -> dict:
