@@ -33,9 +33,11 @@ try:
 except ImportError:  # pragma: no cover - the test extra installs it
     sync_playwright = None  # type: ignore[assignment]
 
-pytestmark = pytest.mark.skipif(
-    sync_playwright is None or not Path(CHROMIUM).exists() or shutil.which("Xvfb") is None,
-    reason="needs playwright, Debian's chromium and Xvfb (scripts/test.sh installs them)")
+pytestmark = [
+    pytest.mark.e2e,  # a browser on the whole path: ingress over HTTP, runner, agents, engine, Xvfb desktop
+    pytest.mark.skipif(sync_playwright is None or not Path(CHROMIUM).exists() or shutil.which("Xvfb") is None,
+                       reason="needs playwright, Debian's chromium and Xvfb (scripts/test.sh installs them)"),
+]
 
 KEY, OTHER = "sk-console-test-0001", "sk-console-test-0002"
 SCRIPTED = "[console-scripted]"
