@@ -31,9 +31,14 @@ def is_console_path(path: str) -> bool:
     return path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/")
 
 
+def _safe(name: str) -> bool:
+    """No dot-segments, hidden names, empty segments or backslashes."""
+    return "\\" not in name and not any(part.startswith(".") or not part for part in name.split("/"))
+
+
 def _asset(name: str) -> Path:
     """The file ``name`` inside the console folder, or 404 - never a path outside it."""
-    if "\\" in name or any(part.startswith(".") or not part for part in name.split("/")):
+    if not _safe(name):
         raise ClientInputError(f"no console file {name!r}", status_code=404, code="not_found", param="path")
     path = (CONSOLE_DIR / name).resolve()
     if CONSOLE_DIR.resolve() not in path.parents or not path.is_file() or path.suffix not in CONTENT_TYPES:
@@ -49,7 +54,7 @@ async def console_root() -> RedirectResponse:
 @router.get(CONSOLE_PREFIX + "/{name:path}")
 async def console_file(name: str) -> Response:
     """A console file; unknown names that look like a page (no extension) get ``index.html``."""
-    if not name or "." not in name.rsplit("/", 1)[-1]:
+    if not name or (_safe(name) and "." not in name.rsplit("/", 1)[-1]):
         name = "index.html"
     path = _asset(name)
     return Response(path.read_bytes(), media_type=CONTENT_TYPES[path.suffix], headers=SECURITY_HEADERS)

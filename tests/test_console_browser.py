@@ -11,6 +11,7 @@ whose click needs an operator's approval."""
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import re
@@ -175,6 +176,13 @@ def test_console_is_static_with_a_strict_csp_and_the_new_routes_are_bounded(serv
         for bad in ("/ui/..%2Fingress.py", "/ui/%2e%2e/console_ui.py", "/ui/.hidden.js", "/ui/nope.js"):
             assert anon.get(bad).status_code == 404, bad
         assert anon.get("/v1/task-types").status_code == 401  # the console's pages are public, the API is not
+    host, port = url.removeprefix("http://").split(":")
+    for raw in ("/ui/../v1/tasks", "/ui/%2e%2e/v1/tasks", "/ui/..%2fv1%2ftasks"):  # no normalising client
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", raw)
+        reply = conn.getresponse()
+        assert reply.status == 404 and b'"object": "list"' not in reply.read(), raw  # never the API without a key
+        conn.close()
     pdf = _pdf(["Page image test.", "Second line."])
     with _api(url) as own, _api(url, OTHER) as other:
         ref = own.post("/v1/files", content=pdf, headers={"Content-Type": "application/pdf"}).json()["ref"]

@@ -86,9 +86,11 @@ export async function renderTask(main, taskId, signal) {
     signal,
     onState: (s) => { connection.textContent = s === 'live' ? '● live' : 'reconnecting…'; },
     onEvent: async (event) => {
+      const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
       log.append(h('li', {dataset: {type: event.type}}, h('span', {class: 'event-id'}, `#${event.id}`), ' ',
         h('strong', null, event.type), ' ', eventSummary(event)));
       if (log.children.length > 500) log.firstElementChild.remove();
+      if (atBottom) log.scrollTop = log.scrollHeight; // follow the stream unless the reader scrolled up
       if (event.type === 'progress') { setProgress(bar, event.data); progressText.textContent = event.data.message || ''; }
       if (view && view.onEvent) view.onEvent(event);
       if (event.type === 'status' && event.data.status !== task.status) {
