@@ -489,11 +489,25 @@ def test_citation_shapes_keyboard_and_a_narrow_window(page: Page, service) -> No
                       [7, 8], [], [9, 10],
                       [{"page": 9, "box": [1, 1, 2, 2]}, {"page": 10, "box": [3, 3, 4, 4]},
                        {"page": 10, "box": [5, 5, 6, 6]}]]
-    page.goto(f"{url}/ui/#/tasks/{_scripted_contract(url)['id']}")
+    task = _scripted_contract(url)
+
+    def with_confidence_and_a_second_part(route) -> None:
+        """The task as i15's results will carry it: a confidence, and a citation in parts (one per page)."""
+        body = route.fetch().json()
+        value = body["result"]["fields"][0]["values"][0]
+        first = value["citations"][0]
+        value["confidence"] = 0.87
+        part = {"page": 1, "char_start": 0, "char_end": 6, "quote": "Master", "bboxes": [[72, 78, 160, 92]]}
+        value["citations"].append({**first, "page_end": 1, "bboxes": part["bboxes"], "parts": [part]})
+        route.fulfill(json=body)
+
+    page.route(re.compile(rf".*/v1/tasks/{task['id']}$"), with_confidence_and_a_second_part)
+    page.goto(f"{url}/ui/#/tasks/{task['id']}")
+    expect(page.locator(".value .badge-confidence")).to_have_text("confidence 87%")
     value = page.locator(".value-text").first
     value.focus()
     page.keyboard.press("Enter")
-    expect(page.locator("#page-1 .cite-box.active")).to_have_count(1)
+    expect(page.locator("#page-1 .cite-box.active")).to_have_count(2)  # the line, and the second citation's part
     page.set_viewport_size({"width": 420, "height": 800})
     pages, fields = page.locator("#pages").bounding_box(), page.locator("#fields").bounding_box()
     assert pages and fields and fields["y"] >= pages["y"] + pages["height"] - 1  # stacked, not side by side
