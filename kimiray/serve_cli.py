@@ -95,6 +95,7 @@ def run_serve(config_path: str, address: str | None = None, timeout_s: float = 9
     http = schema.http_options
     print(f"[kimiray] ready at http://{http.host}:{http.port}/v1 (docs: http://{http.host}:{http.port}/docs)",
           flush=True)
+    print(f"[kimiray] console: http://{http.host}:{http.port}/ui/ (sign in with an API key)", flush=True)
 
     stop = {"now": False}
 

@@ -3,8 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh test
-# System packages the tests start themselves: redis-server (free loopback ports), Xvfb + xdotool + Tk (desktops);
-# Tesseract's English data for OCR of scanned pages (PyMuPDF's built-in Tesseract reads it).
+# System packages the tests start themselves: redis-server (free loopback ports), Xvfb + xdotool + Tk (desktops),
+# Tesseract's English data for OCR of scanned pages (PyMuPDF's built-in Tesseract reads it), chromium (the web
+# console's browser tests).
 APT_PKGS=()
 command -v redis-server >/dev/null 2>&1 || APT_PKGS+=(redis-server)
 command -v Xvfb >/dev/null 2>&1 || APT_PKGS+=(xvfb)
@@ -12,6 +13,7 @@ command -v xdotool >/dev/null 2>&1 || APT_PKGS+=(xdotool)
 .venv/bin/python -c "import tkinter" 2>/dev/null || APT_PKGS+=(python3-tk)  # the desktop tests' Tk app
 command -v tesseract >/dev/null 2>&1 || APT_PKGS+=(tesseract-ocr)
 ls /usr/share/tesseract-ocr/*/tessdata/eng.traineddata >/dev/null 2>&1 || APT_PKGS+=(tesseract-ocr-eng)
+[ -x /usr/bin/chromium ] || APT_PKGS+=(chromium)  # the console's browser tests (Playwright drives it)
 if [ "${#APT_PKGS[@]}" -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq >/dev/null

@@ -27,6 +27,9 @@ from serve_app.batches import router as batches_router
 from serve_app.chat_stream import chat_events, chat_stream_response
 from serve_app.config import AppConfig
 from serve_app.files_api import router as files_router
+from serve_app.console_api import router as console_api_router
+from serve_app.console_ui import is_console_path
+from serve_app.console_ui import router as console_router
 from serve_app.openapi_spec import install_openapi
 from serve_app.responses import router as responses_router
 from serve_app.state import ApiError, IngressState, rate_limited
@@ -98,7 +101,7 @@ def create_app() -> FastAPI:
         state: IngressState | None = None
         try:
             state = _state(request)
-            if path not in PUBLIC_ROUTES:
+            if path not in PUBLIC_ROUTES and not is_console_path(path):
                 try:
                     identity = state.auth.authenticate(request.headers.get("authorization"))
                 except AuthError as exc:
@@ -144,6 +147,8 @@ def create_app() -> FastAPI:
     app.include_router(files_router)
     app.include_router(batches_router)
     app.include_router(responses_router)
+    app.include_router(console_api_router)
+    app.include_router(console_router)
     install_openapi(app, PUBLIC_ROUTES)
 
     @app.get("/healthz", tags=["ops"])

@@ -68,6 +68,9 @@ def test_kimiray_serve_runs_the_config(tmp_path: Path) -> None:
             if "ready at" in line:
                 break
         assert any(f"ready at http://127.0.0.1:{port}/v1" in line for line in lines), "".join(lines)
+        assert f"console: http://127.0.0.1:{port}/ui/" in proc.stdout.readline()
+        console = httpx.get(f"http://127.0.0.1:{port}/ui/")  # static files, served without a key
+        assert console.status_code == 200 and "script-src 'self'" in console.headers["content-security-policy"]
         headers = {"Authorization": "Bearer sk-cli"}
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers=headers, timeout=60,

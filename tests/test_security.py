@@ -39,6 +39,7 @@ from tests.task_server import task_server, wait_for_status
 
 KEY_A, KEY_B = "sk-sec-alpha-7f3c2a91", "sk-sec-bravo-5d8e0b47"
 INTENDED_PUBLIC = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+CONSOLE_ROUTES = {"/ui", "/ui/{name:path}"}  # the web console's static files (no data; its API calls need a key)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -83,7 +84,7 @@ def _route_table() -> list[tuple[str, str]]:
 
 
 ROUTES = _route_table()
-PROTECTED = [(m, p) for m, p in ROUTES if p not in PUBLIC_ROUTES]
+PROTECTED = [(m, p) for m, p in ROUTES if p not in PUBLIC_ROUTES and p not in CONSOLE_ROUTES]
 
 
 def _concrete(path: str) -> str:
@@ -93,6 +94,7 @@ def _concrete(path: str) -> str:
 def test_the_public_routes_are_exactly_the_intended_ones(server: str) -> None:
     assert PUBLIC_ROUTES == INTENDED_PUBLIC
     assert INTENDED_PUBLIC <= {p for _, p in ROUTES}
+    assert {p for _, p in ROUTES if p.startswith("/ui")} == CONSOLE_ROUTES
     documented = {(m.upper(), p) for p, ops in create_app().openapi()["paths"].items() for m in ops}
     assert documented <= set(ROUTES)  # the table really was read, included routers too
     assert {(m, p) for m, p in documented if p not in INTENDED_PUBLIC} <= set(PROTECTED)

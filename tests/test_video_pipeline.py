@@ -338,5 +338,23 @@ def test_contact_sheet_png(clip: SyntheticVideo) -> None:
         contact_sheet([])
 
 
+
+def test_contact_sheet_cells_locate_each_frame(clip: SyntheticVideo) -> None:
+    """``sheet_cells`` names where each frame was drawn: a cell's top-left pixel shows that frame's scene colour."""
+    from pipelines.video.contact_sheet import sheet_cells
+
+    frames = sample_frames(clip.data, budget=6, max_side=320)
+    items = [(f.t, f.image, None) for f in frames]
+    sheet = np.asarray(Image.open(io.BytesIO(contact_sheet(items, columns=4, thumb_width=120))).convert("RGB"),
+                       dtype=np.float32)
+    cells = sheet_cells(items, columns=4, thumb_width=120)
+    assert len(cells) == len(items)
+    for (x0, y0, x1, y1), frame in zip(cells, frames):
+        assert 0 <= x0 < x1 <= sheet.shape[1] and 0 <= y0 < y1 <= sheet.shape[0]
+        expected = np.asarray(frame.image.convert("RGB"), dtype=np.float32)[4, 4]
+        assert np.abs(sheet[y0 + 4, x0 + 4] - expected).max() < 30
+    assert len({c[:2] for c in cells}) == len(cells)  # no two frames share a cell
+
+
 def test_av_is_the_decoder() -> None:
     assert av.codec.Codec("h264", "r").name == "h264"

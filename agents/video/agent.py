@@ -143,10 +143,10 @@ class VideoAnalysisAgent(Agent):
                                  "end_ts": format_ts(o.end), "event": o.event, "description": o.description}
                                 for o in timeline if o.event is not None]
         await ctx.step("outputs")
-        sheet = await asyncio.to_thread(_contact_sheet, frames, key_times)
+        sheet, cells = await asyncio.to_thread(_contact_sheet, frames, key_times)
         ref = await ctx.blobs.put(ctx.owner, sheet, "image/png")
         result["artifacts"] = {"contact_sheet": {**ref.model_dump(), "filename": name.rsplit(".", 1)[0] +
-                                                 ".contact-sheet.png"}}
+                                                 ".contact-sheet.png", "frames": cells}}
         memory = ctx.resources.fit_lines(f"Video {name!r}, {format_ts(duration)} long. Timeline of what was seen:\n"
                                          + timeline_text(timeline, format_ts), keep_head=1)
         await ctx.remember([{"role": "system", "content": memory}])
@@ -177,11 +177,15 @@ class VideoAnalysisAgent(Agent):
                                                             parse_ts)
 
 
-def _contact_sheet(frames: list[Any], key_times: list[tuple[float, str]], limit: int = 12) -> bytes:
-    from pipelines.video.contact_sheet import contact_sheet
+def _contact_sheet(frames: list[Any], key_times: list[tuple[float, str]],
+                   limit: int = 12) -> tuple[bytes, list[dict[str, Any]]]:
+    """The sheet's PNG and where each of its frames is (``{"t", "box": [x0, y0, x1, y1]}`` in sheet pixels), so a
+    viewer can show the frame nearest a cited time."""
+    from pipelines.video.contact_sheet import contact_sheet, sheet_cells
 
     chosen: list[tuple[float, Any, str | None]] = []
     for t, caption in sorted(key_times)[:limit] or [(f.t, None) for f in frames[:limit]]:
         nearest = min(frames, key=lambda f: abs(f.t - t))
         chosen.append((nearest.t, nearest.image, (caption or "")[:60] or None))
-    return contact_sheet(chosen)
+    cells = [{"t": t, "box": list(box)} for (t, _, _), box in zip(chosen, sheet_cells(chosen))]
+    return contact_sheet(chosen), cells

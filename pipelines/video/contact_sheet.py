@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.video.sample import format_ts
 
-__all__ = ["contact_sheet", "sheet_layout"]
+__all__ = ["contact_sheet", "sheet_cells", "sheet_layout"]
 
 PAD = 8
 FONT_SIZE = 14
@@ -45,19 +45,32 @@ def sheet_layout(
     return PAD + cols * (thumb_width + PAD), PAD + rows * (cell_h + PAD), cell_h, text_h
 
 
+def sheet_cells(
+    frames: Sequence[tuple[float, Image.Image, str | None]], *, columns: int = 4, thumb_width: int = 240
+) -> list[tuple[int, int, int, int]]:
+    """The pixel box ``(x0, y0, x1, y1)`` of each frame's cell (thumbnail and its caption) in the sheet, in the
+    frames' order: a viewer can point at the frame nearest a time."""
+    _, _, cell_h, _ = sheet_layout(frames, columns=columns, thumb_width=thumb_width)
+    cols = min(columns, len(frames))
+    boxes = []
+    for i in range(len(frames)):
+        x = PAD + (i % cols) * (thumb_width + PAD)
+        y = PAD + (i // cols) * (cell_h + PAD)
+        boxes.append((x, y, x + thumb_width, y + cell_h))
+    return boxes
+
+
 def contact_sheet(
     frames: Sequence[tuple[float, Image.Image, str | None]], *, columns: int = 4, thumb_width: int = 240
 ) -> bytes:
     """PNG bytes of the grid, frames in the given order (left to right, top to bottom)."""
     width, height, cell_h, text_h = sheet_layout(frames, columns=columns, thumb_width=thumb_width)
-    cols = min(columns, len(frames))
     sheet = Image.new("RGB", (width, height), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
     font = _font(FONT_SIZE)
     chars = max(8, thumb_width // (FONT_SIZE // 2 + 1))
-    for i, (t, image, caption) in enumerate(frames):
-        x = PAD + (i % cols) * (thumb_width + PAD)
-        y = PAD + (i // cols) * (cell_h + PAD)
+    for (t, image, caption), (x, y, _, _) in zip(frames, sheet_cells(frames, columns=columns,
+                                                                      thumb_width=thumb_width)):
         thumb_h = max(1, round(image.height * thumb_width / image.width))
         sheet.paste(image.convert("RGB").resize((thumb_width, thumb_h), Image.Resampling.BILINEAR), (x, y))
         ty = y + cell_h - text_h + 2
