@@ -43,6 +43,7 @@ from urllib.parse import quote
 import httpx
 
 from kimiray import __version__
+from kimiray.batch import BATCH_ENDPOINT, TERMINAL_BATCH_STATUSES, jsonl_bytes, multipart_upload, parse_jsonl
 from kimiray.errors import (
     APITimeoutError,
     AuthenticationError,
@@ -691,6 +692,54 @@ class _Core:
             Path(path).write_bytes(data)
         return data
 
+    def _batch_file(self, requests: Any, filename: str, model: str) -> Plan:
+        if isinstance(requests, (str, Path)) and filename == "batch.jsonl":
+            filename = Path(requests).name
+        body, content_type = multipart_upload(jsonl_bytes(requests, model=model), filename)
+        return (yield from self._call("POST", "/v1/files", content=body, headers={"Content-Type": content_type},
+                                      policy=_REFUSED))
+
+    def _create_batch(self, input_file_id: str, metadata: Mapping[str, str] | None) -> Plan:
+        body: dict[str, Any] = {"input_file_id": input_file_id, "endpoint": BATCH_ENDPOINT, "completion_window": "24h"}
+        if metadata:
+            body["metadata"] = dict(metadata)
+        return (yield from self._call("POST", "/v1/batches", json=body, policy=_REFUSED))
+
+    def _get_batch(self, batch_id: str) -> Plan:
+        return (yield from self._call("GET", _path("batches", batch_id), policy=_IDEMPOTENT))
+
+    def _cancel_batch(self, batch_id: str) -> Plan:
+        return (yield from self._call("POST", _path("batches", batch_id, "cancel"), policy=_IDEMPOTENT))
+
+    def _wait_batch(self, batch_id: str, timeout: float | None, poll_s: float,
+                    on_progress: Callable[[Mapping[str, Any]], None] | None) -> Plan:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen: Any = None
+        while True:
+            batch = yield from self._get_batch(batch_id)
+            key = (batch.get("status"), json.dumps(batch.get("request_counts"), sort_keys=True))
+            if on_progress is not None and key != seen:
+                on_progress(batch)
+            seen = key
+            if batch.get("status") in TERMINAL_BATCH_STATUSES:
+                return batch
+            if _expired(deadline):
+                raise WaitTimeoutError(batch_id, timeout)
+            yield _Sleep(poll_s)
+
+    def _file_content(self, file_id: str) -> Plan:
+        response = yield from self._send("GET", _path("files", file_id, "content"), policy=_IDEMPOTENT)
+        return response.content
+
+    def _batch_results(self, batch: Mapping[str, Any] | str) -> Plan:
+        info = (yield from self._get_batch(batch)) if isinstance(batch, str) else batch
+        lines: dict[str, dict[str, Any]] = {}
+        for key in ("output_file_id", "error_file_id"):
+            if info.get(key):
+                for line in parse_jsonl((yield from self._file_content(info[key]))):
+                    lines[line["custom_id"]] = line
+        return lines
+
     def _health(self) -> Plan:
         try:
             response = yield _Send(self._request("GET", "/readyz"))
@@ -897,60 +946,29 @@ class Client(_Core):
         """Upload a batch input file (``purpose="batch"``): a .jsonl path, its bytes, or request dicts (full lines
         or chat bodies, which get ``custom_id`` ``request-<n>``). A malformed line is an InvalidRequestError naming
         it. Returns the OpenAI file object."""
-        from kimiray.batch import jsonl_bytes, multipart_upload
-
-        if isinstance(requests, (str, Path)) and filename == "batch.jsonl":
-            filename = Path(requests).name
-        body, content_type = multipart_upload(jsonl_bytes(requests, model=model), filename)
-        return self._call("POST", "/v1/files", content=body, headers={"Content-Type": content_type},
-                          policy=_REFUSED)
+        return self._run(self._batch_file(requests, filename, model))
 
     def create_batch(self, input_file_id: str, *, metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
-        body = {"input_file_id": input_file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
-        if metadata:
-            body["metadata"] = dict(metadata)
-        return self._call("POST", "/v1/batches", json=body, policy=_REFUSED)
+        return self._run(self._create_batch(input_file_id, metadata))
 
     def get_batch(self, batch_id: str) -> dict[str, Any]:
-        return self._call("GET", _path("batches", batch_id), policy=_IDEMPOTENT)
+        return self._run(self._get_batch(batch_id))
 
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
-        return self._call("POST", _path("batches", batch_id, "cancel"), policy=_IDEMPOTENT)
+        return self._run(self._cancel_batch(batch_id))
 
     def wait_batch(self, batch_id: str, timeout: float | None = None, *, poll_s: float = 1.0,
                    on_progress: Callable[[Mapping[str, Any]], None] | None = None) -> dict[str, Any]:
         """Poll until the batch ends (completed, failed, expired, cancelled); ``on_progress(batch)`` is called
         whenever its status or counts change. Raises WaitTimeoutError after ``timeout`` seconds."""
-        from kimiray.batch import TERMINAL_BATCH_STATUSES
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        seen: Any = None
-        while True:
-            batch = self.get_batch(batch_id)
-            key = (batch.get("status"), json.dumps(batch.get("request_counts"), sort_keys=True))
-            if on_progress is not None and key != seen:
-                on_progress(batch)
-            seen = key
-            if batch.get("status") in TERMINAL_BATCH_STATUSES:
-                return batch
-            if _expired(deadline):
-                raise WaitTimeoutError(batch_id, timeout)
-            self._sleep(poll_s)
+        return self._run(self._wait_batch(batch_id, timeout, poll_s, on_progress))
 
     def file_content(self, file_id: str) -> bytes:
-        return self._send("GET", _path("files", file_id, "content"), policy=_IDEMPOTENT).content
+        return self._run(self._file_content(file_id))
 
     def batch_results(self, batch: Mapping[str, Any] | str) -> dict[str, dict[str, Any]]:
         """Every output and error line of a finished batch, by ``custom_id``."""
-        from kimiray.batch import parse_jsonl
-
-        info = self.get_batch(batch) if isinstance(batch, str) else batch
-        lines: dict[str, dict[str, Any]] = {}
-        for key in ("output_file_id", "error_file_id"):
-            if info.get(key):
-                for line in parse_jsonl(self.file_content(info[key])):
-                    lines[line["custom_id"]] = line
-        return lines
+        return self._run(self._batch_results(batch))
 
     # -- misc --------------------------------------------------------------------------------------------------
     def health(self) -> bool:
@@ -1143,6 +1161,30 @@ class AsyncClient(_Core):
 
     async def delete_session(self, session_id: str) -> None:
         await self._run(self._delete_session(session_id))
+
+    async def batch_file(self, requests: Any, *, filename: str = "batch.jsonl", model: str = DEFAULT_MODEL
+                         ) -> dict[str, Any]:
+        return await self._run(self._batch_file(requests, filename, model))
+
+    async def create_batch(self, input_file_id: str, *, metadata: Mapping[str, str] | None = None
+                           ) -> dict[str, Any]:
+        return await self._run(self._create_batch(input_file_id, metadata))
+
+    async def get_batch(self, batch_id: str) -> dict[str, Any]:
+        return await self._run(self._get_batch(batch_id))
+
+    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return await self._run(self._cancel_batch(batch_id))
+
+    async def wait_batch(self, batch_id: str, timeout: float | None = None, *, poll_s: float = 1.0,
+                         on_progress: Callable[[Mapping[str, Any]], None] | None = None) -> dict[str, Any]:
+        return await self._run(self._wait_batch(batch_id, timeout, poll_s, on_progress))
+
+    async def file_content(self, file_id: str) -> bytes:
+        return await self._run(self._file_content(file_id))
+
+    async def batch_results(self, batch: Mapping[str, Any] | str) -> dict[str, dict[str, Any]]:
+        return await self._run(self._batch_results(batch))
 
     async def health(self) -> bool:
         return await self._run(self._health())

@@ -29,10 +29,12 @@ from tests.serve_harness import stop_shared_ray
 
 GROUPS = ("unit", "integration", "e2e")
 E2E = {
+    "test_console_browser", "test_contract_serve_real", "test_openai_apis_serve", "test_readme_examples",
     "test_contract_e2e", "test_fault_injection", "test_kimiray_serve", "test_load_smoke", "test_os_agent_e2e",
     "test_sdk_e2e", "test_serve", "test_serve_limits", "test_serve_multinode", "test_video_e2e",
 }
 INTEGRATION = {
+    "test_cli_errors", "test_openai_batch", "test_openai_responses",
     "test_bad_input_battery", "test_desktop_executors", "test_loader_memory", "test_openapi_fuzz", "test_os_agent",
     "test_security", "test_task_durability", "test_tasks_api",
 }

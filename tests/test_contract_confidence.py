@@ -94,7 +94,7 @@ def test_value_logprobs_from_the_real_engine(tiny_checkpoint) -> None:
     from connectors.model_client import BackendModelClient
     from engine.runtime.engine import AsyncEngine
     from engine.runtime.request import GenerateRequest
-    from serve_app.backend import LocalBackend
+    from connectors.backend import LocalBackend
 
     item = {"type": "object", "properties": {"category": {"enum": ["governing_law"]},
                                              "value": {"type": "string", "maxLength": 8}},

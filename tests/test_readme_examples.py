@@ -14,7 +14,7 @@ must say so with a marker, or this test fails. How they run, against one service
   interpreter's bin directory; ``KIMIRAY_URL``, ``KIMIRAY_BASE_URL`` and ``KIMIRAY_API_KEY`` are set, as the
   README's client settings describe;
 * the working directory holds the sample files the examples name: ``screenshot.png``, ``msa.pdf`` (a generated
-  contract) and ``demo.mp4`` (a generated video);
+  contract), ``demo.mp4`` (a generated video) and ``requests.jsonl`` (a three-line batch input file);
 * ``python`` blocks run in README order in one interpreter sharing their names, like a notebook (a later block
   may use the ``client`` of an earlier one); each ``bash`` block runs on its own with ``set -euo pipefail``.
 """
@@ -139,6 +139,10 @@ def _sample_files(directory: Path) -> None:
     image.save(directory / "screenshot.png")
     (directory / "msa.pdf").write_bytes(make_contract(pages=2, seed=0).pdf)
     make_video(directory / "demo.mp4", seconds=4, fps=4, size=(160, 120))
+    lines = [{"custom_id": f"r{n}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "kimi-vl", "max_tokens": 8, "messages": [{"role": "user", "content": question}]}}
+             for n, question in enumerate(["hi", "What is 2 + 2?", "Name a colour."], start=1)]
+    (directory / "requests.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def _localise(code: str, url: str) -> str:
