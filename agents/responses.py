@@ -215,7 +215,7 @@ def chat_body(req: ResponseCreate, served_name: str) -> dict[str, Any]:
     return body
 
 
-async def to_engine_request(req: ResponseCreate, served_name: str, request_id: str, limits: Limits | None = None,
+async def to_engine_request(req: ResponseCreate, served_name: str, request_id: str, limits: Limits,
                             defaults: dict[str, Any] | None = None) -> tuple[Any, int]:
     """The engine request for this turn's own messages (media loaded) and how many of its leading messages are
     the ``instructions`` (they go before the chain's history)."""
@@ -226,7 +226,7 @@ async def to_engine_request(req: ResponseCreate, served_name: str, request_id: s
         errors = getattr(exc, "errors", lambda: [])()
         msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors) or str(exc)
         raise ResponsesInputError(msg, param="input") from None
-    request = await to_generate_request(chat, limits or Limits(), request_id, defaults=defaults)
+    request = await to_generate_request(chat, limits, request_id, defaults=defaults)
     return request, (1 if req.instructions else 0)
 
 
