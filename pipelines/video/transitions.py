@@ -5,10 +5,12 @@ probe of the fade, a photographer's flash cuts twice, a fast pan cuts all the ti
 *runs* of consecutive probes that differ by more than an adaptive floor (``low_ratio`` x the typical distance
 of quiet steps, PySceneDetect-style, and at least ``min_low``), and each run is judged when it ends:
 
-* **flash**: the last frame is back where the first was (``dist(before, after) < threshold``): no boundary.
-* **cut**: one step of the run: the new shot starts at the probe after it.
+* **flash**: the last frame is back where the first was (``dist(before, after) < threshold / 2``), or a cut
+  away is followed within ``flash_max_s`` by a cut back to the same picture: no boundary.
+* **cut**: one step of the run, at least ``threshold`` or ``quiet_jump`` x the typical quiet step (adaptive,
+  for shots with similar palettes): the new shot starts at the probe after it.
 * **fade_in / fade_out / dissolve**: every frame inside the run is a blend ``(1-a)*before + a*after`` of the
-  frames around it (small residual), with ``before`` (fade in) or ``after`` (fade out) near black. One boundary,
+  frames around it (small residual) and the run changed the picture by at least ``threshold / 2``, with ``before`` (fade in) or ``after`` (fade out) near black. One boundary,
   at the end of the transition (the first clean frame of the new shot).
 * **motion**: anything else (a pan, a zoom, people moving): no boundary, unless one step dwarfs the others
   (``cut_dominance``), which is a cut inside motion. A run longer than ``max_transition_s`` is motion by definition
@@ -100,6 +102,8 @@ def detect_transitions(
     max_transition_s: float = 3.0,
     blend_tolerance: float = 0.25,
     cut_dominance: float = 3.0,
+    quiet_jump: float = 8.0,
+    flash_max_s: float = 0.6,
 ) -> Iterator[Transition]:
     """Judge a stream of signatures (time order); yields every run (``is_boundary`` says which start shots)."""
     prev: Signature | None = None
@@ -109,16 +113,17 @@ def detect_transitions(
     steps: list[float] = []
     motion = False
 
-    def judge() -> Transition | None:
+    def judge() -> Transition:
         before, after = run[0], run[-1]
         total = distance(before, after)
         big = max(steps)
         if motion:
             return Transition("motion", before.t, after.t, big)
-        if total < threshold:
+        if total < threshold / 2:
             return Transition("flash" if big >= threshold else "motion", before.t, after.t, big)
         if len(steps) == 1:
-            return Transition("cut", before.t, after.t, total)
+            sharp = total >= threshold or total >= quiet_jump * (quiet / quiet_n if quiet_n else 0.0)
+            return Transition("cut" if sharp else "motion", before.t, after.t, total)
         if blend_residual(before, run[1:-1], after) <= blend_tolerance:
             kind: TransitionKind = ("fade_in" if before.luma < BLACK_LUMA else
                                     "fade_out" if after.luma < BLACK_LUMA else "dissolve")
@@ -129,17 +134,42 @@ def detect_transitions(
             return Transition("cut", run[k].t, run[k + 1].t, big)
         return Transition("motion", before.t, after.t, big)
 
+    pending: list[tuple[Transition, Signature]] = []  # recent cuts, with the frame before each
+
+    def settle(verdict: Transition, before: Signature, after: Signature) -> Iterator[Transition]:
+        """Hold cuts for ``flash_max_s``: a cut away and a cut back to (nearly) the same picture is a flash."""
+        nonlocal pending
+        if verdict.kind == "cut":
+            back = next((p for p in pending if verdict.t - p[0].t <= flash_max_s
+                         and distance(p[1], after) < threshold / 2), None)
+            if back is not None:
+                pending = [p for p in pending if p[0].t < back[0].t]
+                yield from (p[0] for p in pending)
+                pending = []
+                yield Transition("flash", back[0].start, verdict.t, max(back[0].score, verdict.score))
+                return
+            pending.append((verdict, before))
+            return
+        yield from (p[0] for p in pending)
+        pending = []
+        yield verdict
+
+    def release(now: float) -> Iterator[Transition]:
+        nonlocal pending
+        # a cut back is judged one probe after its run ends: keep cuts while a short run is still open
+        while pending and ((not run and now - pending[0][0].t > flash_max_s) or motion):
+            yield pending.pop(0)[0]
+
     for sig in signatures:
         if prev is None:
             prev = sig
             continue
+        yield from release(sig.t)
         d = distance(prev, sig)
         floor = max(min_low, low_ratio * (quiet / quiet_n if quiet_n else 0.0))
         if d < floor:
             if run:
-                verdict = judge()
-                if verdict is not None:
-                    yield verdict
+                yield from settle(judge(), run[0], run[-1])
                 run, steps, motion = [], [], False
             quiet += d
             quiet_n += 1
@@ -164,9 +194,8 @@ def detect_transitions(
                     run, steps = [run[0], sig], steps[-8:]
         prev = sig
     if run:
-        verdict = judge()
-        if verdict is not None:
-            yield verdict
+        yield from settle(judge(), run[0], run[-1])
+    yield from (p[0] for p in pending)
 
 
 def _cuts_in(run: list[Signature], steps: list[float], threshold: float, dominance: float) -> Iterator[Transition]:
