@@ -257,10 +257,11 @@ def fetch_frames(
     return frames
 
 
-def dense_times(segments: Sequence[TimeRange], budget: int, *, fps: float | None = None,
+def dense_times(segments: Sequence[TimeRange], budget: int, *, fps: float | None = None, min_step: float = 1.0,
                 exclude: Sequence[float] = ()) -> list[tuple[TimeRange, list[float], float]]:
     """Spread ``budget`` sample times over ``segments`` in proportion to their length (at least one each, never
-    finer than the video's frame rate), skipping times already in ``exclude`` (within a tenth of the spacing).
+    finer than the video's frame rate nor than ``min_step``: the model reads "mm:ss" labels, so
+frames under a second apart would share a label), skipping times already in ``exclude`` (within a tenth of the spacing).
     Returns ``(segment, times, resolution_s)`` per segment; ``resolution_s`` is the spacing of its samples, the
     precision a time found in this pass can claim."""
     if budget <= 0 or not segments:
@@ -271,6 +272,8 @@ def dense_times(segments: Sequence[TimeRange], budget: int, *, fps: float | None
         n = max(1, round(budget * max(seg.duration, 1e-3) / total))
         if fps:
             n = min(n, max(1, math.floor(seg.duration * fps) + 1))
+        if min_step > 0:
+            n = min(n, max(1, math.floor(seg.duration / min_step)))
         counts.append(n)
     while sum(counts) > budget and max(counts) > 1:  # rounding may overshoot: trim the most sampled
         counts[counts.index(max(counts))] -= 1
@@ -279,5 +282,5 @@ def dense_times(segments: Sequence[TimeRange], budget: int, *, fps: float | None
         step = seg.duration / n if seg.duration > 0 else 0.0
         times = [seg.start + (i + 0.5) * step for i in range(n)]
         times = [t for t in times if all(abs(t - e) > step / 10 for e in exclude)]
-        out.append((seg, times, max(step, 1.0 / fps if fps else 0.0)))
+        out.append((seg, times, max(step, 1.0 / fps if fps else 0.0, min_step)))
     return out[:budget]
