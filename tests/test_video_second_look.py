@@ -160,3 +160,31 @@ def test_sparse_sampling_of_a_long_gop_video_decodes_a_bounded_number_of_frames(
     assert stats.seeks >= 8
     assert stats.decoded <= 16 * (120 + 1)  # at most one keyframe interval per sample
     assert stats.decoded < 2400 / 2
+
+
+def test_coarse_to_fine_narrows_in_on_the_edges_of_a_short_event_in_a_long_video(tmp_path: Path) -> None:
+    event = (733.0, 751.0)  # 18 s of red car in 20 minutes; the coarse pass sees one frame every 100 s
+    clip = make_video(None, seconds=1200, fps=1, size=(64, 48), gop=30,
+                      scenes=[(0.0, "street", (20, 40, 220)), (event[0], "red car", (220, 30, 30)),
+                              (event[1], "street", (20, 40, 220))])
+
+    async def main() -> None:
+        stores, _, _, done = await _run(tmp_path, FrameReader(), _input(
+            clip.data, kind="moments", question="the red car", max_side=64, dense_frames=16, max_passes=3))
+        assert done.status == "succeeded", done.error
+        names = [p["name"] for p in done.result["passes"]]
+        assert names == ["coarse", "dense", "dense2"], done.result["passes"]
+        res = [p["resolution_s"] for p in done.result["passes"]]
+        assert res[0] > res[1] > res[2]
+        edges = done.result["passes"][2]["segments"]  # around both edges (merged when they overlap)
+        assert {s["why"] for s in edges} == {"edge"}
+        assert all(any(s["start"] <= t <= s["end"] for s in edges) for t in event), edges
+        (moment,) = done.result["moments"]
+        assert moment["resolution_s"] == pytest.approx(res[2], abs=0.01)
+        assert abs(moment["start"] - event[0]) <= moment["resolution_s"], moment
+        assert abs(moment["end"] - event[1]) <= moment["resolution_s"] + 1.0, moment
+        for p in done.result["passes"]:  # bounded decoding: seeks, never the whole 1,200 frames
+            assert p["decoded_frames"] <= p["frames"] * 31 and p["decoded_frames"] < 600
+        await stores.close()
+
+    asyncio.run(main())

@@ -153,12 +153,13 @@ class VideoAnalysisAgent(Agent):
         answer, citations = None, []
         if input.kind == "question":
             answer, citations = await self._answer_once(ctx, input, timeline, duration, gap, "coarse_answer")
-        all_frames, dense_obs, dense_segments = frames, [], []
+        all_frames, dense_obs = frames, []
+        first_segments: list[Any] = []
+        edges: list[Any] = []
         if input.kind in ("question", "moments"):
-            dense = await self._second_look(ctx, input, data, timeline, citations, gap, duration, info.fps,
-                                            tokens, frames, passes, warnings)
-            if dense is not None:
-                all_frames, dense_obs, dense_segments = dense
+            looks = await self._look_again(ctx, input, data, timeline, citations, gap, duration, info.fps,
+                                           tokens, frames, passes, warnings)
+            all_frames, dense_obs, first_segments, edges = looks
         if dense_obs:
             timeline = merge_timeline(observations + dense_obs)
         await ctx.step("answer", timeline=len(timeline))
@@ -182,7 +183,7 @@ class VideoAnalysisAgent(Agent):
             from agents.video.second_look import refine_moments
 
             coarse_moments = moments(merge_timeline(observations), gap)
-            found = refine_moments(coarse_moments, timeline if dense_obs else [], dense_segments, gap)
+            found = refine_moments(coarse_moments, timeline if dense_obs else [], first_segments, edges, gap)
             result["moments"] = [{**m.model_dump(), "range": f"{format_ts(m.start)}-{format_ts(m.end)}"}
                                  for m in found]
             key_times = [(m.start, m.descriptions[0]) for m in found] or key_times
@@ -230,31 +231,70 @@ class VideoAnalysisAgent(Agent):
                                    on_chunk_done=on_done, should_stop=lambda: ctx.cancel_requested)
         return list(outcome.result)
 
+    async def _look_again(self, ctx: AgentContext, input: VideoInput, data: bytes, timeline: list[Any],
+                          citations: list[Any], gap: float, duration: float, fps: float | None, tokens: int,
+                          frames: list[Any], passes: list[dict[str, Any]],
+                          warnings: list[str]) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+        """Coarse to fine: up to ``max_passes - 1`` looks, the first where the coarse pass points, each later one
+        around the edges of what the previous found (or its relevant frames), until frames are 1 s apart.
+        Returns (all frames, observations of the looks, the first look's segments with their resolution, every
+        look's segments with their resolution)."""
+        from agents.video.second_look import edge_segments
+        from agents.video.timeline import merge_timeline
+
+        all_frames, found_obs = list(frames), []
+        first: list[Any] = []
+        edges: list[Any] = []
+        current, current_gap, segments = timeline, gap, None
+        for look in range(1, input.max_passes):
+            used = sum(p.get("tokens", 0) for p in passes)
+            got = await self._second_look(ctx, input, data, current, citations if look == 1 else [], current_gap,
+                                          duration, fps, used, all_frames, passes, warnings, look, segments)
+            if got is None:
+                break
+            new_frames, obs, with_res = got
+            all_frames = sorted(all_frames + new_frames, key=lambda f: f.t)
+            found_obs += obs
+            first = first or with_res
+            edges += with_res
+            current_gap = max(r for _, r in with_res)
+            if current_gap < 2.0:  # frames are already (nearly) 1 s apart, the finest "mm:ss" labels can tell
+                break
+            merged = merge_timeline(found_obs)
+            segments = edge_segments(merged, input.kind, current_gap, duration, input.max_segments, with_res)
+            current = merged
+            if not segments:
+                break
+        return all_frames, found_obs, first, edges
+
     async def _second_look(self, ctx: AgentContext, input: VideoInput, data: bytes, timeline: list[Any],
                            citations: list[Any], gap: float, duration: float, fps: float | None,
-                           tokens_used: int,
-                           coarse_frames: list[Any], passes: list[dict[str, Any]],
-                           warnings: list[str]) -> tuple[list[Any], list[Any], list[Any]] | None:
-        """Sample densely where the coarse pass points (relevant observations, cited times), within the frame
-        and token budgets, and observe those frames. Returns (all frames, dense observations, segments with their
-        resolution), or None when there is nothing to look at again (the pass report says why)."""
+                           tokens_used: int, coarse_frames: list[Any], passes: list[dict[str, Any]],
+                           warnings: list[str], look: int = 1,
+                           segments: list[Any] | None = None) -> tuple[list[Any], list[Any], list[Any]] | None:
+        """Sample densely where the previous pass points (relevant observations, cited times; or ``segments``),
+        within the frame and token budgets, and observe those frames. Returns (the new frames, their
+        observations, segments with their resolution), or None when there is nothing to look at again (the pass
+        report says why). ``coarse_frames``: every frame sampled so far (not sampled again)."""
         from agents.video.second_look import pick_segments
         from agents.video.timeline import Observation
         from pipelines.video.decode import DecodeStats, VideoError
         from pipelines.video.sample import TimeRange, dense_times, format_ts
 
-        report: dict[str, Any] = {"name": "dense"}
+        name = "dense" if look == 1 else f"dense{look}"
+        report: dict[str, Any] = {"name": name}
         budget = input.dense_frames
         if input.max_total_tokens is not None and coarse_frames:
             per_frame = max(1, tokens_used // max(1, len(coarse_frames)))  # what a coarse frame cost, all in
             budget = min(budget, max(0, (input.max_total_tokens - tokens_used - 2 * input.max_output_tokens))
                          // per_frame)
-        segments = pick_segments(timeline, [c.time for c in citations if c.supported], gap, duration,
-                                 input.max_segments)
+        if segments is None:
+            segments = pick_segments(timeline, [c.time for c in citations if c.supported], gap, duration,
+                                     input.max_segments)
         if input.dense_frames == 0:
             report["skipped"] = "dense_frames is 0"
         elif not segments:
-            report["skipped"] = "the coarse pass found nothing the question points to"
+            report["skipped"] = "the previous pass found nothing the question points to"
         elif budget <= 0:
             report["skipped"] = "no token budget left after the coarse pass"
         if "skipped" in report:
@@ -271,7 +311,7 @@ class VideoAnalysisAgent(Agent):
         stats = DecodeStats()
         started = time.perf_counter()
         try:
-            dense_frames = await _fetch(ctx, data, times, input, stats, "dense", duration)
+            dense_frames = await _fetch(ctx, data, times, input, stats, name, duration)
         except VideoError as exc:
             raise AgentError(str(exc), code=exc.code) from None
         sample_s = time.perf_counter() - started
@@ -279,18 +319,17 @@ class VideoAnalysisAgent(Agent):
         dense_frames = [f for f in dense_frames if f.index not in coarse_index]
         resolution = max((r for _, _, r in plan), default=gap)
         windows = await asyncio.to_thread(plan_windows, dense_frames, input, ctx.resources) if dense_frames else []
-        results = await self._observe(ctx, input, windows, resolution, f"{ctx.session_id}.dense", "dense window")
+        results = await self._observe(ctx, input, windows, resolution, f"{ctx.session_id}.{name}", f"{name} window")
         observations = [Observation.model_validate(o) for r in results for o in r["observations"]]
         for k, r in enumerate(results):
             if not r["complete"]:
-                warnings.append(f"dense window {k}: output not complete JSON")
+                warnings.append(f"{name} window {k}: output not complete JSON")
         report.update({"frames": len(dense_frames), "windows": len(windows), "model_calls": len(windows),
                        "tokens": sum(r["tokens"] for r in results), "resolution_s": round(resolution, 3),
                        "decoded_frames": stats.decoded, "seeks": stats.seeks, "sample_s": round(sample_s, 3)})
         passes.append(report)
         await ctx.emit("pass", {**report, "status": "done"})
-        all_frames = sorted(coarse_frames + dense_frames, key=lambda f: f.t)
-        return all_frames, observations, [(s, r) for s, (_, _, r) in zip(segments, plan)]
+        return dense_frames, observations, [(s, r) for s, (_, _, r) in zip(segments, plan)]
 
     async def _answer_once(self, ctx: AgentContext, input: VideoInput, timeline: list[Any], duration: float,
                            gap: float, key: str) -> tuple[str, list[Any]]:

@@ -61,11 +61,30 @@ def pick_segments(timeline: Sequence[Observation], cited: Sequence[float], gap: 
     return [Segment(start=m[0], end=m[1], why=m[2]) for m in sorted(best)]
 
 
-def refine_moments(coarse: Sequence[Moment], both: Sequence[Observation],
-                   segments: Sequence[tuple[Segment, float]], coarse_gap: float) -> list[RefinedMoment]:
-    """Each segment's moments from the observations of both passes inside it (joined within the segment's spacing
-    plus 1 s: the model reads times from whole-second "mm:ss" labels); where the second look saw nothing relevant, or
-    outside every segment, the coarse moments stay, with the coarse resolution."""
+def edge_segments(timeline: Sequence[Observation], kind: str, resolution: float, duration: float, limit: int,
+                  looked: Sequence[tuple[Segment, float]]) -> list[Segment]:
+    """The next, narrower look: around both edges of each moment found (``moments``: an edge is known to
+    ``resolution``), or around the relevant observations (``question``), one ``resolution`` on each side, inside
+    what was just looked at."""
+    if kind == "moments":
+        found = moments([o for o in timeline if any(s.start - 1e-6 <= o.start <= s.end + 1e-6 for s, _ in looked)],
+                        resolution + 1.0)
+        raw = [t for m in found for t in (m.start, m.end)]
+    else:
+        raw = [t for o in timeline if o.relevant for t in (o.start, o.end)]
+    spans = [Observation(start=t, end=t, description="", relevant=True, window=0) for t in sorted(set(raw))]
+    return [s.model_copy(update={"why": "edge"}) for s in pick_segments(spans, [], resolution, duration, limit)]
+
+
+def refine_moments(coarse: Sequence[Moment], both: Sequence[Observation], segments: Sequence[tuple[Segment, float]],
+                   edges: Sequence[tuple[Segment, float]], coarse_gap: float) -> list[RefinedMoment]:
+    """Each first-look segment's moments from the observations of every pass inside it (joined within the
+    segment's spacing plus 1 s: the model reads times from whole-second "mm:ss" labels); a moment's resolution is
+    that of the finest look around its coarser edge (``edges``: every look's segments). Where no look saw
+    anything relevant, or outside every segment, the coarse moments stay, with the coarse resolution."""
+    def finest(t: float, default: float) -> float:
+        return min([r for s, r in edges if s.start - 1e-6 <= t <= s.end + 1e-6] + [default])
+
     out: list[RefinedMoment] = []
     covered: list[Segment] = []
     for seg, resolution in segments:
@@ -73,8 +92,9 @@ def refine_moments(coarse: Sequence[Moment], both: Sequence[Observation],
         found = moments(inside, resolution + 1.0)
         if found:
             covered.append(seg)
-            out += [RefinedMoment(start=m.start, end=m.end, descriptions=m.descriptions, resolution_s=resolution,
-                                  found_in="dense") for m in found]
+            out += [RefinedMoment(start=m.start, end=m.end, descriptions=m.descriptions, found_in="dense",
+                                  resolution_s=max(finest(m.start, resolution), finest(m.end, resolution)))
+                    for m in found]
     for m in coarse:
         if not any(seg.start <= m.start <= seg.end or seg.start <= m.end <= seg.end for seg in covered):
             out.append(RefinedMoment(start=m.start, end=m.end, descriptions=m.descriptions,
