@@ -50,3 +50,23 @@ def test_a_cut_inside_long_camera_motion_is_found_and_the_motion_is_not() -> Non
     assert [c.kind for c in cuts] == ["cut"] and 17.0 <= cuts[0].t <= 17.0 + 1 / PROBE_FPS + 0.1, (cuts, judged)
     assert any(tr.kind == "motion" for tr in judged)
     assert stats.kept <= 30 * PROBE_FPS + 1  # only the probed frames are converted
+
+
+def test_the_detector_streams_in_bounded_memory_through_hours_of_motion() -> None:
+    import tracemalloc
+
+    from pipelines.video.transitions import Signature, detect_transitions
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 255, (18, 64)).astype(np.float32)
+    hist = np.full(96, 1 / 32, np.float32)
+
+    def moving(n: int):  # a steady pan: every probe shifts the picture, none is a cut
+        for i in range(n):
+            yield Signature(t=i / 4, hist=hist, thumb=np.roll(base, i, axis=1)[:, :32].copy())
+
+    tracemalloc.start()
+    judged = list(detect_transitions(moving(2000)))  # 500 s of probes; the run is never buffered whole
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert [t.kind for t in judged] == ["motion"] and peak < 1_000_000
