@@ -1,10 +1,12 @@
 """Choosing which frames of a video the model sees, and the time notation used to talk about them.
 
 The model sees a video only through a frame budget (each frame costs image tokens), so frames should land where
-the content changes: :func:`scene_changes` finds cuts cheaply (tiny frames at ``probe_fps``, colour-histogram
-and pixel distance), and :func:`sample_frames` spends the budget on one frame just after each cut, filling the
-rest uniformly. Times are always seconds from the first frame; :func:`format_ts` / :func:`parse_ts` are the
-"mm:ss" notation shared with prompts and answers.
+the content changes: :func:`scene_cuts` finds shot boundaries cheaply (tiny frames at ``probe_fps``, judged by
+:mod:`pipelines.video.transitions`: a fade or dissolve is one boundary, a flash or a pan none), and
+:func:`sample_frames` spends the budget on one frame just after each, filling the rest uniformly (past
+``detect_max_s`` it only seeks). :func:`dense_times` plans a second, denser look at chosen segments. Times are
+always seconds from the first frame; :func:`format_ts` / :func:`parse_ts` are the "mm:ss" notation shared with
+prompts and answers.
 """
 
 from __future__ import annotations
