@@ -188,3 +188,28 @@ def test_coarse_to_fine_narrows_in_on_the_edges_of_a_short_event_in_a_long_video
         await stores.close()
 
     asyncio.run(main())
+
+
+def test_dense_times_respect_the_budget_the_frame_rate_and_whole_seconds() -> None:
+    from pipelines.video.sample import TimeRange, dense_times
+
+    segs = [TimeRange(start=10, end=40), TimeRange(start=100, end=110)]
+    plan = dense_times(segs, 20, fps=25)
+    assert sum(len(t) for _, t, _ in plan) <= 20 and [len(t) for _, t, _ in plan] == [15, 5]
+    assert all(s.start <= t <= s.end for s, ts, _ in plan for t in ts)
+    assert [r for _, _, r in plan] == [2.0, 2.0]
+    (_, times, res), = dense_times([TimeRange(start=0, end=5)], 50, fps=25)  # never finer than 1 s labels
+    assert len(times) == 5 and res == 1.0
+    (_, times, _), = dense_times([TimeRange(start=0, end=5)], 50, fps=25, exclude=[0.5, 1.5])
+    assert times == [2.5, 3.5, 4.5]
+
+
+def test_segments_come_from_relevant_observations_and_cited_times_merged_and_capped() -> None:
+    from agents.video.second_look import pick_segments
+    from agents.video.timeline import Observation
+
+    obs = [Observation(start=t, end=t, description="x", relevant=rel, window=0)
+           for t, rel in [(10, False), (20, True), (25, True), (60, True), (90, False)]]
+    segs = pick_segments(obs, [88.0], 5.0, 92.0, limit=4)
+    assert [(s.start, s.end, s.why) for s in segs] == [(15, 30, "relevant"), (55, 65, "relevant"), (83, 92, "cited")]
+    assert [(s.start, s.end) for s in pick_segments(obs, [88.0], 5.0, 92.0, limit=1)] == [(15, 30)]

@@ -317,8 +317,13 @@ class VideoAnalysisAgent(Agent):
         sample_s = time.perf_counter() - started
         coarse_index = {f.index for f in coarse_frames}
         dense_frames = [f for f in dense_frames if f.index not in coarse_index]
+        if not dense_frames:
+            report["skipped"] = "every planned frame was sampled already"
+            passes.append(report)
+            await ctx.emit("pass", {**report, "status": "skipped"})
+            return None
         resolution = max((r for _, _, r in plan), default=gap)
-        windows = await asyncio.to_thread(plan_windows, dense_frames, input, ctx.resources) if dense_frames else []
+        windows = await asyncio.to_thread(plan_windows, dense_frames, input, ctx.resources)
         results = await self._observe(ctx, input, windows, resolution, f"{ctx.session_id}.{name}", f"{name} window")
         observations = [Observation.model_validate(o) for r in results for o in r["observations"]]
         for k, r in enumerate(results):
