@@ -35,6 +35,13 @@ class VideoInput(BaseModel):
     max_observations: int = Field(12, ge=1, le=200, description="per window")
     max_text_chars: int = Field(300, ge=10, le=4000, description="per observation / answer sentence")
     max_seconds: float = Field(3 * 3600.0, gt=0, le=24 * 3600.0, description="longer videos are refused")
+    dense_frames: int = Field(32, ge=0, le=2048, description="question/moments: frames of the second look, "
+                              "sampled densely where the coarse pass found the question's answer (0: no second look)")
+    max_segments: int = Field(4, ge=1, le=32, description="second look: at most this many segments per pass")
+    max_passes: int = Field(3, ge=1, le=5, description="question/moments: the coarse pass plus up to this many "
+                            "minus one looks, each narrower (around the edges found), until frames are 1 s apart")
+    max_total_tokens: int | None = Field(None, ge=1000, description="prompt + completion tokens of all model calls "
+                                         "of the task; the second look gets what the coarse pass left")
 
     @model_validator(mode="after")
     def _consistent(self) -> "VideoInput":

@@ -1,7 +1,7 @@
 """Video for Kimi-VL, which reads video as independent timestamped frames.
 
 ``decode``: bounded streaming decode (probe, limits, seek-based sampling). ``sample``: which frames to show
-(uniform / scene cuts / hybrid) and "mm:ss" time notation. ``contact_sheet``: frames as one PNG grid.
+(uniform / shot boundaries / hybrid; dense times for a second look) and "mm:ss" time notation. ``transitions``: hard cuts vs fades, dissolves, flashes and motion. ``contact_sheet``: frames as one PNG grid.
 ``synthetic``: generated clips with known ground truth and broken files for tests.
 """
 
@@ -22,6 +22,8 @@ from pipelines.video.decode import (
 from pipelines.video.sample import (
     Cut,
     TimeRange,
+    dense_times,
+    fetch_frames,
     format_ts,
     parse_ts,
     plan_times,
@@ -43,6 +45,8 @@ __all__ = [
     "VideoInfo",
     "check_limits",
     "contact_sheet",
+    "dense_times",
+    "fetch_frames",
     "fit_size",
     "format_ts",
     "iter_frames",

@@ -1,10 +1,12 @@
 """Choosing which frames of a video the model sees, and the time notation used to talk about them.
 
 The model sees a video only through a frame budget (each frame costs image tokens), so frames should land where
-the content changes: :func:`scene_changes` finds cuts cheaply (tiny frames at ``probe_fps``, colour-histogram
-and pixel distance), and :func:`sample_frames` spends the budget on one frame just after each cut, filling the
-rest uniformly. Times are always seconds from the first frame; :func:`format_ts` / :func:`parse_ts` are the
-"mm:ss" notation shared with prompts and answers.
+the content changes: :func:`scene_cuts` finds shot boundaries cheaply (tiny frames at ``probe_fps``, judged by
+:mod:`pipelines.video.transitions`: a fade or dissolve is one boundary, a flash or a pan none), and
+:func:`sample_frames` spends the budget on one frame just after each, filling the rest uniformly (past
+``detect_max_s`` it only seeks). :func:`dense_times` plans a second, denser look at chosen segments. Times are
+always seconds from the first frame; :func:`format_ts` / :func:`parse_ts` are the "mm:ss" notation shared with
+prompts and answers.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from pipelines.video.decode import (
     iter_frames,
     probe,
 )
+from pipelines.video.transitions import Transition, detect_transitions, signature
 
 __all__ = [
     "Cut",
     "TimeRange",
     "format_ts",
     "parse_ts",
+    "dense_times",
+    "fetch_frames",
     "sample_frames",
     "scene_changes",
     "scene_cuts",
@@ -39,6 +44,7 @@ __all__ = [
 ]
 
 Strategy = Literal["uniform", "scenes", "hybrid"]
+DEFAULT_DETECT_MAX_S = 1800.0  # scene detection decodes every frame: only up to 30 minutes of video
 
 
 def format_ts(seconds: float) -> str:
@@ -126,51 +132,43 @@ def uniform_times(duration_s: float, *, fps: float | None = None, budget: int | 
 
 
 class Cut(BaseModel):
-    """A detected scene change: ``t`` is the first probed frame of the new shot; ``score`` in [0, 1]."""
+    """A detected shot boundary: ``t`` is the first probed frame of the new shot; ``score`` in [0, 1];
+    ``kind`` is ``cut`` (hard), ``fade_in`` or ``dissolve`` (``t`` = the end of the gradual transition)."""
 
     t: float
     score: float
-
-
-def _signature(frame: Frame) -> tuple[np.ndarray, np.ndarray]:
-    rgb = np.asarray(frame.image, dtype=np.uint8)
-    hist = np.concatenate([np.bincount(rgb[..., c].ravel() >> 3, minlength=32) for c in range(3)]).astype(np.float32)
-    hist /= max(1.0, hist.sum() / 3)
-    small = np.asarray(frame.image.convert("L").resize((32, 18)), dtype=np.float32)
-    return hist, small
+    kind: str = "cut"
 
 
 def scene_cuts(
     source: Source,
     *,
     threshold: float = 0.3,
-    probe_fps: float = 2.0,
+    probe_fps: float = 4.0,
     max_side: int = 160,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     stats: DecodeStats | None = None,
+    transitions: list[Transition] | None = None,
 ) -> list[Cut]:
-    """Cuts with their scores. Score = max(colour-histogram distance, mean abs luma difference of a 32x18
-    thumbnail / 255 * 2), between consecutive frames ``1/probe_fps`` apart. Histograms ignore motion; the
-    thumbnail term catches cuts between shots with similar palettes. Streaming: two tiny frames in memory.
-    Note it decodes the whole file (every frame, converting only the probed ones)."""
+    """Shot boundaries with their scores, from tiny frames ``1/probe_fps`` apart judged by
+    :func:`~pipelines.video.transitions.detect_transitions`: a fade or dissolve is one boundary at its end, a
+    flash or camera motion none. Pass a list as ``transitions`` to get every judged run (for diagnostics).
+    Streaming: a few 32x18 thumbnails in memory. Note it decodes the whole file (converting only the probed
+    frames); :func:`sample_frames` skips it for videos longer than ``detect_max_s``."""
+    frames = iter_frames(source, every_s=1.0 / probe_fps, max_side=max_side, max_seconds=max_seconds,
+                         max_pixels=max_pixels, stats=stats)
     cuts: list[Cut] = []
-    prev: tuple[np.ndarray, np.ndarray] | None = None
-    for frame in iter_frames(source, every_s=1.0 / probe_fps, max_side=max_side, max_seconds=max_seconds,
-                             max_pixels=max_pixels, stats=stats):
-        sig = _signature(frame)
-        if prev is not None:
-            hist_d = float(np.abs(sig[0] - prev[0]).sum() / 6)  # 3 channels, L1 of normalised hists is <= 2
-            pix_d = float(np.abs(sig[1] - prev[1]).mean() / 255 * 2)
-            score = min(1.0, max(hist_d, pix_d))
-            if score >= threshold:
-                cuts.append(Cut(t=frame.t, score=score))
-        prev = sig
+    for tr in detect_transitions((signature(f) for f in frames), threshold=threshold):
+        if transitions is not None:
+            transitions.append(tr)
+        if tr.is_boundary:
+            cuts.append(Cut(t=tr.t, score=round(tr.score, 4), kind=tr.kind))
     return cuts
 
 
 def scene_changes(
-    source: Source, *, threshold: float = 0.3, probe_fps: float = 2.0, max_side: int = 160
+    source: Source, *, threshold: float = 0.3, probe_fps: float = 4.0, max_side: int = 160
 ) -> list[float]:
     """Times (s) of detected cuts: the first probed frame after each, so within ``1/probe_fps`` after it."""
     return [c.t for c in scene_cuts(source, threshold=threshold, probe_fps=probe_fps, max_side=max_side)]
@@ -217,25 +215,74 @@ def sample_frames(
     budget: int,
     strategy: Strategy = "hybrid",
     max_side: int = 896,
-    probe_fps: float = 2.0,
+    probe_fps: float = 4.0,
     threshold: float = 0.3,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    detect_max_s: float | None = DEFAULT_DETECT_MAX_S,
+    stats: DecodeStats | None = None,
 ) -> list[Frame]:
     """At most ``budget`` frames sorted by time, deduplicated (a frame serving two planned times counts once),
     each with its timestamp. ``scenes``/``hybrid`` make one cheap detection pass first, then fetch the planned
-    frames (seeking across long gaps)."""
+    frames (seeking across long gaps). Scene detection decodes every frame, so a video longer than
+    ``detect_max_s`` is sampled uniformly by seeking only: decoding work is then bounded by the budget times the
+    keyframe interval, not by the duration. ``stats`` counts the fetch (not the detection)."""
     info = probe(source)
     cuts: list[Cut] = []
-    if strategy != "uniform":
+    if strategy != "uniform" and (detect_max_s is None or info.duration_s <= detect_max_s):
         cuts = scene_cuts(source, threshold=threshold, probe_fps=probe_fps, max_seconds=max_seconds,
                           max_pixels=max_pixels)
+    elif strategy != "uniform":
+        strategy = "uniform"
     times = plan_times(info.duration_s, cuts, budget, strategy=strategy)
+    return fetch_frames(source, times, max_side=max_side, max_seconds=max_seconds, max_pixels=max_pixels,
+                        stats=stats)[:budget]
+
+
+def fetch_frames(
+    source: Source,
+    times: Sequence[float],
+    *,
+    max_side: int = 896,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    stats: DecodeStats | None = None,
+) -> list[Frame]:
+    """The first frame at/after each of ``times`` (seeking across gaps), deduplicated, sorted by time."""
     frames: list[Frame] = []
     seen: set[int] = set()
     for frame in iter_frames(source, timestamps=times, max_side=max_side, max_seconds=max_seconds,
-                             max_pixels=max_pixels):
+                             max_pixels=max_pixels, stats=stats):
         if frame.index not in seen:
             seen.add(frame.index)
             frames.append(frame)
-    return frames[:budget]
+    return frames
+
+
+def dense_times(segments: Sequence[TimeRange], budget: int, *, fps: float | None = None, min_step: float = 1.0,
+                exclude: Sequence[float] = ()) -> list[tuple[TimeRange, list[float], float]]:
+    """Spread ``budget`` sample times over ``segments`` in proportion to their length (at least one each, never
+    finer than the video's frame rate nor than ``min_step``: the model reads "mm:ss" labels, so
+frames under a second apart would share a label), skipping times already in ``exclude`` (within a tenth of the spacing).
+    Returns ``(segment, times, resolution_s)`` per segment; ``resolution_s`` is the spacing of its samples, the
+    precision a time found in this pass can claim."""
+    if budget <= 0 or not segments:
+        return []
+    total = sum(max(s.duration, 1e-3) for s in segments)
+    counts = []
+    for seg in segments:
+        n = max(1, round(budget * max(seg.duration, 1e-3) / total))
+        if fps:
+            n = min(n, max(1, math.floor(seg.duration * fps) + 1))
+        if min_step > 0:
+            n = min(n, max(1, math.floor(seg.duration / min_step)))
+        counts.append(n)
+    while sum(counts) > budget and max(counts) > 1:  # rounding may overshoot: trim the most sampled
+        counts[counts.index(max(counts))] -= 1
+    out = []
+    for seg, n in zip(segments, counts):
+        step = seg.duration / n if seg.duration > 0 else 0.0
+        times = [seg.start + (i + 0.5) * step for i in range(n)]
+        times = [t for t in times if all(abs(t - e) > step / 10 for e in exclude)]
+        out.append((seg, times, max(step, 1.0 / fps if fps else 0.0, min_step)))
+    return out[:budget]

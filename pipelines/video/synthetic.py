@@ -15,6 +15,7 @@ import math
 import os
 import random
 from fractions import Fraction
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["SyntheticVideo", "make_video", "make_bad_videos", "make_long_video", "make_8k_video", "DEFAULT_SCENES",
+__all__ = ["SyntheticVideo", "make_video", "make_bad_videos", "make_edited_video", "encode_frames", "EditedVideo", "make_long_video", "make_8k_video", "DEFAULT_SCENES",
            "format_clock"]
 
 _FORMATS = {"mp4": "mp4", "mkv": "matroska", "webm": "webm", "mov": "mov"}
@@ -211,3 +212,98 @@ def make_bad_videos(directory: str | os.PathLike[str]) -> dict[str, Path]:
     make_long_video(files["too_long"])
     make_8k_video(files["resolution_too_large"])
     return files
+
+
+# --- edited footage: textured moving shots joined by cuts, fades, dissolves, flashes and pans -------------------
+
+class EditedVideo(BaseModel):
+    """An encoded clip of textured shots and the ground truth of its edit: ``boundaries`` are ``(kind, t)`` of
+    every shot start (``t`` = first frame of the new shot; for fades/dissolves, the end of the transition) and
+    ``non_boundaries`` are ``(kind, start, end)`` of changes that are no shot boundary (flash, pan, fade out)."""
+
+    data: bytes
+    duration: float
+    fps: float
+    boundaries: list[tuple[str, float]]
+    non_boundaries: list[tuple[str, float, float]]
+
+
+def _shot_canvas(seed: int, size: tuple[int, int]) -> np.ndarray:
+    """A smooth random colour field twice the frame's width (room to pan), each shot its own palette."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 256, size=3)
+    coarse = np.clip(base + rng.normal(0, 70, size=(8, 16, 3)), 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((2 * w, h), Image.BICUBIC), dtype=np.float32)
+
+
+def make_edited_video(*, fps: float = 10, size: tuple[int, int] = (160, 96), seed: int = 7,
+                      gop: int | None = None) -> EditedVideo:
+    """24 s: fade in from black (0-1.5 s) on shot A, cut to B at 5.0, a 0.3 s white flash at 7.0, dissolve B->C
+    (9.0-10.5), a fast pan over C (12.0-14.5), cut to D at 15.0, fade out to black (18.0-19.5), cut from black
+    to E at 20.0. Every shot drifts slowly and carries sensor-like noise, so no two frames are identical."""
+    w, h = size
+    canvases = [_shot_canvas(seed * 10 + k, size) for k in range(5)]
+    rng = np.random.default_rng(seed)
+
+    def shot(k: int, t: float, pan: float = 0.0) -> np.ndarray:
+        x = int(t * 4 + pan) % w  # slow drift of 4 px/s plus any pan offset
+        return canvases[k][:, x:x + w]
+
+    def pan_offset(t: float) -> float:
+        return 0.0 if t < 12.0 else (min(t, 14.5) - 12.0) * 60.0  # 60 px/s
+
+    def render(t: float) -> np.ndarray:
+        if t < 1.5:
+            img = shot(0, t) * (t / 1.5)
+        elif t < 5.0:
+            img = shot(0, t)
+        elif t < 9.0:
+            img = shot(1, t)
+            if 7.0 <= t < 7.3:
+                img = np.full_like(img, 250.0)
+        elif t < 10.5:
+            a = (t - 9.0) / 1.5
+            img = (1 - a) * shot(1, t) + a * shot(2, t)
+        elif t < 15.0:
+            img = shot(2, t, pan_offset(t))
+        elif t < 18.0:
+            img = shot(3, t)
+        elif t < 19.5:
+            img = shot(3, t) * (1 - (t - 18.0) / 1.5)
+        elif t < 20.0:
+            img = np.zeros((h, w, 3), np.float32)
+        else:
+            img = shot(4, t)
+        noise = rng.normal(0, 3, size=img.shape) if img.max() > 0 else 0
+        return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+    data = encode_frames(render, seconds=24.0, fps=fps, size=size, gop=gop)
+    return EditedVideo(
+        data=data, duration=24.0, fps=fps,
+        boundaries=[("fade_in", 1.5), ("cut", 5.0), ("dissolve", 10.5), ("cut", 15.0), ("cut", 20.0)],
+        non_boundaries=[("flash", 7.0, 7.3), ("motion", 12.0, 14.5), ("fade_out", 18.0, 19.5)])
+
+
+def encode_frames(render: Callable[[float], np.ndarray], *, seconds: float, fps: float, size: tuple[int, int],
+                  gop: int | None = None, container: str = "mp4") -> bytes:
+    """Encode ``render(t)`` (an RGB uint8 array of ``size``) at ``fps`` with libx264 ``ultrafast``."""
+    rate = Fraction(fps).limit_denominator(10_000)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=_FORMATS[container]) as out:
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = 1 / rate
+        stream.codec_context.options = {"preset": "ultrafast", "tune": "zerolatency"}
+        if gop is not None:
+            stream.codec_context.gop_size = gop
+        for i in range(max(0, math.ceil(seconds * fps - 1e-9))):
+            frame = av.VideoFrame.from_ndarray(render(float(i / rate)), format="rgb24")
+            frame.pts = i
+            frame.time_base = stream.codec_context.time_base
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
