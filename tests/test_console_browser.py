@@ -191,7 +191,8 @@ def test_console_is_static_with_a_strict_csp_and_the_new_routes_are_bounded(serv
         assert got.status_code == 200 and got.content == pdf and got.headers["content-type"] == "application/pdf"
         assert "sandbox" in got.headers["content-security-policy"]
         assert other.get(f"/v1/files/{ref}").status_code == 404  # another key's file is missing, not forbidden
-        assert own.get("/v1/files/not-a-ref").status_code == 422
+        missing = own.get("/v1/files/not-a-ref")  # neither a blob ref nor an OpenAI file id: no such file
+        assert missing.status_code == 404 and missing.json()["error"]["param"] == "file_id"
         contract = own.post("/v1/tasks", json={"type": "contract_extraction", "input": {
             "blob": ref, "categories": ["Governing Law"], "max_output_tokens": 16}}).json()
         image = own.get(f"/v1/tasks/{contract['id']}/pages/1", params={"width": 300})
