@@ -40,6 +40,9 @@ class OSAgentInput(BaseModel):
     confirm_timeout_s: float = Field(300.0, gt=0, le=24 * 3600, description="how long a risky action waits for "
                                      "POST /v1/tasks/{id}/confirm before it is declined")
 
+    reply_timeout_s: float = Field(600.0, gt=0, le=24 * 3600, description="how long a call_user question waits "
+                                   "for POST /v1/tasks/{id}/reply before the run ends with outcome no_reply")
+
     @model_validator(mode="after")
     def _one_desktop(self) -> "OSAgentInput":
         if self.desktop is not None and self.replay is not None:

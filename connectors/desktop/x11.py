@@ -119,9 +119,11 @@ class X11Executor:
                 await asyncio.sleep(action.seconds)
             else:
                 timeout = self.command_timeout_s
+                stdin = None
                 if isinstance(action, TypeText):
                     timeout += len(action.text) * self.type_delay_ms / 1000
-                await self._xdotool(*argv, timeout_s=timeout)
+                    stdin = action.text.encode()  # on stdin, not argv: typed text (a password) never shows in ps
+                await self._xdotool(*argv, timeout_s=timeout, stdin=stdin)
                 if self.action_delay_s > 0:
                     await asyncio.sleep(self.action_delay_s)
         return ActionOutcome(ok=True, detail=describe(action), duration_s=time.perf_counter() - start)
@@ -158,7 +160,7 @@ class X11Executor:
                 button = "4" if action.clicks > 0 else "5"
             return argv + ["click", "--repeat", str(abs(action.clicks)), "--delay", "20", button]
         if isinstance(action, TypeText):
-            return ["type", "--delay", str(self.type_delay_ms), "--", action.text]
+            return ["type", "--delay", str(self.type_delay_ms), "--file", "-"]
         if isinstance(action, Key):
             return ["key", "--", xdotool_chord(action.keys)]
         if isinstance(action, Wait):
@@ -195,17 +197,19 @@ class X11Executor:
             return name.rstrip("\n") or None
         return None
 
-    async def _xdotool(self, *args: str, timeout_s: float | None = None) -> str:
-        """Run ``xdotool args...`` (argv, no shell); stdout, or ``ExecutorError`` with the stderr tail."""
+    async def _xdotool(self, *args: str, timeout_s: float | None = None, stdin: bytes | None = None) -> str:
+        """Run ``xdotool args...`` (argv, no shell; ``stdin`` fed to it); stdout, or ``ExecutorError`` with the
+        stderr tail."""
         timeout_s = self.command_timeout_s if timeout_s is None else timeout_s
         try:
             proc = await asyncio.create_subprocess_exec(
-                "xdotool", *args, env=self._env, stdin=asyncio.subprocess.DEVNULL,
+                "xdotool", *args, env=self._env,
+                stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         except FileNotFoundError:
             raise ExecutorError("xdotool not found on PATH (Debian/Ubuntu: apt-get install xdotool)") from None
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout_s)
         except asyncio.TimeoutError:
             raise ExecutorError(f"xdotool {args[0]} on {self.display} timed out after {timeout_s:g}s") from None
         finally:
