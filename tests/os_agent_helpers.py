@@ -30,6 +30,7 @@ class ScreenReadingModel:
         self.first_replies = list(first_replies or [])  # scripted replies before the policy takes over
         self.json_mode = json_mode
         self.requests: list[GenerateRequest] = []
+        self.user_answer: str | None = None
 
     def frac(self, box: list[int], dx: float = 0.5, dy: float = 0.5) -> tuple[float, float]:
         x = box[0] + (box[2] - box[0]) * dx
@@ -69,6 +70,28 @@ class ScreenReadingModel:
                 return "DONE"
             x, y = self.frac(state["widgets"]["square"])
             return f"pyautogui.moveTo(x={x}, y={y})\npyautogui.dragTo(x={round(x + 150 / self.screen[0], 5)}, y={y})"
+        if "Password" in goal:  # the secret's placeholder is all the model knows of the password
+            if state.get("logged_in_with"):
+                return "DONE"
+            if not state.get("password"):
+                if state.get("focus") != "password":
+                    return self.click("password", state)
+                ref = goal[goal.index("{{secret:"):goal.index("}}") + 2]
+                return f"pyautogui.write(message={ref!r})"
+            return self.click("login", state)
+        if "ask me" in goal:  # ask the user, then type what they said
+            for text in request_texts(self.requests[-1]):
+                if "The user answered your question:" in text:
+                    self.user_answer = text.split("The user answered your question:", 1)[1].split("\n")[0].strip()
+            if state.get("submitted"):
+                return "DONE"
+            if self.user_answer is None:
+                return "call_user(question='Which name should I enter?')"
+            if state.get("name") != self.user_answer:
+                if state.get("focus") != "name":
+                    return self.click("name", state)
+                return f"pyautogui.write(message={self.user_answer!r})"
+            return self.click("submit", state)
         if "Dangerous" in goal:
             return "DONE" if state.get("dangerous_clicked") else self.click("dangerous", state)
         return "FAIL"
@@ -83,6 +106,18 @@ class ScreenReadingModel:
         if self.json_mode:
             text = json.dumps(to_json_reply(text))
         return ModelReply(text=text, finish_reason="stop", usage=Usage(prompt_tokens=10, completion_tokens=10))
+
+
+def request_texts(request: GenerateRequest) -> list[str]:
+    """Every text part of a model request (what the model was told)."""
+    out = []
+    for m in request.messages:
+        content = m["content"]
+        if isinstance(content, str):
+            out.append(content)
+        else:
+            out.extend(p.get("text", "") for p in content if p.get("type") == "text")
+    return out
 
 
 def to_json_reply(text: str) -> dict[str, Any]:
