@@ -83,3 +83,28 @@ def test_scripted_agent_on_real_apps(name: str, display, desktop, tmp_path: Path
         everything = json.dumps([done.result, [e.data for e in got["events"]],
                                  [request_texts(r) for r in got["model"].requests]], default=str)
         assert PASSWORD not in everything and "{{secret:crm_password}}" in everything
+        _check_recording(got["stores"], done.result, steps, tmp_path)
+
+
+def _check_recording(stores, result: dict[str, Any], steps: list[dict[str, Any]], tmp: Path) -> None:
+    """The MP4 artifact: two frames a step at the screen's size, the action drawn, the secret's placeholder (never
+    its value) in the overlay - read back with Tesseract from the frame of the typing step."""
+    import io
+    import subprocess
+
+    import av
+
+    art = result["artifacts"]["recording"]
+    assert art["filename"].endswith(".mp4")
+    data = asyncio.run(stores.blobs.get(OWNER, art["ref"]))
+    assert 0 < len(data) < 20 * 1024 * 1024
+    with av.open(io.BytesIO(data)) as container:
+        frames = [f.to_image() for f in container.decode(video=0)]
+    assert len(frames) == 2 * len(steps) and frames[0].size == SCREEN
+    typed = next(i for i, s in enumerate(steps) if (s["action"] or {}).get("text", "").startswith("{{secret"))
+    banner = frames[2 * typed].crop((0, 0, 500, 22)).resize((2000, 88))
+    banner.save(tmp / "banner.png")
+    if shutil.which("tesseract"):
+        text = subprocess.run(["tesseract", str(tmp / "banner.png"), "-", "--psm", "7"], capture_output=True,
+                              text=True, timeout=60).stdout
+        assert "secret" in text and PASSWORD not in text, text

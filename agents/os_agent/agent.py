@@ -360,6 +360,21 @@ class OSAgentLoop:
         trajectory = [r.model_dump() for r in records]
         traj_ref = await ctx.blobs.put(ctx.owner, json.dumps({"goal": self.input.goal, "outcome": outcome,
                                                               "steps": trajectory}).encode(), "application/json")
+        artifacts = {
+            "report": {**report.model_dump(), "filename": "os-agent-report.html"},
+            "trajectory": {**traj_ref.model_dump(), "filename": "trajectory.json"},
+        }
+        if self.input.recording:
+            from agents.os_agent.recording import render_recording
+
+            try:
+                video = await asyncio.to_thread(render_recording, records, screenshots, fps=self.input.recording_fps)
+            except Exception:  # noqa: BLE001 - a codec problem must not cost the run its result
+                ctx.log.warning("encoding the episode recording failed", exc_info=True)
+                video = None
+            if video is not None:
+                ref = await ctx.blobs.put(ctx.owner, video, "video/mp4")
+                artifacts["recording"] = {**ref.model_dump(), "filename": "os-agent-recording.mp4"}
         phases = ("screenshot", "encode", "model", "execute")
         timing = {p: round(statistics.fmean(v), 4) for p in phases
                   if (v := [r.timings[p] for r in records if p in r.timings])}
@@ -374,10 +389,7 @@ class OSAgentLoop:
             "failed_steps": sum(r.status in FAILED_STATUSES for r in records), "elapsed_s": round(elapsed, 3),
             "mean_step_seconds": timing, "trajectory": [
                 {k: v for k, v in t.items() if k != "model_output"} for t in trajectory],
-            "artifacts": {
-                "report": {**report.model_dump(), "filename": "os-agent-report.html"},
-                "trajectory": {**traj_ref.model_dump(), "filename": "trajectory.json"},
-            },
+            "artifacts": artifacts,
             "session_id": ctx.session_id,
         }
 
