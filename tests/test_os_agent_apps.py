@@ -108,3 +108,47 @@ def _check_recording(stores, result: dict[str, Any], steps: list[dict[str, Any]]
         text = subprocess.run(["tesseract", str(tmp / "banner.png"), "-", "--psm", "7"], capture_output=True,
                               text=True, timeout=60).stdout
         assert "secret" in text and PASSWORD not in text, text
+
+
+def test_tiny_checkpoint_on_the_browser_ends_cleanly(display, desktop, tmp_path: Path, tiny_checkpoint: Path,
+                                                     monkeypatch) -> None:
+    """The real engine with random weights on the sign-in page: whatever it says, the run ends within its budget,
+    every step is a recorded success or failure, only parsed and allowed actions ran, and no sink sees the
+    secret."""
+    import torch
+    from pydantic import TypeAdapter
+
+    from agents.os_agent.agent import FAILED_STATUSES
+    from agents.os_agent.policy import SafetyPolicy, check
+    from connectors.backend import LocalBackend
+    from connectors.desktop.actions import ScreenAction
+    from connectors.model_client import BackendModelClient
+    from engine.runtime.engine import AsyncEngine
+
+    monkeypatch.setenv("KIMIRAY_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "tiny-kimi-vl").symlink_to(tiny_checkpoint)
+    torch.set_num_threads(2)
+    model = BackendModelClient(LocalBackend(AsyncEngine.from_pretrained(str(tiny_checkpoint), device="cpu",
+                                                                       dtype=torch.float32)))
+    task = APP_TASKS["web_login"]
+
+    async def agent(task, read_state):
+        return await _run(tmp_path, model, {"goal": task.goal, "desktop": "xvfb", "max_steps": 3, "settle_s": 0.1,
+                                            "max_output_tokens": 32, "screenshot_max_side": 512,
+                                            "max_consecutive_failures": 2, "max_seconds": 240})
+
+    outcome = asyncio.run(run_app_task(task, display.env(), tmp_path / "app", agent, screen=SCREEN,
+                                       password=PASSWORD, settle_timeout_s=0))
+    _, done, events = outcome.agent_result
+    assert done.status == "succeeded", done.error
+    result = done.result
+    assert result["outcome"] in ("done", "failed", "max_steps", "step_failures") and result["elapsed_s"] < 240
+    steps = result["trajectory"]
+    assert steps and [s["index"] for s in steps] == list(range(len(steps)))
+    for step in steps:
+        assert step["status"] in FAILED_STATUSES | {"executed", "terminal", "asked"}
+        if step["status"] == "executed":
+            action = TypeAdapter(ScreenAction).validate_python(step["action"])
+            assert check(SafetyPolicy(), action, step["window_title"]).allowed
+    assert PASSWORD not in json.dumps([result, [e.data for e in events]], default=str)
