@@ -121,7 +121,7 @@ async def _run(args: argparse.Namespace, samples: list) -> Any:
         engine = await asyncio.to_thread(_local_engine, args.device)
         model = BackendModelClient(LocalBackend(engine))
     try:
-        locator = ModelLocator(model, max_tokens=args.max_tokens, temperature=0.0)
+        locator = ModelLocator(model, max_tokens=args.max_tokens, temperature=0.0, max_side=args.max_side)
         if args.warmup and samples:  # first call pays one-off costs (kernels, allocator); not a sample
             from PIL import Image
 
@@ -137,7 +137,8 @@ async def _run(args: argparse.Namespace, samples: list) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, help="ScreenSpot-format annotation json (default: synthetic set)")
+    parser.add_argument("--data", type=Path, help="ScreenSpot-format annotation json, or a folder of them (v2's "
+                        "three split files, Pro's annotations/) (default: synthetic set)")
     parser.add_argument("--images", type=Path, help="directory the entries' img_filename are relative to")
     parser.add_argument("--bbox-format", choices=["auto", "xywh", "xyxy"], default="auto")
     parser.add_argument("--n-images", type=int, default=4, help="synthetic set: screenshots (10 targets each)")
@@ -148,6 +149,8 @@ def main() -> None:
     parser.add_argument("--model", default="kimi-vl", help="model name sent to --url")
     parser.add_argument("--device", help="in-process engine device (default: cuda if available, else cpu)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-side", type=int, help="downscale screenshots to this long side before the model "
+                        "sees them (scoring stays in the original's pixels); default: full size")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
     parser.add_argument("--json", type=Path, help="write the full report (per-sample results) here")
@@ -155,7 +158,7 @@ def main() -> None:
     if (args.data is None) != (args.images is None):
         parser.error("--data and --images go together")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from agents.os_agent.grounding import load_screenspot
+    from agents.os_agent.grounding import load_screenspot, load_screenspot_dir
     from agents.os_agent.synthetic_ui import make_screenspot_dataset
 
     out: dict[str, Any] = {"machine": f"{platform.node()} {os.cpu_count()} cores, Python {platform.python_version()}",
@@ -167,7 +170,10 @@ def main() -> None:
         else:
             data, images = args.data, args.images
             out["data"] = str(data)
-        samples = load_screenspot(data, images, args.bbox_format, check_images=True)[:args.limit]
+        if Path(data).is_dir():
+            samples = load_screenspot_dir(data, images, args.bbox_format, check_images=True)[:args.limit]
+        else:
+            samples = load_screenspot(data, images, args.bbox_format, check_images=True)[:args.limit]
         started = time.perf_counter()
         report = asyncio.run(_run(args, samples))
         out["seconds"] = round(time.perf_counter() - started, 2)

@@ -589,6 +589,10 @@ class _Core:
         return (yield from self._call("POST", _path("tasks", task_id, "confirm"),
                                       json={"step": step, "approve": approve}, policy=_IDEMPOTENT))
 
+    def _reply(self, task_id: str, step: int, text: str) -> Plan:
+        return (yield from self._call("POST", _path("tasks", task_id, "reply"),
+                                      json={"step": step, "text": text}, policy=_IDEMPOTENT))
+
     def _events(self, task_id: str, after: int, deadline: float | None) -> Plan:
         """Emits the task's events once each, in order, reconnecting from the last one seen."""
         resume = _Resume(task_id, after, self.max_reconnects, self.max_retry_wait)
@@ -890,6 +894,10 @@ class Client(_Core):
         """Answer an agent's ``confirmation_required`` event for ``step`` (an OS agent's risky action)."""
         return self._run(self._confirm(task_id, step, approve))
 
+    def reply(self, task_id: str, step: int, text: str) -> dict[str, Any]:
+        """Answer an agent's ``input_required`` event for ``step`` (an OS agent's ``call_user`` question)."""
+        return self._run(self._reply(task_id, step, text))
+
     def stream_events(self, task_id: str, *, after: int = 0) -> Iterator[TaskEvent]:
         """Events with id > ``after``, live, ending after the one that ends the task. A dropped connection is
         resumed from the last event seen (``Last-Event-ID``), so each event comes exactly once, in order."""
@@ -1121,6 +1129,9 @@ class AsyncClient(_Core):
 
     async def confirm(self, task_id: str, step: int, approve: bool = True) -> dict[str, Any]:
         return await self._run(self._confirm(task_id, step, approve))
+
+    async def reply(self, task_id: str, step: int, text: str) -> dict[str, Any]:
+        return await self._run(self._reply(task_id, step, text))
 
     def stream_events(self, task_id: str, *, after: int = 0) -> AsyncIterator[TaskEvent]:
         """See :meth:`Client.stream_events`; use with ``async for``."""

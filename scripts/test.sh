@@ -14,6 +14,8 @@ command -v xdotool >/dev/null 2>&1 || APT_PKGS+=(xdotool)
 command -v tesseract >/dev/null 2>&1 || APT_PKGS+=(tesseract-ocr)
 ls /usr/share/tesseract-ocr/*/tessdata/eng.traineddata >/dev/null 2>&1 || APT_PKGS+=(tesseract-ocr-eng)
 [ -x /usr/bin/chromium ] || APT_PKGS+=(chromium)  # the console's browser tests (Playwright drives it)
+command -v mousepad >/dev/null 2>&1 || APT_PKGS+=(mousepad)  # the OS agent's real-app tasks: a text editor ...
+command -v xterm >/dev/null 2>&1 || APT_PKGS+=(xterm)  # ... and a terminal the default policy refuses typing into
 if [ "${#APT_PKGS[@]}" -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq >/dev/null

@@ -119,6 +119,25 @@ async def confirm_action(request: Request, service: Service, task_id: str, body:
     return {"object": "confirmation", "task_id": task_id, "step": body.step, "approve": body.approve}
 
 
+class UserReply(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    step: int = Field(..., ge=0, description="the step of the input_required event")
+    text: str = Field(..., min_length=1, max_length=4000, description="the answer to the agent's question")
+
+
+@router.post("/v1/tasks/{task_id}/reply", tags=["tasks"])
+async def reply_to_task(request: Request, service: Service, task_id: str, body: UserReply) -> dict[str, Any]:
+    """Answer the question a running agent asked (event ``input_required``, an OS agent's ``call_user``); the
+    answer goes into the agent's next step. The first answer to a step counts."""
+    owner = _owner(request)
+    task = await service.get(owner, task_id)
+    if task["status"] not in ("queued", "running") or not task.get("session_id"):
+        raise ClientInputError(f"task {task_id!r} is {task['status']}, not waiting for a reply",
+                               status_code=409, code="conflict", param="task_id")
+    await service.stores.sessions.set_partial(task["session_id"], owner, f"reply.{body.step}", body.text)
+    return {"object": "task.reply", "task_id": task_id, "step": body.step}
+
+
 def _sse(event: TaskEvent) -> bytes:
     return f"id: {event.id}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n".encode()
 

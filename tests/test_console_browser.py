@@ -578,3 +578,27 @@ def test_os_agent_denied_click_does_not_run(page: Page, service) -> None:
     expect(page.locator(".step[data-index='0'] .badge")).not_to_have_text("executed")
     expect(page.locator("#outcome")).to_contain_text("max_steps")
     assert not read_state(service["state"]).get("agree")
+
+
+def test_os_agent_question_is_answered_in_the_browser(page: Page, service) -> None:
+    """The model's ``call_user`` shows as a question card; the typed answer goes to ``POST /v1/tasks/{id}/reply``
+    and into the agent's record (and its next prompt)."""
+    url = service["url"]
+    with _api(url) as own:
+        task = own.post("/v1/tasks", json={"type": "os_agent", "input": {
+            "goal": f"{SCRIPTED} Fill in the Name field (ask me which name) and press Submit.", "desktop": "lab",
+            "max_steps": 1, "reply_timeout_s": 120, "settle_s": 0.1, "recording": False}}).json()
+    _sign_in(page, url)
+    page.goto(f"{url}/ui/#/tasks/{task['id']}")
+    answer = page.get_by_role("textbox", name="Answer to step 1")
+    expect(answer).to_be_visible(timeout=60_000)
+    expect(page.locator("#confirmations")).to_contain_text("Which name should I enter?")
+    expect(answer).to_be_focused()
+    answer.fill("Grace <b>Hopper</b>")
+    page.get_by_role("button", name="Send answer").click()
+    _wait_status(page, "succeeded", 120_000)
+    expect(page.locator("#confirmations")).to_contain_text("you answered Grace <b>Hopper</b>")  # text, not HTML
+    with _api(url) as own:
+        done = own.get(f"/v1/tasks/{task['id']}").json()
+    step = done["result"]["trajectory"][0]
+    assert step["status"] == "asked" and step["user_reply"] == "Grace <b>Hopper</b>"

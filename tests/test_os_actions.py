@@ -98,6 +98,77 @@ def test_malformed_replies_name_the_problem(reply: str, problem: str) -> None:
         parse_action(reply)
 
 
+# -- the published reply forms ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("reply, expected, thought", [
+    # Kimi-VL technical report, Fig. 10 (multi-step Chrome task): Thought / Action / Toolcall, no fence, no prefix
+    ("Thought: The search bar is at the top of the page.\nAction: Click the search bar.\n"
+     "Toolcall: click(x=0.365, y=0.317)", Click(x=int(0.365 * 1920), y=int(0.317 * 1080)),
+     "The search bar is at the top of the page."),
+    ("Thought: Type the query.\nAction: Type kimi.\nToolcall: pyautogui.write(message='kimi')",
+     TypeText(text="kimi"), "Type the query."),
+    ("Thought: Submit.\nAction: Press enter.\nToolcall: press('enter')", Key(keys=["enter"]), "Submit."),
+    ("Thought: Finished.\nAction: Stop.\nToolcall: DONE", {"kind": "done", "answer": ""}, "Finished."),
+    # markdown sections with the code unfenced under ## Code
+    ("## Thought:\nThe OK button.\n## Action:\nClick OK\n## Code:\npyautogui.click(x=0.5, y=0.5)\n",
+     Click(x=960, y=540), "The OK button."),
+    # ... or the call itself under ## Action (no ## Code section)
+    ("## Thought:\nScroll the list.\n## Action:\nscroll(-3, x=0.25, y=0.5)", Scroll(x=480, y=540, clicks=-3),
+     "Scroll the list."),
+    ("## Thought:\nNeed the account.\n## Action:\ncall_user(question='Which account should I use?')",
+     {"kind": "ask_user", "question": "Which account should I use?"}, "Need the account."),
+])
+def test_published_reply_forms_parse_to_the_same_actions(reply: str, expected, thought: str) -> None:
+    parsed = parse_action(reply)
+    assert parsed.thought == thought
+    got = _screen(reply)
+    assert (got.model_dump() == expected) if isinstance(expected, dict) else got == expected
+    if parsed.points:  # the grounding reader agrees with the action parser
+        assert parse_point(reply) == parsed.points[0]
+
+
+@pytest.mark.parametrize("reply, problem", [
+    ("Thought: x\nAction: click it\nToolcall: os.system('id')", "unknown call"),
+    ("Thought: x\nToolcall: click(x=__import__('os'), y=1)", "literal"),
+    ("## Action:\nClick the OK button", "no action"),  # words under ## Action are not code
+    ("## Code:\nimport os; os.system('id')", "no action"),  # an unfenced section must be calls only
+    ("Toolcall: call_user()", "question"),
+])
+def test_published_forms_keep_the_ast_only_rules(reply: str, problem: str) -> None:
+    with pytest.raises(ParseError, match=problem):
+        parse_action(reply)
+
+
+def test_the_prompt_teaches_call_user_and_secret_placeholders() -> None:
+    from agents.os_agent.convention import system_prompt
+
+    text = system_prompt()
+    assert "call_user(question=" in text and "{{secret:name}}" in text
+
+
+def test_secrets_resolve_redact_and_load_from_the_environment(tmp_path) -> None:
+    import json
+
+    from agents.os_agent.secrets import Secrets, UnknownSecret, referenced
+
+    assert referenced("log in with {{secret:crm_password}} then {{ secret:otp }} {{secret:crm_password}}") == [
+        "crm_password", "otp"]
+    file = tmp_path / "secrets.json"
+    file.write_text(json.dumps({"crm_password": "hunter2-Very-Secret"}))
+    secrets = Secrets.from_env({"KIMIRAY_OS_SECRETS_FILE": str(file), "KIMIRAY_OS_SECRETS": '{"pin": "4242x"}'})
+    assert secrets.names() == {"crm_password", "pin"}
+    assert secrets.resolve("pw={{secret:crm_password}}!") == "pw=hunter2-Very-Secret!"
+    assert secrets.redact("xdotool failed typing hunter2-Very-Secret and 4242x") == \
+        "xdotool failed typing {{secret:crm_password}} and {{secret:pin}}"
+    with pytest.raises(UnknownSecret, match="nope"):
+        secrets.resolve("{{secret:nope}}")
+    for bad in ('[1]', '{"a b": "x"}', '{"a": ""}', 'not json'):
+        with pytest.raises(ValueError) as info:
+            Secrets.from_env({"KIMIRAY_OS_SECRETS": bad})
+        assert "KIMIRAY_OS_SECRETS" in str(info.value)
+    with pytest.raises(ValueError, match="can't be read"):
+        Secrets.from_env({"KIMIRAY_OS_SECRETS_FILE": str(tmp_path / "missing.json")})
+
+
 def test_several_calls_yield_the_first_action_and_count_the_rest() -> None:
     parsed = parse_action("pyautogui.click(0.1, 0.1)\npyautogui.write('x')\npyautogui.press('enter')")
     assert parsed.kind == "click" and parsed.dropped == 2

@@ -19,6 +19,7 @@ from agents.registry import build_registry
 from agents.runner import RunnerOptions, TaskRunner
 from connectors.model_client import ModelUnavailableError
 from connectors.stores import open_stores
+from connectors.desktop.actions import TypeText
 from connectors.stores.base import TaskSubmission
 from tests.os_agent_helpers import ScreenReadingModel
 
@@ -395,3 +396,153 @@ def test_accessibility_text_reaches_the_prompt_and_yields_first(tiny_checkpoint)
     messages, info = small.build([], shot, title=None, index=0, accessibility=tree)
     assert info["tokens"] <= small.limit and "button 'Item 0'" in str(messages[-1]["content"])
     assert any(p.get("type") == "image" for p in messages[-1]["content"])
+
+
+SECRET = "Zq7-hunter2-never-shown"
+
+
+def test_secrets_are_typed_by_the_executor_and_reach_no_sink(display, desktop, tmp_path: Path, monkeypatch,
+                                                             caplog) -> None:
+    """The goal names ``{{secret:crm_password}}``; the app receives the value; prompts, events, step records,
+    session messages and partials, the result, the trajectory and report artifacts and the logs never see it."""
+    import json
+    import logging
+
+    from agents.os_agent.harness.tasks import HarnessTask
+    from connectors.desktop.x11 import X11Executor
+    from tests.os_agent_helpers import request_texts
+
+    monkeypatch.setenv("KIMIRAY_OS_SECRETS", json.dumps({"crm_password": SECRET}))
+    caplog.set_level(logging.DEBUG)
+    task = HarnessTask("log_in", "Type the password {{secret:crm_password}} into the Password field and press "
+                       "Log in.", lambda s, p: s.get("logged_in_with") == SECRET)
+
+    async def agent(task, state_path):
+        model = ScreenReadingModel(state_path, SCREEN)
+        stores, done, events = await _run_task(tmp_path, model, _input(task.goal))
+        session = done.result["session_id"]
+        sinks = {
+            "prompts": [request_texts(r) for r in model.requests],
+            "events": [e.data for e in events],
+            "result": done.result,
+            "messages": [m.model_dump() for m in await stores.sessions.messages(session, OWNER)],
+            "partials": await stores.sessions.partials(session, OWNER),
+            "artifacts": [(await stores.blobs.get(OWNER, a["ref"])).decode()
+                          for a in done.result["artifacts"].values() if a["filename"].endswith((".html", ".json"))],
+        }
+        return done, sinks
+
+    outcome = asyncio.run(run_task(task, display.env(), tmp_path / "app", agent))
+    done, sinks = outcome.agent_result
+    assert outcome.passed and outcome.state["logged_in_with"] == SECRET and done.result["outcome"] == "done"
+    typed = [s for s in done.result["trajectory"] if (s["action"] or {}).get("kind") == "type"]
+    assert typed and typed[0]["action"]["text"] == "{{secret:crm_password}}"  # the record keeps the placeholder
+    for name, sink in sinks.items():
+        text = json.dumps(sink, default=str)
+        assert SECRET not in text, name
+        assert "{{secret:crm_password}}" in text or name in ("partials", "messages"), name
+    assert SECRET not in caplog.text
+    # typed text goes to xdotool on stdin, never on its command line (visible to every user in ps)
+    assert SECRET not in " ".join(X11Executor(display.display)._plan(TypeText(text=SECRET)))
+
+
+def test_unknown_secrets_and_redaction_of_what_comes_back(display, desktop, tmp_path: Path, monkeypatch) -> None:
+    """A goal naming a secret the runner lacks fails before any step; a value that comes back through the
+    accessibility text or an executor error is redacted before it is stored or shown."""
+    import json
+
+    from agents.base import AgentContext
+    from agents.os_agent.secrets import Secrets
+    from connectors.desktop.base import ExecutorError
+
+    monkeypatch.setenv("KIMIRAY_OS_SECRETS", json.dumps({"crm_password": SECRET}))
+    model = ScreenReadingModel(tmp_path / "none.json", SCREEN, first_replies=["FAIL"])
+    _, done, _ = asyncio.run(_run_task(tmp_path, model, _input("use {{secret:other}} to log in")))
+    assert done.status == "failed" and "other" in done.error.message and not model.requests
+
+    class Leaky:
+        """Echoes what it typed in its errors and its accessibility text, as a careless executor might."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def observe(self):
+            obs = await self.inner.observe()
+            return obs.model_copy(update={"accessibility_text": f"textbox value={SECRET}"})
+
+        async def execute(self, action):
+            raise ExecutorError(f"could not type {getattr(action, 'text', '')}")
+
+        async def screen_size(self):
+            return await self.inner.screen_size()
+
+        async def close(self):
+            return None
+
+    async def run_loop():
+        from connectors.desktop.x11 import X11Executor
+
+        stores = open_stores(f"sqlite:///{tmp_path / 'leaky'}")
+        await stores.sessions.create(OWNER, session_id="sess_leak")
+        events = []
+
+        async def emit(type_, data):
+            events.append(data)
+
+        model = ScreenReadingModel(tmp_path / "none.json", SCREEN, first_replies=[
+            "pyautogui.write(message='{{secret:crm_password}}')", "FAIL"])
+        ctx = AgentContext(task_id="task_leak", owner=OWNER, session_id="sess_leak", options={}, attempt=1,
+                           model=model, sessions=stores.sessions, blobs=stores.blobs, emit=emit,
+                           cancelled=lambda: False)
+        loop = OSAgentLoop(ctx, Leaky(X11Executor(display.display)), OSAgentInput(goal="g", settle_s=0),
+                           secrets=Secrets({"crm_password": SECRET}))
+        return await loop.run(), model
+
+    result, model = asyncio.run(run_loop())
+    step = result["trajectory"][0]
+    assert step["status"] == "error" and "could not type {{secret:crm_password}}" in step["detail"]
+    from tests.os_agent_helpers import request_texts
+    prompts = json.dumps([request_texts(r) for r in model.requests])
+    assert SECRET not in json.dumps(result) and SECRET not in prompts and "{{secret:crm_password}}" in prompts
+
+
+def test_the_model_asks_the_user_and_the_answer_reaches_the_next_step(display, desktop, tmp_path: Path) -> None:
+    """``call_user(question)`` -> ``input_required`` event -> the answer written where ``POST
+    /v1/tasks/{id}/reply`` writes it -> the next prompt carries it and the agent types it."""
+    from agents.os_agent.harness.tasks import HarnessTask
+
+    task = HarnessTask("ask", "Fill in the Name field (ask me which name) and press Submit.",
+                       lambda s, p: s.get("submitted_name") == "Grace Hopper")
+
+    async def agent(task, state_path):
+        stores = open_stores(f"sqlite:///{tmp_path / 'stores'}")
+        model = ScreenReadingModel(state_path, SCREEN)
+        run = asyncio.create_task(_run_task(tmp_path, model, _input(task.goal, reply_timeout_s=20), stores=stores))
+        asked = []
+        while not run.done():
+            for t in (await stores.tasks.list(OWNER, limit=5)).tasks:
+                for e in await stores.tasks.events(t.id):
+                    if e.type == "input_required" and e.data["step"] not in [a["step"] for a in asked]:
+                        asked.append(e.data)
+                        await stores.sessions.set_partial(t.session_id, OWNER, f"reply.{e.data['step']}",
+                                                          "Grace Hopper")
+            await asyncio.sleep(0.1)
+        return await run, asked
+
+    outcome = asyncio.run(run_task(task, display.env(), tmp_path / "app", agent))
+    (_, done, events), asked = outcome.agent_result
+    assert outcome.passed and done.result["outcome"] == "done"
+    assert asked == [{"step": 0, "question": "Which name should I enter?", "timeout_s": 20.0}]
+    first = done.result["trajectory"][0]
+    assert first["status"] == "asked" and first["user_reply"] == "Grace Hopper"
+    assert [e.data for e in events if e.type == "user_reply"] == [{"step": 0, "reply": "Grace Hopper"}]
+
+
+def test_an_unanswered_question_ends_the_run_cleanly(display, desktop, tmp_path: Path) -> None:
+    model = ScreenReadingModel(tmp_path / "none.json", SCREEN, first_replies=[
+        "Thought: I need help.\nAction: ask\nToolcall: call_user(question='Which account?')"])
+    started = time.monotonic()
+    _, done, events = asyncio.run(_run_task(tmp_path, model, _input("g", reply_timeout_s=0.5)))
+    assert done.status == "succeeded" and done.result["outcome"] == "no_reply" and done.result["success"] is False
+    assert [e.type for e in events].count("input_required") == 1 and time.monotonic() - started < 30
+    assert done.result["trajectory"][0]["detail"] == "nobody answered in time" and len(model.requests) == 1

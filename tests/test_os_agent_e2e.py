@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(any(shutil.which(b) is None for b in ("Xvfb", "x
 KEY, OTHER = "sk-os-e2e-001", "sk-os-e2e-002"
 HOST_TOKEN = "desktop-host-token-xyz"
 SCREEN = (800, 600)
-ENDINGS = {"done", "failed", "max_steps", "step_failures", "time_budget"}
+ENDINGS = {"done", "failed", "max_steps", "step_failures", "time_budget", "no_reply"}
 
 
 def _check_run(done, policy: SafetyPolicy, max_seconds: float) -> list[dict]:
@@ -35,7 +35,8 @@ def _check_run(done, policy: SafetyPolicy, max_seconds: float) -> list[dict]:
     steps = result["trajectory"]
     assert steps and [s["index"] for s in steps] == list(range(len(steps)))
     for step in steps:
-        assert step["status"] in {"executed", "terminal", "malformed", "off_screen", "blocked", "rejected", "error"}
+        assert step["status"] in {"executed", "terminal", "malformed", "off_screen", "blocked", "rejected", "error",
+                                  "asked"}
         if step["status"] == "executed":  # executed => parsed, on screen, allowed
             action = TypeAdapter(ScreenAction).validate_python(step["action"])
             assert all(0 <= x < SCREEN[0] and 0 <= y < SCREEN[1] for x, y in action.points())
@@ -106,6 +107,15 @@ def test_tiny_model_drives_a_real_desktop_only_through_checked_actions(
                     assert r.status_code == 404
                     r = http.post(f"/v1/tasks/{second.id}/confirm", json={"step": -1}, headers=own)
                     assert r.status_code == 422
+                    # the reply route (ask-the-user) has the same rules
+                    with pytest.raises(kimiray.errors.ConflictError):
+                        client.reply(second.id, 0, "Ada")
+                    r = http.post(f"/v1/tasks/{second.id}/reply", json={"step": 0, "text": "x"},
+                                  headers={"Authorization": f"Bearer {OTHER}"})
+                    assert r.status_code == 404
+                    for body in ({"step": 0, "text": ""}, {"step": 0}, {"step": 0, "text": "x" * 4001}):
+                        r = http.post(f"/v1/tasks/{second.id}/reply", json=body, headers=own)
+                        assert r.status_code == 422, body
                     # an unknown desktop is refused at submission (the configured names in the message)
                     bad = http.post("/v1/tasks", json={"type": "os_agent", "input": {"goal": "x",
                                                                                       "desktop": "nope"}},

@@ -235,3 +235,70 @@ def test_openai_adapter_sends_the_screenshot_as_a_data_uri() -> None:
     assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
     assert parts[1] == {"type": "text", "text": grounding_prompt("the button")}
     assert seen["body"]["temperature"] == 0.0 and seen["body"]["max_tokens"] == 64
+
+
+class BoxOracle:
+    """Knows each instruction's box in the ORIGINAL image's pixels; answers for the image it was shown: a fraction
+    (Kimi-VL, in the Toolcall form) or pixels of the shown image. Records the sizes it saw."""
+
+    def __init__(self, boxes: dict[str, tuple[float, float, float, float, int, int]], mode: str) -> None:
+        self.boxes, self.mode, self.seen = boxes, mode, []
+
+    async def generate(self, request: GenerateRequest) -> ModelReply:
+        image, instruction = _parts(request)
+        self.seen.append(image.size)
+        x0, y0, x1, y1, width, height = self.boxes[instruction]
+        fx, fy = (x0 + x1) / 2 / width, (y0 + y1) / 2 / height
+        text = (f"Thought: found it.\nAction: click.\nToolcall: click(x={fx:.5f}, y={fy:.5f})" if self.mode == "fraction"
+                else f"pyautogui.click(x={int(fx * image.width)}, y={int(fy * image.height)})")
+        return ModelReply(text=text, finish_reason="stop", usage=Usage(prompt_tokens=10, completion_tokens=8))
+
+
+def test_v2_split_files_and_pro_folders_score_per_split_and_type_at_any_image_size(tmp_path: Path) -> None:
+    """The three v2 files (xywh, split from the file name) and a Pro folder (xyxy, split = group) load from their
+    folders; a 3840x2160 screenshot is downscaled for the model and still scored in its own pixels."""
+    from agents.os_agent.grounding import load_screenspot_dir
+
+    images = tmp_path / "images"
+    images.mkdir()
+    sizes = {"desktop": (1920, 1080), "mobile": (1170, 2532), "web": (3840, 2160)}
+    boxes: dict[str, tuple[float, float, float, float, int, int]] = {}
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    for split, (w, h) in sizes.items():
+        Image.new("RGB", (w, h), (200, 200, 200)).save(images / f"{split}.png")
+        entries = []
+        for kind, (x, y, bw, bh) in {"text": (w * 0.6, h * 0.3, 60, 24), "icon": (w * 0.1, h * 0.8, 20, 20)}.items():
+            instruction = f"{split} {kind}"
+            entries.append({"img_filename": f"{split}.png", "bbox": [x, y, bw, bh], "instruction": instruction,
+                            "data_type": kind, "data_source": "ios" if split == "mobile" else "windows"})
+            boxes[instruction] = (x, y, x + bw, y + bh, w, h)
+        _write(v2 / f"screenspot_{split}_v2.json", entries)
+    pro = tmp_path / "pro"
+    pro.mkdir()
+    Image.new("RGB", (2560, 1664)).save(images / "shot.png")
+    _write(pro / "vscode_macos.json", [{**PRO_ENTRY, "img_filename": "shot.png"}])
+    _write(pro / "word_windows.json", [{**PRO_ENTRY, "img_filename": "shot.png", "group": "Office",
+                                        "ui_type": "text", "instruction": "Bold", "bbox": [100, 50, 180, 90]}])
+    boxes["Refresh"] = (473, 183, 503, 219, 2560, 1664)
+    boxes["Bold"] = (100, 50, 180, 90, 2560, 1664)
+
+    samples = load_screenspot_dir(v2, images, check_images=True)
+    assert [s.index for s in samples] == list(range(6)) and {s.split for s in samples} == set(sizes)
+    web_text = next(s for s in samples if s.instruction == "web text")
+    assert web_text.bbox == (3840 * 0.6, 2160 * 0.3, 3840 * 0.6 + 60, 2160 * 0.3 + 24)  # xywh -> xyxy
+    for mode in ("fraction", "pixels"):
+        oracle = BoxOracle(boxes, mode)
+        report = asyncio.run(evaluate(samples, ModelLocator(oracle, max_side=1280), concurrency=2))
+        assert report.accuracy == 1.0, [r.model_dump() for r in report.results if r.status != "hit"]
+        assert set(report.by_split) == {"desktop", "mobile", "web"}
+        assert set(report.by_split_and_type) == {f"{s}/{t}" for s in sizes for t in ("text", "icon")}
+        assert all(b.total == 1 and b.accuracy == 1.0 for b in report.by_split_and_type.values())
+        assert max(max(size) for size in oracle.seen) == 1280  # the 4K shot was downscaled for the model
+    pro_samples = load_screenspot_dir(pro, images)
+    assert [(s.split, s.data_type, s.bbox) for s in pro_samples] == [("Dev", "icon", (473, 183, 503, 219)),
+                                                                     ("Office", "text", (100, 50, 180, 90))]
+    report = asyncio.run(evaluate(pro_samples, ModelLocator(BoxOracle(boxes, "fraction")), concurrency=1))
+    assert report.accuracy == 1.0 and set(report.by_split_and_type) == {"Dev/icon", "Office/text"}
+    with pytest.raises(ValueError, match="no .json"):
+        load_screenspot_dir(images, images)

@@ -28,9 +28,10 @@ from agents.os_agent.history import PastStep, PromptTooLarge, StepPrompt, fit_im
 from agents.os_agent.inputs import OSAgentInput
 from agents.os_agent.parse import ParseError, parse_action, parse_json_action, to_screen
 from agents.os_agent.policy import ConfirmationHook, check
+from agents.os_agent.secrets import Secrets, UnknownSecret, referenced
 from agents.os_agent.trajectory import StepRecord
 from agents.registry import register_agent
-from connectors.desktop.actions import describe
+from connectors.desktop.actions import TypeText, describe
 from connectors.desktop.base import ActionRejected, Executor, ExecutorError
 
 STEP_KEY = "os.step."
@@ -109,12 +110,39 @@ class TaskConfirmation:
         return approved
 
 
+class TaskUserInput:
+    """Ask-the-user through the task API: an ``input_required`` event, then wait for ``POST /v1/tasks/{id}/reply``
+    (it writes partial ``reply.<step>`` of the task's session). ``None`` on timeout; honours cancellation."""
+
+    def __init__(self, ctx: AgentContext, timeout_s: float, poll_s: float = 0.25) -> None:
+        self.ctx, self.timeout_s, self.poll_s = ctx, timeout_s, poll_s
+
+    async def __call__(self, step: int, question: str) -> str | None:
+        ctx = self.ctx
+        key = f"reply.{step}"
+        answer = await ctx.load_partial(key)
+        if answer is None:
+            await ctx.emit("input_required", {"step": step, "question": question, "timeout_s": self.timeout_s})
+        deadline = time.monotonic() + self.timeout_s
+        while answer is None and time.monotonic() < deadline:
+            ctx.check_cancelled()
+            await asyncio.sleep(self.poll_s)
+            answer = await ctx.load_partial(key)
+        return None if answer is None else str(answer)
+
+
 class OSAgentLoop:
-    """One run over one executor. Usable without the task layer through any ``AgentContext``."""
+    """One run over one executor. Usable without the task layer through any ``AgentContext``.
+
+    ``ask`` answers the model's ``call_user(question)`` (None: nobody can, the step is blocked); ``secrets`` are
+    the values ``{{secret:name}}`` placeholders type (default: the runner's, ``Secrets.from_env``)."""
 
     def __init__(self, ctx: AgentContext, executor: Executor, input: OSAgentInput,
-                 confirm: ConfirmationHook | None = None) -> None:
+                 confirm: ConfirmationHook | None = None, *, ask: Callable[[int, str], Any] | None = None,
+                 secrets: Secrets | None = None) -> None:
         self.ctx, self.executor, self.input, self.confirm = ctx, executor, input, confirm
+        self.ask = ask
+        self.secrets = secrets if secrets is not None else Secrets()
         self.prompt = StepPrompt(counter=ctx.resources.counter, window=ctx.resources.context_window,
                                  max_tokens=input.max_output_tokens, goal=input.goal,
                                  instructions=input.instructions, keep_screenshots=input.keep_screenshots,
@@ -152,6 +180,8 @@ class OSAgentLoop:
             failures += 1
         if records and records[-1].status == "terminal":
             outcome = "done" if (records[-1].action or {}).get("kind") == "done" else "failed"
+        if records and records[-1].status == "asked" and records[-1].user_reply is None:
+            outcome = await self._await_reply(records[-1])  # the runner died while the question was open
         index = len(records)
         while outcome is None:
             if index >= input.max_steps:
@@ -168,6 +198,8 @@ class OSAgentLoop:
             note = ""
             if records and records[-1].status in FAILED_STATUSES:
                 note = f"Your previous action was not executed: {records[-1].detail}."
+            elif records and records[-1].status == "asked":
+                note = f"The user answered your question: {records[-1].user_reply}"
             budget = min(input.step_timeout_s, remaining)
             try:
                 record, image = await asyncio.wait_for(self._step(index, past, note), timeout=budget)
@@ -184,6 +216,8 @@ class OSAgentLoop:
             if record.status == "terminal":
                 kind = (record.action or {}).get("kind")
                 outcome = "done" if kind == "done" else "failed"
+            if record.status == "asked":
+                outcome = await self._await_reply(record)
             index += 1
         last = records[-1] if records else None
         if outcome == "done" and last and last.action:
@@ -192,6 +226,21 @@ class OSAgentLoop:
             reason = last.action.get("reason", "")
         return await self._finish(records, outcome, answer, reason,
                                   elapsed_before + time.monotonic() - started)
+
+    async def _await_reply(self, record: StepRecord) -> str | None:
+        """Wait for the person's answer to an ``asked`` step, outside the step's time budget (a person is slow);
+        the answered record replaces the pending one. Returns ``"no_reply"`` (the run ends) on timeout."""
+        question = (record.action or {}).get("question", "")
+        answer = await self.ask(record.index, question) if self.ask is not None else None
+        if answer is None:
+            record.detail = "nobody answered in time"
+            await self.ctx.save_partial(f"{STEP_KEY}{record.index}", record.model_dump())
+            return "no_reply"
+        record.user_reply = self.secrets.redact(answer)
+        record.detail = "the user answered"
+        await self.ctx.save_partial(f"{STEP_KEY}{record.index}", record.model_dump())
+        await self.ctx.emit("user_reply", {"step": record.index, "reply": record.user_reply})
+        return None
 
     async def _step(self, index: int, past: list[PastStep], note: str) -> tuple[StepRecord, Image.Image | None]:
         ctx, input = self.ctx, self.input
@@ -207,18 +256,20 @@ class OSAgentLoop:
         shot = obs.screenshot
         image = await asyncio.to_thread(lambda: fit_image(shot.image(), input.screenshot_max_side))
         ref = await ctx.blobs.put(ctx.owner, shot.png, "image/png")
+        title = self.secrets.redact(obs.window_title) if obs.window_title else obs.window_title
+        accessibility = self.secrets.redact(obs.accessibility_text or "")
         try:
-            messages, info = await asyncio.to_thread(self.prompt.build, past, image, title=obs.window_title,
-                                                     index=index, note=note,
-                                                     accessibility=obs.accessibility_text)
+            messages, info = await asyncio.to_thread(self.prompt.build, past, image, title=title,
+                                                     index=index, note=note, accessibility=accessibility)
         except PromptTooLarge as exc:
             raise AgentError(str(exc), code="context_too_small") from None
         timings["encode"] = time.perf_counter() - t0
         base = {"index": index, "screenshot": ref.ref,
-                "screen_width": shot.width, "screen_height": shot.height, "window_title": obs.window_title}
+                "screen_width": shot.width, "screen_height": shot.height, "window_title": title}
         t0 = time.perf_counter()
         output, parsed, action, failure = await self._decide(messages, image.size, (shot.width, shot.height))
         timings["model"] = time.perf_counter() - t0
+        output = self.secrets.redact(output)
         if failure is not None:
             status, detail = failure
             return StepRecord(**base, model_output=output, status=status, detail=detail, timings=timings), image
@@ -226,6 +277,10 @@ class OSAgentLoop:
         dropped = f" ({parsed.dropped} further calls in the reply were not executed)" if parsed.dropped else ""
         if action.kind in ("done", "fail"):
             return StepRecord(**record, status="terminal", detail=describe(action)), image
+        if action.kind == "ask_user":
+            if self.ask is None:
+                return StepRecord(**record, status="blocked", detail="nobody can answer a question here"), image
+            return StepRecord(**record, status="asked", detail=describe(action)), image
         verdict = check(input.policy, action, obs.window_title)
         if not verdict.allowed:
             return StepRecord(**record, status="blocked", detail=verdict.reason), image
@@ -240,17 +295,27 @@ class OSAgentLoop:
                 return StepRecord(**record, status="blocked", detail=f"{verdict.reason}: declined"), image
         t0 = time.perf_counter()
         try:
-            await self.executor.execute(action)
+            await self.executor.execute(self._with_secrets(action))
+        except UnknownSecret as exc:
+            return StepRecord(**record, status="rejected", detail=str(exc)), image
         except ActionRejected as exc:
             timings["execute"] = time.perf_counter() - t0
-            return StepRecord(**record, status="rejected", detail=str(exc)), image
+            return StepRecord(**record, status="rejected", detail=self.secrets.redact(str(exc))), image
         except ExecutorError as exc:
             timings["execute"] = time.perf_counter() - t0
-            return StepRecord(**record, status="error", detail=f"the desktop failed: {exc}"), image
+            return StepRecord(**record, status="error",
+                              detail=self.secrets.redact(f"the desktop failed: {exc}")), image
         if input.settle_s:
             await asyncio.sleep(input.settle_s)
         timings["execute"] = time.perf_counter() - t0
         return StepRecord(**record, status="executed", detail=describe(action) + dropped), image
+
+    def _with_secrets(self, action: Any) -> Any:
+        """The action the executor gets: typed text with its ``{{secret:name}}`` placeholders filled in. The
+        value exists only in this object, handed straight to the executor. Raises ``UnknownSecret``."""
+        if isinstance(action, TypeText) and referenced(action.text):
+            return TypeText.model_construct(text=self.secrets.resolve(action.text))
+        return action
 
     async def _decide(self, messages: list[dict[str, Any]], image_size: tuple[int, int],
                       screen_size: tuple[int, int]) -> tuple[str, Any, Any, tuple[str, str] | None]:
@@ -295,6 +360,21 @@ class OSAgentLoop:
         trajectory = [r.model_dump() for r in records]
         traj_ref = await ctx.blobs.put(ctx.owner, json.dumps({"goal": self.input.goal, "outcome": outcome,
                                                               "steps": trajectory}).encode(), "application/json")
+        artifacts = {
+            "report": {**report.model_dump(), "filename": "os-agent-report.html"},
+            "trajectory": {**traj_ref.model_dump(), "filename": "trajectory.json"},
+        }
+        if self.input.recording:
+            from agents.os_agent.recording import render_recording
+
+            try:
+                video = await asyncio.to_thread(render_recording, records, screenshots, fps=self.input.recording_fps)
+            except Exception:  # noqa: BLE001 - a codec problem must not cost the run its result
+                ctx.log.warning("encoding the episode recording failed", exc_info=True)
+                video = None
+            if video is not None:
+                ref = await ctx.blobs.put(ctx.owner, video, "video/mp4")
+                artifacts["recording"] = {**ref.model_dump(), "filename": "os-agent-recording.mp4"}
         phases = ("screenshot", "encode", "model", "execute")
         timing = {p: round(statistics.fmean(v), 4) for p in phases
                   if (v := [r.timings[p] for r in records if p in r.timings])}
@@ -309,10 +389,7 @@ class OSAgentLoop:
             "failed_steps": sum(r.status in FAILED_STATUSES for r in records), "elapsed_s": round(elapsed, 3),
             "mean_step_seconds": timing, "trajectory": [
                 {k: v for k, v in t.items() if k != "model_output"} for t in trajectory],
-            "artifacts": {
-                "report": {**report.model_dump(), "filename": "os-agent-report.html"},
-                "trajectory": {**traj_ref.model_dump(), "filename": "trajectory.json"},
-            },
+            "artifacts": artifacts,
             "session_id": ctx.session_id,
         }
 
@@ -356,7 +433,17 @@ class OSAgent(Agent):
             except ExecutorError as exc:
                 raise AgentError(f"the desktop can't be reached: {exc}", code="desktop_unreachable") from None
             await ctx.emit("desktop", {"width": width, "height": height})
-            loop = OSAgentLoop(ctx, executor, input, confirm=TaskConfirmation(ctx, input.confirm_timeout_s))
+            try:
+                secrets = Secrets.from_env()
+            except ValueError as exc:
+                raise AgentError(f"the runner's secrets configuration is invalid: {exc}", code="secrets_config") \
+                    from None
+            missing = [n for n in referenced(f"{input.goal}\n{input.instructions}") if n not in secrets.names()]
+            if missing:
+                raise AgentError(f"the goal names secrets this runner does not have: {', '.join(missing)}",
+                                 code="unknown_secret")
+            loop = OSAgentLoop(ctx, executor, input, confirm=TaskConfirmation(ctx, input.confirm_timeout_s),
+                               ask=TaskUserInput(ctx, input.reply_timeout_s), secrets=secrets)
             return await loop.run()
         finally:
             try:

@@ -11,8 +11,18 @@ What the model emits (confirmed from public sources, 2026-11-26):
 - The Instruct model card's grounding prompt is ``Please observe the screenshot, please locate the following
   elements with action and point.<instruction> [INSTRUCTION]`` (spec §4.4); its answer is one such click.
 - OSWorld's special actions end or pause a trajectory: ``WAIT``, ``DONE``, ``FAIL``.
+- The Kimi-VL technical report (arXiv 2504.07491, Fig. 10, a multi-step Chrome task) shows each agent step as
+  ``Thought: ...`` / ``Action: ...`` (words) / ``Toolcall: click(x=0.365, y=0.317)``: the same calls without the
+  ``pyautogui.`` prefix and without a code fence, fractions as coordinates.
+- The Aguvis/OpenCUA-style markdown form (our ``REPLY_FORMAT``) has ``## Thought`` / ``## Action`` / ``## Code``
+  sections; fine-tunes often drop the ```python fence inside ``## Code``, or put the call itself under
+  ``## Action``.
+- Handing control to a person: OSWorld's and UI-TARS' ``call_user`` / ``CALL_USER``; we accept
+  ``call_user('question')`` (also ``ask_user``), and the task waits for the answer.
 
-We accept, in this order of preference: a ```python code block, or bare ``pyautogui.*`` lines. Coordinates in
+We accept, in this order of preference: a ```python code block; ``Toolcall:`` lines; an unfenced ``## Code``
+section, else an ``## Action`` section that is itself calls; bare ``pyautogui.*`` lines. Every form goes through
+the same ``ast`` parser and action vocabulary, with or without the ``pyautogui.`` prefix. Coordinates in
 [0, 1] are fractions; larger whole numbers are read as pixels of the screenshot the model saw (some fine-tunes emit
 pixels) unless the task pins ``coordinates``. See ``agents.os_agent.parse``.
 """
@@ -35,7 +45,10 @@ screenshot's width and height, between 0 and 1 (x=0 is the left edge, y=0 the to
 - pyautogui.hotkey('ctrl', 's')
 - WAIT   (the screen is still changing)
 - DONE   (the task is complete; put the answer, if the task asks a question, in answer('...') before it)
-- FAIL   (the task cannot be completed)"""
+- FAIL   (the task cannot be completed)
+- call_user(question='...')   (only a person can go on: a choice, a missing detail, a captcha)
+Text such as {{secret:name}} in the task stands for a secret: type it exactly like that, e.g. \
+pyautogui.write(message='{{secret:name}}'); the real value is filled in when it is typed."""
 
 REPLY_FORMAT = """\
 Reply in this format:

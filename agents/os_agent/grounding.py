@@ -17,6 +17,13 @@ Annotation formats (checked against the public evaluation code, 2026-11-26):
   ``[x1, y1, x2, y2]`` in pixels (the script's comment says so and its ``[x, y, w, h]`` line is commented out);
   same inclusive point-in-box scoring. Its ``models/kimivl.py`` parses Kimi-VL's ``x=0.xx, y=0.yy`` fractions.
 
+Splits: v1/v2 come as one file per split (``desktop`` / ``mobile`` / ``web``, from the file name); Pro's entries
+carry their ``group`` (Dev, Creative, CAD, Scientific, Office, OS), which is its split. The report scores per
+split, per data type (text / icon) and per split x type (the papers' table columns), and per platform.
+``load_screenspot_dir`` reads every annotation file of a folder (the three v2 files, or Pro's ``annotations/``).
+Images of any size: ``ModelLocator(max_side=...)`` downscales larger screenshots before the model sees them and
+scores in the original's pixels (Kimi-VL's fractions don't change with the scale; pixels are scaled back).
+
 ``bbox_format="auto"`` picks, per file: ``xywh`` for the v1/v2 file names above; else ``xyxy`` when entries carry
 Pro's keys (``img_size``, ``ui_type``, ``application``, ``group``); else ``xywh`` when they carry v1's
 ``data_type`` / ``data_source``; otherwise it refuses to guess (a wrong guess silently corrupts every score).
@@ -63,6 +70,7 @@ class GroundingSample(BaseModel):
     bbox: tuple[float, float, float, float]
     data_type: str = "unknown"
     platform: str = Field("unknown", description="v1/v2 data_source, Pro platform")
+    split: str = Field("unknown", description="v1/v2 desktop / mobile / web (file name); Pro's group")
     application: str | None = None
     sample_id: str | None = None
     image_size: tuple[int, int] | None = Field(None, description="Pro's img_size, when the file gives it")
@@ -93,7 +101,13 @@ def _text(entry: dict, key: str, where: str, required: bool = True) -> str | Non
     return value
 
 
-def _sample(i: int, entry: Any, fmt: str, images: Path, where_file: str, check_images: bool) -> GroundingSample:
+def _split_of(path: Path) -> str:
+    match = _V1_V2_NAME.match(path.name)
+    return match.group(1).lower() if match else "unknown"
+
+
+def _sample(i: int, entry: Any, fmt: str, images: Path, where_file: str, check_images: bool,
+            split: str = "unknown") -> GroundingSample:
     where = f"{where_file} entry {i}"
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
@@ -124,7 +138,8 @@ def _sample(i: int, entry: Any, fmt: str, images: Path, where_file: str, check_i
         data_type=str(entry.get("data_type") or entry.get("ui_type") or "unknown"),
         platform=str(entry.get("data_source") or entry.get("platform") or "unknown"),
         application=_text(entry, "application", where, required=False),
-        sample_id=None if sample_id is None else str(sample_id), image_size=size)
+        split=str(entry.get("group") or split), sample_id=None if sample_id is None else str(sample_id),
+        image_size=size)
 
 
 def load_screenspot(json_path: str | Path, images_dir: str | Path, bbox_format: BBoxFormat = "auto", *,
@@ -141,7 +156,22 @@ def load_screenspot(json_path: str | Path, images_dir: str | Path, bbox_format: 
         raise ValueError(f"bbox_format must be 'xywh', 'xyxy' or 'auto', got {bbox_format!r}")
     fmt = _resolve_format(entries, path) if bbox_format == "auto" else bbox_format
     images = Path(images_dir)
-    return [_sample(i, e, fmt, images, path.name, check_images) for i, e in enumerate(entries)]
+    split = _split_of(path)
+    return [_sample(i, e, fmt, images, path.name, check_images, split) for i, e in enumerate(entries)]
+
+
+def load_screenspot_dir(annotations: str | Path, images_dir: str | Path, bbox_format: BBoxFormat = "auto", *,
+                        check_images: bool = False) -> list[GroundingSample]:
+    """Every ``*.json`` annotation file of a folder, in name order (v2's three split files, or ScreenSpot-Pro's
+    ``annotations/`` with one file per application), each read with its own format; ``index`` runs across all."""
+    files = sorted(Path(annotations).glob("*.json"))
+    if not files:
+        raise ValueError(f"{annotations}: no .json annotation files")
+    samples: list[GroundingSample] = []
+    for file in files:
+        for sample in load_screenspot(file, images_dir, bbox_format, check_images=check_images):
+            samples.append(sample.model_copy(update={"index": len(samples)}))
+    return samples
 
 
 # ----------------------------------------------------------------------------------------------------- locating
@@ -159,8 +189,9 @@ class ModelLocator:
     """Asks the model for one element with the model card's grounding prompt and reads back a pixel point."""
 
     def __init__(self, model: ModelClient, max_tokens: int = 64, temperature: float = 0.0,
-                 coordinates: CoordinateMode = "auto") -> None:
+                 coordinates: CoordinateMode = "auto", max_side: int | None = None) -> None:
         self.model = model
+        self.max_side = max_side
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.coordinates = coordinates
@@ -170,10 +201,20 @@ class ModelLocator:
         return GenerateRequest(messages=[{"role": "user", "content": content}], max_tokens=self.max_tokens,
                                temperature=self.temperature)
 
+    def fit(self, image: Image.Image) -> Image.Image:
+        """The screenshot as the model gets it: at most ``max_side`` on its long side (None: as it is)."""
+        if not self.max_side or max(image.size) <= self.max_side:
+            return image
+        scale = self.max_side / max(image.size)
+        return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                            Image.Resampling.BICUBIC)
+
     async def locate(self, image: Image.Image, instruction: str) -> LocateResult:
+        """The point in ``image``'s own pixels, whatever size the model saw."""
         started = time.perf_counter()
+        shown = await asyncio.to_thread(self.fit, image)
         try:
-            reply = await self.model.generate(self.request(image, instruction))
+            reply = await self.model.generate(self.request(shown, instruction))
         except Exception as exc:  # noqa: BLE001 - one failed call is one failed sample, not a failed evaluation
             return LocateResult(status="error", seconds=time.perf_counter() - started,
                                 error=f"{type(exc).__name__}: {exc}"[:500])
@@ -184,7 +225,7 @@ class ModelLocator:
         if point is None:
             return LocateResult(status="parse_failure", **base)
         try:
-            px = point_to_screen(point, image_size=image.size, screen_size=image.size, coordinates=self.coordinates)
+            px = point_to_screen(point, image_size=shown.size, screen_size=image.size, coordinates=self.coordinates)
         except ActionRejected as exc:
             return LocateResult(status="off_screen", point_model=point, error=str(exc), **base)
         return LocateResult(status="ok", point_px=px, point_model=point, **base)
@@ -201,6 +242,7 @@ class SampleResult(BaseModel):
     instruction: str
     data_type: str
     platform: str
+    split: str = "unknown"
     bbox: tuple[float, float, float, float]
     status: SampleStatus
     point_px: tuple[int, int] | None = None
@@ -227,6 +269,8 @@ class GroundingReport(BaseModel):
     errors: int
     by_data_type: dict[str, Bucket]
     by_platform: dict[str, Bucket]
+    by_split: dict[str, Bucket] = Field(default_factory=dict)
+    by_split_and_type: dict[str, Bucket] = Field(default_factory=dict, description='"mobile/text", "web/icon"...')
     latency_mean_s: float | None = Field(None, description="per model call, over samples the model answered")
     latency_p50_s: float | None = None
     latency_p95_s: float | None = None
@@ -252,7 +296,8 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
 def _buckets(results: list[SampleResult], key: str) -> dict[str, Bucket]:
     out: dict[str, Bucket] = {}
     for r in results:
-        bucket = out.setdefault(getattr(r, key), Bucket())
+        name = f"{r.split}/{r.data_type}" if key == "split_and_type" else getattr(r, key)
+        bucket = out.setdefault(name, Bucket())
         bucket.total += 1
         bucket.hits += r.status == "hit"
     for bucket in out.values():
@@ -268,7 +313,7 @@ def _open_rgb(path: Path) -> Image.Image:
 async def _score(sample: GroundingSample, locator: ModelLocator, gate: asyncio.Semaphore) -> SampleResult:
     base = dict(index=sample.index, sample_id=sample.sample_id, image=sample.image_path.name,
                 instruction=sample.instruction, data_type=sample.data_type, platform=sample.platform,
-                bbox=sample.bbox)
+                split=sample.split, bbox=sample.bbox)
     async with gate:
         try:
             image = await asyncio.to_thread(_open_rgb, sample.image_path)
@@ -300,6 +345,7 @@ async def evaluate(samples: Sequence[GroundingSample], locator: ModelLocator, co
         total=total, hits=count["hit"], accuracy=count["hit"] / total if total else 0.0, misses=count["miss"],
         parse_failures=count["parse_failure"], off_screen=count["off_screen"], errors=count["error"],
         by_data_type=_buckets(results, "data_type"), by_platform=_buckets(results, "platform"),
+        by_split=_buckets(results, "split"), by_split_and_type=_buckets(results, "split_and_type"),
         latency_mean_s=sum(latencies) / len(latencies) if latencies else None,
         latency_p50_s=_percentile(latencies, 0.5), latency_p95_s=_percentile(latencies, 0.95),
         mean_completion_tokens=sum(tokens) / len(tokens) if tokens else None,

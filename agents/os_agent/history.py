@@ -43,7 +43,9 @@ def step_line(record: StepRecord) -> str:
     if record.action:
         what = describe(TypeAdapter(ScreenAction).validate_python(record.action))
     outcome = {"executed": "done", "terminal": "ended the task"}.get(record.status, f"{record.status}")
-    detail = f" ({record.detail})" if record.detail and record.status != "executed" else ""
+    detail = f" ({record.detail})" if record.detail and record.status not in ("executed", "asked") else ""
+    if record.status == "asked":
+        outcome = f"the user answered {record.user_reply!r}" if record.user_reply is not None else "no answer"
     title = f" in {record.window_title!r}" if record.window_title else ""
     return f"Step {record.index + 1}: {what}{title} -> {outcome}{detail}"
 

@@ -40,6 +40,13 @@ class OSAgentInput(BaseModel):
     confirm_timeout_s: float = Field(300.0, gt=0, le=24 * 3600, description="how long a risky action waits for "
                                      "POST /v1/tasks/{id}/confirm before it is declined")
 
+    reply_timeout_s: float = Field(600.0, gt=0, le=24 * 3600, description="how long a call_user question waits "
+                                   "for POST /v1/tasks/{id}/reply before the run ends with outcome no_reply")
+
+    recording: bool = Field(True, description="also write an MP4 of the episode (each step's screenshot with its "
+                            "action drawn), artifact 'recording'")
+    recording_fps: int = Field(2, ge=1, le=10, description="frames per second of the recording (2 frames a step)")
+
     @model_validator(mode="after")
     def _one_desktop(self) -> "OSAgentInput":
         if self.desktop is not None and self.replay is not None:

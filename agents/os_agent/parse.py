@@ -15,16 +15,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from connectors.desktop.actions import (Click, Done, DoubleClick, Drag, Fail, Key, Move, RightClick, Scroll,
-                                        TypeText, Wait)
+from connectors.desktop.actions import (AskUser, Click, Done, DoubleClick, Drag, Fail, Key, Move, RightClick,
+                                        Scroll, TypeText, Wait)
 from connectors.desktop.base import ActionRejected
 
 CoordinateMode = Literal["auto", "fraction", "pixels"]
 DEFAULT_WAIT_S = 2.0
 _CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S | re.I)
-_CODE_LINE = re.compile(r"^\s*(?:pyautogui\.|computer\.|time\.sleep|answer\s*\(|(?:WAIT|DONE|FAIL)\b)", re.M)
+_CODE_LINE = re.compile(r"^\s*(?:pyautogui\.|computer\.|time\.sleep|answer\s*\(|call_user\s*\(|(?:WAIT|DONE|FAIL)\b)", re.M)
 _THINK = re.compile(r"◁think▷.*?◁/think▷", re.S)
 _THOUGHT = re.compile(r"##\s*Thought:?\s*(.*?)(?:\n##|\Z)", re.S | re.I)
+# Kimi-VL technical report, Fig. 10: "Thought: ...\nAction: ...\nToolcall: click(x=0.365, y=0.317)"
+_PLAIN_THOUGHT = re.compile(r"^\s*Thought:\s*(.*?)(?=^\s*(?:Action|Toolcall):|\Z)", re.S | re.I | re.M)
+_TOOLCALL = re.compile(r"^\s*Toolcall:\s*(.+?)\s*$", re.M | re.I)
+# "## Code:" / "## Action:" sections whose body is code without a ``` fence
+_SECTION = re.compile(r"^\s*##\s*(Code|Action):?[ \t]*\n?(.*?)(?=^\s*##|\Z)", re.S | re.I | re.M)
 _KEY_NAME = re.compile(r"^[a-z0-9]+$|^[^\sa-z0-9]$")
 
 
@@ -52,11 +57,32 @@ class _Call:
     source: str
 
 
+def _parses_as_calls(code: str) -> bool:
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return False
+    return bool(tree.body) and all(isinstance(s, ast.Expr) and isinstance(s.value, ast.Call | ast.Name)
+                                   for s in tree.body)
+
+
 def extract_code(text: str) -> str:
+    """The reply's code, in this order: the last ```python block; ``Toolcall:`` lines (Kimi-VL's report); an
+    unfenced ``## Code`` section, else an ``## Action`` section that is itself code; bare pyautogui/WAIT/DONE
+    lines. Sections count only when their whole body parses as calls, so "## Action: click the OK button"
+    (words) is never mistaken for code."""
     text = _THINK.sub("", text)
     blocks = _CODE_BLOCK.findall(text)
     if blocks:
         return blocks[-1].strip()
+    toolcalls = _TOOLCALL.findall(text)
+    if toolcalls:
+        return "\n".join(t.strip() for t in toolcalls)
+    sections = {name.lower(): body.strip() for name, body in _SECTION.findall(text)}
+    for name in ("code", "action"):
+        body = sections.get(name, "")
+        if body and _parses_as_calls(body):
+            return body
     return "\n".join(line.strip() for line in text.splitlines() if _CODE_LINE.match(line)).strip()
 
 
@@ -214,6 +240,11 @@ def _action(calls: list[_Call], i: int) -> tuple[ParsedAction, int]:
         if status == "success":
             return ParsedAction("done", args={"answer": answer}, code=call.source), 1
         return ParsedAction("fail", args={"reason": answer}, code=call.source), 1
+    if name in ("call_user", "ask_user", "CALL_USER"):
+        question = call.kwargs.get("question", call.kwargs.get("text", call.args[0] if call.args else ""))
+        if not isinstance(question, str) or not question.strip():
+            raise ParseError(f"{name} needs the question to ask, e.g. call_user('Which account?')")
+        return ParsedAction("ask_user", args={"question": question.strip()}, code=call.source), 1
     raise ParseError(f"{name}() is not an available action")
 
 
@@ -221,7 +252,8 @@ def parse_action(text: str) -> ParsedAction:
     """The first action of a model reply. Raises ``ParseError``."""
     code = extract_code(text)
     if not code:
-        raise ParseError("no action found (expected a ```python block with one pyautogui call, WAIT, DONE or FAIL)")
+        raise ParseError("no action found (expected a ```python block or a Toolcall: line with one pyautogui call, "
+                         "WAIT, DONE or FAIL)")
     calls = _calls(code)
     answer = None
     kept: list[_Call] = []
@@ -239,7 +271,8 @@ def parse_action(text: str) -> ParsedAction:
     if action.kind == "done" and answer is not None and not action.args.get("answer"):
         action.args["answer"] = answer
     action.dropped = len(kept) - used
-    match = _THOUGHT.search(_THINK.sub("", text))
+    visible = _THINK.sub("", text)
+    match = _THOUGHT.search(visible) or _PLAIN_THOUGHT.search(visible)
     action.thought = match.group(1).strip() if match else ""
     if action.kind == "fail" and not action.args.get("reason"):
         action.args["reason"] = action.thought
@@ -342,6 +375,7 @@ def to_screen(action: ParsedAction, *, image_size: tuple[int, int], screen_size:
         "wait": lambda: Wait(**action.args),
         "done": lambda: Done(answer=action.args.get("answer", "")[:20_000]),
         "fail": lambda: Fail(reason=action.args.get("reason", "")[:20_000]),
+        "ask_user": lambda: AskUser(**action.args),
     }
     try:
         return builders[action.kind]()

@@ -14,6 +14,7 @@ StepStatus = Literal[
     "blocked",    # the safety policy (or a declined confirmation) refused it: nothing executed
     "rejected",   # the executor refused it (unknown key...): nothing executed
     "error",      # the executor failed while acting or observing (crash, unreachable)
+    "asked",      # ask_user: the question went to a person; ``user_reply`` is the answer (None: none yet)
 ]
 
 
@@ -28,5 +29,6 @@ class StepRecord(BaseModel):
                                           "None when nothing parsed")
     status: StepStatus
     detail: str = ""
+    user_reply: str | None = Field(None, description="ask_user: the person's answer (POST /v1/tasks/{id}/reply)")
     timings: dict[str, float] = Field(default_factory=dict, description="seconds: screenshot, encode, model, "
                                       "execute")

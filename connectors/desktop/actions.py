@@ -109,11 +109,23 @@ class Fail(_Action):
         return []
 
 
+class AskUser(_Action):
+    """The model hands control to a person: nothing runs on the desktop; the agent asks ``question`` and waits
+    for the answer (``POST /v1/tasks/{id}/reply``), which the next step's prompt carries."""
+
+    kind: Literal["ask_user"] = "ask_user"
+    question: str = Field(..., min_length=1, max_length=2000)
+
+    def points(self) -> list[tuple[int, int]]:
+        return []
+
+
 ScreenAction = Annotated[
-    Union[Click, DoubleClick, RightClick, Move, Drag, Scroll, TypeText, Key, Wait, Done, Fail],
+    Union[Click, DoubleClick, RightClick, Move, Drag, Scroll, TypeText, Key, Wait, Done, Fail, AskUser],
     Field(discriminator="kind"),
 ]
 TERMINAL_KINDS = frozenset({"done", "fail"})
+NON_DESKTOP_KINDS = frozenset({"done", "fail", "ask_user"})  # handled by the agent, never sent to an executor
 POINTER_KINDS = frozenset({"click", "double_click", "right_click", "move", "drag", "scroll"})
 
 
@@ -137,4 +149,6 @@ def describe(action: _Action) -> str:
         return f"done {action.answer[:80]!r}" if action.answer else "done"
     if isinstance(action, Fail):
         return f"fail {action.reason[:80]!r}"
+    if isinstance(action, AskUser):
+        return f"ask the user {action.question[:80]!r}"
     return kind

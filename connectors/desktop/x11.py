@@ -119,9 +119,11 @@ class X11Executor:
                 await asyncio.sleep(action.seconds)
             else:
                 timeout = self.command_timeout_s
+                stdin = None
                 if isinstance(action, TypeText):
                     timeout += len(action.text) * self.type_delay_ms / 1000
-                await self._xdotool(*argv, timeout_s=timeout)
+                    stdin = action.text.encode()  # on stdin, not argv: typed text (a password) never shows in ps
+                await self._xdotool(*argv, timeout_s=timeout, stdin=stdin)
                 if self.action_delay_s > 0:
                     await asyncio.sleep(self.action_delay_s)
         return ActionOutcome(ok=True, detail=describe(action), duration_s=time.perf_counter() - start)
@@ -158,7 +160,7 @@ class X11Executor:
                 button = "4" if action.clicks > 0 else "5"
             return argv + ["click", "--repeat", str(abs(action.clicks)), "--delay", "20", button]
         if isinstance(action, TypeText):
-            return ["type", "--delay", str(self.type_delay_ms), "--", action.text]
+            return ["type", "--delay", str(self.type_delay_ms), "--file", "-"]
         if isinstance(action, Key):
             return ["key", "--", xdotool_chord(action.keys)]
         if isinstance(action, Wait):
@@ -186,26 +188,54 @@ class X11Executor:
         return buf.getvalue(), image.width, image.height
 
     async def _window_title(self) -> str | None:
-        """The active window's name (EWMH), else the focused top-level's (no window manager); None if neither."""
+        """The active window's name (EWMH), else the focused top-level's (no window manager), else - focus
+        follows the pointer (X's PointerRoot, the default without a window manager), so keys go to whatever
+        lies under it - the names of the visible windows under the pointer, joined with " | " so a policy that
+        looks for a terminal sees one if any of them is. None if there is no window at all."""
+        timeout = min(self.command_timeout_s, 3.0)
         for query in ("getactivewindow", "getwindowfocus"):
             try:
-                name = await self._xdotool(query, "getwindowname", timeout_s=min(self.command_timeout_s, 3.0))
+                name = await self._xdotool(query, "getwindowname", timeout_s=timeout)
             except ExecutorError:
                 continue
             return name.rstrip("\n") or None
-        return None
+        try:
+            where = dict(line.split("=", 1) for line in
+                         (await self._xdotool("getmouselocation", "--shell", timeout_s=timeout)).split() if "=" in line)
+            px, py = int(where["X"]), int(where["Y"])
+            ids = (await self._xdotool("search", "--onlyvisible", "--name", ".", timeout_s=timeout)).split()
+        except (ExecutorError, KeyError, ValueError):
+            return None
+        names = []
+        for wid in ids[:50]:
+            try:
+                out = await self._xdotool("getwindowgeometry", "--shell", wid, "getwindowname", wid,
+                                          timeout_s=timeout)
+            except ExecutorError:
+                continue
+            lines = out.rstrip("\n").split("\n")
+            geo = dict(line.split("=", 1) for line in lines if "=" in line and line.split("=", 1)[0].isupper())
+            try:
+                x, y, w, h = (int(geo[k]) for k in ("X", "Y", "WIDTH", "HEIGHT"))
+            except (KeyError, ValueError):
+                continue
+            if x <= px < x + w and y <= py < y + h and lines[-1] and lines[-1] not in names:
+                names.append(lines[-1])
+        return " | ".join(names) or None
 
-    async def _xdotool(self, *args: str, timeout_s: float | None = None) -> str:
-        """Run ``xdotool args...`` (argv, no shell); stdout, or ``ExecutorError`` with the stderr tail."""
+    async def _xdotool(self, *args: str, timeout_s: float | None = None, stdin: bytes | None = None) -> str:
+        """Run ``xdotool args...`` (argv, no shell; ``stdin`` fed to it); stdout, or ``ExecutorError`` with the
+        stderr tail."""
         timeout_s = self.command_timeout_s if timeout_s is None else timeout_s
         try:
             proc = await asyncio.create_subprocess_exec(
-                "xdotool", *args, env=self._env, stdin=asyncio.subprocess.DEVNULL,
+                "xdotool", *args, env=self._env,
+                stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         except FileNotFoundError:
             raise ExecutorError("xdotool not found on PATH (Debian/Ubuntu: apt-get install xdotool)") from None
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout_s)
         except asyncio.TimeoutError:
             raise ExecutorError(f"xdotool {args[0]} on {self.display} timed out after {timeout_s:g}s") from None
         finally:

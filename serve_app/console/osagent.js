@@ -76,9 +76,44 @@ export function osAgentView(task, signal) {
     card.querySelector('button').focus();
   }
 
+  // The agent's call_user question (event input_required): a text answer, sent to POST /v1/tasks/{id}/reply.
+  const questions = new Map();
+  function askUser(data) {
+    if (questions.has(data.step)) return;
+    const message = h('p', {class: 'error', role: 'alert'});
+    const input = h('input', {type: 'text', id: `reply-text-${data.step}`, maxlength: '4000',
+      'aria-label': `Answer to step ${data.step + 1}`});
+    const send = async () => {
+      const text = input.value.trim();
+      if (!text) { message.textContent = 'Type an answer first.'; return; }
+      for (const el of card.querySelectorAll('button, input')) el.disabled = true;
+      try {
+        await api(`/v1/tasks/${encodeURIComponent(task.id)}/reply`, {method: 'POST', body: {step: data.step, text}});
+        message.textContent = 'Sent; waiting for the agent…';
+      } catch (err) {
+        message.textContent = err.message;
+        for (const el of card.querySelectorAll('button, input')) el.disabled = false;
+      }
+    };
+    const card = h('div', {class: 'card confirm', role: 'group', 'aria-label': `Question at step ${data.step + 1}`},
+      h('h3', null, `Step ${data.step + 1}: the agent asks you`), h('p', null, String(data.question || '')),
+      h('div', {class: 'row'}, input,
+        h('button', {type: 'button', class: 'primary', id: `reply-${data.step}`, onclick: send}, 'Send answer')),
+      message);
+    questions.set(data.step, card);
+    pending.append(card);
+    input.focus();
+  }
+
   function onEvent(event) {
     if (event.type === 'step_result') addStep(event.data);
     if (event.type === 'confirmation_required') askConfirmation(event.data);
+    if (event.type === 'input_required') askUser(event.data);
+    if (event.type === 'user_reply') {
+      const card = questions.get(event.data.step);
+      if (card) replace(card, h('p', null, `Step ${event.data.step + 1}: you answered `,
+        h('code', null, String(event.data.reply || ''))));
+    }
     if (event.type === 'confirmation') {
       const card = asked.get(event.data.step);
       if (card) replace(card, h('p', null, `Step ${event.data.step + 1}: `,

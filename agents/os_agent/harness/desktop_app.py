@@ -50,6 +50,11 @@ class DesktopApp:
         self._add("agree", tk.Checkbutton(root, text="I agree", variable=self.agree_var, command=self.write_state),
                   10, 50)
         self._add("save", tk.Button(root, text="Save", command=self.on_save), 130, 46)
+        self.password_var = tk.StringVar(root)
+        tk.Label(root, text="Password").place(x=230, y=50)
+        self._add("password", tk.Entry(root, textvariable=self.password_var, show="\u2022", width=20), 300, 48)
+        self._add("login", tk.Button(root, text="Log in", command=self.on_login), 480, 44)
+        self.logged_in_with: str | None = None
         self.items = tk.Listbox(root, height=15, exportselection=False)
         for i in range(N_ITEMS):
             self.items.insert("end", f"item {i:02d}")
@@ -66,6 +71,7 @@ class DesktopApp:
         self._add("dangerous", tk.Button(root, text="Dangerous", fg="red", command=self.on_dangerous), 520, 436)
 
         self.name_var.trace_add("write", lambda *_: self.write_state())
+        self.password_var.trace_add("write", lambda *_: self.write_state())
         self.entry.bind("<KeyPress>", self.on_key, add="+")
         # Tk's Entry treats Control-a as "line start" (emacs); agents expect select-all, as on every other desktop.
         self.entry.bind("<Control-a>", self.on_select_all)
@@ -92,6 +98,10 @@ class DesktopApp:
     def on_save(self) -> None:
         self.save_path.write_text(self.name_var.get())
         self.saved = True
+        self.write_state()
+
+    def on_login(self) -> None:
+        self.logged_in_with = self.password_var.get()
         self.write_state()
 
     def on_dangerous(self) -> None:
@@ -154,6 +164,7 @@ class DesktopApp:
             "square": [sx0, sy0], "dangerous_clicked": self.dangerous_clicked,
             "double_clicked_item": self.double_clicked_item, "right_clicks": self.right_clicks,
             "last_key": self.last_key, "focus": self._focus_name(), "widgets": widgets,
+            "password": self.password_var.get(), "logged_in_with": self.logged_in_with,
         }
 
     def write_state(self) -> None:
