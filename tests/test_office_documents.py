@@ -1,0 +1,154 @@
+"""Word (.docx) through the contract agent: reading order, numbering, tables, header/footer, tracked changes and
+comments kept visible; citations verified on the PDF rendering and naming the paragraph; refusals with codes.
+The embedded store, the real TaskRunner and a scripted model that quotes the document."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pymupdf
+import pytest
+
+from agents.base import InputRejected, SubmissionCheck
+from agents.registry import build_registry
+from agents.runner import RunnerOptions, TaskRunner
+from connectors.model_client import ModelReply
+from connectors.stores import open_stores
+from connectors.stores.base import TaskSubmission
+from engine.runtime.request import GenerateRequest, Usage
+from pipelines.document.formats import prepare
+from pipelines.document.reader import read_pdf
+from pipelines.document.types import DocumentError
+from tests.office_samples import DELETED, GOVERNING, INSERTED, TERMINATION, make_docx
+
+OWNER = "key-office"
+
+
+class QuoteModel:
+    """Cites ``quotes`` (category -> text) on page 1 when the chunk contains them."""
+
+    def __init__(self, quotes: dict[str, str]) -> None:
+        self.quotes = quotes
+        self.requests: list[GenerateRequest] = []
+
+    async def generate(self, request: GenerateRequest) -> ModelReply:
+        self.requests.append(request)
+        user = [m for m in request.messages if m["role"] == "user"][-1]
+        text = " ".join("".join(p.get("text", "") for p in user["content"] if isinstance(p, dict)).split())
+        items = [{"category": k, "value": "Yes", "quote": q, "page": 1} for k, q in self.quotes.items() if q in text]
+        return ModelReply(text=json.dumps({"items": items}), finish_reason="stop",
+                          usage=Usage(prompt_tokens=100, completion_tokens=10))
+
+
+async def run_contract(tmp_path: Path, model: Any, input: dict[str, Any]) -> Any:
+    stores = open_stores(f"sqlite:///{tmp_path}")
+    runner = TaskRunner(stores, build_registry(), model, RunnerOptions(lease_s=30, retry_delay_s=0))
+    await stores.tasks.submit(OWNER, TaskSubmission(type="contract_extraction", input=input))
+    done = await runner.run_once()
+    return stores, done
+
+
+def _file(data: bytes, name: str) -> dict[str, Any]:
+    return {"file": {"name": name, "data": base64.b64encode(data).decode()}}
+
+
+def test_docx_reading_keeps_structure_and_tracked_changes() -> None:
+    prepared = prepare(make_docx(), "msa.docx")
+    text = read_pdf(prepared.pdf).pages[0].text
+    assert prepared.kind == "docx" and prepared.title == "Master Supply Agreement"
+    order = ["[header: CONFIDENTIAL", "1. Term and Termination", "1. Either party", "[comment by Dana",
+             "2. Upon termination", f"[inserted by Bob: {INSERTED[:20]}", f"[deleted by Bob: {DELETED[:10]}",
+             "| Widget | USD 12.00 |", "3. Governing Law", "3. This Agreement", "[footer: Page footer"]
+    positions = [" ".join(text.split()).find(s) for s in order]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), list(zip(order, positions))
+    labels = {a.label for a in prepared.anchors}
+    assert {"paragraph 4", "table 1", "comment on paragraph 4", "header", "footer"} <= labels
+
+
+def test_docx_through_the_contract_agent_cites_paragraphs(tmp_path: Path) -> None:
+    async def main() -> None:
+        model = QuoteModel({"governing_law": GOVERNING, "termination_for_convenience": TERMINATION,
+                            "anti_assignment": "made up sentence that is nowhere in the contract"})
+        stores, done = await run_contract(tmp_path, model, {**_file(make_docx(), "msa.docx"),
+                                                            "categories": ["Governing Law",
+                                                                           "Termination For Convenience",
+                                                                           "Anti-Assignment"]})
+        assert done.status == "succeeded", done.error
+        result = done.result
+        assert result["format"] == "docx" and result["title"] == "Master Supply Agreement"
+        fields = {f["key"]: f for f in result["fields"]}
+        law = fields["governing_law"]["values"][0]["citations"][0]
+        assert law["verified"] and law["page"] == 1 and law["anchor"] == "paragraph 8"
+        term = fields["termination_for_convenience"]["values"][0]["citations"][0]
+        assert term["verified"] and term["anchor"] == "paragraph 4"
+        assert not any(v["verified"] for v in fields["anti_assignment"]["values"])
+        # the annotated output is the PDF rendering with one highlight per verified citation
+        assert result["artifacts"]["annotated_pdf"]["filename"] == "msa.annotated.pdf"
+        pdf = pymupdf.open(stream=await stores.blobs.get(OWNER, result["artifacts"]["annotated_pdf"]["ref"]),
+                           filetype="pdf")
+        subjects = {a.info["subject"] for page in pdf for a in page.annots() if a.type[1] == "Highlight"}
+        assert {s.casefold() for s in subjects} == {"governing law", "termination for convenience"}
+        # the model saw tracked changes marked as such
+        prompt = " ".join(json.dumps(r.messages) for r in model.requests)
+        assert "[inserted by Bob:" in prompt and "[deleted by Bob:" in prompt
+        await stores.close()
+
+    asyncio.run(main())
+
+
+def _encrypted_docx() -> bytes:
+    # what Word writes for a password-protected .docx: an OLE compound file with an EncryptedPackage stream
+    return b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\0" * 500 + "EncryptedPackage".encode("utf-16-le") + b"\0" * 600
+
+
+def _bomb() -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("word/document.xml", "<w:document/>")
+        z.writestr("word/media/huge.bin", b"\0" * (210 * 2**20))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("make, code", [
+    (_encrypted_docx, "encrypted"),
+    (lambda: b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\0" * 1000, "unsupported_format"),
+    (lambda: make_docx()[: len(make_docx()) // 2], "corrupt"),
+    (lambda: make_docx().replace(b"word/document.xml", b"word/documenX.xml"), "corrupt"),
+    (_bomb, "too_large"),
+])
+def test_bad_word_files_fail_with_a_code(tmp_path: Path, make: Any, code: str) -> None:
+    data = make()
+    with pytest.raises(DocumentError) as info:
+        prepare(data, "x.docx")
+    assert info.value.code == code, info.value.message
+
+    async def main() -> None:
+        stores, done = await run_contract(tmp_path, QuoteModel({}), _file(data, "x.docx"))
+        assert done.status == "failed" and done.error.code == code and done.attempts == 1, done.error
+        await stores.close()
+
+    asyncio.run(main())
+
+
+def test_submission_accepts_word_and_refuses_other_zips() -> None:
+    registry = build_registry()
+    agent = registry.get("contract_extraction")
+
+    async def check(data: bytes, name: str) -> None:
+        await agent.check_submission(registry.validate("contract_extraction", _file(data, name)),
+                                     SubmissionCheck(OWNER, None))  # type: ignore[arg-type]
+
+    asyncio.run(check(make_docx(), "msa.docx"))
+    xlsx = io.BytesIO()
+    with zipfile.ZipFile(xlsx, "w") as z:
+        z.writestr("xl/workbook.xml", "<workbook/>")
+    with pytest.raises(InputRejected, match="Excel"):
+        asyncio.run(check(xlsx.getvalue(), "book.xlsx"))
+    with pytest.raises(InputRejected, match="PNG"):
+        asyncio.run(check(b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "scan.png"))
