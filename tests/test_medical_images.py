@@ -186,3 +186,30 @@ def test_ct_slice_and_mr_series_with_the_tiny_checkpoint(tmp_path: Path, engine,
     assert mr_done["status"] == "succeeded", mr_done
     assert [f["position_mm"] for f in mr_done["result"]["frames"]] == [0.0, 10.0, 25.0]
     assert "PatientName" in mr_done["result"]["removed_tags"]
+
+
+def test_dicom_in_chat_with_a_session_stores_no_patient_data(tmp_path: Path, engine, tiny_checkpoint: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A data URL of type application/dicom in a chat turn: decoded (de-identified, the file's window) for the
+    model; the session keeps the decoded pixels only; a compressed file without a decoder is a 415 with a code."""
+    caplog.set_level(logging.INFO)
+    stores_dir = tmp_path / "stores"
+    with task_server(f"sqlite:///{stores_dir}", KEY, engine=engine) as url:
+        session = httpx.post(f"{url}/v1/sessions", headers=H, json={}).json()
+        image = {"type": "image_url", "image_url": {"url": "data:application/dicom;base64," + _b64(ct_slice())}}
+        r = httpx.post(f"{url}/v1/chat/completions", headers=H, timeout=120, json={
+            "model": "kimi-vl", "max_tokens": 4, "session_id": session["id"],
+            "messages": [{"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]}]})
+        assert r.status_code == 200, r.text
+        stored = httpx.get(f"{url}/v1/sessions/{session['id']}/messages", headers=H).text
+        assert "blob_ref" in stored or "image" in stored
+        bad = {"type": "image_url", "image_url": {"url": "data:application/dicom;base64," + _b64(compressed_slice())}}
+        r = httpx.post(f"{url}/v1/chat/completions", headers=H, timeout=60, json={
+            "model": "kimi-vl", "max_tokens": 4, "messages": [{"role": "user", "content": [bad]}]})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "dicom_codec_unavailable", r.text
+    for sink in (stored, caplog.text):
+        assert not _leaks(sink), _leaks(sink)
+    for path in stores_dir.rglob("*"):
+        if path.is_file():
+            raw = path.read_bytes()
+            assert not any(v.encode() in raw for v in IDENTIFYING_VALUES), path
