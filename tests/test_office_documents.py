@@ -33,15 +33,17 @@ OWNER = "key-office"
 class QuoteModel:
     """Cites ``quotes`` (category -> text) on page 1 when the chunk contains them."""
 
-    def __init__(self, quotes: dict[str, str]) -> None:
+    def __init__(self, quotes: dict[str, str], pages: dict[str, int] | None = None) -> None:
         self.quotes = quotes
+        self.pages = pages or {}
         self.requests: list[GenerateRequest] = []
 
     async def generate(self, request: GenerateRequest) -> ModelReply:
         self.requests.append(request)
         user = [m for m in request.messages if m["role"] == "user"][-1]
         text = " ".join("".join(p.get("text", "") for p in user["content"] if isinstance(p, dict)).split())
-        items = [{"category": k, "value": "Yes", "quote": q, "page": 1} for k, q in self.quotes.items() if q in text]
+        items = [{"category": k, "value": "Yes", "quote": q, "page": self.pages.get(k, 1)}
+                 for k, q in self.quotes.items() if q in text]
         return ModelReply(text=json.dumps({"items": items}), finish_reason="stop",
                           usage=Usage(prompt_tokens=100, completion_tokens=10))
 
@@ -152,3 +154,90 @@ def test_submission_accepts_word_and_refuses_other_zips() -> None:
         asyncio.run(check(xlsx.getvalue(), "book.xlsx"))
     with pytest.raises(InputRejected, match="PNG"):
         asyncio.run(check(b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "scan.png"))
+
+
+@pytest.fixture(scope="module")
+def small_contract():
+    from pipelines.document.synthetic import make_contract
+
+    return make_contract(pages=3, seed=1)
+
+
+def test_eml_thread_in_time_order_with_safe_html_and_attachments(small_contract) -> None:
+    from tests.office_samples import HTML_SECRET, LATE_TERMS, make_thread_eml
+
+    prepared = prepare(make_thread_eml(small_contract.pdf), "thread.eml")
+    text = " ".join(p.text for p in read_pdf(prepared.pdf).pages)
+    flat = " ".join(text.split())
+    assert prepared.kind == "eml" and prepared.title == "Re: MSA draft"
+    # the forwarded original (2 March) comes before the reply (4 March) that contains it
+    assert 0 <= flat.find("Message 1: MSA draft") < flat.find("Message 2: Re: MSA draft")
+    assert "we accept. The signed contract is attached." in flat and LATE_TERMS in flat
+    # no script, style or remote reference survives the HTML body
+    assert HTML_SECRET not in flat and "evil.example" not in flat and "tracker.example" not in flat
+    assert "color:red" not in flat
+    # both attachments were read: the PDF's text and the Word file's tracked change
+    assert "Attachment: signed-msa.pdf" in flat and "[inserted by Bob:" in flat
+    labels = {a.label for a in prepared.anchors}
+    assert {"message 1 body", "message 2 / attachment signed-msa.pdf, page 1",
+            "message 2 / attachment msa-v3.docx, paragraph 8"} <= labels
+
+
+def test_eml_through_the_contract_agent_names_message_and_attachment(tmp_path: Path, small_contract) -> None:
+    from tests.office_samples import LATE_TERMS, make_thread_eml
+
+    gold = next(g for g in small_contract.gold if g.page not in small_contract.scanned_pages
+                and 40 < len(g.text) < 250)
+    from pipelines.document.cuad import to_key
+
+    data = make_thread_eml(small_contract.pdf)
+    rendered = read_pdf(prepare(data, "thread.eml").pdf)
+    law_page = next(p.number for p in rendered.pages if GOVERNING in " ".join(p.text.split()))
+    gold_page = next(p.number for p in rendered.pages if " ".join(gold.text.split()) in " ".join(p.text.split()))
+
+    async def main() -> None:
+        model = QuoteModel({to_key(gold.category): " ".join(gold.text.split()), "governing_law": GOVERNING,
+                            "minimum_commitment": LATE_TERMS},
+                           {"governing_law": law_page, to_key(gold.category): gold_page})
+        categories = sorted({gold.category, "Governing Law", "Minimum Commitment"})
+        stores, done = await run_contract(tmp_path, model, {**_file(data, "thread.eml"), "categories": categories})
+        assert done.status == "succeeded", done.error
+        fields = {f["key"]: f for f in done.result["fields"]}
+        assert done.result["format"] == "eml"
+        anchors = {k: [c["anchor"] for v in f["values"] for c in v["citations"] if c["verified"]]
+                   for k, f in fields.items()}
+        assert any(a and a.startswith("message 2 / attachment signed-msa.pdf, page")
+                   for a in anchors[to_key(gold.category)]), anchors
+        assert anchors["governing_law"] == ["message 2 / attachment msa-v3.docx, paragraph 8"], anchors
+        assert anchors["minimum_commitment"] == ["message 1 body"], anchors
+        await stores.close()
+
+    asyncio.run(main())
+
+
+def test_email_bombs_and_non_email_fail_with_codes(tmp_path: Path) -> None:
+    from pipelines.document.email_reader import email_to_html
+    from tests.office_samples import make_nested_eml, make_thread_eml
+
+    with pytest.raises(DocumentError) as info:
+        prepare(make_nested_eml(8), "deep.eml")
+    assert info.value.code == "too_deep"
+    assert prepare(make_nested_eml(3), "ok.eml").kind == "eml"
+    with pytest.raises(DocumentError) as info:
+        email_to_html(make_thread_eml(b"%PDF-1.4 " + b"x" * 5000), max_attachment_bytes=4000)
+    assert info.value.code == "too_large"
+    with pytest.raises(DocumentError) as info:
+        email_to_html(make_nested_eml(3), max_parts=2)
+    assert info.value.code == "too_large"
+
+    async def main() -> None:
+        stores, done = await run_contract(tmp_path, QuoteModel({}), _file(make_nested_eml(8), "deep.eml"))
+        assert done.status == "failed" and done.error.code == "too_deep" and done.attempts == 1
+        await stores.close()
+
+    asyncio.run(main())
+    with pytest.raises(InputRejected, match="e-mail"):
+        registry = build_registry()
+        asyncio.run(registry.get("contract_extraction").check_submission(
+            registry.validate("contract_extraction", _file(b"just some text, no headers", "notes.txt")),
+            SubmissionCheck(OWNER, None)))  # type: ignore[arg-type]
