@@ -282,3 +282,25 @@ def read_frames(files: list[bytes], *, window: str = "auto", max_frames: int = 1
         slices.append(Slice(frame_images[0], position, instance, label))
     return Frames(slices, ordered[0].get("Modality"), "/".join(sorted(names)), sorted(removed), len(ordered),
                   warnings)
+
+
+def deidentify_data_url(url: str) -> str | None:
+    """A ``data:`` URL carrying a DICOM file, re-encoded de-identified (None: not DICOM, or not readable here:
+    then it is left for the decoder to refuse with a code)."""
+    import base64
+    import binascii
+
+    head, sep, payload = url.strip().partition(",")
+    if not sep or not head.lower().startswith("data:") or ";base64" not in head.lower():
+        return None
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=False)
+    except (binascii.Error, ValueError):
+        return None
+    if not is_dicom(data):
+        return None
+    try:
+        clean, _ = deidentified_bytes(data)
+    except DicomError:
+        return "data:application/dicom;base64,"  # unreadable DICOM: keep nothing of it (the task then fails)
+    return "data:application/dicom;base64," + base64.b64encode(clean).decode()

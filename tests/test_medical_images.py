@@ -139,8 +139,9 @@ def test_patient_data_never_leaves_the_file(tmp_path: Path, caplog: pytest.LogCa
         if path.is_file():
             raw = path.read_bytes()
             assert not any(v.encode() in raw for v in IDENTIFYING_VALUES), path
-    kept = stored.get("input") or {}
-    for f in kept.get("files", []):
+    kept = stored["input"]
+    assert len(kept["files"]) == 1
+    for f in kept["files"]:
         assert f["name"] == "image1.dcm" and not any(v.encode() in base64.b64decode(f["data"])
                                                      for v in IDENTIFYING_VALUES)
 
@@ -209,6 +210,25 @@ def test_dicom_in_chat_with_a_session_stores_no_patient_data(tmp_path: Path, eng
         assert r.status_code == 415 and r.json()["error"]["code"] == "dicom_codec_unavailable", r.text
     for sink in (stored, caplog.text):
         assert not _leaks(sink), _leaks(sink)
+    for path in stores_dir.rglob("*"):
+        if path.is_file():
+            raw = path.read_bytes()
+            assert not any(v.encode() in raw for v in IDENTIFYING_VALUES), path
+
+
+def test_a_chat_task_with_a_dicom_image_is_stored_deidentified(tmp_path: Path) -> None:
+    model = RecordingModel()
+    stores_dir = tmp_path / "stores"
+    with task_server(f"sqlite:///{stores_dir}", KEY, model_client=model) as url:
+        image = {"type": "image_url", "image_url": {"url": "data:application/dicom;base64," + _b64(ct_slice())}}
+        task = httpx.post(f"{url}/v1/tasks", headers=H, json={"type": "chat", "input": {
+            "messages": [{"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]}]}}).json()
+        done = wait_for_status(url, KEY, task["id"], ("succeeded", "failed"))
+        assert done["status"] == "succeeded", done
+    assert model.requests and not _leaks(json.dumps(done))
+    stored_url = done["input"]["messages"][0]["content"][0]["image_url"]["url"]  # the record as stored
+    stored = base64.b64decode(stored_url.split(",", 1)[1])
+    assert stored[128:132] == b"DICM" and not any(v.encode() in stored for v in IDENTIFYING_VALUES)
     for path in stores_dir.rglob("*"):
         if path.is_file():
             raw = path.read_bytes()
