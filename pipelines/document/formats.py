@@ -43,7 +43,8 @@ def _looks_like_email(head: bytes) -> bool:
 
 
 def prepare(data: bytes, name: str = "", *, max_pages: int = 2000) -> Prepared:
-    """The PDF to read; ``DocumentError`` for a file no reader takes (``unsupported_format``) or a reader refuses."""
+    """The PDF to read; ``DocumentError`` for a file no reader takes (``not_pdf``, kept from the PDF-only days)
+    or one a reader refuses."""
     kind = sniff(data, name)
     if kind == "pdf":
         return Prepared(kind="pdf", pdf=data)
@@ -61,4 +62,4 @@ def prepare(data: bytes, name: str = "", *, max_pages: int = 2000) -> Prepared:
                         title=title)
     if not data:
         raise DocumentError("the document is empty (0 bytes)", "empty")
-    raise DocumentError("not a PDF, Word .docx or e-mail .eml file", "unsupported_format")
+    raise DocumentError("not a PDF, Word .docx or e-mail .eml file", "not_pdf")  # the code PDF-only callers know

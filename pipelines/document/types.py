@@ -17,7 +17,7 @@ BBox = tuple[float, float, float, float]
 class DocumentError(ValueError):
     """A document we refuse, with a machine code: ``encrypted`` (no/wrong password), ``corrupt``, ``empty``
     (zero pages), ``not_pdf``, ``too_many_pages``, ``too_large``, ``ocr_unavailable`` (scanned pages, no OCR),
-    ``unsupported_format`` (not PDF/.docx/.eml), ``too_deep`` (an e-mail nested past the limit)."""
+    ``unsupported_format`` (an old binary .doc), ``too_deep`` (an e-mail nested past the limit)."""
 
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
