@@ -75,6 +75,7 @@ def make_thread_eml(pdf: bytes) -> bytes:
     reply.add_attachment(pdf, maintype="application", subtype="pdf", filename="signed-msa.pdf")
     reply.add_attachment(make_docx(), maintype="application",
                          subtype="vnd.openxmlformats-officedocument.wordprocessingml.document", filename="msa-v3.docx")
+    reply.add_attachment(scanned_png(), maintype="image", subtype="png", filename="scan.png")
     reply.add_attachment(original, filename="original.eml")
     return bytes(reply)
 
@@ -86,3 +87,16 @@ def make_nested_eml(depth: int) -> bytes:
         outer.add_attachment(msg)
         msg = outer
     return bytes(msg)
+
+
+SCANNED_TEXT = "Payment is due within forty five days of invoice"
+
+
+def scanned_png() -> bytes:
+    """A photographed page: text drawn into a picture (no text layer)."""
+    import pymupdf
+
+    pdf = pymupdf.open()
+    page = pdf.new_page(width=500, height=120)
+    page.insert_text((20, 60), SCANNED_TEXT, fontsize=16)
+    return page.get_pixmap(dpi=150).tobytes("png")

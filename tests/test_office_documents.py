@@ -179,7 +179,10 @@ def test_eml_thread_in_time_order_with_safe_html_and_attachments(small_contract)
     # both attachments were read: the PDF's text and the Word file's tracked change
     assert "Attachment: signed-msa.pdf" in flat and "[inserted by Bob:" in flat
     labels = {a.label for a in prepared.anchors}
-    assert {"message 1 body", "message 2 / attachment signed-msa.pdf, page 1",
+    from tests.office_samples import SCANNED_TEXT
+
+    assert SCANNED_TEXT.lower() in flat.lower()  # the picture attachment was OCR'd
+    assert {"message 1 body", "message 2 / attachment scan.png (OCR)", "message 2 / attachment signed-msa.pdf, page 1",
             "message 2 / attachment msa-v3.docx, paragraph 8"} <= labels
 
 

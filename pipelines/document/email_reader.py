@@ -169,9 +169,8 @@ def email_to_html(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH, max_parts:
 
 
 def _attachment(out: HtmlDoc, label: str, name: str, data: bytes) -> None:
-    from pipelines.document.formats import sniff
-
-    kind = sniff(data, name)
+    head = data[:1024]
+    kind = "pdf" if b"%PDF-" in head else "docx" if head.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")) else ""
     out.text("h3", f"Attachment: {name}", label=label)
     if kind == "pdf":
         from pipelines.document.reader import read_pdf
@@ -189,9 +188,44 @@ def _attachment(out: HtmlDoc, label: str, name: str, data: bytes) -> None:
         inner, _ = docx_to_html(data)
         out.parts.extend(inner.parts)
         out.anchors.extend(a.model_copy(update={"label": f"{label}, {a.label}"}) for a in inner.anchors)
+    elif data.startswith(_IMAGE_SIGNATURES):
+        _image_attachment(out, label, name, data)
     elif name.lower().endswith((".txt", ".csv", ".md")):
         for para in [p for p in data.decode("utf-8", "replace").split("\n\n") if p.strip()]:
             out.text("p", para, label=label)
     else:
         out.block("p", esc(f"[attachment {name} ({len(data)} bytes) is not a document this reader takes]"),
                   "", cls="note")
+
+
+_IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"II*\x00", b"MM\x00*")
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def _image_attachment(out: HtmlDoc, label: str, name: str, data: bytes) -> None:
+    """A scanned page sent as a picture: OCR'd like a scanned PDF page (when Tesseract's data is installed)."""
+    import pymupdf
+
+    from pipelines.document.reader import read_pdf
+
+    try:
+        image = pymupdf.Pixmap(data)
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise DocumentError(f"image attachment {name!r} is {image.width}x{image.height} pixels, over the "
+                                f"limit of {MAX_IMAGE_PIXELS}", "too_large")
+        pdf = pymupdf.open()
+        page = pdf.new_page(width=image.width * 72 / 150, height=image.height * 72 / 150)
+        page.insert_image(page.rect, stream=data)
+        document = read_pdf(pdf.tobytes(), ocr=True)
+        pdf.close()
+    except DocumentError as exc:
+        if exc.code != "ocr_unavailable":
+            raise
+        out.text("p", f"[image attachment {name}: not read (no OCR language data installed)]", cls="note")
+        return
+    except Exception as exc:  # noqa: BLE001 - an undecodable picture is noted, not fatal to the e-mail
+        out.text("p", f"[image attachment {name}: cannot be decoded ({type(exc).__name__})]", cls="note")
+        return
+    text = document.pages[0].text if document.pages else ""
+    for para in [p for p in text.split("\n\n") if p.strip()] or ["(no text recognised)"]:
+        out.text("p", " ".join(para.split()), label=f"{label} (OCR)")
