@@ -108,6 +108,10 @@ def test_patient_data_never_leaves_the_file(tmp_path: Path, caplog: pytest.LogCa
             assert r.status_code == 201, r.text
             assert "PatientName" in r.json()["deidentified"]["removed_tags"]
             refs.append(r.json()["ref"])
+        # the OpenAI Files API upload too (its file name is dropped: it often carries the patient's name)
+        r = httpx.post(f"{url}/v1/files", headers=H, data={"purpose": "user_data"},
+                       files={"file": ("Doe_Jane_Quincy.dcm", ct_slice(), "application/dicom")})
+        assert r.status_code == 201 and r.json()["filename"] == "image.dcm", r.text
         # an inline file (its name carries the patient's name too) is de-identified before the task is stored
         inline = {"type": "medical_image", "input": {"files": [{"name": "Doe_Jane_Quincy.dcm",
                                                                 "data": _b64(ct_slice())}],
