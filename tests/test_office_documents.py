@@ -113,7 +113,7 @@ def _bomb() -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("word/document.xml", "<w:document/>")
-        z.writestr("word/media/huge.bin", b"\0" * (210 * 2**20))
+        z.writestr("word/media/huge.bin", b"\0" * (3 * 2**20))  # over the 2 MiB limit set below
     return out.getvalue()
 
 
@@ -124,7 +124,9 @@ def _bomb() -> bytes:
     (lambda: make_docx().replace(b"word/document.xml", b"word/documenX.xml"), "corrupt"),
     (_bomb, "too_large"),
 ])
-def test_bad_word_files_fail_with_a_code(tmp_path: Path, make: Any, code: str) -> None:
+def test_bad_word_files_fail_with_a_code(tmp_path: Path, make: Any, code: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pipelines.document.docx_reader.DEFAULT_MAX_UNZIPPED", 2 * 2**20)  # 200 MiB in service
     data = make()
     with pytest.raises(DocumentError) as info:
         prepare(data, "x.docx")

@@ -24,8 +24,9 @@ _OLE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _ENCRYPTED_PACKAGE = "EncryptedPackage".encode("utf-16-le")
 
 
-def check_package(data: bytes, max_unzipped_bytes: int = DEFAULT_MAX_UNZIPPED) -> None:
+def check_package(data: bytes, max_unzipped_bytes: int | None = None) -> None:
     """Typed refusal of what python-docx would choke on (or inflate without bound)."""
+    max_unzipped_bytes = DEFAULT_MAX_UNZIPPED if max_unzipped_bytes is None else max_unzipped_bytes
     if data.startswith(_OLE):
         if _ENCRYPTED_PACKAGE in data:
             raise DocumentError("the Word file is password-protected (encrypted); save it without a password",
@@ -123,7 +124,7 @@ class _Numbering:
         return ".".join(str(c or 1) for c in counts[: level + 1]) + "."
 
 
-def docx_to_html(data: bytes, *, max_unzipped_bytes: int = DEFAULT_MAX_UNZIPPED) -> tuple[HtmlDoc, str | None]:
+def docx_to_html(data: bytes, *, max_unzipped_bytes: int | None = None) -> tuple[HtmlDoc, str | None]:
     """The rendering and the document's title (core properties), or a ``DocumentError``."""
     check_package(data, max_unzipped_bytes)
     import docx
