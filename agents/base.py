@@ -86,6 +86,12 @@ class Agent(abc.ABC):
         """Checks at ``POST /v1/tasks`` that need more than the input itself (an uploaded blob's file type, the
         configured desktops): raise :class:`InputRejected` and the submission is a 422, nothing stored."""
 
+    @classmethod
+    def stored_input(cls, input: Any) -> dict[str, Any] | None:
+        """What the task record keeps instead of the submitted input (None: the input as submitted), for data
+        that must not be stored as sent (e.g. patient data in DICOM headers); the task then runs on this."""
+        return None
+
 
 class AgentContext:
     """One task attempt's view of the world. Created by the runner (or by tests with any stores/model)."""

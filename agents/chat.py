@@ -102,6 +102,30 @@ class ChatAgent(Agent):
     Input = ChatInput
     description = "One chat turn (text, images, video frames); continues options.session_id when given."
 
+    @classmethod
+    def stored_input(cls, input: ChatInput) -> dict[str, Any] | None:
+        """DICOM images (data URLs) are kept de-identified: patient data never reaches the task store."""
+        from connectors.dicom import deidentify_data_url
+
+        changed = False
+        messages = []
+        for message in input.messages:
+            content = message.get("content")
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    ref = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" \
+                        else None
+                    url = ref.get("url") if isinstance(ref, dict) else ref
+                    clean = deidentify_data_url(url) if isinstance(url, str) else None
+                    if clean is not None:
+                        changed = True
+                        part = {**part, "image_url": {**ref, "url": clean} if isinstance(ref, dict) else clean}
+                    parts.append(part)
+                message = {**message, "content": parts}
+            messages.append(message)
+        return {**input.model_dump(exclude_none=True), "messages": messages} if changed else None
+
     async def run(self, ctx: AgentContext, input: ChatInput) -> ChatOutput:
         await ctx.step("prepare")
         new_messages, max_tokens = await to_engine_messages(input.messages, input.max_tokens, limits=ctx.limits)

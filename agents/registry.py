@@ -11,7 +11,7 @@ from agents.base import Agent
 
 BUILTIN_AGENT_MODULES: tuple[str, ...] = ("agents.chat", "agents.contract.agent", "agents.video.agent",
                                          "agents.os_agent.agent", "agents.examples.customer_service",
-                                         "agents.batch", "agents.responses")
+                                         "agents.batch", "agents.responses", "agents.medical.agent")
 # Task types the platform reserves for its own agents (issues land them one by one); a reserved type whose
 # agent is not installed is refused at submission like any unknown type.
 RESERVED_TYPES = ("chat", "os_agent", "contract_extraction", "video_analysis")

@@ -68,6 +68,7 @@ import httpx
 from PIL import Image
 
 from engine.processor import ImageInputError, ProcessorError, VideoFrames, load_image, sample_frame_indices
+from connectors.dicom import DicomError, is_dicom, read_frames
 from connectors.limits import Limits
 from connectors.errors import ClientInputError
 
@@ -375,6 +376,8 @@ def _scheme(url: str) -> str:
 
 
 def _decode_image(data: bytes, limits: Limits) -> Image.Image:
+    if is_dicom(data):
+        return _decode_dicom(data)
     try:
         return load_image(data, max_pixels=limits.max_image_pixels)
     except ImageInputError as exc:
@@ -386,13 +389,25 @@ def _decode_image(data: bytes, limits: Limits) -> Image.Image:
         raise MediaError(msg, code="invalid_image") from None
 
 
+def _decode_dicom(data: bytes) -> Image.Image:
+    """A DICOM image in chat: de-identified (the decoded image carries pixels only), its own window (else its
+    range), the middle frame of a multi-frame file; for a series or a preset window use the medical_image task."""
+    try:
+        frames = read_frames([data], window="auto", max_frames=1)
+    except DicomError as exc:
+        status = 415 if exc.code == "codec_unavailable" else 413 if exc.code in ("too_large", "too_many_slices") \
+            else 400
+        raise MediaError(f"DICOM image: {exc.message}", status_code=status, code=f"dicom_{exc.code}") from None
+    return frames.slices[0].image
+
+
 async def _image_bytes(url: Any, limits: Limits, trusted_origins: Collection[str]) -> bytes:
     if not isinstance(url, str) or not url.strip():
         raise MediaError("image URL must be a non-empty string", code="invalid_url")
     url = url.strip()
     scheme = _scheme(url)
     if scheme == "data":
-        return decode_data_url(url, limits)
+        return decode_data_url(url, limits, media_types=("image/", "application/dicom"))
     if scheme in ("http", "https"):
         return await fetch_url(url, limits, trusted_origins=trusted_origins)
     raise MediaError(f"URL scheme {scheme or '(none)'!r} is not allowed (only http, https and data:)",

@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from agents.batch import BatchFileError, parse_batch_jsonl
+from connectors.dicom import DicomError, deidentified_bytes, is_dicom
 from connectors.errors import ClientInputError
 from connectors.stores.files import FILE_TTL_S, create_file
 from serve_app.task_service import TaskService
@@ -43,12 +44,19 @@ async def create_openai_file(request: Request, service: TaskService, owner: str)
     data = await upload.read()
     if not data:
         raise ClientInputError("the file is empty", param="file")
+    filename = (upload.filename or "upload")[:255]
+    if is_dicom(data):  # patient data never reaches the store (nor does a file name that often carries it)
+        try:
+            data, _ = await asyncio.to_thread(deidentified_bytes, data)
+        except DicomError as exc:
+            raise ClientInputError(exc.message, code=exc.code, param="file") from None
+        filename = "image.dcm"
     if purpose == "batch":
         try:
             await asyncio.to_thread(parse_batch_jsonl, data)  # 50,000 lines: off the event loop
         except BatchFileError as exc:
             raise batch_file_error(exc) from None
     record = await create_file(service.stores.sessions, service.stores.blobs, owner, data,
-                               filename=(upload.filename or "upload")[:255], purpose=purpose,
+                               filename=filename, purpose=purpose,
                                content_type=upload.content_type or "application/octet-stream", ttl_s=FILE_TTL_S)
     return JSONResponse(record.public(), status_code=201)  # the route's status; the official client takes any 2xx

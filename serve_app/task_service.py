@@ -78,6 +78,9 @@ class TaskService:
             if not isinstance(session_id, str) or await self.stores.sessions.get(session_id, owner) is None:
                 raise NotFoundError(f"session {session_id!r} not found", param="options.session_id")
         agent_cls = self.registry.get(submission.type)
+        stored = agent_cls.stored_input(validated)
+        if stored is not None:
+            submission = submission.model_copy(update={"input": stored})
         record, created = await self.stores.tasks.submit(
             owner, submission, max_attempts=min(self.config.max_attempts, agent_cls.max_attempts),
             retention_s=self.config.retention_s)

@@ -8,6 +8,7 @@ Every record belongs to the caller's API key; another key's id answers 404 exact
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from agents.messages import session_growth, storable
+from connectors.dicom import DicomError, deidentified_bytes, is_dicom
 from connectors.errors import ClientInputError
 from connectors.stores.base import TERMINAL_STATUSES, TaskEvent, TaskSubmission
 from serve_app.auth import RateLimited
@@ -212,8 +214,15 @@ async def upload_file(request: Request, service: Service) -> JSONResponse:
     if not data:
         raise ClientInputError("empty body: send the file's bytes as the request body", param="body")
     content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
+    extra: dict[str, Any] = {}
+    if is_dicom(data):  # patient data never reaches the store: identifying tags are stripped on arrival
+        try:
+            data, removed = await asyncio.to_thread(deidentified_bytes, data)
+        except DicomError as exc:
+            raise ClientInputError(exc.message, code=exc.code, param="body") from None
+        extra["deidentified"] = {"removed_tags": removed}
     ref = await service.stores.blobs.put(_owner(request), data, content_type)
-    return JSONResponse({"object": "file", **ref.model_dump()}, status_code=201)
+    return JSONResponse({"object": "file", **ref.model_dump(), **extra}, status_code=201)
 
 
 # ----------------------------------------------------------------------------------------------- sessions

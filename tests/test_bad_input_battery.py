@@ -196,12 +196,13 @@ def test_bad_files_fail_their_tasks_clearly(server: str, tmp_path: Path) -> None
 
 
 def test_uploaded_blobs_are_checked_at_submission(server: str, tmp_path: Path) -> None:
-    """A Word file uploaded and given as a contract is a 422 naming input.blob, before anything is queued."""
+    """An Excel file uploaded and given as a contract is a 422 naming input.blob, before anything is queued (a
+    Word .docx is accepted: tests/test_office_documents.py)."""
     import zipfile
 
-    docx = tmp_path / "contract.docx"
+    docx = tmp_path / "contract.xlsx"
     with zipfile.ZipFile(docx, "w") as z:
-        z.writestr("word/document.xml", "<w:document/>")
+        z.writestr("xl/workbook.xml", "<workbook/>")
     ref = httpx.post(f"{server}/v1/files", headers=H, content=docx.read_bytes()).json()
     blob = ref.get("ref") or ref.get("id")
     before = httpx.get(f"{server}/v1/tasks?limit=500", headers=H).json()["data"]

@@ -22,6 +22,30 @@ from agents.registry import register_agent
 from agents.sources import file_kind, load_source, source_head
 
 
+async def prepare_document(data: bytes, name: str, input: ContractInput) -> Any:
+    """A Word file or an e-mail rendered to PDF (a PDF as it is), in a thread; refusals as ``AgentError``."""
+    from pipelines.document.formats import prepare
+    from pipelines.document.types import DocumentError
+
+    try:
+        return await asyncio.to_thread(prepare, data, name, max_pages=input.max_pages)
+    except DocumentError as exc:
+        raise AgentError(exc.message, code=exc.code) from None
+
+
+def label_citations(outcome: Any, anchors: list[Any]) -> None:
+    """Word/e-mail input: each verified citation names the paragraph (message, attachment) it came from."""
+    from pipelines.document.render import anchor_for
+
+    if not anchors:
+        return
+    for field in outcome.result.fields:
+        for value in field.values:
+            for citation in value.citations:
+                if citation.verified:
+                    citation.anchor = anchor_for(anchors, citation.quote)
+
+
 async def read_document(ctx: AgentContext, data: bytes, input: ContractInput) -> Any:
     """PyMuPDF work (OCR of scanned pages included) runs in a thread (the heartbeat keeps beating); page progress,
     with the count of OCR'd pages, is sent at most every 0.5 s."""
@@ -53,6 +77,20 @@ async def read_document(ctx: AgentContext, data: bytes, input: ContractInput) ->
         raise AgentError(exc.message, code=exc.code) from None
 
 
+async def _is_word_package(check: SubmissionCheck, input: ContractInput) -> bool:
+    """Whether a ZIP input (inline or uploaded) lists word/document.xml; a damaged ZIP passes (the reader's
+    ``corrupt`` error then says what is wrong when the task runs)."""
+    import io
+    import zipfile
+
+    data = input.file.bytes() if input.file is not None else await check.blob(input.blob or "")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data or b"")) as z:
+            return "word/document.xml" in z.namelist()
+    except (zipfile.BadZipFile, ValueError, OSError):
+        return True
+
+
 @register_agent
 class ContractExtractionAgent(Agent):
     type = "contract_extraction"
@@ -60,13 +98,26 @@ class ContractExtractionAgent(Agent):
 
     @classmethod
     async def check_submission(cls, input: ContractInput, check: SubmissionCheck) -> None:
-        """A file or blob that is not a PDF (a .docx, a scan as PNG) is refused at the door."""
+        """A file or blob that is not a PDF, a Word .docx or an e-mail (a scan as PNG, an .xlsx) is refused at
+        the door."""
+        from pipelines.document.formats import sniff
+
         got = await source_head(check, input.file, input.blob)
-        if got is not None and (kind := file_kind(got[0])) != "a PDF":
+        if got is None:
+            return
+        name = input.file.name if input.file is not None else ""
+        kind_found = sniff(got[0], name)
+        if kind_found == "docx" and got[0].startswith(b"PK") and not await _is_word_package(check, input):
+            raise InputRejected("the contract must be a PDF, a Word .docx or an e-mail .eml; this file is a ZIP "
+                                "archive without word/document.xml (e.g. an Excel .xlsx or a plain .zip)", got[1])
+        if kind_found == "unknown":
+            kind = file_kind(got[0])
             what = "empty" if kind == "empty" else (kind or "not a PDF (no %PDF- header)")
-            raise InputRejected(f"the contract must be a PDF; this file is {what}", got[1])
-    description = ("Long contracts (PDF) -> CUAD's 41 clause categories or your JSON schema, each value with "
-                   "verified page citations; annotated PDF and Markdown summary as artifacts.")
+            raise InputRejected(f"the contract must be a PDF, a Word .docx or an e-mail .eml; this file is {what}",
+                                got[1])
+    description = ("Long contracts (PDF, Word .docx, e-mail .eml with attachments) -> CUAD's 41 clause categories "
+                   "or your JSON schema, each value with verified page citations (and, for Word/e-mail, the "
+                   "paragraph/message/attachment); annotated PDF and Markdown summary as artifacts.")
 
     async def run(self, ctx: AgentContext, input: ContractInput) -> dict[str, Any]:
         from pipelines.document.annotate import annotate_pdf
@@ -76,8 +127,12 @@ class ContractExtractionAgent(Agent):
         await ctx.step("load")
         data, name = await load_source(ctx, input.file, input.url, input.blob, max_bytes=200 * 2**20,
                                        what="document", default_name="document.pdf")
-        await ctx.step("read", bytes=len(data))
+        prepared = await prepare_document(data, name, input)
+        await ctx.step("read", bytes=len(data), format=prepared.kind)
+        data = prepared.pdf  # a Word file / e-mail is read, cited and annotated as its PDF rendering
         document = await read_document(ctx, data, input)
+        if prepared.title and not document.title:
+            document.title = prepared.title
         scanned = sum(p.scanned for p in document.pages)
         await ctx.emit("document", {"pages": document.page_count, "scanned_pages": scanned,
                                     "ocr_pages": document.ocr_pages, "ocr_skipped": document.ocr_skipped,
@@ -112,6 +167,7 @@ class ContractExtractionAgent(Agent):
 
         await ctx.step("reduce")
         result = merge_results(document, targets, results, input, chunks=total)
+        label_citations(result, prepared.anchors)
         await ctx.step("outputs")
         annotated = await asyncio.to_thread(annotate_pdf, data, result.annotated_items(), password=input.password)
         summary = markdown_summary(result.result)
@@ -126,6 +182,7 @@ class ContractExtractionAgent(Agent):
         }
         payload["stats"] = ChunkStats.summary(stats, ctx.resources.context_window)
         payload["session_id"] = ctx.session_id
+        payload["format"] = prepared.kind
         return payload
 
 

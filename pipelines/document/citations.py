@@ -71,6 +71,7 @@ class Citation(BaseModel):
     page_corrected: bool = False  # found on a neighbour of the cited page(s)
     source: Literal["text", "ocr"] = "text"
     parts: list[CitationPart] = Field(default_factory=list)
+    anchor: str | None = None  # Word/e-mail input: the paragraph (message, attachment) of the original file
 
     @classmethod
     def unverified(cls, page: int, quote: str) -> "Citation":

@@ -16,7 +16,8 @@ BBox = tuple[float, float, float, float]
 
 class DocumentError(ValueError):
     """A document we refuse, with a machine code: ``encrypted`` (no/wrong password), ``corrupt``, ``empty``
-    (zero pages), ``not_pdf``, ``too_many_pages``, ``too_large``, ``ocr_unavailable`` (scanned pages, no OCR)."""
+    (zero pages), ``not_pdf``, ``too_many_pages``, ``too_large``, ``ocr_unavailable`` (scanned pages, no OCR),
+    ``unsupported_format`` (an old binary .doc), ``too_deep`` (an e-mail nested past the limit)."""
 
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
@@ -71,6 +72,14 @@ class Document(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     ocr_pages: int = 0  # scanned pages given an OCR text layer
     ocr_skipped: int = 0  # scanned pages left image-only because the OCR page or time bound was reached
+
+
+class Anchor(BaseModel):
+    """One paragraph of a file rendered to PDF (Word, e-mail): where it was in the original (``label``, e.g.
+    "paragraph 12" or "message 2 / attachment terms.pdf") and its text as rendered."""
+
+    label: str
+    text: str
 
 
 class GoldClause(BaseModel):
