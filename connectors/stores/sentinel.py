@@ -94,6 +94,39 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
     )
 
 
+def _following_connection_classes() -> tuple[type, type]:
+    """Connection classes that ask the sentinels for the primary before *every* (re)connect.
+
+    Why: redis-py 6.x's async ``Connection.send_packed_command`` reconnects through ``connect_check_health``,
+    which skips ``SentinelManagedConnection.connect`` (the only path that asks the sentinels), so after a failover
+    a dropped connection kept reconnecting to the dead primary's address until its retries ran out (seen with
+    redis-py 6.4.0 against redis-server 7; tests/test_sentinel_failover.py).
+    """
+    from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+
+    class Mixin:
+        _locating = False
+
+        async def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+            pool = self.connection_pool  # type: ignore[attr-defined]
+            if self._reader is None and pool.is_master and not self._locating:  # type: ignore[attr-defined]
+                self._locating = True
+                try:
+                    self.host, self.port = await pool.get_master_address()  # type: ignore[attr-defined]
+                finally:
+                    self._locating = False
+            await super().connect_check_health(check_health=check_health,  # type: ignore[misc]
+                                               retry_socket_connect=retry_socket_connect)
+
+    class FollowingConnection(Mixin, SentinelManagedConnection):
+        pass
+
+    class FollowingSSLConnection(Mixin, SentinelManagedSSLConnection):
+        pass
+
+    return FollowingConnection, FollowingSSLConnection
+
+
 def connect_sentinel(address: SentinelAddress, **client_kwargs: Any) -> Any:
     """A ``redis.asyncio.Redis`` bound to the current primary of ``address.service_name``; ``client_kwargs`` (retry,
     timeouts, decode_responses) apply to the connections to the primary."""
@@ -103,7 +136,9 @@ def connect_sentinel(address: SentinelAddress, **client_kwargs: Any) -> Any:
     sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 2.0}
     if address.sentinel_password:
         sentinel_kwargs["password"] = address.sentinel_password
-    client_kwargs = {"socket_timeout": address.socket_timeout_s, **client_kwargs}
+    plain, tls = _following_connection_classes()
+    client_kwargs = {"socket_timeout": address.socket_timeout_s, "connection_class": tls if address.ssl else plain,
+                     **client_kwargs}
     sentinel = Sentinel(address.sentinels, sentinel_kwargs=sentinel_kwargs, db=address.db,
-                        username=address.username, password=address.password, ssl=address.ssl)
+                        username=address.username, password=address.password)
     return sentinel.master_for(address.service_name, redis_class=Redis, **client_kwargs)
