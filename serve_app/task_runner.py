@@ -17,6 +17,7 @@ from agents.runner import RunnerOptions, TaskRunner
 from connectors.backend import RayBackend
 from connectors.model_client import BackendModelClient
 from serve_app.config import AppConfig
+from serve_app.store_guard import check_shared_stores, ray_alive_nodes
 from serve_app.task_service import TaskService
 
 log = logging.getLogger("kimiray.task_runner")
@@ -40,6 +41,7 @@ class TaskRunnerDeployment:
     def __init__(self, model_server: Any, config: dict[str, Any]) -> None:
         app_config = AppConfig.model_validate(config)
         cfg = app_config.tasks
+        check_shared_stores(cfg, ray_alive_nodes())
         service = TaskService(cfg)  # the same stores and agents the ingress validates against
         self.stores, registry = service.stores, service.registry
         self.runner = TaskRunner(self.stores, registry, BackendModelClient(RayBackend(model_server)),
