@@ -186,7 +186,7 @@ def create_app() -> FastAPI:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         key_id = getattr(request.state, "key_id", "-")
         try:
-            slot = state.limiter.acquire(key_id)
+            slot = await state.limiter.admit(key_id)
             await slot.__aenter__()
         except RateLimited as exc:
             raise rate_limited(exc, "too many requests for this API key") from None

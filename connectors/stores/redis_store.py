@@ -70,14 +70,14 @@ __all__ = ["connect", "NotReplicated", "ReplicaAcks", "RedisTaskStore", "RedisSe
            "write_and_wait"]
 
 
-def connect(url: str, *, decode_responses: bool = True) -> Redis:
+def connect(url: str, *, decode_responses: bool = True, retries: int = 20) -> Redis:
     """A client that rides out a Redis restart or a Sentinel failover: connection errors (also ``LOADING`` while
     the AOF replays, and ``READONLY`` from a demoted primary) are retried with exponential backoff (100 ms doubling,
     capped at 1 s, 20 tries: ~17 s in all). A ``redis+sentinel://`` URL gets a client that asks the sentinels for
     the primary on every reconnect (:mod:`connectors.stores.sentinel`)."""
     kwargs: dict[str, Any] = dict(
         decode_responses=decode_responses,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=20),
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=10,
         socket_connect_timeout=5,
