@@ -169,3 +169,33 @@ def test_kill_9_of_the_primary_loses_no_accepted_task_or_message(cluster: Sentin
 
 def test_frozen_primary_acknowledges_nothing_while_isolated_and_rejoins_as_replica(cluster: SentinelCluster) -> None:
     asyncio.run(_run(cluster, "freeze"))
+
+
+def test_unconfirmed_writes_are_a_503_with_retry_after_never_a_success(cluster: SentinelCluster) -> None:
+    """Two confirmations required, one replica exists: every write times out in WAIT and the client is told so."""
+    app_args = {"auth": {"creates_per_minute": 10_000}}
+    tasks_args = {"min_replica_acks": 2, "replica_ack_timeout_s": 0.3}
+    with task_server(cluster.url, KEY, tasks_args=tasks_args, app_args=app_args, run_tasks=False) as base:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        r = httpx.post(f"{base}/v1/tasks", json={"type": "sleepy", "input": {}, "idempotency_key": "x"},
+                       headers=headers, timeout=30)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "not_replicated" and int(r.headers["Retry-After"]) >= 1
+        r = httpx.post(f"{base}/v1/sessions", json={}, headers=headers, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_replicated"
+
+
+def test_event_waits_longer_than_the_socket_timeout_return_empty_not_an_error(cluster: SentinelCluster) -> None:
+    async def main() -> None:
+        from connectors.stores.base import TaskSubmission
+
+        stores = open_stores(cluster.url)  # socket_timeout=3 in the harness URL
+        try:
+            task, _ = await stores.tasks.submit(OWNER, TaskSubmission(type="sleepy"))
+            started = time.monotonic()
+            assert await stores.tasks.wait_events(task.id, after=1, timeout_s=5) == []
+            assert time.monotonic() - started < 5
+        finally:
+            await stores.close()
+
+    asyncio.run(main())

@@ -525,13 +525,18 @@ class RedisTaskStore:
         return [_event_from_entry(task_id, i, f) for i, f in rows]
 
     async def wait_events(self, task_id: str, after: int, timeout_s: float, limit: int = 1000) -> list[TaskEvent]:
-        """``XREAD BLOCK`` on the task's stream: wakes as soon as an event is appended."""
+        """``XREAD BLOCK`` on the task's stream: wakes as soon as an event is appended. With a socket timeout
+        (Sentinel clients) the block stays below it and may return empty early, which the contract allows."""
         evs = await self.events(task_id, after, limit)
         if evs or timeout_s <= 0:
             return evs
         key = self._k("task", task_id, "events")
+        block_s = timeout_s
+        socket_timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        if socket_timeout:  # a block longer than the socket timeout would read as a dead server: wait less
+            block_s = min(block_s, max(0.1, socket_timeout - 1.0))
         try:
-            got = await self.redis.xread({key: f"{after}-1"}, count=limit, block=max(1, int(timeout_s * 1000)))
+            got = await self.redis.xread({key: f"{after}-1"}, count=limit, block=max(1, int(block_s * 1000)))
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
         return [_event_from_entry(task_id, i, f) for _, entries in got for i, f in entries]
