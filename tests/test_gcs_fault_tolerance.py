@@ -1,11 +1,12 @@
-"""Ray head fault tolerance on one machine: a local head whose GCS keeps its state in an external redis-server on
-loopback (``RAY_REDIS_ADDRESS``), the kimiray Serve app (tiny checkpoint) with a TaskRunner on Redis stores, and
-the GCS server killed by PID. While it is down, chat requests keep being answered and accepted tasks keep
+"""Ray head fault tolerance on one machine: a local head whose GCS keeps its state in an external Redis on loopback
+behind Sentinel (``RAY_REDIS_ADDRESS`` names a sentinel; the GCS asks it for the primary), the kimiray Serve app
+(tiny checkpoint) with a TaskRunner on the same Sentinel (``redis+sentinel://``), and the GCS server killed by PID. While it is down, chat requests keep being answered and accepted tasks keep
 progressing (data path: proxy -> replicas and runners -> Redis, no GCS); after it restarts (re-reading its state
 from Redis) the cluster answers control-plane calls again and new tasks run.
 
 What this cannot show on one machine: the head *pod* being replaced on another node (KubeRay restarts it with
-the same Redis; deploy/kuberay-rayservice.yaml), and the GCS following a Sentinel failover (docs/ha.md).
+the same Redis; deploy/kuberay-rayservice.yaml), and a Redis failover while the GCS is down (the store side of a
+failover is tests/test_sentinel_failover.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from tests.redis_harness import redis_server
+from tests.redis_harness import sentinel_cluster
 from tests.serve_harness import REPO, SAFE_ENV, free_port, stop_shared_ray
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -38,10 +39,11 @@ def _task_progress(client: httpx.Client, ids: list[str]) -> dict[str, tuple[str,
 
 
 def test_serve_keeps_answering_and_tasks_progress_while_the_gcs_is_down(tmp_path, monkeypatch) -> None:
-    with redis_server(tmp_path / "redis") as redis:
+    with sentinel_cluster(tmp_path / "redis") as redis:
         ray_tmp = tempfile.mkdtemp(prefix="kr-gcs-", dir="/tmp")
         env = {**SAFE_ENV, "KIMIRAY_HOME": str(tmp_path / "home"), "KIMIRAY_API_KEYS": KEY, "RAY_TMPDIR": ray_tmp,
-               "RAY_REDIS_ADDRESS": f"127.0.0.1:{redis.port}", "RAY_external_storage_namespace": "kr-gcs-test",
+               "RAY_REDIS_ADDRESS": f"127.0.0.1:{redis.sentinel_ports[0]}",  # a sentinel: the GCS finds the primary
+               "RAY_external_storage_namespace": "kr-gcs-test",
                "PYTHONPATH": REPO}  # replicas import tests.agents_for_tests
         for name, value in env.items():
             monkeypatch.setenv(name, value)
