@@ -44,7 +44,10 @@ async def run_worker(args: argparse.Namespace) -> int:
     from agents.runner import RunnerOptions, TaskRunner
     from connectors.stores import open_stores, stores_url_from_env
 
-    stores = open_stores(args.stores or stores_url_from_env(), min_replica_acks=args.min_replica_acks)
+    # a runner's writes wait longer for replicas than a client's (which gets a 503 instead): a failover must not
+    # fail the task whose progress write fell into it; half a lease still leaves the heartbeat time to recover
+    stores = open_stores(args.stores or stores_url_from_env(), min_replica_acks=args.min_replica_acks,
+                         replica_ack_timeout_s=max(2.0, args.lease_s / 2))
     registry = build_registry(args.agent_module or [])
     if args.model == "none":
         model: Any = NoModel()

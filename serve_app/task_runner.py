@@ -42,7 +42,10 @@ class TaskRunnerDeployment:
         app_config = AppConfig.model_validate(config)
         cfg = app_config.tasks
         check_shared_stores(cfg, ray_alive_nodes())
-        service = TaskService(cfg)  # the same stores and agents the ingress validates against
+        # the same stores and agents the ingress validates against; the runner's writes wait up to half a lease for
+        # replicas (a client would get a 503; a task whose progress write falls into a failover must not fail)
+        service = TaskService(cfg.model_copy(update={
+            "replica_ack_timeout_s": max(cfg.replica_ack_timeout_s, cfg.lease_s / 2)}))
         self.stores, registry = service.stores, service.registry
         self.runner = TaskRunner(self.stores, registry, BackendModelClient(RayBackend(model_server)),
                                  runner_options(app_config))

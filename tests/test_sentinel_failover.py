@@ -28,6 +28,7 @@ from connectors.stores.base import StoreError
 from serve_app.auth import key_id_for
 from tests.redis_harness import SentinelCluster, require_redis_server, sentinel_cluster
 from tests.task_server import task_server
+from tests.test_task_durability import start_worker, stop_worker
 
 pytestmark = pytest.mark.integration
 
@@ -37,13 +38,14 @@ N_TASKS = 200
 FAULT_AFTER = 60  # accepted tasks before the primary is lost
 
 
-async def _submit_all(client: httpx.AsyncClient, accepted: dict[int, str], acks: list[float],
+async def _submit_all(client: httpx.AsyncClient, accepted: dict[int, str], acks: list[tuple[float, float]],
                       refusals: list[int]) -> None:
     for i in range(N_TASKS):
         body = {"type": "sleepy", "input": {"steps": 2, "step_s": 0.02, "tag": f"t{i}"}, "idempotency_key": f"i{i}"}
         deadline = time.monotonic() + 60
         while True:
             assert time.monotonic() < deadline, f"task {i} not accepted within 60 s"
+            sent = time.monotonic()
             try:
                 r = await client.post("/v1/tasks", json=body)
             except httpx.HTTPError:
@@ -51,7 +53,7 @@ async def _submit_all(client: httpx.AsyncClient, accepted: dict[int, str], acks:
                 continue
             if r.status_code in (200, 202):
                 accepted[i] = r.json()["id"]
-                acks.append(time.monotonic())
+                acks.append((sent, time.monotonic()))
                 break
             assert r.status_code == 503, r.text  # anything else is a bug, not an outage
             assert "Retry-After" in r.headers
@@ -61,18 +63,19 @@ async def _submit_all(client: httpx.AsyncClient, accepted: dict[int, str], acks:
 
 
 async def _write_messages(stores: Any, session_id: str, done: asyncio.Event, accepted: list[str],
-                          acks: list[float]) -> None:
+                          acks: list[tuple[float, float]]) -> None:
     n = 0
     while not done.is_set():
         n += 1
         text = f"m{n}"  # a new text per attempt: a refused write may still sit on the primary
+        sent = time.monotonic()
         try:
             await stores.sessions.append(session_id, OWNER, [{"role": "user", "content": text}])
         except StoreError:
             await asyncio.sleep(0.1)
             continue
         accepted.append(text)
-        acks.append(time.monotonic())
+        acks.append((sent, time.monotonic()))
         await asyncio.sleep(0.01)
 
 
@@ -104,12 +107,14 @@ async def _run(cluster: SentinelCluster, fault: str) -> None:
     app_args = {"auth": {"requests_per_minute": 100_000, "creates_per_minute": 100_000,
                          "max_concurrent_per_key": 1000}}
     tasks_args = {"runner_concurrency": 8, "replica_ack_timeout_s": 1.0}
-    with task_server(cluster.url, KEY, lease_s=10.0, tasks_args=tasks_args, app_args=app_args) as base:
+    with task_server(cluster.url, KEY, tasks_args=tasks_args, app_args=app_args, run_tasks=False) as base:
+        # runners as their own processes (kimiray worker), as on a cluster; their writes wait up to lease_s / 2
+        workers = [await start_worker(cluster.url, concurrency=4, lease_s=30.0) for _ in range(2)]
         stores = open_stores(cluster.url, replica_ack_timeout_s=1.0)
         session = await stores.sessions.create(OWNER, metadata={"test": fault})
         accepted: dict[int, str] = {}
         messages: list[str] = []
-        acks: list[float] = []
+        acks: list[tuple[float, float]] = []  # (sent, acknowledged) of every accepted write
         refusals: list[int] = []
         done = asyncio.Event()
         fault_at: list[float] = []
@@ -148,12 +153,16 @@ async def _run(cluster: SentinelCluster, fault: str) -> None:
                 done.set()
                 await writer
         assert len(accepted) == N_TASKS
-        after = [t for t in acks if t > fault_at[0]]
+        after = [done for sent, done in acks if sent > fault_at[0]]  # writes sent after the primary was lost
         assert after, "no write was acknowledged after the fault"
         print(f"\n[{fault}] primary lost -> first acknowledged write: {min(after) - fault_at[0]:.2f} s; "
               f"{len(refusals)} submissions answered 503 meanwhile; {len(messages)} session messages accepted")
-        await _check_nothing_lost(stores, accepted, session.id, messages)
-        await stores.close()
+        try:
+            await _check_nothing_lost(stores, accepted, session.id, messages)
+        finally:
+            for worker in workers:
+                await stop_worker(worker)
+            await stores.close()
 
 
 @pytest.fixture
