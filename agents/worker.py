@@ -44,7 +44,10 @@ async def run_worker(args: argparse.Namespace) -> int:
     from agents.runner import RunnerOptions, TaskRunner
     from connectors.stores import open_stores, stores_url_from_env
 
-    stores = open_stores(args.stores or stores_url_from_env())
+    # a runner's writes wait longer for replicas than a client's (which gets a 503 instead): a failover must not
+    # fail the task whose progress write fell into it; half a lease still leaves the heartbeat time to recover
+    stores = open_stores(args.stores or stores_url_from_env(), min_replica_acks=args.min_replica_acks,
+                         replica_ack_timeout_s=max(2.0, args.lease_s / 2))
     registry = build_registry(args.agent_module or [])
     if args.model == "none":
         model: Any = NoModel()
@@ -75,8 +78,11 @@ async def run_worker(args: argparse.Namespace) -> int:
 
 def add_worker_command(subparsers: Any) -> None:
     worker = subparsers.add_parser("worker", help="run a TaskRunner in this process (leases from the store)")
-    worker.add_argument("--stores", help="redis://… or sqlite:///dir (default: $KIMIRAY_STORES_URL, $REDIS_URL, "
-                        "else the embedded store)")
+    worker.add_argument("--stores", help="redis://…, redis+sentinel://h1:26379,h2:26379/service or sqlite:///dir "
+                        "(default: $KIMIRAY_STORES_URL, $REDIS_URL, else the embedded store)")
+    worker.add_argument("--min-replica-acks", type=int, default=None,
+                        help="replicas that must confirm each task transition (Redis WAIT); default: 1 with "
+                        "a Sentinel URL, else 0")
     worker.add_argument("--agent-module", action="append", help="extra module that registers agents (repeatable)")
     worker.add_argument("--model", default="tiny", help="checkpoint dir or HF id, 'tiny', or 'none'")
     worker.add_argument("--concurrency", type=int, default=2)

@@ -16,6 +16,7 @@ from serve_app.config import AppConfig
 from serve_app.ingress import app as fastapi_app
 from serve_app.model_server import ModelServer
 from serve_app.state import install_state
+from serve_app.store_guard import check_shared_stores, ray_alive_nodes
 from serve_app.task_runner import TaskRunnerDeployment
 
 
@@ -25,12 +26,15 @@ class Ingress:
     def __init__(self, model_server: Any, config: dict[str, Any], task_runner: Any = None) -> None:
         # the TaskRunner handle is not called per request; binding it makes Serve deploy the runners
         self.task_runner = task_runner
-        install_state(None, AppConfig.model_validate(config), RayBackend(model_server))
+        app_config = AppConfig.model_validate(config)
+        check_shared_stores(app_config.tasks, ray_alive_nodes())  # the cluster may have grown since build_app
+        install_state(None, app_config, RayBackend(model_server))
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Application builder for ``serve run`` / ``serve deploy`` (``args`` = the config file's ``args``)."""
     config = AppConfig.model_validate(args or {})
+    check_shared_stores(config.tasks, ray_alive_nodes())  # refuse a multi-node cluster on per-node SQLite
     payload = config.model_dump()
     model = ModelServer.bind(payload)
     return Ingress.bind(model, payload, TaskRunnerDeployment.bind(model, payload))

@@ -354,6 +354,11 @@ class KeyLimiter:
             b.active += 1
             return Lease(self, key_id)
 
+    async def admit(self, key_id: str) -> Lease:
+        """:meth:`acquire` with the async signature of :class:`serve_app.cluster_limits.ClusterLimiter`, so routes
+        use either limiter the same way."""
+        return self.acquire(key_id)
+
     def _release(self, lease: Lease) -> None:
         with self._lock:
             if lease._released:

@@ -123,7 +123,7 @@ async def _task(request: Request, service: Any, batch_id: str) -> TaskRecord:
 @router.post("/v1/batches", tags=["openai"])
 async def create_batch(request: Request, service: Service, body: BatchCreate) -> JSONResponse:
     """Create a batch from an uploaded ``purpose="batch"`` file; it runs as a durable task."""
-    _admit_create(request)
+    await _admit_create(request)
     owner = _owner(request)
     record = await get_file(service.stores.sessions, owner, body.input_file_id)
     if record is None:

@@ -37,8 +37,14 @@ class TasksConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stores_url: str | None = Field(
-        None, description="redis://host:port/db, sqlite:///dir, or None: $KIMIRAY_STORES_URL, else $REDIS_URL, "
-        "else the embedded SQLite store under $KIMIRAY_HOME")
+        None, description="redis://host:port/db, redis+sentinel://h1:26379,h2:26379/service_name[/db] (Redis HA), "
+        "sqlite:///dir, or None: $KIMIRAY_STORES_URL, else $REDIS_URL, else the embedded SQLite store under "
+        "$KIMIRAY_HOME")
+    min_replica_acks: int | None = Field(
+        None, ge=0, le=16, description="replicas that must confirm (Redis WAIT) a task submission, each task "
+        "transition and each session write before it counts as accepted; None: 1 with a Sentinel URL, else 0")
+    replica_ack_timeout_s: float = Field(2.0, gt=0, le=60, description="how long a write waits for those "
+                                         "replicas; past it the client gets 503 + Retry-After, never a success")
     agent_modules: list[str] = Field(default_factory=list, description="extra modules that register agents")
     max_attempts: int = Field(3, ge=1, le=100, description="runs of one task before it fails (runner deaths)")
     retention_s: float = Field(7 * 24 * 3600.0, gt=0, description="ended tasks are kept this long")

@@ -64,6 +64,12 @@ def classify(exc: BaseException) -> ApiError:
 
     if isinstance(exc, NotFound):  # deleted between the route's check and its write
         return ApiError(404, "not_found", "not found")
+    from connectors.stores.redis_store import NotReplicated
+
+    if isinstance(exc, NotReplicated):  # applied on the primary only: never report it as accepted
+        log.warning("write not replicated: %s", exc)
+        return ApiError(503, "not_replicated", "the write could not be confirmed on a replica in time; retry "
+                        "shortly (with the same Idempotency-Key for a task)", {"Retry-After": "2"})
     if isinstance(exc, StoreError):  # Redis restarting or unreachable: transient, and no store details leak
         log.warning("store error: %s", exc)
         return ApiError(503, "store_unavailable", "the task store is not available right now; retry shortly",
@@ -180,7 +186,7 @@ def create_app() -> FastAPI:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         key_id = getattr(request.state, "key_id", "-")
         try:
-            slot = state.limiter.acquire(key_id)
+            slot = await state.limiter.admit(key_id)
             await slot.__aenter__()
         except RateLimited as exc:
             raise rate_limited(exc, "too many requests for this API key") from None

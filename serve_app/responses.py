@@ -144,7 +144,7 @@ async def create_response(request: Request, body: ResponseCreate) -> Any:
         return await _start_background(request, service, owner, body, chain, response_id, served)
 
     try:
-        slot = state.limiter.acquire(owner)
+        slot = await state.limiter.admit(owner)
         await slot.__aenter__()
     except RateLimited as exc:
         raise rate_limited(exc, "too many requests for this API key") from None
@@ -201,7 +201,7 @@ async def _start_background(request: Request, service: Any, owner: str, body: Re
                             response_id: str, served: str) -> Any:
     from serve_app.openai_api import ChatCompletionRequest
 
-    _admit_create(request)
+    await _admit_create(request)
     try:  # shape errors now (400), not as a failed task later; media are fetched when it runs
         ChatCompletionRequest.model_validate(chat_body(body, served))
     except ResponsesInputError:

@@ -33,6 +33,26 @@ def rate_limited(exc: RateLimited, message: str) -> ApiError:
     return ApiError(429, "rate_limited", message, {"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))})
 
 
+def _limiters(config: AppConfig) -> tuple[Any, Any]:
+    """(requests, creations) limiters: in Redis, shared by every Ingress replica, when the stores are on Redis
+    (``serve_app.cluster_limits``); in this process for the embedded store (one machine)."""
+    from connectors.stores import stores_url_from_env
+    from connectors.stores.sentinel import is_sentinel_url
+
+    auth = config.auth
+    url = config.tasks.stores_url or stores_url_from_env()
+    if url is None or not (url.startswith(("redis://", "rediss://", "unix://")) or is_sentinel_url(url)):
+        return (KeyLimiter(auth.requests_per_minute, auth.max_concurrent_per_key),
+                KeyLimiter(auth.creates_per_minute, auth.max_concurrent_per_key))
+    from connectors.stores.redis_store import connect
+    from serve_app.cluster_limits import ClusterLimiter
+
+    redis = connect(url, retries=1)  # a limiter must not stall requests for long while Redis is away
+    slot_ttl = config.request_timeout_s + 60
+    return (ClusterLimiter(redis, "req", auth.requests_per_minute, auth.max_concurrent_per_key, slot_ttl_s=slot_ttl),
+            ClusterLimiter(redis, "create", auth.creates_per_minute, None))
+
+
 class IngressState:
     """What the routes use: config, backend, auth, per-key limiters (requests; stored creations), metrics."""
 
@@ -42,8 +62,7 @@ class IngressState:
         self._task_service = task_service
         self.auth = ApiKeyAuth(load_api_keys(config.auth), config.auth)
         check_bind_allowed(config.host, self.auth.enabled)  # no keys -> loopback only, or refuse to start
-        self.limiter = KeyLimiter(config.auth.requests_per_minute, config.auth.max_concurrent_per_key)
-        self.create_limiter = KeyLimiter(config.auth.creates_per_minute, config.auth.max_concurrent_per_key)
+        self.limiter, self.create_limiter = _limiters(config)
         self.metrics = ServeMetrics(model=config.model.served_name)
 
     def tasks(self) -> TaskService:

@@ -17,6 +17,7 @@ from agents.runner import RunnerOptions, TaskRunner
 from connectors.backend import RayBackend
 from connectors.model_client import BackendModelClient
 from serve_app.config import AppConfig
+from serve_app.store_guard import check_shared_stores, ray_alive_nodes
 from serve_app.task_service import TaskService
 
 log = logging.getLogger("kimiray.task_runner")
@@ -40,7 +41,11 @@ class TaskRunnerDeployment:
     def __init__(self, model_server: Any, config: dict[str, Any]) -> None:
         app_config = AppConfig.model_validate(config)
         cfg = app_config.tasks
-        service = TaskService(cfg)  # the same stores and agents the ingress validates against
+        check_shared_stores(cfg, ray_alive_nodes())
+        # the same stores and agents the ingress validates against; the runner's writes wait up to half a lease for
+        # replicas (a client would get a 503; a task whose progress write falls into a failover must not fail)
+        service = TaskService(cfg.model_copy(update={
+            "replica_ack_timeout_s": max(cfg.replica_ack_timeout_s, cfg.lease_s / 2)}))
         self.stores, registry = service.stores, service.registry
         self.runner = TaskRunner(self.stores, registry, BackendModelClient(RayBackend(model_server)),
                                  runner_options(app_config))

@@ -34,7 +34,9 @@ class TaskService:
     def __init__(self, config: TasksConfig, stores: Any = None, registry: AgentRegistry | None = None) -> None:
         self.config = config
         self.stores = stores or open_stores(config.stores_url or stores_url_from_env(),
-                                            blob_threshold=config.blob_threshold)
+                                            blob_threshold=config.blob_threshold,
+                                            min_replica_acks=config.min_replica_acks,
+                                            replica_ack_timeout_s=config.replica_ack_timeout_s)
         self.registry = registry or build_registry(config.agent_modules)
 
     async def close(self) -> None:

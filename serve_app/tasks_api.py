@@ -40,11 +40,12 @@ def _owner(request: Request) -> str:
     return getattr(request.state, "key_id", None) or "anonymous"
 
 
-def _admit_create(request: Request) -> None:
-    """Per-key budget for requests that store something (task, file, session): 429 with Retry-After past it."""
+async def _admit_create(request: Request) -> None:
+    """Per-key budget for requests that store something (task, file, session): 429 with Retry-After past it
+    (cluster-wide when the stores are on Redis: ``serve_app.cluster_limits``)."""
     state = app_state(request)
     try:
-        state.create_limiter.acquire(_owner(request)).release()
+        await (await state.create_limiter.admit(_owner(request))).__aexit__(None, None, None)
     except RateLimited as exc:
         raise rate_limited(exc, "too many tasks, files or sessions created with this API key "
                            f"(limit {state.config.auth.creates_per_minute} per minute)") from None
@@ -60,7 +61,7 @@ def _task_json(task: dict[str, Any], created: bool | None = None) -> dict[str, A
 @router.post("/v1/tasks", status_code=202, tags=["tasks"])
 async def submit_task(request: Request, service: Service, body: TaskSubmission) -> JSONResponse:
     """Accept a task (202) or, for an idempotency key seen before, return the existing one (200)."""
-    _admit_create(request)
+    await _admit_create(request)
     task, created = await service.submit(_owner(request), body)
     return JSONResponse(_task_json(task, created), status_code=202 if created else 200,
                         headers={"Location": f"/v1/tasks/{task['id']}"})
@@ -207,7 +208,7 @@ async def upload_file(request: Request, service: Service) -> JSONResponse:
     """Upload a file (the raw request body, any content type) for a task to use by reference (``blob``): large
     PDFs need not travel base64-encoded inside the task's JSON. Limited by ``limits.max_body_bytes``.
     A ``multipart/form-data`` body with ``purpose`` is the OpenAI Files API (``serve_app.openai_files``)."""
-    _admit_create(request)
+    await _admit_create(request)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         return await create_openai_file(request, service, _owner(request))
     data = await request.body()
@@ -248,7 +249,7 @@ async def _session(request: Request, service: TaskService, session_id: str) -> A
 
 @router.post("/v1/sessions", status_code=201, tags=["sessions"])
 async def create_session(request: Request, service: Service, body: SessionCreate | None = None) -> JSONResponse:
-    _admit_create(request)
+    await _admit_create(request)
     body = body or SessionCreate()
     record = await service.stores.sessions.create(
         _owner(request), metadata=body.metadata, ttl_s=body.ttl_s or service.config.session_ttl_s)

@@ -184,6 +184,14 @@ def test_replicas_on_workers_and_recovery_from_node_loss(tmp_path, monkeypatch) 
         assert ray.get_runtime_context().get_node_id() == head_id  # the driver must not sit on a node we remove
         assert len(worker_ids) == 2 and head_id not in worker_ids
 
+        from serve_app.app import build_app
+        from serve_app.store_guard import PrivateStoreOnCluster
+
+        monkeypatch.delenv("KIMIRAY_STORES_URL", raising=False)
+        monkeypatch.delenv("REDIS_URL", raising=False)
+        with pytest.raises(PrivateStoreOnCluster, match="3 nodes"):  # per-node SQLite on a cluster: refused
+            build_app({})
+
         port = free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         from serve_app.app import Ingress, ModelServer
@@ -193,6 +201,8 @@ def test_replicas_on_workers_and_recovery_from_node_loss(tmp_path, monkeypatch) 
             "request_timeout_s": 30,
             "model": {"engine": {"cache_tokens": 4096, "cpu_cache_tokens": 4096, "max_waiting": 64}},
             "auth": {"requests_per_minute": 1_000_000, "max_concurrent_per_key": 64},
+            # all nodes share this machine's disk: name the directory, or the store guard refuses a cluster
+            "tasks": {"stores_url": f"sqlite://{tmp_path / 'home' / 'stores'}"},
         }).model_dump()
         model = ModelServer.options(
             num_replicas=2, max_ongoing_requests=16,

@@ -34,7 +34,7 @@ from connectors.stores import (
     open_stores,
     stores_url_from_env,
 )
-from redis_harness import RedisServer, redis_server, require_redis_server
+from redis_harness import RedisServer, SentinelCluster, redis_server, require_redis_server, sentinel_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 Opener = Callable[..., Stores]
@@ -47,9 +47,21 @@ def shared_redis(tmp_path_factory: pytest.TempPathFactory):
         yield server
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(scope="session")
+def shared_sentinel(tmp_path_factory: pytest.TempPathFactory):
+    require_redis_server()
+    with sentinel_cluster(tmp_path_factory.mktemp("sentinel")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "redis", "sentinel"])
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
-    """Opens the stores of one backend; Redis gets a fresh key prefix per test, SQLite a fresh directory."""
+    """Opens the stores of one backend; Redis gets a fresh key prefix per test, SQLite a fresh directory.
+    ``sentinel``: a primary + replica + 3 sentinels, every write confirmed by the replica (WAIT)."""
+    if request.param == "sentinel":
+        cluster: SentinelCluster = request.getfixturevalue("shared_sentinel")
+        prefix = f"t{uuid.uuid4().hex[:10]}"
+        return lambda **kw: open_stores(cluster.url, key_prefix=prefix, **kw)
     if request.param == "redis":
         server: RedisServer = request.getfixturevalue("shared_redis")
         prefix = f"t{uuid.uuid4().hex[:10]}"

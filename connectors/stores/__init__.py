@@ -6,6 +6,14 @@ one::
     None | "embedded"        -> SQLite + files under connectors.paths.data_dir() / "stores" (or ``home``)
     "sqlite:///abs/dir"      -> SQLite + files in /abs/dir
     "redis://host:port/db"   -> Redis (also rediss://, unix://)
+    "redis+sentinel://h1:26379,h2:26379,h3:26379/service[/db]"
+                             -> Redis behind Sentinel: the primary is looked up, and found again after a failover
+                                (see connectors.stores.sentinel; Kombu's sentinel://h1;sentinel://h2/service too)
+
+"Accepted means replicated": with ``min_replica_acks`` > 0 every write of the Redis stores (task submission, each
+task state transition, session writes, blobs) returns only after ``WAIT`` confirmed it on that many replicas, else
+raises :class:`~connectors.stores.redis_store.NotReplicated` (a StoreError: HTTP 503 + Retry-After). The default
+(``None``) is 1 for a Sentinel URL and 0 for a single Redis.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ __all__ = [
     "TERMINAL_STATUSES", "BlobRef", "BlobStore", "InvalidCursor", "Lease", "LeaseState", "NotFound", "Progress",
     "SessionMessage", "SessionRecord", "SessionStore", "StoreError", "TaskError", "TaskEvent", "TaskPage",
     "TaskRecord", "TaskStatus", "TaskStore", "TaskSubmission", "new_id", "Stores", "open_stores", "redact_url",
-    "stores_url_from_env",
+    "stores_url_from_env", "default_replica_acks",
 ]
 
 
@@ -88,11 +96,20 @@ def stores_url_from_env() -> str | None:
     return os.environ.get("KIMIRAY_STORES_URL") or os.environ.get("REDIS_URL") or None
 
 
+def default_replica_acks(url: str | None) -> int:
+    """Replicas that must confirm a write by default: 1 behind Sentinel (a failover must not lose an accepted
+    write), 0 for a single Redis or the embedded store (nothing to wait for)."""
+    from connectors.stores.sentinel import is_sentinel_url
+
+    return 1 if is_sentinel_url(url) else 0
+
+
 def open_stores(
-    url: str | None = None, *, home: Path | None = None, blob_threshold: int = 64 * 1024, key_prefix: str = "kr"
+    url: str | None = None, *, home: Path | None = None, blob_threshold: int = 64 * 1024, key_prefix: str = "kr",
+    min_replica_acks: int | None = None, replica_ack_timeout_s: float = 2.0,
 ) -> Stores:
     """Open the stores named by ``url`` (see module docstring). Nothing connects yet for Redis: the first
-    call does, so this is safe outside an event loop. ``key_prefix`` only applies to Redis."""
+    call does, so this is safe outside an event loop. ``key_prefix`` and the replica acks only apply to Redis."""
     if url is None or url == "embedded":
         if home is None:
             home = data_dir() / "stores"
@@ -102,20 +119,32 @@ def open_stores(
         if not path.startswith("/"):
             raise StoreError(f"sqlite URL needs an absolute directory (sqlite:///abs/dir), got {redact_url(url)!r}")
         return _embedded(Path(path), blob_threshold, url=url)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from connectors.stores.redis_store import RedisBlobStore, RedisSessionStore, RedisTaskStore, connect
+    from connectors.stores.sentinel import is_sentinel_url
 
+    if url.startswith(("redis://", "rediss://", "unix://")) or is_sentinel_url(url):
+        from connectors.stores.redis_store import (
+            RedisBlobStore,
+            RedisSessionStore,
+            RedisTaskStore,
+            ReplicaAcks,
+            connect,
+        )
+
+        acks = ReplicaAcks(count=default_replica_acks(url) if min_replica_acks is None else min_replica_acks,
+                           timeout_s=replica_ack_timeout_s)
         text, binary = connect(url), connect(url, decode_responses=False)
-        blobs = RedisBlobStore(binary, key_prefix=key_prefix)
+        blobs = RedisBlobStore(binary, key_prefix=key_prefix, acks=acks)
         return Stores(
-            tasks=RedisTaskStore(text, key_prefix=key_prefix),
-            sessions=RedisSessionStore(text, blobs, key_prefix=key_prefix, blob_threshold=blob_threshold),
+            tasks=RedisTaskStore(text, key_prefix=key_prefix, acks=acks),
+            sessions=RedisSessionStore(text, blobs, key_prefix=key_prefix, blob_threshold=blob_threshold,
+                                       acks=acks),
             blobs=blobs,
             url=redact_url(url),
             clients=[text, binary],
         )
     raise StoreError(f"unknown stores URL {redact_url(url)!r} "
-                     "(expected embedded, sqlite:///dir or redis://host:port/db)")
+                     "(expected embedded, sqlite:///dir, redis://host:port/db or "
+                     "redis+sentinel://host:26379,host2:26379/service_name)")
 
 
 def _embedded(directory: Path, blob_threshold: int, *, url: str) -> Stores:

@@ -38,11 +38,14 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from pydantic import BaseModel, Field
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from connectors.stores import media
+from connectors.stores.sentinel import connect_sentinel, is_sentinel_url, parse_sentinel_url
 from connectors.stores.base import (
     TERMINAL_STATUSES,
     BlobRef,
@@ -63,21 +66,62 @@ from connectors.stores.base import (
     new_id,
 )
 
-__all__ = ["connect", "RedisTaskStore", "RedisSessionStore", "RedisBlobStore"]
+__all__ = ["connect", "NotReplicated", "ReplicaAcks", "RedisTaskStore", "RedisSessionStore", "RedisBlobStore",
+           "write_and_wait"]
 
 
-def connect(url: str, *, decode_responses: bool = True) -> Redis:
-    """A client that rides out a Redis restart: connection errors (also ``LOADING`` while the AOF replays)
-    are retried with exponential backoff (100 ms doubling, capped at 1 s, 20 tries: ~17 s in all)."""
-    return Redis.from_url(
-        url,
+def connect(url: str, *, decode_responses: bool = True, retries: int = 20) -> Redis:
+    """A client that rides out a Redis restart or a Sentinel failover: connection errors (also ``LOADING`` while
+    the AOF replays, and ``READONLY`` from a demoted primary) are retried with exponential backoff (100 ms doubling,
+    capped at 1 s, 20 tries: ~17 s in all). A ``redis+sentinel://`` URL gets a client that asks the sentinels for
+    the primary on every reconnect (:mod:`connectors.stores.sentinel`)."""
+    kwargs: dict[str, Any] = dict(
         decode_responses=decode_responses,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=20),
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=10,
         socket_connect_timeout=5,
         socket_keepalive=True,
     )
+    if is_sentinel_url(url):
+        return connect_sentinel(parse_sentinel_url(url), **kwargs)
+    return Redis.from_url(url, **kwargs)
+
+
+class NotReplicated(StoreError):
+    """A write was applied on the primary but fewer replicas than required confirmed it within the timeout
+    (``WAIT``): it must not be reported as accepted. The HTTP layer answers 503 with Retry-After."""
+
+
+class ReplicaAcks(BaseModel):
+    """How many replicas must confirm a write (``WAIT numreplicas timeout``) before it counts as accepted."""
+
+    count: int = Field(0, ge=0, le=16)
+    timeout_s: float = Field(2.0, gt=0)
+
+
+async def write_and_wait(redis: Redis, acks: ReplicaAcks, script: Any, args: list[Any]) -> Any:
+    """Run ``script`` and, when acks are required, ``WAIT`` on the same connection (one pipeline: ``WAIT`` covers
+    only its own connection's writes and cannot run inside a script). A new primary after a failover may not know
+    the script (SCRIPT LOAD is not replicated): ``NOSCRIPT`` loads it there and runs the pipeline again."""
+    if acks.count == 0:
+        return await script(keys=[], args=args)
+    for attempt in range(3):
+        pipe = redis.pipeline(transaction=False)
+        await script(keys=[], args=args, client=pipe)
+        pipe.execute_command("WAIT", acks.count, max(1, round(acks.timeout_s * 1000)))
+        try:
+            result, acked = await pipe.execute()
+        except NoScriptError:
+            if attempt == 2:
+                raise
+            await redis.script_load(script.script)
+            continue
+        if int(acked) < acks.count:
+            raise NotReplicated(f"write confirmed by {acked} of the {acks.count} required replica(s) within "
+                                f"{acks.timeout_s:g} s")
+        return result
+    raise AssertionError("unreachable")
 
 
 def _client(target: str | Redis, decode_responses: bool) -> tuple[Redis, bool]:
@@ -136,6 +180,9 @@ local id, owner, typ, idem = ARGV[2], ARGV[3], ARGV[4], ARGV[10]
 if idem ~= '' then
   local existing = redis.call('GET', idem)
   if existing and redis.call('EXISTS', tkey(existing)) == 1 then
+    -- a write, so that a WAIT after this call also covers the first submission (a retry after a 503 must not
+    -- report as accepted a task the replicas never confirmed): replication is one ordered stream
+    redis.call('HINCRBY', tkey(existing), 'idem_hits', 1)
     return {0, redis.call('HGETALL', tkey(existing))}
   end
 end
@@ -352,9 +399,10 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
 class RedisTaskStore:
     """:class:`~connectors.stores.base.TaskStore` on Redis (see the module docstring for the keys)."""
 
-    def __init__(self, redis: str | Redis, *, key_prefix: str = "kr") -> None:
+    def __init__(self, redis: str | Redis, *, key_prefix: str = "kr", acks: ReplicaAcks | None = None) -> None:
         self.redis, self._owned = _client(redis, decode_responses=True)
         self.prefix = key_prefix
+        self.acks = acks or ReplicaAcks()
         reg = self.redis.register_script
         self._submit, self._lease, self._renew = reg(_SUBMIT), reg(_LEASE), reg(_RENEW)
         self._finish, self._release, self._cancel = reg(_FINISH), reg(_RELEASE), reg(_CANCEL)
@@ -364,8 +412,9 @@ class RedisTaskStore:
         return ":".join((self.prefix, *parts))
 
     async def _call(self, script: Any, *args: Any) -> Any:
+        """Run a write script; with required replica acks it returns only once they confirmed it."""
         try:
-            return await script(keys=[], args=[self.prefix, *args])
+            return await write_and_wait(self.redis, self.acks, script, [self.prefix, *args])
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
 
@@ -476,13 +525,18 @@ class RedisTaskStore:
         return [_event_from_entry(task_id, i, f) for i, f in rows]
 
     async def wait_events(self, task_id: str, after: int, timeout_s: float, limit: int = 1000) -> list[TaskEvent]:
-        """``XREAD BLOCK`` on the task's stream: wakes as soon as an event is appended."""
+        """``XREAD BLOCK`` on the task's stream: wakes as soon as an event is appended. With a socket timeout
+        (Sentinel clients) the block stays below it and may return empty early, which the contract allows."""
         evs = await self.events(task_id, after, limit)
         if evs or timeout_s <= 0:
             return evs
         key = self._k("task", task_id, "events")
+        block_s = timeout_s
+        socket_timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        if socket_timeout:  # a block longer than the socket timeout would read as a dead server: wait less
+            block_s = min(block_s, max(0.1, socket_timeout - 1.0))
         try:
-            got = await self.redis.xread({key: f"{after}-1"}, count=limit, block=max(1, int(timeout_s * 1000)))
+            got = await self.redis.xread({key: f"{after}-1"}, count=limit, block=max(1, int(block_s * 1000)))
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
         return [_event_from_entry(task_id, i, f) for _, entries in got for i, f in entries]
@@ -542,6 +596,7 @@ local k = skey(id)
 local o = redis.call('HGET', k, 'owner')
 if o then
   if o ~= owner then return {'taken'} end
+  redis.call('HINCRBY', k, 'create_hits', 1)  -- a write: a WAIT after it also covers the first create
   return {'existing', redis.call('HGETALL', k)}
 end
 if parent ~= '' and not live(skey(parent), '1', owner) then return {'noparent'} end
@@ -615,9 +670,10 @@ class RedisSessionStore:
     ``blobs``. A TTL is a ``PEXPIRE`` on all of the session's keys, renewed by each write."""
 
     def __init__(self, redis: str | Redis, blobs: BlobStore, *, key_prefix: str = "kr",
-                 blob_threshold: int = 64 * 1024) -> None:
+                 blob_threshold: int = 64 * 1024, acks: ReplicaAcks | None = None) -> None:
         self.redis, self._owned = _client(redis, decode_responses=True)
         self.prefix = key_prefix
+        self.acks = acks or ReplicaAcks()
         self.blobs = blobs
         self.blob_threshold = blob_threshold
         reg = self.redis.register_script
@@ -628,8 +684,9 @@ class RedisSessionStore:
         return f"{self.prefix}:sess:{session_id}{suffix}"
 
     async def _call(self, script: Any, *args: Any) -> Any:
+        """Run a write script; with required replica acks it returns only once they confirmed it."""
         try:
-            return await script(keys=[], args=[self.prefix, *args])
+            return await write_and_wait(self.redis, self.acks, script, [self.prefix, *args])
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
 
@@ -750,13 +807,24 @@ class RedisSessionStore:
 # ------------------------------------------------------------------------------------------------------ blobs
 
 
+# ARGV: data key, meta key, bytes, size, content_type (a script, not MULTI: WAIT must follow on the same connection)
+_BLOB_PUT = r"""
+redis.call('SET', ARGV[1], ARGV[3])
+redis.call('HSETNX', ARGV[2], 'size', ARGV[4])
+redis.call('HSETNX', ARGV[2], 'content_type', ARGV[5])
+return 1
+"""
+
+
 class RedisBlobStore:
     """:class:`~connectors.stores.base.BlobStore` on Redis: bytes under their own key (never inside a session
     value), metadata beside them; the first put of some content wins, later ones return its ref."""
 
-    def __init__(self, redis: str | Redis, *, key_prefix: str = "kr") -> None:
+    def __init__(self, redis: str | Redis, *, key_prefix: str = "kr", acks: ReplicaAcks | None = None) -> None:
         self.redis, self._owned = _client(redis, decode_responses=False)
         self.prefix = key_prefix
+        self.acks = acks or ReplicaAcks()
+        self._put = self.redis.register_script(_BLOB_PUT)
 
     def _keys(self, owner: str, ref: str) -> tuple[str, str]:
         return f"{self.prefix}:blob:{owner}:{ref}", f"{self.prefix}:blobmeta:{owner}:{ref}"
@@ -769,11 +837,7 @@ class RedisBlobStore:
             return existing
         dkey, mkey = self._keys(owner, ref)
         try:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.set(dkey, data)
-            pipe.hsetnx(mkey, "size", len(data))
-            pipe.hsetnx(mkey, "content_type", content_type)
-            await pipe.execute()
+            await write_and_wait(self.redis, self.acks, self._put, [dkey, mkey, data, len(data), content_type])
         except RedisError as exc:
             raise StoreError(f"redis: {exc}") from exc
         return await self.info(owner, ref) or BlobRef(ref=ref, size=len(data), content_type=content_type)
