@@ -258,3 +258,49 @@ def test_step_prompt_keeps_the_last_screenshots_and_summarises_the_rest(tiny_che
     messages, info = small.build(past * 4, shot, title=None, index=24)
     assert counter.count_messages(messages) <= small.limit == info["tokens"] or info["tokens"] <= small.limit
     assert info["screenshots"] >= 1
+
+
+def test_a_recorder_around_the_executor_keeps_secret_placeholders(tmp_path) -> None:
+    """The agent fills ``{{secret:name}}`` in only for the executor; a ``TrajectoryRecorder`` wrapped around that
+    executor (below the agent) records the placeholder, and the executor still receives the value."""
+    import asyncio
+    import io
+
+    from PIL import Image
+
+    from agents.os_agent.agent import OSAgentLoop
+    from agents.os_agent.secrets import Secrets
+    from connectors.desktop.base import ActionOutcome, Observation, Screenshot
+    from connectors.desktop.replay import TrajectoryRecorder
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+
+    class Desk:
+        typed: list[str] = []
+
+        async def observe(self) -> Observation:
+            return Observation(screenshot=Screenshot(png=png.getvalue(), width=8, height=8))
+
+        async def screen_size(self) -> tuple[int, int]:
+            return 8, 8
+
+        async def execute(self, action) -> ActionOutcome:
+            self.typed.append(action.text)
+            return ActionOutcome()
+
+        async def close(self) -> None:
+            pass
+
+    secret = "s3cr3t-Value-91"
+    loop = OSAgentLoop.__new__(OSAgentLoop)  # only the secret filling is exercised here
+    loop.secrets = Secrets({"crm_password": secret})
+    filled = loop._with_secrets(TypeText(text="pw: {{secret:crm_password}}"))
+    recorder = TrajectoryRecorder(Desk())
+    asyncio.run(recorder.observe())
+    asyncio.run(recorder.execute(filled))
+    recorder.save(tmp_path / "trajectory.json")
+    saved = (tmp_path / "trajectory.json").read_text()
+    assert Desk.typed == [f"pw: {secret}"]
+    assert secret not in saved and "{{secret:crm_password}}" in saved
+    assert "recordable_text" not in filled.model_dump()  # a helper field only, never part of the wire form

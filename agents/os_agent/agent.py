@@ -314,7 +314,7 @@ class OSAgentLoop:
         """The action the executor gets: typed text with its ``{{secret:name}}`` placeholders filled in. The
         value exists only in this object, handed straight to the executor. Raises ``UnknownSecret``."""
         if isinstance(action, TypeText) and referenced(action.text):
-            return TypeText.model_construct(text=self.secrets.resolve(action.text))
+            return TypeText.model_construct(text=self.secrets.resolve(action.text), recordable_text=action.text)
         return action
 
     async def _decide(self, messages: list[dict[str, Any]], image_size: tuple[int, int],

@@ -66,6 +66,15 @@ class Scroll(_PointAction):
 class TypeText(_Action):
     kind: Literal["type"] = "type"
     text: str = Field(..., min_length=1, max_length=MAX_TYPE_CHARS)
+    # the text as anything that records actions may keep it (secret placeholders instead of the values the agent
+    # filled in for the executor); never serialised
+    recordable_text: str | None = Field(None, exclude=True)
+
+    def recordable(self) -> "TypeText":
+        """This action as a recorder may store it: the placeholders, never a filled-in secret."""
+        if self.recordable_text is None:
+            return self
+        return TypeText.model_construct(text=self.recordable_text)
 
     def points(self) -> list[tuple[int, int]]:
         return []

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_serializer, field_validator
 
-from connectors.desktop.actions import TERMINAL_KINDS, ScreenAction, describe
+from connectors.desktop.actions import TERMINAL_KINDS, ScreenAction, TypeText, describe
 from connectors.desktop.base import ActionOutcome, ActionRejected, Executor, ExecutorError, Observation, \
     Screenshot, check_on_screen
 
@@ -173,8 +173,8 @@ class TrajectoryRecorder:
             await self.observe()  # acted without looking: record the screen it acted on
         outcome = await self.inner.execute(action)  # rejected / failed actions are not recorded
         pending = self._pending()
-        if pending is not None:
-            pending.action = action
+        if pending is not None:  # typed secrets are recorded as their placeholders
+            pending.action = action.recordable() if isinstance(action, TypeText) else action
         return outcome
 
     async def close(self) -> None:
