@@ -129,22 +129,35 @@ class ChatAgent(Agent):
     async def run(self, ctx: AgentContext, input: ChatInput) -> ChatOutput:
         await ctx.step("prepare")
         new_messages, max_tokens = await to_engine_messages(input.messages, input.max_tokens, limits=ctx.limits)
-        history = await ctx.history()
-        await ctx.step("generate", history_messages=len(history))
-        reply = await chat_within_window(ctx, history, new_messages, max_tokens=max_tokens,
-                                         temperature=input.temperature or 0.0, json_schema=input.json_schema)
-        usage = reply.usage
-        await ctx.remember(storable(new_messages) + [{"role": "assistant", "content": reply.text}],
-                           token_count=await conversation_growth(ctx, usage))
+        # A re-run (the runner died after the model answered) must not append this turn twice: the reply and the
+        # session's length before the turn are kept as a partial first, and the turn is appended only if the
+        # session does not hold it yet.
+        key = f"chat_turn.{ctx.task_id}"
+        done = await ctx.load_partial(key)
+        if done is None:
+            history = await ctx.history()
+            await ctx.step("generate", history_messages=len(history))
+            reply = await chat_within_window(ctx, history, new_messages, max_tokens=max_tokens,
+                                             temperature=input.temperature or 0.0, json_schema=input.json_schema)
+            usage = reply.usage
+            session = await ctx.sessions.get(ctx.session_id, ctx.owner)
+            done = {"before": session.message_count if session else 0, "token_count": await conversation_growth(ctx, usage),
+                    "text": reply.text, "reasoning": reply.reasoning, "finish_reason": reply.finish_reason,
+                    "prompt_tokens": usage.prompt_tokens if usage else 0,
+                    "completion_tokens": usage.completion_tokens if usage else 0}
+            await ctx.save_partial(key, done)
+        turn = storable(new_messages) + [{"role": "assistant", "content": done["text"]}]
+        record = await ctx.sessions.get(ctx.session_id, ctx.owner)
+        if record is None or record.message_count < done["before"] + len(turn):
+            await ctx.remember(turn, token_count=done["token_count"])
         parsed = None
         if input.json_schema is not None:
             import json
 
             try:
-                parsed = json.loads(reply.text)
+                parsed = json.loads(done["text"])
             except ValueError:
                 parsed = None  # cut off by max_tokens: text is returned as is
-        return ChatOutput(text=reply.text, reasoning=reply.reasoning, finish_reason=reply.finish_reason,
-                          prompt_tokens=usage.prompt_tokens if usage else 0,
-                          completion_tokens=usage.completion_tokens if usage else 0,
+        return ChatOutput(text=done["text"], reasoning=done["reasoning"] or "", finish_reason=done["finish_reason"],
+                          prompt_tokens=done["prompt_tokens"], completion_tokens=done["completion_tokens"],
                           session_id=ctx.session_id, parsed=parsed)

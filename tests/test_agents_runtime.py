@@ -328,3 +328,42 @@ def test_runner_purges_ended_tasks_past_retention(store_url: str) -> None:
         await stores.close()
 
     run(main())
+
+
+def test_a_rerun_chat_turn_is_stored_once(store_url: str) -> None:
+    """The runner can die after the model answered and the turn was stored but before the task finished; the
+    re-run (same task id) returns the same reply without a second model call and without a second copy of the
+    turn in the session, and a re-run that died before storing stores it once."""
+    from agents.base import AgentContext
+    from agents.chat import ChatAgent, ChatInput
+
+    async def main() -> None:
+        stores = open_stores(store_url)
+        session = await stores.sessions.create("k1")
+        model = ScriptedModel(["the answer", "a different answer"])
+
+        async def emit(type_: str, data: dict) -> None:
+            pass
+
+        def context(task_id: str, attempt: int) -> AgentContext:
+            return AgentContext(task_id=task_id, owner="k1", session_id=session.id, options={}, attempt=attempt,
+                                model=model, sessions=stores.sessions, blobs=stores.blobs, emit=emit,
+                                cancelled=lambda: False)
+
+        turn = ChatInput(messages=[{"role": "user", "content": "hi"}])
+        first = await ChatAgent().run(context("task_a", 1), turn)
+        again = await ChatAgent().run(context("task_a", 2), turn)  # the re-run after a crash past the append
+        assert again.text == first.text == "the answer" and len(model.requests) == 1
+        stored = await stores.sessions.messages(session.id, "k1")
+        assert [(m.role, m.content) for m in stored] == [("user", "hi"), ("assistant", "the answer")]
+        # a crash between keeping the reply and storing the turn: the re-run stores it, once
+        await stores.sessions.set_partial(session.id, "k1", "chat_turn.task_b", {
+            "before": 2, "token_count": 0, "text": "kept reply", "reasoning": None, "finish_reason": "stop",
+            "prompt_tokens": 1, "completion_tokens": 1})
+        kept = await ChatAgent().run(context("task_b", 2), ChatInput(messages=[{"role": "user", "content": "more"}]))
+        assert kept.text == "kept reply" and len(model.requests) == 1
+        stored = await stores.sessions.messages(session.id, "k1")
+        assert [m.content for m in stored] == ["hi", "the answer", "more", "kept reply"]
+        await stores.close()
+
+    run(main())
