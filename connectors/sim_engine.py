@@ -126,6 +126,8 @@ class SimEngine:
         self._sleep, self._now = sleep, now
         self.waiting: deque[_Sequence] = deque()
         self.running: dict[str, _Sequence] = {}
+        self.instance = uuid.uuid4().hex  # tells replicas apart in sampled stats
+        self.requests = 0
         self.steps = 0
         self.busy_s = 0.0  # simulated GPU-busy time
         self.generated_tokens = 0
@@ -156,6 +158,7 @@ class SimEngine:
         seq = _Sequence(request_id=request.request_id or uuid.uuid4().hex, prompt_tokens=prompt, target=target,
                         finish="length" if target == request.max_tokens else "stop")
         self._ensure_loop()
+        self.requests += 1
         self.waiting.append(seq)
         assert self._wake is not None
         self._wake.set()
@@ -216,7 +219,8 @@ class SimEngine:
         seq.queue.put_nowait(delta)
 
     def stats(self) -> dict[str, Any]:
-        return {"simulated": True, "profile": self.profile.name, "running": len(self.running),
+        return {"simulated": True, "profile": self.profile.name, "instance": self.instance,
+                "requests": self.requests, "running": len(self.running),
                 "waiting": len(self.waiting), "steps": self.steps, "busy_s": round(self.busy_s, 4),
                 "generated_tokens": self.generated_tokens, "prompt_tokens": self.prompt_tokens,
                 "cache_usage": 0.0, "preemptions": 0, "alive": self.alive,
