@@ -170,7 +170,9 @@ def sim_delta(before: dict[str, dict], after: dict[str, dict], wall: float, n: i
     return {"replicas_sampled": len(common), "of": n, "sim_gpu_busy_mean": round(sum(busy) / len(busy), 3),
             "sim_gpu_busy_max": round(max(busy), 3),
             "ongoing_per_replica_at_end_mean": round(sum(running) / len(running), 1),
-            "model_calls": sum(after[k]["requests"] - before[k]["requests"] for k in common)}
+            "model_calls": sum(after[k]["requests"] - before[k]["requests"] for k in common),
+            "prompt_tokens": sum(after[k]["prompt_tokens"] - before[k]["prompt_tokens"] for k in common),
+            "generated_tokens": sum(after[k]["generated_tokens"] - before[k]["generated_tokens"] for k in common)}
 
 
 # ---- load ------------------------------------------------------------------------------------------------------
