@@ -160,16 +160,19 @@ async def replica_stats(handle: Any, n: int) -> dict[str, dict[str, Any]]:
     return {r["instance"]: r for r in results if isinstance(r, dict) and "instance" in r}
 
 
+async def _sample_later(handle: Any, n: int, delay: float) -> dict[str, dict[str, Any]]:
+    await asyncio.sleep(delay)
+    return await replica_stats(handle, n)
+
+
 def sim_delta(before: dict[str, dict], after: dict[str, dict], wall: float, n: int) -> dict[str, Any]:
     """Simulated-GPU busy fraction and requests per replica over the phase (replicas seen in both samples)."""
     common = [k for k in after if k in before]
     if not common:
         return {}
     busy = [(after[k]["busy_s"] - before[k]["busy_s"]) / wall for k in common]
-    running = [after[k]["running"] + after[k]["waiting"] for k in common]
     return {"replicas_sampled": len(common), "of": n, "sim_gpu_busy_mean": round(sum(busy) / len(busy), 3),
             "sim_gpu_busy_max": round(max(busy), 3),
-            "ongoing_per_replica_at_end_mean": round(sum(running) / len(running), 1),
             "model_calls": sum(after[k]["requests"] - before[k]["requests"] for k in common),
             "prompt_tokens": sum(after[k]["prompt_tokens"] - before[k]["prompt_tokens"] for k in common),
             "generated_tokens": sum(after[k]["generated_tokens"] - before[k]["generated_tokens"] for k in common)}
@@ -302,9 +305,14 @@ async def run_step(args: argparse.Namespace, n: int, url: str, redis_port: int, 
             continue
         before = await replica_stats(handle, n)
         meter.start()
+        mid_sample = asyncio.ensure_future(_sample_later(handle, n, args.phase_s / 2))
         result = await phase()
         measured = meter.stop()
         sim = sim_delta(before, await replica_stats(handle, n), measured["wall_s"], n)
+        mid = await mid_sample
+        ongoing = [r["running"] + r["waiting"] for r in mid.values()]
+        sim["ongoing_per_replica_mid_phase"] = round(sum(ongoing) / len(ongoing), 1) if ongoing else None
+        sim["ongoing_per_replica_mid_phase_max"] = max(ongoing) if ongoing else None
         result.update(meter=measured, sim=sim, bottleneck=name_bottleneck(measured, sim))
         step[name] = result
         print(f"N={n} {name}: {json.dumps(result)}", flush=True)
