@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.paths import tiny_checkpoint_dir
+from connectors.sim_engine import is_simulated_model
 
 
 class ModelResources:
@@ -20,7 +21,7 @@ class ModelResources:
 
     @cached_property
     def path(self) -> Path:
-        if self._path is None:
+        if self._path is None or is_simulated_model(self._path):  # a simulated model has no files: same tokenizer
             return tiny_checkpoint_dir()
         root = Path(self._path).expanduser()
         if root.is_dir():

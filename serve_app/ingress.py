@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from connectors.errors import ClientInputError
+from connectors.sim_engine import is_simulated_model
 from engine.runtime.request import Delta, GenerateRequest
 from serve_app import openai_api
 from serve_app.auth import AuthError, RateLimited
@@ -171,7 +172,13 @@ def create_app() -> FastAPI:
 
     @app.get("/v1/models", tags=["openai"])
     async def models(request: Request) -> dict[str, Any]:
-        return openai_api.models_response([_state(request).config.model.served_name])
+        config = _state(request).config
+        body = openai_api.models_response([config.model.served_name])
+        if is_simulated_model(config.model.model):  # say it loudly: its replies are filler (connectors.sim_engine)
+            for entry in body["data"]:
+                entry["simulated"] = True
+                entry["owned_by"] = f"kimiray ({config.model.model}, SIMULATED)"
+        return body
 
     @app.get("/v1/stats", tags=["ops"])
     async def stats(request: Request) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from connectors.paths import tiny_checkpoint_dir
+from connectors.sim_engine import SimEngine, is_simulated_model
 from engine.runtime.request import Delta, GenerateRequest
 from serve_app.config import AppConfig
 from serve_app.metrics import ServeMetrics
@@ -34,11 +35,18 @@ WEDGED_AFTER_S = 120.0
 )
 class ModelServer:
     def __init__(self, config: dict[str, Any]) -> None:
+        cfg = AppConfig.model_validate(config)
+        if is_simulated_model(cfg.model.model):  # capacity planning only: asked for by name, never a default
+            self.engine = SimEngine.from_model(cfg.model.model or "")
+            self.name = cfg.model.served_name
+            self.metrics = ServeMetrics(model=self.name)
+            log.warning("ModelServer runs a SIMULATED model (%s): no weights, filler tokens, H100-measured step "
+                        "times; for capacity planning only", cfg.model.model)
+            return
         import torch
 
         from engine.runtime.engine import AsyncEngine
 
-        cfg = AppConfig.model_validate(config)
         path = cfg.model.model or str(tiny_checkpoint_dir())
         device = cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")
         started = time.monotonic()
