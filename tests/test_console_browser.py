@@ -342,9 +342,11 @@ def test_tasks_list_filters_live_progress_and_cancel(page: Page, service) -> Non
 
 def test_event_stream_resumes_after_a_dropped_connection_without_gaps_or_repeats(page: Page, service) -> None:
     url = service["url"]
+    _sign_in(page, url)
+    page.goto(f"{url}/ui/#/chat")  # off the task list, whose live rows would open streams of their own
+    expect(page.get_by_role("heading", name="Tasks")).to_have_count(0)
     with _api(url) as own:
         task = own.post("/v1/tasks", json={"type": "sleepy", "input": {"steps": 30, "step_s": 0.1}}).json()
-    _sign_in(page, url)
     resumed: list[str | None] = []
 
     def cut_first_stream(route) -> None:
@@ -358,7 +360,7 @@ def test_event_stream_resumes_after_a_dropped_connection_without_gaps_or_repeats
         route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
                       body="".join(e + "\n\n" for e in events[:5]))
 
-    page.route(re.compile(r".*/events$"), cut_first_stream)
+    page.route(re.compile(rf".*/v1/tasks/{task['id']}/events$"), cut_first_stream)  # this task's streams only
     page.goto(f"{url}/ui/#/tasks/{task['id']}")
     expect(page.locator("#events li").last).to_contain_text("status succeeded", timeout=60_000)
     ids = [int(t.strip("#")) for t in page.locator("#events .event-id").all_inner_texts()]
