@@ -11,7 +11,7 @@ import torch
 
 from engine.kernels import decode as fused
 from engine.runtime.engine import EngineOptions, LLMEngine
-from engine.runtime.runner import pad_decode_metadata
+from engine.runtime.graphs import pad_decode_metadata
 from tests.runtime_helpers import plain_step, text_message
 
 

@@ -280,7 +280,7 @@ def _three_decode_rows(tiny_bundle):
 
 def test_padded_decode_step_equals_unpadded(tiny_bundle) -> None:
     """The CUDA-graph decode path pads batch and key length; run eagerly, padding must not change real rows."""
-    from engine.runtime.runner import pad_decode_metadata
+    from engine.runtime.graphs import pad_decode_metadata
 
     engine, batch, meta = _three_decode_rows(tiny_bundle)
     expected, cache_after = plain_step(engine.runner, meta)
@@ -298,7 +298,7 @@ def test_graph_inputs_written_from_sequences_equal_the_prepared_ones(tiny_bundle
     step's logits and cache writes, with stale slots left in the buffer from a longer earlier batch."""
     import numpy as np
 
-    from engine.runtime.runner import DecodeGraphs, write_decode_inputs
+    from engine.runtime.graphs import DecodeGraphs, write_decode_inputs
 
     engine, batch, meta = _three_decode_rows(tiny_bundle)
     runner = engine.runner
