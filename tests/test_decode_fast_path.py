@@ -1,4 +1,4 @@
-"""The fused small-batch decode path (``ModelRunner._forward_fast_decode``) through its PyTorch references.
+"""The fused decode backend of the decoder modules (``decode_backend="fused"``) through its PyTorch references.
 
 On CUDA the same path runs Triton kernels (``tests/test_gpu_kernels.py`` compares those with these references);
 here it must give the same logits and the same cache writes as the plain runtime path.
@@ -28,10 +28,10 @@ def _decode_step(bundle, rows: int):
 
 def _compare(runner, meta, tol: float) -> None:
     expected, cache_expected = plain_step(runner, meta)
-    runner.fast_decode = "on"
-    assert runner.fast_decode_applicable(meta)
+    runner.decode_backend = "fused"
+    assert runner.fused_decode_applicable(meta)
     actual = runner.forward_eager(meta)
-    runner.fast_decode = "auto"
+    runner.decode_backend = "auto"
     assert (actual - expected).abs().max() < tol
     assert (runner.kv_cache - cache_expected).abs().max() < tol
     assert (actual.argmax(-1) == expected.argmax(-1)).all()
@@ -56,9 +56,9 @@ def test_fast_decode_on_padded_graph_metadata(tiny_checkpoint_a3b) -> None:
     runner = engine.runner
     padded = pad_decode_metadata(meta, 4, 512, runner.scratch_slot)
     expected, cache_expected = plain_step(runner, meta)
-    runner.fast_decode = "on"
+    runner.decode_backend = "fused"
     actual = runner.forward_eager(padded)[:3]
-    runner.fast_decode = "auto"
+    runner.decode_backend = "auto"
     assert torch.isfinite(actual).all()
     assert (actual - expected).abs().max() < 1e-4
     real = runner.scratch_slot
@@ -86,10 +86,13 @@ def test_fused_qkv_layout_is_made_at_load_time(tiny_checkpoint) -> None:
         with safe_open(str(files[key]), "pt") as f:
             assert torch.equal(getattr(attn, name).weight, f.get_tensor(key))
     pointers = [p.data_ptr() for p in bundle.model.parameters()]
-    engine, _ = _decode_step(bundle, 1)
-    layers = engine.runner._prepare_fast_layers()
-    assert layers[1].qkv_weight is merged
+    engine, meta = _decode_step(bundle, 1)
+    engine.runner.decode_backend = "fused"
+    engine.runner.forward_eager(meta)
     assert [p.data_ptr() for p in bundle.model.parameters()] == pointers
+    x = torch.randn(2, attn.q_proj.weight.shape[1])
+    q, kv = attn.project_qkv(x)  # one GEMV over the merged matrix equals the two projections
+    assert torch.allclose(q, attn.q_proj(x), atol=1e-6) and torch.allclose(kv, attn.kv_a_proj_with_mqa(x), atol=1e-6)
     # a layout that no longer holds (each weight re-allocated) is not used: the fused path projects separately
     plain = load_model(tiny_checkpoint, dtype=torch.float32).language_model.model.layers[1].self_attn
     plain.q_proj.weight = torch.nn.Parameter(plain.q_proj.weight.clone(), requires_grad=False)

@@ -317,13 +317,14 @@ def test_graph_inputs_written_from_sequences_equal_the_prepared_ones(tiny_bundle
     assert views.decode_lengths.tolist() == meta.decode_mask.sum(1).tolist() + [1] * (rows - n)
     width = meta.decode_slots.shape[1]
     assert torch.equal(views.decode_slots[:n, :width][meta.decode_mask], meta.decode_slots[meta.decode_mask])
-    for mode in ("auto", "on"):  # the plain path reads the mask, the fused one (PyTorch references here) lengths
-        runner.fast_decode = mode
+    for mode in ("modules", "fused"):  # the modules' ops and the fused backend (PyTorch references here)
+        runner.decode_backend = mode
         runner.kv_cache.copy_(cache_before)
         actual = runner.forward_eager(views)[:n]
         assert (actual - expected).abs().max() < 1e-3, mode
         real = runner.scratch_slot
         assert (runner.kv_cache[:, :real] - cache_after[:, :real]).abs().max() < 1e-4, mode
+    runner.decode_backend = "auto"
 
 
 def test_a_row_with_non_finite_logits_fails_alone(tiny_bundle) -> None:

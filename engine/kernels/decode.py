@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import triton_available, use_triton
-from engine.model.decoder import apply_interleaved_rope
+from engine.model.rope import apply_interleaved_rope
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import TextConfig
+from engine.kernels import decode as fused_ops
 from engine.kernels.moe import silu_mul_scale
+from engine.model.rope import apply_interleaved_rope
+
+__all__ = ["apply_interleaved_rope"]  # re-exported: callers import it from here
+
+# up to this many rows a fused-backend step runs the MoE as per-(token, slot) expert GEMVs, which beat sort +
+# grouped GEMM there (measured at 8)
+MOE_GEMV_MAX_ROWS = 8
 
 
 class RMSNorm(nn.Module):
@@ -35,6 +43,19 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one fused kernel; it normalises in fp32 internally like the official code
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+    def add_forward(
+        self, parts: torch.Tensor, residual: torch.Tensor | None, fused: bool, want_fp32: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """h = residual + parts and its norm: (h, norm(h), norm(h) in fp32 when ``want_fp32``).
+
+        ``fused``: one kernel (``engine.kernels.decode.add_rms_norm``) that also sums per-slot MoE partial
+        outputs (T, S, D); otherwise the plain add (rounded once, as the fused kernel) and this module."""
+        if fused:
+            return fused_ops.add_rms_norm(parts, residual, self.weight, self.eps, want_fp32)
+        h = parts if residual is None else residual + parts
+        normed = self(h)
+        return h, normed, (normed.float() if want_fp32 else None)
 
 
 # --------------------------------------------------------------------------------------------- RoPE / YaRN
@@ -81,13 +102,6 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (2j, 2j+1) of the last dim; cos/sin broadcast over (..., L, dim/2)."""
-    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2)
-
-
 # --------------------------------------------------------------------------------------------- attention
 @dataclass
 class LatentCache:
@@ -113,8 +127,37 @@ class LatentCache:
         return c_kv, k_pe
 
 
+class DenseAttention:
+    """Attention context of the reference path (``engine.generate``, parity tests): (B, L) queries, an additive
+    mask (left padding) or None, and an optional contiguous :class:`LatentCache`. K/V are expanded from the
+    latent through ``kv_b_proj`` for every call. The serving runtime passes a paged context instead
+    (``engine.model.paged_attention.PagedAttention``); both expose ``fused`` and ``attend``."""
+
+    fused = False  # the fused decode kernels are a paged-cache backend
+
+    def __init__(self, mask: torch.Tensor | None, softmax_scale: float, cache: LatentCache | None = None) -> None:
+        self.mask, self.softmax_scale, self.cache = mask, softmax_scale, cache
+
+    def attend(self, attn: DeepseekV3Attention, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+               k_pe: torch.Tensor) -> torch.Tensor:
+        """q_nope/q_pe (B, L, H, ·) with q_pe rotated; c_kv (B, L, R) normed; k_pe (B, L, P) rotated -> (B, L, H*v)."""
+        if self.cache is not None:
+            c_kv, k_pe = self.cache.update(attn.layer_idx, c_kv, k_pe)
+        bsz, q_len, heads = q_nope.shape[:3]
+        kv_len = c_kv.shape[1]
+        kv = attn.kv_b_proj(c_kv).view(bsz, kv_len, heads, attn.qk_nope_head_dim + attn.v_head_dim)
+        k_nope, v = kv.transpose(1, 2).split([attn.qk_nope_head_dim, attn.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(-1, heads, -1, -1)], dim=-1)
+        query = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        causal = self.mask is None and q_len > 1  # only produced when the queries start at position 0
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=self.mask, is_causal=causal,
+                                             scale=self.softmax_scale)
+        return out.transpose(1, 2).reshape(bsz, q_len, heads * attn.v_head_dim)
+
+
 class DeepseekV3Attention(nn.Module):
-    """Multi-head latent attention; this reference path expands K/V from the latent for every call."""
+    """Multi-head latent attention. The projections, norm and RoPE are this module's; where the keys live and
+    which kernels attend is the context's (:class:`DenseAttention` or the runtime's paged one)."""
 
     def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
         super().__init__()
@@ -182,34 +225,42 @@ class DeepseekV3Attention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         return self.kv_a_layernorm(c_kv), k_pe
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        softmax_scale: float,
-        cache: LatentCache | None = None,
-    ) -> torch.Tensor:
-        bsz, q_len, _ = x.shape
-        q = self.project_q(x).view(bsz, q_len, self.num_heads, self.q_head_dim).transpose(1, 2)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_interleaved_rope(q_pe, cos[:, None], sin[:, None])
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., D) -> (q (..., H*(nope+rope)), kv (..., R+P) un-normed and un-rotated): one GEMV over the
+        :meth:`fuse_qkv_` matrix when that layout holds, else the two projections."""
+        merged = self.fused_qkv_weight
+        if merged is None:
+            return self.project_q(x), self.kv_a_proj_with_mqa(x)
+        q, kv = F.linear(x, merged).split([merged.shape[0] - self.kv_a_proj_with_mqa.weight.shape[0],
+                                            self.kv_lora_rank + self.qk_rope_head_dim], dim=-1)
+        return q, kv
 
-        c_kv, k_pe = self.project_latent(x)
-        k_pe = apply_interleaved_rope(k_pe, cos, sin)
-        if cache is not None:
-            c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)
-        kv_len = c_kv.shape[1]
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK (H, nope, R), W_UV (H, v, R)): views of ``kv_b_proj``'s weight for attention in latent space."""
+        weight = self.kv_b_proj.weight
+        cached = getattr(self, "_absorbed", None)
+        if cached is None or cached[0] is not weight:
+            w = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+            cached = (weight, w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :])
+            self._absorbed = cached
+        return cached[1], cached[2]
 
-        kv = self.kv_b_proj(c_kv).view(bsz, kv_len, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
-        k_nope, v = kv.transpose(1, 2).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, None].expand(-1, self.num_heads, -1, -1)], dim=-1)
-        query = torch.cat([q_nope, q_pe], dim=-1)
-
-        causal = mask is None and q_len > 1  # only produced when the queries start at position 0
-        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=causal, scale=softmax_scale)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.v_head_dim))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+        """x (..., D) -> (..., D); cos/sin (..., P/2) for x's positions; ``ctx`` the step's attention context.
+        A fused context (pure decode on the paged cache) runs its one-kernel prologue; otherwise the projections,
+        kv norm and one RoPE pass over the query heads and the shared key happen here."""
+        if ctx.fused:
+            return self.o_proj(ctx.attend_fused(self, x, cos, sin))
+        heads, nope, rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        q, kv = self.project_qkv(x)
+        q_nope, q_pe = q.view(*x.shape[:-1], heads, nope + rope).split([nope, rope], dim=-1)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, rope], dim=-1)
+        rotated = apply_interleaved_rope(
+            torch.cat([q_pe, k_pe.unsqueeze(-2)], dim=-2), cos.unsqueeze(-2), sin.unsqueeze(-2)
+        )
+        return self.o_proj(
+            ctx.attend(self, q_nope, rotated[..., :heads, :], self.kv_a_layernorm(c_kv), rotated[..., heads, :])
+        )
 
 
 # --------------------------------------------------------------------------------------------- FFN / MoE
@@ -349,6 +400,38 @@ class DeepseekV3MoE(nn.Module):
         if cfg.n_shared_experts:
             self.shared_experts = DeepseekV3MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
 
+    def gemv_applicable(self, rows: int) -> bool:
+        """The expert-GEMV backend covers ``rows`` tokens: few rows, and shared experts that cut into slots of the
+        routed experts' width."""
+        shared = getattr(self, "shared_experts", None)
+        return rows <= MOE_GEMV_MAX_ROWS and (
+            shared is None or shared.gate_proj.weight.shape[0] % self.experts.gate_proj.shape[1] == 0
+        )
+
+    @property
+    def fused_router(self) -> bool:
+        """The router's tail is one kernel when no group restriction applies (it then wants fp32 input)."""
+        return self.gate.n_group == 1 or self.gate.topk_group >= self.gate.n_group
+
+    def forward_parts(self, x: torch.Tensor, x_fp32: torch.Tensor | None) -> torch.Tensor:
+        """The expert-GEMV backend: per-slot partial outputs (T, k+ns, D) fp32 (routed slots already weighted,
+        shared experts as extra slots), summed with the residual by the next :meth:`RMSNorm.add_forward`. The
+        experts' weights are read by id: no sort, no dispatch."""
+        gate, experts = self.gate, self.experts
+        if self.fused_router:
+            logits = F.linear(x_fp32 if x_fp32 is not None else x.float(), gate.weight.float())
+            bias = gate.e_score_correction_bias.float() if gate.topk_method == "noaux_tc" else None
+            ids, weights = fused_ops.route_topk(logits, bias, gate.top_k, gate.scoring_func, gate.norm_topk_prob,
+                                                gate.routed_scaling_factor)
+        else:
+            ids, weights = gate(x)
+        shared = getattr(self, "shared_experts", None)
+        sg = su = sd = None
+        if shared is not None:
+            sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
+        hidden = fused_ops.moe_gate_up(x, ids, weights, experts.gate_proj, experts.up_proj, sg, su)
+        return fused_ops.moe_down(hidden, ids, experts.down_proj, sd)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
@@ -370,9 +453,20 @@ class DeepseekV3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, mask, softmax_scale, cache=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, softmax_scale, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self, h: torch.Tensor, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx, next_norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream h, input_layernorm(h)) -> (h', next_norm(h')). Each residual add is fused with the
+        norm after it (one kernel on the fused backend, where the MoE's per-slot outputs are summed there too)."""
+        attn_out = self.self_attn(normed, cos, sin, ctx)
+        mlp = self.mlp
+        gemv = ctx.fused and isinstance(mlp, DeepseekV3MoE) and mlp.gemv_applicable(normed.shape[0])
+        h, normed, normed_fp32 = self.post_attention_layernorm.add_forward(
+            attn_out, h, ctx.fused, want_fp32=gemv and mlp.fused_router
+        )
+        parts = mlp.forward_parts(normed, normed_fp32) if gemv else mlp(normed)
+        h, normed, _ = next_norm.add_forward(parts, h, ctx.fused)
+        return h, normed
 
 
 class DeepseekV3Model(nn.Module):
@@ -395,10 +489,17 @@ class DeepseekV3Model(nn.Module):
         past = cache.length() if cache is not None else 0
         mask = build_causal_mask(bsz, q_len, past, attention_mask, inputs_embeds.dtype, inputs_embeds.device)
         cos, sin = self.rotary_emb.cos_sin(position_ids, inputs_embeds.dtype)
-        h = inputs_embeds
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, self.rotary_emb.softmax_scale, cache)
-        return self.norm(h)
+        return self.run_layers(inputs_embeds, cos, sin, DenseAttention(mask, self.rotary_emb.softmax_scale, cache))
+
+    def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+        """The decoder stack over embeddings h (..., D) -> final-normed hidden states: the one forward every path
+        (reference, paged eager, fused decode, CUDA graphs) runs, with ``ctx`` choosing cache and kernels."""
+        layers = self.layers
+        h, normed, _ = layers[0].input_layernorm.add_forward(h, None, ctx.fused)
+        for idx, layer in enumerate(layers):
+            next_norm = layers[idx + 1].input_layernorm if idx + 1 < len(layers) else self.norm
+            h, normed = layer(h, normed, cos, sin, ctx, next_norm)
+        return normed
 
 
 def build_causal_mask(

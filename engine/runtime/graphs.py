@@ -118,7 +118,7 @@ class DecodeGraphs:
         """Graphs replay only the fused decode path (key counts, no key mask). Graphs of the mask-based path
         read a corrupted key mask on the H100 in the engine benchmark (rows went NaN; bench/RESULTS.md), so
         without Triton, or with the fused path off, decode steps run eagerly."""
-        return self.runner.fast_decode != "off" and use_triton(self.runner.kv_cache)
+        return self.runner.decode_backend != "modules" and use_triton(self.runner.kv_cache)
 
     def applicable(self, meta: StepMetadata) -> bool:
         n = meta.decode_rows.numel()

@@ -1,0 +1,106 @@
+"""Attention context of one serving step over the paged MLA latent cache: the kernel backend of the decoder's
+attention modules (``DeepseekV3Attention.forward`` calls ``attend`` / ``attend_fused``; nothing else runs the
+model).
+
+The cache holds, per layer and token slot, the normed compressed KV and the rotated shared rope key
+(``kv_lora_rank + qk_rope_head_dim`` values, never expanded K/V). A step is a flat batch of tokens from many
+sequences:
+
+- decode rows (one new token each) attend in latent space with the absorbed weights, batched over sequences:
+  q̃ = W_UKᵀ q_nope, scores = q̃·c + q_pe·k_pe, z = Σ p·c, out = W_UV z, reading each row's first ``length``
+  key slots (key counts, never a key mask: ``engine.kernels.decode.mla_decode_attention``);
+- prompt chunks expand the keys they attend to (cached prefix + the chunk) through ``kv_b_proj`` in one GEMM
+  and attend with :func:`engine.kernels.prefill.chunk_attention`: prefix without a mask + chunk causal, merged
+  by log-sum-exp. Re-expanding the prefix for every chunk costs 2·R·H·(nope+v) = 4.2 MFLOP per prefix key and
+  layer on A3B; a chunk of C queries spends 2·H·(192+128)·C = 10 KFLOP·C attending to that key, so the
+  expansion is 410/C of the prefix attention (5 % at C = 8K, 1.3 % at 32K) plus ~14 KB of expanded K/V written per key
+  (1.8 GB for a 128K prefix, one layer at a time). Larger chunks (fewer re-expansions) are the
+  lever; attention in latent space for prefill would cost 3.4x the attention FLOPs (R+P = 576 per key).
+
+``fused`` (pure-decode steps of the fused backend) replaces the projections' glue with one prologue kernel
+(kv RMSNorm, RoPE of q and k, the cache write) and, in the layers, fuses each residual add with the next norm and
+runs few-row MoEs as expert GEMVs. ``kernels``: "auto" (Triton where it runs) or "torch" (the references).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.kernels import decode as fused_ops
+from engine.kernels.prefill import chunk_attention
+
+if TYPE_CHECKING:
+    from engine.model.decoder import DeepseekV3Attention
+    from engine.runtime.step import StepMetadata
+
+
+class PagedAttention:
+    def __init__(self, kv_cache: torch.Tensor, meta: StepMetadata, softmax_scale: float, fused: bool = False,
+                 kernels: str = "auto") -> None:
+        self.kv_cache = kv_cache  # (layers, slots, R + P)
+        self.meta = meta
+        self.softmax_scale = softmax_scale
+        self.fused = fused
+        self.kernels = kernels
+        lengths = meta.decode_lengths
+        if meta.decode_rows.numel() and (lengths is None or lengths.numel() != meta.decode_rows.numel()):
+            lengths = meta.decode_mask.sum(dim=1, dtype=torch.int32)  # padded graph metadata carries the mask only
+        self.decode_lengths = lengths
+        # every row a decode row, in order: no gather / scatter of rows
+        self.pure_decode = not meta.prefills and meta.decode_rows.numel() == meta.input_ids.numel()
+
+    # ------------------------------------------------------------------ decode rows
+    def _decode(self, attn: DeepseekV3Attention, cache: torch.Tensor, q_nope: torch.Tensor,
+                q_pe: torch.Tensor) -> torch.Tensor:
+        """q_nope (S, H, nope) any strides, q_pe (S, H, P) rotated -> values (H, S, v)."""
+        w_uk, w_uv = attn.absorbed_weights()
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # (H, S, R)
+        z = fused_ops.mla_decode_attention(q_latent, q_pe, cache, self.meta.decode_slots, self.decode_lengths,
+                                           self.softmax_scale, impl=self.kernels)
+        return torch.bmm(z, w_uv.transpose(1, 2))  # (H, S, v)
+
+    def attend_fused(self, attn: DeepseekV3Attention, x: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+        """Pure-decode step: x (S, D) normed hidden rows -> attention output (S, H*v) before ``o_proj``."""
+        n = x.shape[0]
+        heads, nope, rope, rank = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank
+        q, kv = attn.project_qkv(x)
+        cache = self.kv_cache[attn.layer_idx]
+        norm = attn.kv_a_layernorm
+        q_pe = fused_ops.mla_decode_prep(q, kv, heads, nope, rope, rank, norm.weight, norm.eps, cos, sin, cache,
+                                         self.meta.slot_mapping, impl=self.kernels)
+        values = self._decode(attn, cache, q.view(n, heads, nope + rope)[..., :nope], q_pe)
+        return values.transpose(0, 1).reshape(n, heads * attn.v_head_dim)
+
+    # ------------------------------------------------------------------ any step
+    def attend(self, attn: DeepseekV3Attention, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+               k_pe: torch.Tensor) -> torch.Tensor:
+        """q_nope/q_pe (T, H, ·) with q_pe rotated, c_kv (T, R) normed, k_pe (T, P) rotated -> (T, H*v). Writes
+        the step's latents into the layer's cache first: prompt chunks read their own keys back from it."""
+        meta = self.meta
+        n, heads = q_nope.shape[:2]
+        v_dim, rank = attn.v_head_dim, attn.kv_lora_rank
+        cache = self.kv_cache[attn.layer_idx]
+        cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype)
+        if self.pure_decode:
+            return self._decode(attn, cache, q_nope, q_pe.contiguous()).transpose(0, 1).reshape(n, heads * v_dim)
+        out = q_nope.new_empty(n, heads, v_dim)
+        if meta.decode_rows.numel():
+            rows = meta.decode_rows
+            out[rows] = self._decode(attn, cache, q_nope[rows], q_pe[rows]).transpose(0, 1)
+        nope = attn.qk_nope_head_dim
+        for chunk in meta.prefills:
+            c, k_rope = cache[chunk.slots].split([rank, attn.qk_rope_head_dim], dim=-1)
+            kv = attn.kv_b_proj(c).view(chunk.ctx_len, heads, nope + v_dim)  # prefix + chunk in one GEMM
+            k_nope, v = kv.split([nope, v_dim], dim=-1)
+            k = torch.cat([k_nope, k_rope[:, None].expand(-1, heads, -1)], dim=-1)
+            rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+            query = torch.cat([q_nope[rows], q_pe[rows]], dim=-1)
+            # (1, heads, len, dim) views: the layout SDPA's fused kernels take
+            o = chunk_attention(query.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                chunk.ctx_len - chunk.q_len, self.softmax_scale,
+                                impl="torch" if self.kernels == "torch" else "auto")
+            out[rows] = o[0].transpose(0, 1)
+        return out.view(n, heads * v_dim)
