@@ -52,14 +52,16 @@ def tokens_of(deltas: list[Delta]) -> list[int]:
 
 
 def plain_step(runner: Any, meta: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and the cache after ``meta`` on the modules' unfused ops (decode_backend "modules"); the cache is then put back as it
-    was, so the same step can run again on another path (fused, padded, graph inputs) and be compared."""
+    """Logits and the cache after ``meta`` on the modules' unfused ops and the PyTorch reference kernels; the cache
+    is then put back as it was, so the same step can run again on another path (fused, padded, graph inputs) and
+    be compared."""
     before = runner.kv_cache.clone()
     mode, runner.decode_backend = runner.decode_backend, "modules"
+    kernels, runner.kernels = runner.kernels, "torch"
     try:
         logits = runner.forward_eager(meta)
     finally:
-        runner.decode_backend = mode
+        runner.decode_backend, runner.kernels = mode, kernels
     after = runner.kv_cache.clone()
     runner.kv_cache.copy_(before)
     return logits, after

@@ -52,6 +52,9 @@ class EngineOptions(BaseModel):
     max_model_len: int | None = None
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(8192, ge=16)
+    max_prefill_chunk_tokens: int | None = Field(
+        None, ge=16, description="a long prompt's chunk may grow its step to this many tokens (None: 32768 on CUDA, "
+        "see ModelRunner.default_prefill_chunk's memory math; the step budget elsewhere)")
     max_waiting: int = Field(1024, ge=0)
     vision_cache_rows: int = Field(65536, ge=0)
     reasoning: bool | Literal["auto"] = "auto"
@@ -92,6 +95,8 @@ class LLMEngine:
             SchedulerConfig(
                 max_num_seqs=options.max_num_seqs,
                 max_num_batched_tokens=options.max_num_batched_tokens,
+                max_prefill_chunk_tokens=options.max_prefill_chunk_tokens or ModelRunner.default_prefill_chunk(
+                    self.model.device, options.max_num_batched_tokens),
                 max_waiting=options.max_waiting,
             ),
             self.blocks,

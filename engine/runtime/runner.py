@@ -69,6 +69,21 @@ class ModelRunner:
         # "auto": the fused decode kernels where Triton runs; "fused": for every small pure-decode step (their
         # PyTorch references off-GPU); "modules": the modules' unfused ops only
         self.decode_backend: DecodeBackend = decode_backend
+        # "torch": every attention kernel on its PyTorch reference (what GPU tests compare the kernels with)
+        self.kernels: Literal["auto", "torch"] = "auto"
+
+    @staticmethod
+    def default_prefill_chunk(device: torch.device, step_budget: int) -> int:
+        """The largest prompt chunk a step may take by default: 32K tokens on CUDA, the step budget elsewhere
+        (CPU serving and tests keep their small steps).
+
+        Memory (A3B, bf16; the measured peak is in bench/engine_bench.py's long-prompt round): a chunk of C tokens
+        over P cached keys peaks at max(MoE ~130 KB per chunk token: gathered rows, gate/up/hidden, per-slot
+        outputs; attention ~70 KB per chunk token + ~20 KB per key: gathered latents, expanded K/V, the two
+        partial outputs and their fp32 merge). C = 32K over a 96K prefix: ~5 GB; C = 8K over 120K: ~3 GB. The
+        engine keeps 4 GiB plus (1 - gpu_memory_utilization) of the card (12 GB of 80 GB) out of the cache, so
+        32K fits; each larger chunk re-expands the prefix fewer times (4 instead of 16 chunks for 128K)."""
+        return max(step_budget, 32768) if device.type == "cuda" else step_budget
 
     @staticmethod
     def cache_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -217,7 +232,8 @@ class ModelRunner:
             h[meta.image_rows] = meta.image_features.to(h.dtype)
         rotary = decoder.rotary_emb
         cos, sin = rotary.cos_sin(meta.positions, h.dtype)
-        ctx = PagedAttention(self.kv_cache, meta, rotary.softmax_scale, fused=self.fused_decode_applicable(meta))
+        ctx = PagedAttention(self.kv_cache, meta, rotary.softmax_scale, fused=self.fused_decode_applicable(meta),
+                             kernels=self.kernels)
         normed = decoder.run_layers(h, cos, sin, ctx)
         if meta.logit_rows.numel() == 0:
             return torch.empty(0, lm.config.vocab_size, device=self.device)
