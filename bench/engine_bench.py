@@ -7,8 +7,9 @@ same process, transformers' DeepseekV3ForCausalLM.generate on the same decoder w
 bound of each decode figure (bytes a step must read / measured copy bandwidth).
 
 Usage: python bench/engine_bench.py --json out.json [--batches 1 8 32 64] [--skip-hf] [--profile]
-       [--baseline]  (decode also measured with the fused path off, same process, first: eager then, since
-                      decode CUDA graphs only replay the fused path)
+       [--baseline]  (decode also measured on the "modules" decode backend, same process, first: eager then,
+                      since decode CUDA graphs only replay the fused backend)
+       [--prefill-chunks 8192 32768]  (the longest prompt once per largest-chunk size, peak memory each)
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.a3b import A3B_CONFIG, a3b_bundle  # noqa: E402
-from engine.runtime import runner as runner_module  # noqa: E402
 from engine.runtime.engine import EngineOptions, LLMEngine  # noqa: E402
 
 PROMPT = 512
@@ -99,22 +99,13 @@ def graph_replay_ms(engine: LLMEngine, batch: int, repeats: int = 50) -> float |
     return round(start.elapsed_time(end) / repeats, 3)
 
 
-ROUNDS = {  # name -> (the runner's fast_decode, MOE_GEMV_MAX_ROWS; None = the runner's default)
-    "baseline": ("off", None),
-    "fused": ("auto", None),
-    "fused_moe_gemv_4": ("auto", 4),
-}
-
-
-DEFAULT_MOE_GEMV_MAX_ROWS = runner_module.MOE_GEMV_MAX_ROWS
+ROUNDS = {"baseline": "modules", "fused": "auto"}  # name -> the runner's decode backend
 
 
 def measure_decode(engine: LLMEngine, batches: list[int], bandwidth: float, name: str, dump) -> list[dict]:
     """Decode rows for each batch under round ``name`` (see ROUNDS); graphs are re-captured for the round
     (warm-up: graph capture for each batch bucket, kernels, autotuning, allocator)."""
-    mode, moe_rows = ROUNDS[name]
-    engine.runner.fast_decode = mode
-    runner_module.MOE_GEMV_MAX_ROWS = moe_rows or DEFAULT_MOE_GEMV_MAX_ROWS
+    engine.runner.decode_backend = ROUNDS[name]
     if engine.runner.graphs is not None:
         engine.runner.graphs.reset()
     for batch in batches:
@@ -137,10 +128,13 @@ def measure_decode(engine: LLMEngine, batches: list[int], bandwidth: float, name
 
 
 def kernel_notes() -> dict[str, object]:
-    """Fused kernels that fell back to PyTorch, and the autotuner's choices (shape key -> config)."""
+    """Fused kernels that fell back to PyTorch (and prefill LSE kernels that failed), the prefill attention kernel
+    order, and the autotuner's choices (shape key -> config)."""
     from engine.kernels import decode as fused
+    from engine.kernels import prefill
 
-    notes: dict[str, object] = {"fallbacks": sorted(fused._broken)}
+    notes: dict[str, object] = {"fallbacks": sorted(fused._broken), "prefill_lse_failed": sorted(prefill._broken),
+                                "prefill_lse_order": prefill.cuda_order()}
     try:
         from engine.kernels import triton_decode
     except ImportError:
@@ -152,18 +146,30 @@ def kernel_notes() -> dict[str, object]:
 
 
 def prefill_throughput(engine: LLMEngine, tokens: int, chunk: int, seed: int) -> dict[str, float]:
-    engine.scheduler.config.max_num_batched_tokens = chunk
+    """One prompt alone, in chunks of up to ``chunk`` tokens (the scheduler's max_prefill_chunk_tokens; the step
+    budget stays 8192), to its first token. Peak GPU memory of the round: allocated by tensors, and reserved by
+    the allocator (what the card must hold), both since the round began."""
+    engine.scheduler.config.max_num_batched_tokens = 8192
+    engine.scheduler.config.max_prefill_chunk_tokens = chunk
     seq = engine.make_sequence({"prompt_token_ids": random_ids(tokens, seed), "max_tokens": 1})
     engine.add(seq)
     sync()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     start = time.perf_counter()
     steps = run_until_done(engine)
     sync()
     elapsed = time.perf_counter() - start
     if seq.finish_reason not in ("stop", "length"):
         raise RuntimeError(f"prefill of {tokens} tokens ended with {seq.finish_reason}: {seq.error}")
-    return {"tokens": tokens, "chunk": chunk, "steps": steps, "seconds": round(elapsed, 4),
-            "tok_per_s": round(tokens / elapsed, 1), "finish_reason": seq.finish_reason}
+    row = {"tokens": tokens, "chunk": chunk, "steps": steps, "seconds": round(elapsed, 4),
+           "tok_per_s": round(tokens / elapsed, 1), "finish_reason": seq.finish_reason}
+    if torch.cuda.is_available():
+        row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["peak_activations_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    return row
 
 
 def screenshot_ttft(engine: LLMEngine, seed: int) -> dict[str, float]:
@@ -388,23 +394,22 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--layers", type=int, help="shrink the model (smoke runs only)")
-    parser.add_argument("--fast-decode", default="auto", choices=["auto", "off"],
-                        help="the runner's fused decode path (off: decode runs eagerly, without CUDA graphs)")
+    parser.add_argument("--decode-backend", default="auto", choices=["auto", "modules"],
+                        help="the runner's decode backend (modules: unfused, eager, without CUDA graphs)")
+    parser.add_argument("--prefill-chunks", type=int, nargs="+",
+                        help="largest prompt chunk(s) for the prefill rounds (default: the engine's default); the "
+                             "longest prompt runs once per size")
     parser.add_argument("--decode-only", action="store_true", help="stop after the decode rounds")
     parser.add_argument("--graph-inputs", default="sequences", choices=["sequences", "prepared"],
                         help="decode graph inputs written from the sequences, or prepare() + pad (the older path)")
     parser.add_argument("--no-graphs", action="store_true")
     parser.add_argument("--nan-probe", action="store_true",
                         help="debug: sync after each step and report the first rows with non-finite logits")
-    parser.add_argument("--fused-max-rows", type=int,
-                        help="debug: largest pure-decode step on the fused path (default: every graph bucket)")
     parser.add_argument("--graph-pools", default="shared", choices=["shared", "own"],
                         help="debug: one CUDA-graph memory pool for all decode graphs, or one per graph")
     parser.add_argument("--breakdown", type=Path, help="time a batch-1 decode step's phases; CPU op table here")
     parser.add_argument("--baseline", action="store_true",
                         help="first measure decode with the fused path off (same process; eager, no graphs)")
-    parser.add_argument("--ablations", action="store_true",
-                        help="also measure the fused path with the MoE GEMVs only up to 4 rows")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     results: dict[str, object] = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__}
@@ -419,8 +424,6 @@ def main() -> None:
     results["cache_tokens"] = engine.cache_capacity_tokens
     if args.nan_probe:
         install_nan_probe(engine)
-    if args.fused_max_rows:
-        runner_module.FAST_DECODE_MAX_ROWS = args.fused_max_rows
     results["bandwidth_GBps"] = round(measure_bandwidth() / 1e9, 1) if on_gpu else float("nan")
     bandwidth = results["bandwidth_GBps"] * 1e9
 
@@ -445,16 +448,10 @@ def main() -> None:
 
     if args.baseline:
         results["decode_baseline"] = attempt("baseline", args.batches)
-    decode = attempt("fused" if args.fast_decode == "auto" else "baseline", args.batches)
+    decode = attempt("fused" if args.decode_backend == "auto" else "baseline", args.batches)
     results["decode"] = decode
-    if args.ablations:
-        results["decode_ablations"] = {
-            name: attempt(name, args.batches) for name in ("fused_moe_gemv_4",)
-        }
-        attempt("fused", [])  # back to the defaults
     if args.baseline:
-        rounds = [decode] + list(results.get("decode_ablations", {}).values())
-        for rows in rounds:
+        for rows in [decode]:
             for row, base in zip(rows, results["decode_baseline"]):
                 row["speedup_vs_baseline"] = round(row["tok_per_s"] / base["tok_per_s"], 2)
                 same = 0
@@ -472,21 +469,30 @@ def main() -> None:
         print(json.dumps(results, indent=1))
         return
 
-    prefill_throughput(engine, args.prefill[0], 8192, seed=1)  # warm-up
-    results["prefill"] = [prefill_throughput(engine, n, 8192, seed=2 + i) for i, n in enumerate(args.prefill)]
+    chunks = args.prefill_chunks or [engine.scheduler.config.max_prefill_chunk_tokens or 8192]
+    results["prefill_chunk_sizes"] = chunks
+    prefill_throughput(engine, args.prefill[0], chunks[-1], seed=1)  # warm-up
+    results["prefill"] = [prefill_throughput(engine, n, chunks[-1], seed=2 + i) for i, n in enumerate(args.prefill)]
     print(json.dumps(results["prefill"]), flush=True)
     dump()
     screenshot_ttft(engine, seed=0)  # warm-up (vision kernels)
     results["screenshot_ttft"] = screenshot_ttft(engine, seed=1)
     print(json.dumps(results["screenshot_ttft"]), flush=True)
-    try:
-        longest = prefill_throughput(engine, args.longest, 8192, seed=4)
-        longest["completed"] = True
-    except Exception as exc:  # report, don't crash the rest of the benchmark
-        longest = {"tokens": args.longest, "completed": False, "error": repr(exc)}
-    longest["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None
-    results["longest_prompt"] = longest
-    print(json.dumps(longest), flush=True)
+    rounds = []
+    for chunk in chunks:
+        try:
+            longest = prefill_throughput(engine, args.longest, chunk, seed=4)
+            longest["completed"] = True
+        except Exception as exc:  # report, don't crash the rest of the benchmark
+            longest = {"tokens": args.longest, "chunk": chunk, "completed": False, "error": repr(exc)}
+            engine.scheduler.config.max_prefill_chunk_tokens = 8192
+            for seq in list(engine.by_id.values()):
+                engine.abort(seq.request_id)
+        rounds.append(longest)
+        print(json.dumps(longest), flush=True)
+        dump()
+    results["longest_prompt"] = rounds[-1]
+    results["longest_prompt_by_chunk"] = rounds
     if args.profile:
         profile_steps(engine, args.profile)
     results["stats"] = engine.stats()

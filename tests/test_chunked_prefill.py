@@ -45,11 +45,13 @@ def test_lse_merge_of_any_key_split_equals_full_attention() -> None:
     assert (out - full).abs().max() < 1e-5 and (lse_auto - lse).abs().max() < 1e-5
 
 
-def _prefill(bundle, prompts: list[list[int]], **options) -> tuple[list[torch.Tensor], list[torch.Tensor], list]:
+def _prefill(bundle, prompts: list[list[int]], kernels: str = "auto",
+             **options) -> tuple[list[torch.Tensor], list[torch.Tensor], list]:
     """Prefill each prompt in turn (one new token each, so only the prompt's chunks run); returns each prompt's
     next-token logits, its latents gathered from the cache, and per prompt its step sizes."""
     engine = LLMEngine(bundle, EngineOptions(cache_tokens=2048, block_size=8, **options))
     runner = engine.runner
+    runner.kernels = kernels
     logits, latents, steps = [], [], []
     for prompt in prompts:
         seq = engine.make_sequence({"prompt_token_ids": prompt, "max_tokens": 1, "ignore_eos": True})

@@ -136,7 +136,7 @@ def test_fused_decode_kernels_match_torch_at_a3b_shapes(rows: int) -> None:
 
 @pytest.mark.gpu
 def test_fast_decode_step_matches_plain_path_on_gpu(tiny_checkpoint_a3b) -> None:
-    """The whole fused decode step (Triton) against the plain runtime path, bf16 on the GPU."""
+    """The whole fused decode step (Triton) against the modules' unfused ops on PyTorch reference kernels, bf16."""
     from engine.loader import load
     from engine.runtime.engine import EngineOptions, LLMEngine
 
@@ -150,7 +150,7 @@ def test_fast_decode_step_matches_plain_path_on_gpu(tiny_checkpoint_a3b) -> None
     batch = engine.scheduler.schedule()
     runner = engine.runner
     meta = runner.prepare(batch.seqs, batch.num_new_tokens)
-    assert runner.fast_decode_applicable(meta)
+    assert runner.fused_decode_applicable(meta)
     expected, cache_expected = plain_step(runner, meta)
     actual = runner.forward_eager(meta)
     _close(actual, expected, 5e-2)

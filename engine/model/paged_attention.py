@@ -85,7 +85,7 @@ class PagedAttention:
         cache = self.kv_cache[attn.layer_idx]
         cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype)
         if self.pure_decode:
-            return self._decode(attn, cache, q_nope, q_pe.contiguous()).transpose(0, 1).reshape(n, heads * v_dim)
+            return self._decode(attn, cache, q_nope, q_pe).transpose(0, 1).reshape(n, heads * v_dim)
         out = q_nope.new_empty(n, heads, v_dim)
         if meta.decode_rows.numel():
             rows = meta.decode_rows
