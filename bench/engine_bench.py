@@ -146,10 +146,10 @@ def kernel_notes() -> dict[str, object]:
 
 
 def prefill_throughput(engine: LLMEngine, tokens: int, chunk: int, seed: int) -> dict[str, float]:
-    """One prompt alone, in chunks of up to ``chunk`` tokens (the scheduler's max_prefill_chunk_tokens; the step
-    budget stays 8192), to its first token. Peak GPU memory of the round: allocated by tensors, and reserved by
+    """One prompt alone, in chunks of ``chunk`` tokens (the scheduler's max_prefill_chunk_tokens over a step budget
+    of min(8192, chunk)), to its first token. Peak GPU memory of the round: allocated by tensors, and reserved by
     the allocator (what the card must hold), both since the round began."""
-    engine.scheduler.config.max_num_batched_tokens = 8192
+    engine.scheduler.config.max_num_batched_tokens = min(8192, chunk)
     engine.scheduler.config.max_prefill_chunk_tokens = chunk
     seq = engine.make_sequence({"prompt_token_ids": random_ids(tokens, seed), "max_tokens": 1})
     engine.add(seq)
