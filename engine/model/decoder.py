@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +127,21 @@ class LatentCache:
         return c_kv, k_pe
 
 
+class AttentionContext(Protocol):
+    """What the decoder's modules need from a step: where keys live and which kernels attend (nano-vllm's
+    "context"). ``fused``: the fused decode backend runs (one prologue kernel, residual add fused with each norm,
+    expert GEMVs); ``attend`` gets the projected, normed and rotated q / latent and returns the attention output
+    before ``o_proj``; ``attend_fused`` does the same from the normed hidden rows (fused contexts only)."""
+
+    fused: bool
+
+    def attend(self, attn: DeepseekV3Attention, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+               k_pe: torch.Tensor) -> torch.Tensor: ...
+
+    def attend_fused(self, attn: DeepseekV3Attention, x: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor: ...
+
+
 class DenseAttention:
     """Attention context of the reference path (``engine.generate``, parity tests): (B, L) queries, an additive
     mask (left padding) or None, and an optional contiguous :class:`LatentCache`. K/V are expanded from the
@@ -134,6 +149,9 @@ class DenseAttention:
     (``engine.model.paged_attention.PagedAttention``); both expose ``fused`` and ``attend``."""
 
     fused = False  # the fused decode kernels are a paged-cache backend
+
+    def attend_fused(self, attn, x, cos, sin):  # pragma: no cover - never fused
+        raise NotImplementedError("the reference context has no fused backend")
 
     def __init__(self, mask: torch.Tensor | None, softmax_scale: float, cache: LatentCache | None = None) -> None:
         self.mask, self.softmax_scale, self.cache = mask, softmax_scale, cache
@@ -245,7 +263,7 @@ class DeepseekV3Attention(nn.Module):
             self._absorbed = cached
         return cached[1], cached[2]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """x (..., D) -> (..., D); cos/sin (..., P/2) for x's positions; ``ctx`` the step's attention context.
         A fused context (pure decode on the paged cache) runs its one-kernel prologue; otherwise the projections,
         kv norm and one RoPE pass over the query heads and the shared key happen here."""
@@ -454,7 +472,8 @@ class DeepseekV3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def forward(
-        self, h: torch.Tensor, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx, next_norm: RMSNorm
+        self, h: torch.Tensor, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext,
+        next_norm: RMSNorm,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual stream h, input_layernorm(h)) -> (h', next_norm(h')). Each residual add is fused with the
         norm after it (one kernel on the fused backend, where the MoE's per-slot outputs are summed there too)."""
@@ -491,7 +510,7 @@ class DeepseekV3Model(nn.Module):
         cos, sin = self.rotary_emb.cos_sin(position_ids, inputs_embeds.dtype)
         return self.run_layers(inputs_embeds, cos, sin, DenseAttention(mask, self.rotary_emb.softmax_scale, cache))
 
-    def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+    def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """The decoder stack over embeddings h (..., D) -> final-normed hidden states: the one forward every path
         (reference, paged eager, fused decode, CUDA graphs) runs, with ``ctx`` choosing cache and kernels."""
         layers = self.layers
