@@ -99,12 +99,22 @@ def attention_with_lse(
         try:
             if not _agrees(name, kernel, q, v):
                 continue
-            out, lse = kernel(q, k, v, causal, scale)
-            return out, _lse_layout(lse, q)
+            return _run(kernel, q, k, v, causal, scale)
         except Exception:  # noqa: BLE001 - a kernel this build/device lacks: log once, use the next one
             log.exception("prefill attention kernel %s failed; not using it from now on", name)
             _broken.add(name)
     return attention_with_lse_torch(q, k, v, causal, scale)
+
+
+def _run(kernel, q, k, v, causal, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel on the caller's (strided) views; should a kernel want dense (B, H, L, D) inputs, on copies."""
+    try:
+        out, lse = kernel(q, k, v, causal, scale)
+    except Exception:
+        if q.is_contiguous() and k.is_contiguous() and v.is_contiguous():
+            raise
+        out, lse = kernel(q.contiguous(), k.contiguous(), v.contiguous(), causal, scale)
+    return out, _lse_layout(lse, q)
 
 
 def _agrees(name: str, kernel, q: torch.Tensor, v: torch.Tensor) -> bool:
