@@ -112,23 +112,24 @@ def test_prefill_after_a_prefix_cache_hit_equals_one_shot(tiny_bundle) -> None:
     assert (actual - expected).abs().max() < 1e-4
 
 
-def test_one_large_prompt_chunk_per_step_after_the_decodes(tiny_bundle) -> None:
-    """Decode rows first, then the first prompt chunk may grow the step to max_prefill_chunk_tokens; a second prompt
-    gets only what is left of the ordinary budget."""
+def test_large_prompt_chunks_only_in_steps_without_decode_rows(tiny_bundle) -> None:
+    """A prompt chunk that opens a step may take max_prefill_chunk_tokens; with decode rows in the step (scheduled
+    first) prompts get only the ordinary budget, so decoding sequences never wait on a larger step."""
     from engine.runtime.block_manager import BlockManager
 
-    blocks = BlockManager(512, 8)
-    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_prefill_chunk_tokens=100), blocks)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_prefill_chunk_tokens=100),
+                          BlockManager(512, 8))
     engine = LLMEngine(tiny_bundle, EngineOptions(cache_tokens=512, block_size=8))
-    decoding = engine.make_sequence({"prompt_token_ids": _prompt(10, 7), "max_tokens": 5})
     long_a = engine.make_sequence({"prompt_token_ids": _prompt(300, 8), "max_tokens": 1})
     long_b = engine.make_sequence({"prompt_token_ids": _prompt(300, 9), "max_tokens": 1})
-    scheduler.add(decoding)
-    batch = scheduler.schedule()
-    assert batch.num_new_tokens == [10]
-    decoding.num_computed_tokens = 10
-    decoding.output_ids.append(1)  # one generated token: the next step decodes it
     scheduler.add(long_a)
     scheduler.add(long_b)
     batch = scheduler.schedule()
-    assert [s is decoding for s in batch.seqs] == [True, False] and batch.num_new_tokens == [1, 99]
+    assert batch.seqs == [long_a] and batch.num_new_tokens == [100]  # alone: one large chunk, nothing else
+    long_a.num_computed_tokens = 100
+    decoding = engine.make_sequence({"prompt_token_ids": _prompt(10, 7), "max_tokens": 5})
+    decoding.num_computed_tokens = 10
+    decoding.output_ids.append(1)  # one generated token: the next step decodes it
+    scheduler.running.append(decoding)
+    batch = scheduler.schedule()
+    assert batch.seqs[0] is decoding and batch.num_new_tokens == [1, 15]  # decode first, then the budget's rest

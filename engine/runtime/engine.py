@@ -53,8 +53,8 @@ class EngineOptions(BaseModel):
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(8192, ge=16)
     max_prefill_chunk_tokens: int | None = Field(
-        None, ge=16, description="a long prompt's chunk may grow its step to this many tokens (None: 32768 on CUDA, "
-        "see ModelRunner.default_prefill_chunk's memory math; the step budget elsewhere)")
+        None, ge=16, description="a step without decode rows may give one prompt chunk this many tokens (None: "
+        "32768 on CUDA, see ModelRunner.default_prefill_chunk's memory math; the step budget elsewhere)")
     max_waiting: int = Field(1024, ge=0)
     vision_cache_rows: int = Field(65536, ge=0)
     reasoning: bool | Literal["auto"] = "auto"

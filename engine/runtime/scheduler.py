@@ -3,10 +3,12 @@
 One rule covers prefill and decode: a running sequence has ``len(seq) - num_computed_tokens`` tokens whose
 latents are not cached yet; a step computes a chunk of them, and when the chunk reaches the end of the
 sequence the step also samples its next token. Decodes (1 token each) are scheduled first so long prompts
-never stall them; prompts then fill the remaining token budget in chunks (chunked prefill); the step's first
-prompt chunk may grow the step up to ``max_prefill_chunk_tokens``, so a long prompt takes fewer, larger chunks
-(each chunk re-reads and re-expands the prompt's cached prefix). When the cache runs out, the most recently admitted sequence is preempted by recompute: its blocks are freed and it goes
-back to the front of the queue, keeping the tokens it already generated.
+never stall them; prompts then fill the remaining token budget in chunks (chunked prefill). A step without
+decode rows may give its first prompt chunk up to ``max_prefill_chunk_tokens``, so a long prompt takes fewer,
+larger chunks (each chunk re-reads and re-expands the prompt's cached prefix) without stretching steps that
+decoding sequences wait on. When the cache runs out, the most recently admitted sequence is preempted by
+recompute: its blocks are freed and it goes back to the front of the queue, keeping the tokens it already
+generated.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class SchedulerConfig(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="sequences in the running batch")
     max_num_batched_tokens: int = Field(8192, ge=1, description="tokens computed per step (decode + prefill)")
     max_prefill_chunk_tokens: int | None = Field(
-        None, ge=1, description="the step's first prompt chunk may grow the step to this many tokens (None: the budget)"
+        None, ge=1, description="a step without decode rows may give one prompt chunk this many tokens (None: the budget)"
     )
     max_waiting: int = Field(1024, ge=0, description="queued requests before new ones are refused")
 
@@ -79,16 +81,13 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
-        big_step = max(budget, self.config.max_prefill_chunk_tokens or 0)  # the size one prompt chunk may grow it to
-        used = 0
-        chunked = False  # a prompt chunk is in the step already
+        big_chunk = max(budget, self.config.max_prefill_chunk_tokens or 0)
+        alone = True  # nothing scheduled yet: a prompt chunk may take big_chunk tokens
 
         def allowance(seq: Sequence) -> int:
-            """Tokens ``seq`` may compute now: the budget left, or for the step's first prompt chunk whatever keeps
-            the step within ``big_step``."""
-            if seq.num_uncomputed > 1 and not chunked:
-                return max(budget, big_step - used)
-            return budget
+            """Tokens ``seq`` may compute now: the budget left, or ``big_chunk`` for a prompt chunk that opens the
+            step (no decode row waits on a larger step)."""
+            return big_chunk if alone and seq.num_uncomputed > 1 else budget
 
         # 1) running sequences, oldest first; decodes before chunks of unfinished prompts
         ordered = sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.arrival))
@@ -117,7 +116,7 @@ class Scheduler:
                 continue
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
-            budget, used, chunked = max(0, budget - n), used + n, chunked or n > 1
+            budget, alone = max(0, budget - n), False
 
         # 2) admit waiting sequences while budget, batch slots and blocks allow (not right after a preemption:
         #    the freed blocks are for the sequences already running)
@@ -142,5 +141,5 @@ class Scheduler:
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
-            budget, used, chunked = max(0, budget - n), used + n, chunked or n > 1
+            budget, alone = max(0, budget - n), False
         return batch
