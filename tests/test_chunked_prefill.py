@@ -45,6 +45,20 @@ def test_lse_merge_of_any_key_split_equals_full_attention() -> None:
     assert (out - full).abs().max() < 1e-5 and (lse_auto - lse).abs().max() < 1e-5
 
 
+def test_a_kernel_whose_lse_disagrees_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Private LSE ops are no stable API: one returning the LSE in another base (here log2) must not be merged."""
+    from engine.kernels import prefill
+
+    real = prefill._cpu_flash
+    monkeypatch.setattr(prefill, "_broken", set())
+    monkeypatch.setattr(prefill, "_checked", set())
+    monkeypatch.setattr(prefill, "_cpu_flash", lambda *a: (real(*a)[0], real(*a)[1] / 0.6931471805599453))
+    q, k, v = _qkv(13, 7, seed=3)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(7, 20), scale=0.3)
+    assert (chunk_attention(q, k, v, 13, 0.3) - expected).abs().max() < 1e-5
+    assert prefill._broken == {"cpu_flash:float32"}
+
+
 def _prefill(bundle, prompts: list[list[int]], kernels: str = "auto",
              **options) -> tuple[list[torch.Tensor], list[torch.Tensor], list]:
     """Prefill each prompt in turn (one new token each, so only the prompt's chunks run); returns each prompt's

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_broken: set[str] = set()  # LSE kernels that failed here: skipped from then on
+_broken: set[str] = set()  # "kernel:dtype" of LSE kernels that failed or disagreed here: skipped from then on
 _checked: set[tuple] = set()  # (kernel, device, dtype, q/k dim, v dim) whose output and LSE matched the reference
 
 
@@ -93,7 +93,8 @@ def attention_with_lse(
         return out, _lse_layout(lse, q)
     names = cuda_order() if q.is_cuda else ["cpu_flash"]
     for name in names:
-        if name in _broken:
+        tag = f"{name}:{q.dtype}".replace("torch.", "")
+        if tag in _broken:
             continue
         kernel = CUDA_KERNELS.get(name, _cpu_flash)
         try:
@@ -101,8 +102,8 @@ def attention_with_lse(
                 continue
             return _run(kernel, q, k, v, causal, scale)
         except Exception:  # noqa: BLE001 - a kernel this build/device lacks: log once, use the next one
-            log.exception("prefill attention kernel %s failed; not using it from now on", name)
-            _broken.add(name)
+            log.exception("prefill attention kernel %s failed; not using it from now on", tag)
+            _broken.add(tag)
     return attention_with_lse_torch(q, k, v, causal, scale)
 
 
@@ -133,7 +134,7 @@ def _agrees(name: str, kernel, q: torch.Tensor, v: torch.Tensor) -> bool:
         ref_out, ref_lse = attention_with_lse_torch(probe_q, probe_k, probe_v, causal, 0.1)
         if (out.float() - ref_out.float()).abs().max() > tol or (_lse_layout(lse, probe_q) - ref_lse).abs().max() > tol:
             log.warning("prefill attention kernel %s disagrees with the reference here; not using it", name)
-            _broken.add(name)
+            _broken.add(f"{name}:{q.dtype}".replace("torch.", ""))
             return False
     _checked.add(key)
     return True
