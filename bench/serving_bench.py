@@ -49,7 +49,8 @@ from engine.runtime.request import GenerateRequest  # noqa: E402
 WORDS = ("open the settings window and click the blue button next to the search field then scroll down to the "
          "invoice table select the third row copy the total amount paste it into the report draft and save the "
          "file before closing every dialog on the screen").split()
-DEFAULT_LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)  # concurrency levels of the warm-up bursts
+# concurrency of the warm-up bursts: every decode-graph batch size on a GPU; on a CPU (no graphs) a token warm-up
+DEFAULT_LADDER = {"cuda": (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128), "cpu": (1, 4)}
 
 
 # ---------------------------------------------------------------------------------------------- request specs
@@ -77,6 +78,7 @@ class RequestResult:
     output_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    token_times: list[float] = field(default_factory=list)  # arrival of each streamed token (for ITL)
 
     @property
     def ok(self) -> bool:
@@ -212,8 +214,10 @@ async def send(engine: AsyncEngine, spec: RequestSpec, result: RequestResult, st
                                       request_id=spec.request_id)
         async for delta in engine.generate(request):
             if delta.token_ids:
+                now = time.perf_counter() - start
                 if result.first_token is None:
-                    result.first_token = time.perf_counter() - start
+                    result.first_token = now
+                result.token_times.append(now)
                 result.output_tokens += len(delta.token_ids)
             if delta.finish_reason is not None:
                 result.finished = time.perf_counter() - start
@@ -265,11 +269,13 @@ def ms(value: float | None) -> float | None:
 
 def summarize(rate: float, results: list[RequestResult], duration: float) -> dict[str, Any]:
     """One table row: throughput over the whole run (first send to last completion), latency percentiles over the
-    completed requests. TPOT is per request: (E2E - TTFT) / (output tokens - 1)."""
+    completed requests. TPOT is per request: (E2E - TTFT) / (output tokens - 1); ITL is every gap between two
+    streamed tokens (it shows the stalls a request's mean hides, e.g. decode waiting behind a prefill chunk)."""
     done = [r for r in results if r.ok]
     ttft = [r.first_token - r.sent for r in done]
     e2e = [r.finished - r.sent for r in done]
     tpot = [(r.finished - r.first_token) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    itl = [b - a for r in done for a, b in zip(r.token_times, r.token_times[1:])]
     out_tokens = sum(r.output_tokens for r in done)
     in_tokens = sum(r.prompt_tokens for r in done)
     errors = sorted({r.error or f"finish_reason={r.finish_reason}" for r in results if not r.ok})
@@ -284,7 +290,7 @@ def summarize(rate: float, results: list[RequestResult], duration: float) -> dic
         "prompt_tokens_mean": round(in_tokens / len(done), 1) if done else None,
         "output_tokens_total": out_tokens,
     }
-    for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
+    for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e)):
         for q in (50, 90, 99):
             row[f"{name}_p{q}_ms"] = ms(percentile(values, q))
         row[f"{name}_mean_ms"] = ms(sum(values) / len(values)) if values else None
@@ -403,6 +409,8 @@ def build_engine(args: argparse.Namespace) -> tuple[AsyncEngine, str]:
     options: dict[str, Any] = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
     if args.cache_tokens:
         options["cache_tokens"] = args.cache_tokens
+    elif not args.device.startswith("cuda"):  # the CPU default (65,536) can't hold 64 rows of 1,152 tokens
+        options["cache_tokens"] = 2 * 65536
     if args.tiny or args.model:
         path = args.model
         if args.tiny:
@@ -467,7 +475,7 @@ def commit() -> str | None:
         return None
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
+async def bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
     engine, model = build_engine(args)
     convert, conversion = chat_converter()
     cfg = WorkloadConfig(prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
@@ -475,7 +483,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                          image_text_words=args.image_text_words, vocab_limit=vocab_limit(engine))
     on_gpu = args.device.startswith("cuda")
     results: dict[str, Any] = {
-        "command": " ".join(sys.argv), "commit": commit(), "model": model,
+        "command": command, "commit": commit(), "model": model,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
         "engine_options": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                            "cache_tokens": engine.engine.cache_capacity_tokens},
@@ -488,7 +496,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             args.json.write_text(json.dumps(results, indent=1))
 
     try:
-        ladder = [n for n in args.warmup_ladder if n <= args.max_num_seqs]
+        ladder = args.warmup_ladder
+        if ladder is None:
+            ladder = DEFAULT_LADDER["cuda" if on_gpu else "cpu"]
+        ladder = [n for n in ladder if n <= args.max_num_seqs]
         results["warmup"] = await warm_up(engine, cfg, ladder, "mixed" in args.workloads, args.seed,
                                           args.max_num_batched_tokens, convert)
         print(json.dumps({"warmup": results["warmup"]}), flush=True)
@@ -566,8 +577,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-timeout", type=float, default=300.0,
                    help="seconds after a rate's last send before its unfinished requests are cancelled")
     p.add_argument("--budget-s", type=float, help="per workload: skip the remaining rates once this is spent")
-    p.add_argument("--warmup-ladder", type=int, nargs="*", default=list(DEFAULT_LADDER),
-                   help="concurrency of each warm-up burst (levels above --max-num-seqs are dropped)")
+    p.add_argument("--warmup-ladder", type=int, nargs="*",
+                   help="concurrency of each warm-up burst (default: every decode-graph batch size on a GPU, 1 4 on "
+                        "a CPU; levels above --max-num-seqs are dropped)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="the tiny random checkpoint (smoke runs)")
@@ -575,7 +587,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="shrink the random A3B model (smoke runs only)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--cache-tokens", type=int, help="KV cache size in tokens (default: the engine's)")
+    p.add_argument("--cache-tokens", type=int,
+                   help="KV cache size in tokens (default: the engine's on a GPU, from free memory; 131,072 on a CPU)")
     p.add_argument("--json", type=Path)
     return p
 
@@ -584,7 +597,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     if not 0.0 <= args.image_share <= 1.0:
         raise SystemExit("--image-share must be between 0 and 1")
-    return asyncio.run(bench(args))
+    command = "python bench/serving_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    return asyncio.run(bench(args, command))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_smoke_run_both_workloads(tmp_path: Path) -> None:
             assert row["completed"] == row["requests"] == REQUESTS and row["failed"] == 0, row
             assert row["output_tokens_total"] == REQUESTS * OUTPUT  # EOS ignored: every request runs to length
             assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] <= row["e2e_p99_ms"]
-            assert 0 < row["tpot_p50_ms"] <= row["tpot_p99_ms"]
+            assert 0 < row["tpot_p50_ms"] <= row["tpot_p99_ms"] and 0 < row["itl_p50_ms"] <= row["itl_p99_ms"]
             assert row["request_throughput"] > 0 and row["output_tok_per_s"] > 0
             # fresh prompts and screenshots per rate: no prefix- or vision-cache help between runs
             assert row["engine"]["vision_cache_hits"] == 0
@@ -93,3 +93,20 @@ def test_capacity_interpolates_between_the_bracketing_rates() -> None:
         "slo_ttft_p99_s": 1.0, "req_per_s": 4, "bound": "at least", "note": ""}
     assert sb.capacity([row(2, 1400.0), row(4, 2000.0)], 1.0)["bound"] == "below"
     assert sb.bracket([row(1, 100.0), row(3, 3000.0)], 1.0) == (1, 3)
+
+
+def test_chat_conversion_without_the_service_converter(monkeypatch) -> None:
+    """The GPU machine lacks PyAV (connectors.media): screenshots are then decoded by engine.processor into the
+    same engine messages."""
+    import asyncio
+    import sys
+
+    monkeypatch.setitem(sys.modules, "connectors.openai_messages", None)  # import fails like a missing dependency
+    convert, label = sb.chat_converter()
+    assert label.startswith("engine.processor.load_image")
+    body = sb.image_chat_body(random.Random(1), (1280, 720), 8, 16)
+    request = asyncio.run(convert(body, "r1"))
+    image, text = request.messages[0]["content"]
+    assert image["type"] == "image" and image["image"].size == (1280, 720)
+    assert text == body["messages"][0]["content"][1]
+    assert (request.max_tokens, request.ignore_eos, request.request_id) == (16, True, "r1")
