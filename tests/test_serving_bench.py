@@ -33,7 +33,9 @@ def test_smoke_run_both_workloads(tmp_path: Path) -> None:
             assert row["completed"] == row["requests"] == REQUESTS and row["failed"] == 0, row
             assert row["output_tokens_total"] == REQUESTS * OUTPUT  # EOS ignored: every request runs to length
             assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] <= row["e2e_p99_ms"]
-            assert 0 < row["tpot_p50_ms"] <= row["tpot_p99_ms"] and 0 < row["itl_p50_ms"] <= row["itl_p99_ms"]
+            assert 0 <= row["tpot_p50_ms"] <= row["tpot_p99_ms"]
+            # gaps between tokens as the client sees them: two deltas can arrive in one wake-up (a gap of ~0)
+            assert 0 <= row["itl_p50_ms"] <= row["itl_p99_ms"] and row["itl_p99_ms"] > 0
             assert row["request_throughput"] > 0 and row["output_tok_per_s"] > 0
             # fresh prompts and screenshots per rate: no prefix- or vision-cache help between runs
             assert row["engine"]["vision_cache_hits"] == 0
