@@ -395,6 +395,10 @@ def markdown(workload: str, rows: list[dict[str, Any]], cap: dict[str, Any]) -> 
                 value = f"{value} (search)"
             cells.append("-" if value is None else f"{value:,}" if isinstance(value, (int, float)) else str(value))
         lines.append("| " + " | ".join(cells) + " |")
+    shots = [f"{row['rate']}: {row['ttft_p50_image_ms']:,} / {row['ttft_p99_image_ms']:,}"
+             for row in rows if row.get("ttft_p50_image_ms") is not None]
+    if shots:
+        lines += ["", "Screenshot requests' TTFT p50 / p99 ms by rate: " + "; ".join(shots)]
     bound = {"at least": ">= ", "below": "< "}.get(cap.get("bound"), "~")
     value = cap.get("req_per_s")
     lines += ["", f"Highest rate with p99 TTFT < {cap['slo_ttft_p99_s']} s: "
@@ -437,16 +441,19 @@ async def warm_up(engine: AsyncEngine, cfg: WorkloadConfig, ladder: Sequence[int
     """Bursts of ``level`` concurrent requests for each level (long enough that the whole burst decodes together,
     so each batch size's decode graph is captured), then two image requests; none of it is timed."""
     start = time.perf_counter()
+    rows = []
     for level in ladder:
         tokens = 16 + math.ceil(level * cfg.prompt_tokens / max_batched)
         warm = WorkloadConfig(**{**cfg.__dict__, "output_tokens": tokens})
         specs = build_requests("random", level, f"{seed}:warmup:{level}", warm)
-        await run_rate(engine, specs, math.inf, f"{seed}:warmup:{level}", convert, timeout=600)
+        rows.append(await run_rate(engine, specs, math.inf, f"{seed}:warmup:{level}", convert, timeout=600))
     if images:
         specs = build_requests("mixed", 2, f"{seed}:warmup:images", WorkloadConfig(
             **{**cfg.__dict__, "image_share": 1.0, "output_tokens": 4}))
-        await run_rate(engine, specs, math.inf, f"{seed}:warmup:images", convert, timeout=600)
-    return {"ladder": list(ladder), "images": images, "seconds": round(time.perf_counter() - start, 2)}
+        rows.append(await run_rate(engine, specs, math.inf, f"{seed}:warmup:images", convert, timeout=600))
+    errors = sorted({e for row in rows for e in row.get("errors", [])})
+    return {"ladder": list(ladder), "images": images, "seconds": round(time.perf_counter() - start, 2),
+            "failed": sum(row["failed"] for row in rows), **({"errors": errors[:5]} if errors else {})}
 
 
 def requests_for(rate: float, args: argparse.Namespace, finite_counts: list[int]) -> int:

@@ -24,7 +24,7 @@ def test_smoke_run_both_workloads(tmp_path: Path) -> None:
                        "--output-tokens", str(OUTPUT), "--warmup-ladder", "1", "2", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     assert results["request_conversion"].startswith("service")  # screenshots went through the service converter
-    assert results["device"] == "cpu" and results["warmup"]["ladder"] == [1, 2]
+    assert results["device"] == "cpu" and results["warmup"]["ladder"] == [1, 2] and results["warmup"]["failed"] == 0
     for workload in ("random", "mixed"):
         entry = results["workloads"][workload]
         rows = entry["rows"]
@@ -49,6 +49,7 @@ def test_smoke_run_both_workloads(tmp_path: Path) -> None:
         cap = entry["capacity"]
         assert cap["slo_ttft_p99_s"] == 1.0 and cap["req_per_s"] is not None
         assert "| rate (req/s) | done | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms |" in entry["markdown"]
+        assert ("Screenshot requests' TTFT" in entry["markdown"]) == (workload == "mixed")
 
 
 def test_workloads_are_seeded_and_fresh_per_run() -> None:
