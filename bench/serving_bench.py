@@ -244,12 +244,15 @@ class Sampler:
             await asyncio.sleep(self.every)
 
     def summary(self) -> dict[str, Any]:
-        if not self.samples:
-            return {}
-        running = [s["running"] for s in self.samples]
-        return {"running_mean": round(sum(running) / len(running), 2), "running_max": max(running),
-                "waiting_max": max(s["waiting"] for s in self.samples),
-                "cache_usage_max": max(s["cache_usage"] for s in self.samples)}
+        out: dict[str, Any] = {}
+        running = [s["running"] for s in self.samples if "running" in s]
+        if running:
+            out |= {"running_mean": round(sum(running) / len(running), 2), "running_max": max(running)}
+        for key in ("waiting", "cache_usage"):  # stats() is the engine's to change: take what is there
+            values = [s[key] for s in self.samples if key in s]
+            if values:
+                out[f"{key}_max"] = max(values)
+        return out
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -493,7 +496,7 @@ async def bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "command": command, "commit": commit(), "model": model,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
         "engine_options": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                           "cache_tokens": engine.engine.cache_capacity_tokens},
+                           "cache_tokens": getattr(engine.engine, "cache_capacity_tokens", None)},
         "workload": {**cfg.__dict__, "image_size": list(cfg.image_size)}, "seed": args.seed,
         "request_conversion": conversion, "slo_ttft_p99_s": args.slo_ttft, "workloads": {},
     }
