@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from engine.kernels import decode as fused
-from engine.kernels import use_triton
+from engine.kernels import fp8, use_triton
 from engine.model.decoder import DeepseekV3MoE, apply_interleaved_rope, grouped_mm_available
 from engine.model.kimi_vl import KimiVLForConditionalGeneration
 from engine.runtime.graphs import DecodeGraphs
@@ -51,6 +51,7 @@ MOE_GEMV_MAX_ROWS = 8  # up to here the per-(token, slot) expert GEMVs beat sort
 @dataclass
 class _FastLayer:
     qkv_weight: torch.Tensor | None  # [q_proj; kv_a_proj_with_mqa] as one (H*(nope+rope) + R + P, D) matrix
+    qkv_scale: torch.Tensor | None  # its per-row scales when the loader quantised it to fp8
     router: tuple[torch.Tensor, torch.Tensor | None] | None  # fp32 gate weight, bias (None: use MoEGate itself)
     moe: bool  # the layer's MoE can run as expert GEMVs
 
@@ -67,7 +68,7 @@ class ModelRunner:
         self.model = model
         self.config = model.config.text_config
         self.device = model.device
-        self.dtype = model.language_model.lm_head.weight.dtype
+        self.dtype = model.language_model.model.embed_tokens.weight.dtype  # activations (fp8 weights or not)
         self.block_size = block_size
         cfg = self.config
         self.latent_dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -84,7 +85,10 @@ class ModelRunner:
         heads = cfg.num_attention_heads
         self.absorbed = []
         for layer in model.language_model.model.layers:
-            w = layer.self_attn.kv_b_proj.weight.view(heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+            # fp8 kv_b_proj: a dequantised copy (H·(nope+v)·R values per layer, 4 MB for A3B): the absorbed
+            # products are small batched matmuls the decode reads in the activation dtype
+            w = fp8.dense_weight(layer.self_attn.kv_b_proj, self.dtype)
+            w = w.view(heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
             self.absorbed.append((w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :]))  # W_UK, W_UV views
         # "auto": the fused decode path on CUDA for small pure-decode steps; "on" also on CPU (through the
         # PyTorch references, for tests); "off" never
@@ -292,7 +296,7 @@ class ModelRunner:
                 inter = experts.gate_proj.shape[1]
                 shared = getattr(mlp, "shared_experts", None)
                 moe = shared is None or shared.gate_proj.weight.shape[0] % inter == 0
-            layers.append(_FastLayer(qkv_weight=qkv, router=router, moe=moe))
+            layers.append(_FastLayer(qkv_weight=qkv, qkv_scale=attn.fused_qkv_scale, router=router, moe=moe))
         self._fast_layers = layers
         return layers
 
@@ -304,7 +308,8 @@ class ModelRunner:
             cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank,
         )
         if fast.qkv_weight is not None:
-            q, kv = F.linear(normed, fast.qkv_weight).split([heads * (nope + rope), rank + rope], dim=-1)
+            q, kv = fp8.linear(normed, fast.qkv_weight, fast.qkv_scale).split(
+                [heads * (nope + rope), rank + rope], dim=-1)
         else:
             q, kv = attn.project_q(normed), attn.kv_a_proj_with_mqa(normed)
         cache = self.kv_cache[idx]
@@ -331,11 +336,15 @@ class ModelRunner:
         else:
             ids, weights = gate(normed)
         shared = getattr(moe, "shared_experts", None)
-        sg = su = sd = None
+        sg = su = sd = sgs = sus = sds = None
         if shared is not None:
             sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
-        hidden = fused.moe_gate_up(normed, ids, weights, experts.gate_proj, experts.up_proj, sg, su)
-        return fused.moe_down(hidden, ids, experts.down_proj, sd)
+            sgs, sus, sds = (fp8.weight_scale(m) for m in (shared.gate_proj, shared.up_proj, shared.down_proj))
+        hidden = fused.moe_gate_up(normed, ids, weights, experts.gate_proj, experts.up_proj, sg, su,
+                                   gate_scale=experts.gate_scale, up_scale=experts.up_scale,
+                                   shared_gate_scale=sgs, shared_up_scale=sus)
+        return fused.moe_down(hidden, ids, experts.down_proj, sd, down_scale=experts.down_scale,
+                              shared_down_scale=sds)
 
     def _forward_fast_decode(self, meta: StepMetadata) -> torch.Tensor:
         lm = self.model.language_model

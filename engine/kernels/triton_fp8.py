@@ -1,0 +1,88 @@
+"""Triton weight-only FP8 GEMM behind ``engine.kernels.fp8.linear`` for few rows (imported only with Triton).
+
+out (M, N) = (x (M, K) · dequant(w (N, K) fp8)ᵀ) with the per-row weight scale applied once in the epilogue:
+the fp8 tile is converted to the activation dtype in registers and fed to the tensor cores, accumulating in
+fp32. At decode sizes (M ≤ 64) the kernel is bandwidth-bound on the weight, which it reads once per M block:
+half the bytes of the bf16 GEMM.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _config(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+_CONFIGS = [
+    _config(16, 256, 4, 4),
+    _config(32, 256, 4, 4),
+    _config(64, 128, 4, 4),
+    _config(16, 512, 4, 3),
+    _config(32, 128, 4, 5),
+    _config(64, 256, 8, 3),
+    _config(128, 128, 8, 3),
+]
+
+
+@triton.autotune(configs=_CONFIGS[:1] if _INTERPRET else _CONFIGS, key=["N", "K", "BLOCK_M"])
+@triton.jit
+def _fp8_linear_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = offs_m < M
+    mn = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=mm[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+                    mask=mn[:, None] & mk[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    scale = tl.load(s_ptr + offs_n, mask=mn, other=0.0)
+    acc = acc * scale[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+def block_m(rows: int) -> int:
+    """16 (the smallest tensor-core tile) up to 64: one M block covers every decode batch the path takes."""
+    return min(64, max(16, triton.next_power_of_2(rows)))
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    m, k = x.shape
+    n = weight.shape[0]
+    assert weight.shape[1] == k and weight.stride(-1) == 1 and scale.dtype == torch.float32
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    scale = scale.contiguous()
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    bm = block_m(m)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, bm))
+
+    _fp8_linear_kernel[grid](
+        x, weight, scale, bias if bias is not None else scale, out,
+        m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=bm,
+    )
+    return out
