@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels import triton_available, use_triton
+from engine.kernels import use_triton
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,6 @@ def linear_scaled_mm(x2, weight, scale, bias):
 _PATHS = {"torch": linear_torch, "triton": linear_triton, "scaled_mm": linear_scaled_mm}
 
 
-def triton_fp8_usable() -> bool:
-    return triton_available() and "triton" not in _broken
-
-
 class Fp8Linear(nn.Module):
     """Drop-in for ``nn.Linear`` holding ``weight`` (N, K) float8_e4m3fn and ``weight_scale`` (N,) fp32; the
     forward returns the input's dtype. Built from a loaded ``nn.Linear`` by :meth:`from_linear` (the loader's
@@ -191,27 +187,61 @@ def weight_scale(module: nn.Module) -> torch.Tensor | None:
 
 
 # --------------------------------------------------------------------------------------------- grouped experts
+# from this many expert rows (prefill) the FP8 tensor-core grouped GEMM, if it works here, beats the weight-only
+# kernel (which converts every weight tile to bf16 for the bf16 tensor cores)
+SCALED_GROUPED_MIN_ROWS = 4096
+GroupedImpl = Literal["auto", "triton", "scaled_grouped_mm", "torch"]
+
+
 @functools.cache
 def _scaled_grouped_ok(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9 and hasattr(torch, "_scaled_grouped_mm")
 
 
 def grouped_linear(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor, impl: GroupedImpl = "auto"
 ) -> torch.Tensor:
     """Rows of ``x`` (M, K), sorted by expert with group ends ``offsets`` (E,) int32, times their expert's fp8
     weight (E, N, K) with per-row scales (E, N): (M, N) in x's dtype.
 
-    Hopper: ``torch._scaled_grouped_mm`` (activation rows quantised on the fly). Elsewhere, or if it fails once:
-    the whole bank dequantised per call (E·N·K bf16 written and read again: ~1.1 GB per A3B MoE layer, about
-    0.8 ms on an H100; correct but a prefill cost, reported in bench/RESULTS.md), then the bf16 grouped GEMM."""
-    if x.is_cuda and x.dtype == torch.bfloat16 and _scaled_grouped_ok(x.device.index or 0) \
-            and "scaled_grouped_mm" not in _broken and x.shape[1] % 16 == 0 and weight.shape[1] % 16 == 0:
-        try:
-            xq, xs = quantize_activation_rows(x)
-            return torch._scaled_grouped_mm(xq, weight.transpose(1, 2), xs.view(-1), scale.float(),
-                                            offs=offsets, out_dtype=x.dtype)
-        except Exception:  # noqa: BLE001
-            log.exception("torch._scaled_grouped_mm failed; dequantising expert weights per call from now on")
-            _broken.add("scaled_grouped_mm")
+    CUDA: the Triton weight-only grouped GEMM (``triton_fp8.fp8_grouped_linear``: reads each used expert's fp8
+    weight once per row block; the decode batches past the GEMV path live here), or from
+    ``SCALED_GROUPED_MIN_ROWS`` rows on Hopper ``torch._scaled_grouped_mm`` with the activation rows quantised on
+    the fly. Reference / fallback (CPU, or a path that failed once): the whole bank dequantised per call, then
+    the bf16 grouped GEMM -- E·N·K values written and read again (~1.1 GB per A3B MoE layer, ~0.8 ms on an H100),
+    correct but slow."""
+    if impl == "auto":
+        impl = "torch"
+        if x.is_cuda and x.dtype == torch.bfloat16:
+            if (x.shape[0] >= SCALED_GROUPED_MIN_ROWS and _scaled_grouped_ok(x.device.index or 0)
+                    and "scaled_grouped_mm" not in _broken and x.shape[1] % 16 == 0 and weight.shape[1] % 16 == 0):
+                impl = "scaled_grouped_mm"
+            elif use_triton(x) and "grouped_triton" not in _broken:
+                impl = "triton"
+        if impl != "torch":
+            try:
+                return _GROUPED[impl](x, weight, scale, offsets)
+            except Exception:  # noqa: BLE001 - a build/launch failure: log once, fall back from then on
+                log.exception("fp8 grouped path %s failed; dequantising expert weights per call from now on", impl)
+                _broken.add("grouped_triton" if impl == "triton" else impl)
+        impl = "torch"
+    return _GROUPED[impl](x, weight, scale, offsets)
+
+
+def _grouped_torch(x, weight, scale, offsets):
     return F.grouped_mm(x, dequantize_rows(weight, scale, x.dtype).transpose(1, 2), offs=offsets)
+
+
+def _grouped_triton(x, weight, scale, offsets):
+    from engine.kernels import triton_fp8
+
+    return triton_fp8.fp8_grouped_linear(x, weight, scale, offsets)
+
+
+def _grouped_scaled(x, weight, scale, offsets):
+    xq, xs = quantize_activation_rows(x)
+    return torch._scaled_grouped_mm(xq, weight.transpose(1, 2), xs.view(-1), scale.float(), offs=offsets,
+                                    out_dtype=x.dtype)
+
+
+_GROUPED = {"torch": _grouped_torch, "triton": _grouped_triton, "scaled_grouped_mm": _grouped_scaled}

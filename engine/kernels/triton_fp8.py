@@ -86,3 +86,88 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
         HAS_BIAS=bias is not None, BLOCK_M=bm,
     )
     return out
+
+
+# --------------------------------------------------------------------------------------------- grouped experts
+_GROUPED_CONFIGS = [
+    _config(64, 128, 4, 4),
+    _config(128, 128, 4, 3),
+    _config(32, 256, 4, 4),
+    _config(64, 256, 8, 3),
+    _config(128, 64, 4, 4),
+]
+
+
+@triton.autotune(configs=_GROUPED_CONFIGS[:1] if _INTERPRET else _GROUPED_CONFIGS, key=["N", "K", "BLOCK_M"])
+@triton.jit
+def _fp8_grouped_kernel(
+    x_ptr, w_ptr, s_ptr, ends_ptr, out_ptr,
+    M, N, K, stride_xm, stride_we, stride_wn, stride_om,
+    E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (b, n): the b-th BLOCK_M-row block of the expert-sorted rows, where each expert's rows start a
+    new block (so a block never mixes experts). The block -> expert map is computed here from the group ends
+    (E of them: a few registers), so the call needs no host-side planning and no sync."""
+    b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_e = tl.arange(0, E_PAD)
+    me = offs_e < E
+    ends = tl.load(ends_ptr + offs_e, mask=me, other=0).to(tl.int32)
+    starts = tl.load(ends_ptr + offs_e - 1, mask=me & (offs_e > 0), other=0).to(tl.int32)
+    counts = tl.where(me, ends - starts, 0)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, 0)
+    e = tl.sum((block_end <= b).to(tl.int32), axis=0)  # experts whose blocks all come before b
+    mine = offs_e == e
+    first_block = tl.sum(tl.where(mine, block_end - blocks, 0), axis=0)
+    row_start = tl.sum(tl.where(mine, starts, 0), axis=0) + (b - first_block) * BLOCK_M
+    row_end = tl.sum(tl.where(mine, ends, 0), axis=0)  # 0 past the last expert: the block is empty
+    e = tl.minimum(e, E - 1).to(tl.int64)
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    mm = offs_m < row_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    k_end = tl.where(row_start < row_end, K, 0)  # empty blocks skip the loop
+    w_base = w_ptr + e * stride_we
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=mm[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    scale = tl.load(s_ptr + e * N + offs_n, mask=mn, other=0.0)
+    acc = acc * scale[None, :]
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+def grouped_block_m(rows: int, experts: int) -> int:
+    """Rows per block from the average rows per expert (shapes only, so one CUDA graph serves every routing)."""
+    return min(64, max(16, triton.next_power_of_2(max(1, rows // max(1, experts)))))
+
+
+def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x (M, K) rows sorted by expert, group ends ``ends`` (E,); weight (E, N, K) fp8, scale (E, N) fp32."""
+    m, k = x.shape
+    experts, n, _ = weight.shape
+    assert weight.shape[2] == k and weight.is_contiguous() and ends.shape == (experts,)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    scale = scale.float().contiguous()
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    bm = grouped_block_m(m, experts)
+    max_blocks = triton.cdiv(m, bm) + experts
+
+    def grid(meta):
+        return (max_blocks, triton.cdiv(n, meta["BLOCK_N"]))
+
+    _fp8_grouped_kernel[grid](
+        x, weight, scale, ends.contiguous(), out,
+        m, n, k, x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+        E=experts, E_PAD=triton.next_power_of_2(experts), BLOCK_M=bm,
+    )
+    return out
