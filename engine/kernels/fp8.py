@@ -66,8 +66,20 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (q.float() * scale.float()[..., None]).to(dtype)
 
 
-def quantize_activation_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-row quantisation of activations for the FP8 tensor-core GEMM: (M, K) -> (fp8, (M, 1) fp32)."""
+def quantize_activation_rows(x: torch.Tensor, impl: Literal["auto", "torch", "triton"] = "auto"
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row quantisation of activations for the FP8 tensor-core GEMM: (M, K) -> (fp8, (M, 1) fp32).
+    CUDA with Triton: one fused pass (``triton_fp8.quantize_activation_rows``)."""
+    if impl == "triton" or (impl == "auto" and use_triton(x) and "quantize_triton" not in _broken):
+        from engine.kernels import triton_fp8
+
+        try:
+            return triton_fp8.quantize_activation_rows(x, FP8_MAX, _MIN_SCALE)
+        except Exception:  # noqa: BLE001
+            if impl == "triton":
+                raise
+            log.exception("Triton activation quantisation failed; using PyTorch ops for it from now on")
+            _broken.add("quantize_triton")
     xf = x.float()
     s = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_MIN_SCALE)
     return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), s
