@@ -163,6 +163,21 @@ def test_tiny_engine_fp8_generates(tiny_checkpoint_a3b) -> None:
     assert finished == {"a", "b"} and all(len(t) == 6 for t in tokens.values())
 
 
+def test_fp8_halves_decoder_weight_memory(tiny_checkpoint_a3b) -> None:
+    from engine.loader import load, quantize_model_
+
+    bundle = load(tiny_checkpoint_a3b, device="cpu", dtype=torch.bfloat16)
+    layers = bundle.model.language_model.model.layers
+
+    def nbytes() -> int:
+        return sum(t.numel() * t.element_size() for t in [*layers.parameters(), *layers.buffers()])
+
+    before = nbytes()
+    quantize_model_(bundle.model, "fp8")
+    # fp8 values plus one fp32 scale per row; norms and the fp32 router stay
+    assert nbytes() < 0.62 * before
+
+
 def test_unknown_quantization_is_refused(tiny_checkpoint) -> None:
     from pydantic import ValidationError
 
