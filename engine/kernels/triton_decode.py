@@ -318,6 +318,9 @@ _GEMV_CONFIGS = [
     _gemv_config(32, 256, 4, True),
     _gemv_config(64, 128, 4, True),
     _gemv_config(16, 1024, 8, True),
+    # fp8 weights: a row of K bytes, not 2K -- wider K tiles keep each load as large as with bf16
+    _gemv_config(8, 1024, 4, False),
+    _gemv_config(32, 512, 8, True),
 ]
 
 
