@@ -20,8 +20,8 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 7, 64, 300])
-@pytest.mark.parametrize("shape", [(2048, 2048), (3648, 2048), (576, 2048), (2048, 11264)])
+@pytest.mark.parametrize("rows", [1, 64, 300])
+@pytest.mark.parametrize("shape", [(3648, 2048), (576, 2048), (2048, 11264)])
 def test_fp8_linear_paths_match_reference(rows: int, shape: tuple[int, int]) -> None:
     torch.manual_seed(0)
     n, k = shape
@@ -39,7 +39,7 @@ def test_fp8_linear_paths_match_reference(rows: int, shape: tuple[int, int]) -> 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k", [512, 2048, 11264])
+@pytest.mark.parametrize("k", [2048, 11264])
 def test_activation_quantisation_kernel_is_exact(k: int) -> None:
     torch.manual_seed(0)
     x = torch.randn(300, k, device="cuda", dtype=torch.bfloat16) * torch.logspace(-3, 3, 300, device="cuda")[:, None]
@@ -72,7 +72,7 @@ def test_fp8_expert_bank_grouped_matches_loop() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [16, 64, 1024])
+@pytest.mark.parametrize("tokens", [64, 1024])
 @pytest.mark.parametrize("impl", ["triton", "scaled_grouped_mm"])
 def test_fp8_grouped_paths_match_reference(tokens: int, impl: str) -> None:
     if impl == "scaled_grouped_mm" and not fp8._scaled_grouped_ok(0):
@@ -90,7 +90,7 @@ def test_fp8_grouped_paths_match_reference(tokens: int, impl: str) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 4, 8])
+@pytest.mark.parametrize("rows", [1, 8])
 def test_fp8_moe_gemvs_match_reference(rows: int) -> None:
     torch.manual_seed(0)
     e, i, d, k = 64, 1408, 2048, 6
