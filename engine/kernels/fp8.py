@@ -110,30 +110,41 @@ def linear(
         return F.linear(x, weight, bias)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    rows = x2.shape[0]
     if impl == "auto":
-        if use_triton(x2) and rows <= GEMV_MAX_ROWS and "triton" not in _broken:
-            impl = "triton"
-        elif scaled_mm_available(x2) and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0 \
-                and "scaled_mm" not in _broken:
-            impl = "scaled_mm"
-        else:
-            impl = "torch"
-        out = _run_guarded(impl, x2, weight, scale, bias)
+        out = _first_working(_linear_candidates(x2, weight), _PATHS, x2, weight, scale, bias)
     else:
         out = _PATHS[impl](x2, weight, scale, bias)
     return out.view(*shape[:-1], weight.shape[0])
 
 
-def _run_guarded(impl: str, x2, weight, scale, bias) -> torch.Tensor:
-    if impl == "torch":
-        return linear_torch(x2, weight, scale, bias)
-    try:
-        return _PATHS[impl](x2, weight, scale, bias)
-    except Exception:  # noqa: BLE001 - a build/launch failure: log once, use the reference from then on
-        log.exception("fp8 linear path %s failed; using the dequantising reference for it from now on", impl)
-        _broken.add(impl)
-        return linear_torch(x2, weight, scale, bias)
+def _linear_candidates(x2: torch.Tensor, weight: torch.Tensor) -> list[str]:
+    """Paths to try in order (the reference last). The weight-only kernel serves every row count, so it is also
+    the fallback of the FP8 tensor-core GEMM."""
+    rows = x2.shape[0]
+    triton_ok = use_triton(x2)
+    tensor_cores = scaled_mm_available(x2) and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+    order = []
+    if triton_ok and rows <= GEMV_MAX_ROWS:
+        order.append("triton")
+    if tensor_cores:
+        order.append("scaled_mm")
+    if triton_ok and "triton" not in order:
+        order.append("triton")
+    return order
+
+
+def _first_working(candidates: list[str], paths: dict, *args) -> torch.Tensor:
+    """The first candidate path that has not failed here before; a failure (build or launch: nothing was
+    written yet) is logged once and the next is tried, down to the reference ("torch")."""
+    for name in candidates:
+        if name in _broken:
+            continue
+        try:
+            return paths[name](*args)
+        except Exception:  # noqa: BLE001 - any build/launch failure falls back
+            log.exception("fp8 path %s failed; not using it from now on", name)
+            _broken.add(name)
+    return paths["torch"](*args)
 
 
 def linear_torch(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
@@ -223,21 +234,18 @@ def grouped_linear(
     the bf16 grouped GEMM -- E·N·K values written and read again (~1.1 GB per A3B MoE layer, ~0.8 ms on an H100),
     correct but slow."""
     if impl == "auto":
-        impl = "torch"
-        if x.is_cuda and x.dtype == torch.bfloat16:
-            if (x.shape[0] >= SCALED_GROUPED_MIN_ROWS and _scaled_grouped_ok(x.device.index or 0)
-                    and "scaled_grouped_mm" not in _broken and x.shape[1] % 16 == 0 and weight.shape[1] % 16 == 0):
-                impl = "scaled_grouped_mm"
-            elif use_triton(x) and "grouped_triton" not in _broken:
-                impl = "triton"
-        if impl != "torch":
-            try:
-                return _GROUPED[impl](x, weight, scale, offsets)
-            except Exception:  # noqa: BLE001 - a build/launch failure: log once, fall back from then on
-                log.exception("fp8 grouped path %s failed; dequantising expert weights per call from now on", impl)
-                _broken.add("grouped_triton" if impl == "triton" else impl)
-        impl = "torch"
+        return _first_working(_grouped_candidates(x, weight), _GROUPED, x, weight, scale, offsets)
     return _GROUPED[impl](x, weight, scale, offsets)
+
+
+def _grouped_candidates(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
+    order = []
+    if (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] >= SCALED_GROUPED_MIN_ROWS
+            and _scaled_grouped_ok(x.device.index or 0) and x.shape[1] % 16 == 0 and weight.shape[1] % 16 == 0):
+        order.append("scaled_grouped_mm")
+    if use_triton(x):
+        order.append("grouped_triton")
+    return order
 
 
 def _grouped_torch(x, weight, scale, offsets):
@@ -256,4 +264,5 @@ def _grouped_scaled(x, weight, scale, offsets):
                                     out_dtype=x.dtype)
 
 
-_GROUPED = {"torch": _grouped_torch, "triton": _grouped_triton, "scaled_grouped_mm": _grouped_scaled}
+_GROUPED = {"torch": _grouped_torch, "triton": _grouped_triton, "grouped_triton": _grouped_triton,
+            "scaled_grouped_mm": _grouped_scaled}
