@@ -6,6 +6,8 @@ Why this shape:
 - Loading is strict: every expected tensor must be present with its official shape; missing, unexpected or
   misshaped tensors are reported together, each by name.
 - Official per-expert keys are copied into the stacked expert tensors (``ExpertBank.checkpoint_slices``).
+- ``quantization="fp8"`` (:func:`quantize_model_`) runs after the bf16 weights are read: the decoder's linear
+  layers become ``Fp8Linear`` and the expert banks fp8, each tensor replaced (and its bf16 copy freed) in turn.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.config import KimiVLConfig, load_config
-from engine.model.decoder import DeepseekV3Attention, ExpertBank, MoEGate
+from engine.kernels.fp8 import Fp8Linear, quantize_rows
+from engine.model.decoder import DeepseekV3Attention, DeepseekV3MoE, ExpertBank, MoEGate
 from engine.model.kimi_vl import KimiVLForConditionalGeneration
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -213,6 +216,56 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
 
 
+QUANTIZATIONS = ("none", "fp8")
+_ATTENTION_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
+def _to_fp8(parent: nn.Module, name: str) -> None:
+    child = getattr(parent, name, None)
+    if isinstance(child, nn.Linear):
+        setattr(parent, name, Fp8Linear.from_linear(child))
+
+
+def _quantize_attention(attn: DeepseekV3Attention) -> None:
+    """The fused q/kv layout (``fuse_qkv_``) is kept: the merged matrix is quantised once (per-row scales make
+    that identical to quantising each part) and both layers' weights and scales are row views of it."""
+    merged = attn.fused_qkv_weight
+    if merged is not None:
+        q, s = quantize_rows(merged.detach())
+        n = attn.q_proj.out_features
+        attn.q_proj = Fp8Linear(q[:n], s[:n])
+        attn.kv_a_proj_with_mqa = Fp8Linear(q[n:], s[n:])
+        attn._qkv_weight, attn._qkv_scale = q, s
+    for name in _ATTENTION_LINEARS:
+        _to_fp8(attn, name)
+
+
+@torch.no_grad()
+def quantize_model_(model: KimiVLForConditionalGeneration, quantization: str | None) -> None:
+    """Quantise the loaded decoder in place: every attention projection, the dense MLPs and shared experts,
+    the routed expert banks and an untied lm_head become fp8 with per-output-row scales; embeddings, norms,
+    the router and the vision tower keep their dtype. Idempotent; ``None``/"none" does nothing."""
+    if quantization in (None, "none") or getattr(model, "quantization", None) == quantization:
+        return
+    if quantization != "fp8":
+        raise ValueError(f"unsupported quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
+    lm = model.language_model
+    for layer in lm.model.layers:
+        _quantize_attention(layer.self_attn)
+        mlp = layer.mlp
+        if isinstance(mlp, DeepseekV3MoE):
+            mlp.experts.quantize_fp8_()
+            mlp = getattr(mlp, "shared_experts", None)
+        if mlp is not None:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                _to_fp8(mlp, name)
+    if lm.lm_head.weight is not lm.model.embed_tokens.weight:  # a tied head stays with the embedding's dtype
+        _to_fp8(lm, "lm_head")
+    model.quantization = quantization
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()  # the freed bf16 weights go back to the pool the KV cache is sized from
+
+
 def resolve_checkpoint(path_or_id: str | os.PathLike[str]) -> Path:
     """A local directory as is; otherwise a Hugging Face repo id fetched (or found in the HF cache)."""
     path = Path(path_or_id).expanduser()
@@ -249,9 +302,11 @@ def _load_model(
 
 
 def load(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+    quantization: str | None = None,
 ) -> KimiVLBundle:
-    """Model, processor and tokenizer from one checkpoint directory or HF id."""
+    """Model, processor and tokenizer from one checkpoint directory or HF id (``quantization``: see
+    :func:`quantize_model_`)."""
     from engine.processor import KimiVLProcessor
     from engine.tokenizer import KimiTokenizer
 
@@ -260,4 +315,5 @@ def load(
     tokenizer = KimiTokenizer.from_pretrained(root)
     processor = KimiVLProcessor.from_pretrained(root, tokenizer)
     model = _load_model(root, config, device, dtype)
+    quantize_model_(model, quantization)
     return KimiVLBundle(model=model, processor=processor, tokenizer=tokenizer, config=config, path=root)

@@ -188,29 +188,44 @@ def moe_gate_up(
     shared_gate: torch.Tensor | None = None,
     shared_up: torch.Tensor | None = None,
     impl: Impl = "auto",
+    *,
+    gate_scale: torch.Tensor | None = None,
+    up_scale: torch.Tensor | None = None,
+    shared_gate_scale: torch.Tensor | None = None,
+    shared_up_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per (token, slot): hidden = silu(x W_gate[e]ᵀ) · (x W_up[e]ᵀ) · weight, read straight from the stacked
     expert weights (E, I, D) by expert id: no sorting or dispatch. Slots k..k+ns-1 are the shared experts'
     SwiGLU (shared_gate/up (ns·I, D)) cut into ns slices of width I, with weight 1.
 
+    FP8 weights (``engine.kernels.fp8``) come with their per-row scales: gate/up_scale (E, I), shared ones
+    (ns·I,); each GEMV's fp32 sum is multiplied by its row's scale before the activation.
+
     x (T, D); ids (T, k); weights (T, k) -> hidden (T, k+ns, I) in x's dtype."""
     return _dispatch("moe_gate_up", impl, _triton(impl, x), "moe_gate_up", moe_gate_up_torch,
-                     x, ids, weights, w_gate, w_up, shared_gate, shared_up)
+                     x, ids, weights, w_gate, w_up, shared_gate, shared_up,
+                     gate_scale, up_scale, shared_gate_scale, shared_up_scale)
 
 
-def moe_gate_up_torch(x, ids, weights, w_gate, w_up, shared_gate=None, shared_up=None):
+def _scaled(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """fp32 weights, dequantised when ``scale`` is given (per row: the last dim is the reduction)."""
+    return w.float() if scale is None else w.float() * scale.float()[..., None]
+
+
+def moe_gate_up_torch(x, ids, weights, w_gate, w_up, shared_gate=None, shared_up=None,
+                      gate_scale=None, up_scale=None, shared_gate_scale=None, shared_up_scale=None):
     n, k = ids.shape
     inter = w_gate.shape[1]
     xf = x.float()[:, :, None]  # (T, D, 1)
     slots = []
     for j in range(k):
         e = ids[:, j]
-        g = torch.bmm(w_gate[e].float(), xf)[..., 0]
-        u = torch.bmm(w_up[e].float(), xf)[..., 0]
+        g = torch.bmm(_scaled(w_gate[e], None if gate_scale is None else gate_scale[e]), xf)[..., 0]
+        u = torch.bmm(_scaled(w_up[e], None if up_scale is None else up_scale[e]), xf)[..., 0]
         slots.append(F.silu(g) * u * weights[:, j, None].float())
     if shared_gate is not None:
-        g = (x.float() @ shared_gate.float().T).view(n, -1, inter)
-        u = (x.float() @ shared_up.float().T).view(n, -1, inter)
+        g = (x.float() @ _scaled(shared_gate, shared_gate_scale).T).view(n, -1, inter)
+        u = (x.float() @ _scaled(shared_up, shared_up_scale).T).view(n, -1, inter)
         slots.extend((F.silu(g) * u).unbind(1))
     return torch.stack(slots, dim=1).to(x.dtype)
 
@@ -221,21 +236,27 @@ def moe_down(
     w_down: torch.Tensor,
     shared_down: torch.Tensor | None = None,
     impl: Impl = "auto",
+    *,
+    down_scale: torch.Tensor | None = None,
+    shared_down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per (token, slot): hidden · W_down[e]ᵀ (w_down (E, D, I); the shared slots use column slices of
     shared_down (D, ns·I)). Returns the per-slot outputs (T, k+ns, D) in fp32, unsummed: ``add_rms_norm``
-    sums them with the residual in the next kernel, so no atomics and one rounding."""
+    sums them with the residual in the next kernel, so no atomics and one rounding. FP8 weights come with
+    their per-output-row scales: down_scale (E, D), shared_down_scale (D,)."""
     return _dispatch("moe_down", impl, _triton(impl, hidden), "moe_down", moe_down_torch,
-                     hidden, ids, w_down, shared_down)
+                     hidden, ids, w_down, shared_down, down_scale, shared_down_scale)
 
 
-def moe_down_torch(hidden, ids, w_down, shared_down=None):
+def moe_down_torch(hidden, ids, w_down, shared_down=None, down_scale=None, shared_down_scale=None):
     n, k = ids.shape
     inter = w_down.shape[2]
     h = hidden.float()
-    slots = [torch.bmm(w_down[ids[:, j]].float(), h[:, j, :, None])[..., 0] for j in range(k)]
+    slots = [torch.bmm(_scaled(w_down[ids[:, j]], None if down_scale is None else down_scale[ids[:, j]]),
+                       h[:, j, :, None])[..., 0] for j in range(k)]
     if shared_down is not None:
         ns = shared_down.shape[1] // inter
+        sd = _scaled(shared_down, shared_down_scale)
         for j in range(ns):
-            slots.append(h[:, k + j] @ shared_down[:, j * inter : (j + 1) * inter].float().T)
+            slots.append(h[:, k + j] @ sd[:, j * inter : (j + 1) * inter].T)
     return torch.stack(slots, dim=1)

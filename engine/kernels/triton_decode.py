@@ -318,6 +318,9 @@ _GEMV_CONFIGS = [
     _gemv_config(32, 256, 4, True),
     _gemv_config(64, 128, 4, True),
     _gemv_config(16, 1024, 8, True),
+    # fp8 weights: a row of K bytes, not 2K -- wider K tiles keep each load as large as with bf16
+    _gemv_config(8, 1024, 4, False),
+    _gemv_config(32, 512, 8, True),
 ]
 
 
@@ -346,8 +349,10 @@ def _gemv_tile(x_row, w_base, offs_n, mn, K, stride_w,
 
 
 @triton.jit
-def _gate_up_tile(x_row, g_base, u_base, offs_n, mn, D,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_EACH: tl.constexpr):
+def _gate_up_tile(x_row, g_base, u_base, gs_row, us_row, offs_n, mn, D,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_EACH: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """silu(x·W_gateᵀ) · (x·W_upᵀ) for the tile's rows; fp8 weights (HAS_SCALE) convert in registers and their
+    per-row scales (gs_row/us_row) multiply the fp32 sums before the activation."""
     if REDUCE_EACH:
         g = tl.zeros([BLOCK_N], dtype=tl.float32)
         u = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -374,6 +379,9 @@ def _gate_up_tile(x_row, g_base, u_base, offs_n, mn, D,
     else:
         gate = tl.sum(acc_g, axis=1)
         up = tl.sum(acc_u, axis=1)
+    if HAS_SCALE:
+        gate = gate * tl.load(gs_row + offs_n, mask=mn, other=0.0)
+        up = up * tl.load(us_row + offs_n, mask=mn, other=0.0)
     return gate / (1.0 + tl.exp(-gate)) * up
 
 
@@ -381,9 +389,10 @@ def _gate_up_tile(x_row, g_base, u_base, offs_n, mn, D,
 @triton.jit
 def _moe_gate_up_kernel(
     x_ptr, ids_ptr, rw_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, out_ptr,
+    gs_ptr, us_ptr, sgs_ptr, sus_ptr,
     D, I, stride_x, stride_we, n_rows,
     TOP_K: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    REDUCE_EACH: tl.constexpr,
+    REDUCE_EACH: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)  # token * (TOP_K + N_SHARED) + slot
     nb = tl.program_id(1)
@@ -395,23 +404,23 @@ def _moe_gate_up_kernel(
     if s < TOP_K:
         e = tl.load(ids_ptr + t * TOP_K + s).to(tl.int64)
         rw = tl.load(rw_ptr + t * TOP_K + s).to(tl.float32)
-        h = _gate_up_tile(x_row, wg_ptr + e * stride_we, wu_ptr + e * stride_we, offs_n, mn, D,
-                          BLOCK_N, BLOCK_K, REDUCE_EACH)
+        h = _gate_up_tile(x_row, wg_ptr + e * stride_we, wu_ptr + e * stride_we, gs_ptr + e * I, us_ptr + e * I,
+                          offs_n, mn, D, BLOCK_N, BLOCK_K, REDUCE_EACH, HAS_SCALE)
         h = h * rw
     else:
         j = (s - TOP_K).to(tl.int64)
-        h = _gate_up_tile(x_row, sg_ptr + j * I * D, su_ptr + j * I * D, offs_n, mn, D,
-                          BLOCK_N, BLOCK_K, REDUCE_EACH)
+        h = _gate_up_tile(x_row, sg_ptr + j * I * D, su_ptr + j * I * D, sgs_ptr + j * I, sus_ptr + j * I,
+                          offs_n, mn, D, BLOCK_N, BLOCK_K, REDUCE_EACH, HAS_SCALE)
     tl.store(out_ptr + pid.to(tl.int64) * I + offs_n, h.to(out_ptr.dtype.element_ty), mask=mn)
 
 
 @triton.autotune(configs=_configs(_GEMV_CONFIGS), key=["D", "I", "n_rows"])
 @triton.jit
 def _moe_down_kernel(
-    h_ptr, ids_ptr, wd_ptr, sd_ptr, out_ptr,
+    h_ptr, ids_ptr, wd_ptr, sd_ptr, out_ptr, ds_ptr, sds_ptr,
     D, I, stride_we, shared_row, n_rows,
     TOP_K: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    REDUCE_EACH: tl.constexpr,
+    REDUCE_EACH: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)  # token * (TOP_K + N_SHARED) + slot
     nb = tl.program_id(1)
@@ -423,9 +432,13 @@ def _moe_down_kernel(
     if s < TOP_K:
         e = tl.load(ids_ptr + t * TOP_K + s).to(tl.int64)
         y = _gemv_tile(h_row, wd_ptr + e * stride_we, offs_n, mn, I, I, BLOCK_N, BLOCK_K, REDUCE_EACH)
+        if HAS_SCALE:  # fp8 weights: the output channel's scale, once per sum
+            y = y * tl.load(ds_ptr + e * D + offs_n, mask=mn, other=0.0)
     else:
         j = (s - TOP_K).to(tl.int64)
         y = _gemv_tile(h_row, sd_ptr + j * I, offs_n, mn, I, shared_row, BLOCK_N, BLOCK_K, REDUCE_EACH)
+        if HAS_SCALE:
+            y = y * tl.load(sds_ptr + offs_n, mask=mn, other=0.0)
     tl.store(out_ptr + pid.to(tl.int64) * D + offs_n, y, mask=mn)
 
 
@@ -437,40 +450,63 @@ def _shared_slots(shared: torch.Tensor | None, inter: int, dim: int) -> int:
     return size // inter
 
 
-def moe_gate_up(x, ids, weights, w_gate, w_up, shared_gate, shared_up):
+def _scales(*scales: torch.Tensor | None) -> tuple[bool, list[torch.Tensor | None]]:
+    """(HAS_SCALE, contiguous fp32 scales): all given (fp8 weights) or none (bf16)."""
+    given = [s for s in scales if s is not None]
+    if not given:
+        return False, list(scales)
+    return True, [None if s is None else s.float().contiguous() for s in scales]
+
+
+def moe_gate_up(x, ids, weights, w_gate, w_up, shared_gate, shared_up,
+                gate_scale=None, up_scale=None, shared_gate_scale=None, shared_up_scale=None):
     n, top_k = ids.shape
     experts, inter, d = w_gate.shape
     ns = _shared_slots(shared_gate, inter, 0)
     assert x.stride(-1) == 1 and w_gate.is_contiguous() and w_up.is_contiguous()
     ids = ids.contiguous()
     weights = weights.contiguous()
+    has_scale, (gate_scale, up_scale, shared_gate_scale, shared_up_scale) = _scales(
+        gate_scale, up_scale, shared_gate_scale, shared_up_scale)
+    if has_scale:
+        assert gate_scale is not None and up_scale is not None
     if shared_gate is None:
         shared_gate, shared_up = w_gate, w_up
+        shared_gate_scale, shared_up_scale = gate_scale, up_scale
     else:
         assert shared_gate.is_contiguous() and shared_up.is_contiguous()
+        assert not has_scale or (shared_gate_scale is not None and shared_up_scale is not None)
     rows = n * (top_k + ns)
     out = torch.empty(n, top_k + ns, inter, device=x.device, dtype=x.dtype)
 
     def grid(meta):
         return (rows, triton.cdiv(inter, meta["BLOCK_N"]))
 
+    dummy = weights  # never read without HAS_SCALE
     _moe_gate_up_kernel[grid](
         x, ids, weights, w_gate, w_up, shared_gate, shared_up, out,
-        d, inter, x.stride(0), w_gate.stride(0), rows, TOP_K=top_k, N_SHARED=ns,
+        gate_scale if has_scale else dummy, up_scale if has_scale else dummy,
+        shared_gate_scale if has_scale else dummy, shared_up_scale if has_scale else dummy,
+        d, inter, x.stride(0), w_gate.stride(0), rows, TOP_K=top_k, N_SHARED=ns, HAS_SCALE=has_scale,
     )
     return out
 
 
-def moe_down(hidden, ids, w_down, shared_down):
+def moe_down(hidden, ids, w_down, shared_down, down_scale=None, shared_down_scale=None):
     n, top_k = ids.shape
     experts, d, inter = w_down.shape
     ns = _shared_slots(shared_down, inter, 1)
     assert hidden.is_contiguous() and w_down.is_contiguous()
     ids = ids.contiguous()
+    has_scale, (down_scale, shared_down_scale) = _scales(down_scale, shared_down_scale)
+    if has_scale:
+        assert down_scale is not None
     if shared_down is None:
         shared_down = w_down
+        shared_down_scale = down_scale
     else:
         assert shared_down.is_contiguous()
+        assert not has_scale or shared_down_scale is not None
     rows = n * (top_k + ns)
     out = torch.empty(n, top_k + ns, d, device=hidden.device, dtype=torch.float32)
 
@@ -479,6 +515,7 @@ def moe_down(hidden, ids, w_down, shared_down):
 
     _moe_down_kernel[grid](
         hidden, ids, w_down, shared_down, out,
-        d, inter, w_down.stride(0), shared_down.stride(0), rows, TOP_K=top_k, N_SHARED=ns,
+        down_scale if has_scale else out, shared_down_scale if has_scale else out,
+        d, inter, w_down.stride(0), shared_down.stride(0), rows, TOP_K=top_k, N_SHARED=ns, HAS_SCALE=has_scale,
     )
     return out

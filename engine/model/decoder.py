@@ -24,6 +24,7 @@ from torch import nn
 
 from engine.config import TextConfig
 from engine.kernels import decode as fused_ops
+from engine.kernels import fp8
 from engine.kernels.moe import silu_mul_scale
 from engine.model.rope import apply_interleaved_rope
 
@@ -233,6 +234,12 @@ class DeepseekV3Attention(nn.Module):
             return None
         return merged
 
+    @property
+    def fused_qkv_scale(self) -> torch.Tensor | None:
+        """Per-row fp32 scales of :attr:`fused_qkv_weight` once the loader quantised it to fp8 (else None):
+        project with ``engine.kernels.fp8.linear(x, fused_qkv_weight, fused_qkv_scale)``."""
+        return getattr(self, "_qkv_scale", None) if self.fused_qkv_weight is not None else None
+
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
             return self.q_proj(x)
@@ -249,16 +256,18 @@ class DeepseekV3Attention(nn.Module):
         merged = self.fused_qkv_weight
         if merged is None:
             return self.project_q(x), self.kv_a_proj_with_mqa(x)
-        q, kv = F.linear(x, merged).split([merged.shape[0] - self.kv_a_proj_with_mqa.weight.shape[0],
+        q, kv = fp8.linear(x, merged, self.fused_qkv_scale).split([merged.shape[0] - self.kv_a_proj_with_mqa.weight.shape[0],
                                             self.kv_lora_rank + self.qk_rope_head_dim], dim=-1)
         return q, kv
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK (H, nope, R), W_UV (H, v, R)): views of ``kv_b_proj``'s weight for attention in latent space."""
+        """(W_UK (H, nope, R), W_UV (H, v, R)): views of ``kv_b_proj``'s weight for attention in latent space
+        (an fp8 ``kv_b_proj`` gives views of one dequantised copy, 4 MB per A3B layer, made once per weight)."""
         weight = self.kv_b_proj.weight
         cached = getattr(self, "_absorbed", None)
         if cached is None or cached[0] is not weight:
-            w = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+            dense = fp8.dense_weight(self.kv_b_proj, self.kv_a_layernorm.weight.dtype if fp8.is_fp8(weight) else weight.dtype)
+            w = dense.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
             cached = (weight, w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :])
             self._absorbed = cached
         return cached[1], cached[2]
@@ -349,6 +358,10 @@ class ExpertBank(nn.Module):
     Tokens are sorted by expert and each projection is one grouped GEMM over all experts (``backend``
     "grouped"), with no host sync; "loop" runs one matmul per expert that has tokens, the plain reference
     that also serves torch builds or devices without grouped GEMM.
+
+    After :meth:`quantize_fp8_` (the loader's ``quantization: fp8``) the three tensors are float8_e4m3fn with
+    per-output-row fp32 scales ``gate_scale``/``up_scale`` (E, I) and ``down_scale`` (E, D); the decode GEMVs
+    read them as is (``engine.kernels.decode``), the grouped path through ``engine.kernels.fp8.grouped_linear``.
     """
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int) -> None:
@@ -356,7 +369,31 @@ class ExpertBank(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+        self.register_buffer("gate_scale", None, persistent=False)
+        self.register_buffer("up_scale", None, persistent=False)
+        self.register_buffer("down_scale", None, persistent=False)
         self.backend: Literal["auto", "grouped", "loop"] = "auto"
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.down_scale is not None
+
+    @torch.no_grad()
+    def quantize_fp8_(self) -> None:
+        """Replace the loaded weights by fp8 + per-row scales, one tensor at a time (the bf16 copy is freed
+        before the next is made)."""
+        if self.is_fp8:
+            return
+        for name, scale_name in (("gate_proj", "gate_scale"), ("up_proj", "up_scale"), ("down_proj", "down_scale")):
+            q, s = fp8.quantize_rows(getattr(self, name).detach())
+            setattr(self, name, nn.Parameter(q, requires_grad=False))
+            setattr(self, scale_name, s)
+
+    def _dense(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        w = getattr(self, name)[expert]
+        if not self.is_fp8:
+            return w
+        return fp8.dequantize_rows(w, getattr(self, name.replace("_proj", "_scale"))[expert], dtype)
 
     def checkpoint_slices(self) -> dict[str, tuple[str, int]]:
         """Official per-expert key (relative to this module) -> (stacked parameter name, expert index)."""
@@ -390,6 +427,11 @@ class ExpertBank(nn.Module):
 
     def _grouped(self, sorted_x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
+        if self.is_fp8:
+            gate = fp8.grouped_linear(sorted_x, self.gate_proj, self.gate_scale, offsets)
+            up = fp8.grouped_linear(sorted_x, self.up_proj, self.up_scale, offsets)
+            hidden = silu_mul_scale(gate, up, row_weights)
+            return fp8.grouped_linear(hidden, self.down_proj, self.down_scale, offsets)
         gate = F.grouped_mm(sorted_x, self.gate_proj.transpose(1, 2), offs=offsets)
         up = F.grouped_mm(sorted_x, self.up_proj.transpose(1, 2), offs=offsets)
         hidden = silu_mul_scale(gate, up, row_weights)  # one fused pass on CUDA (engine.kernels.moe)
@@ -403,8 +445,9 @@ class ExpertBank(nn.Module):
                 continue
             rows = slice(start, start + count)
             chunk = sorted_x[rows]
-            hidden = F.silu(chunk @ self.gate_proj[expert].T) * (chunk @ self.up_proj[expert].T) * row_weights[rows]
-            outputs[rows] = hidden @ self.down_proj[expert].T
+            w_gate, w_up, w_down = (self._dense(n, expert, chunk.dtype) for n in ("gate_proj", "up_proj", "down_proj"))
+            hidden = F.silu(chunk @ w_gate.T) * (chunk @ w_up.T) * row_weights[rows]
+            outputs[rows] = hidden @ w_down.T
             start += count
         return outputs
 
@@ -444,11 +487,15 @@ class DeepseekV3MoE(nn.Module):
         else:
             ids, weights = gate(x)
         shared = getattr(self, "shared_experts", None)
-        sg = su = sd = None
+        sg = su = sd = sgs = sus = sds = None
         if shared is not None:
             sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
-        hidden = fused_ops.moe_gate_up(x, ids, weights, experts.gate_proj, experts.up_proj, sg, su)
-        return fused_ops.moe_down(hidden, ids, experts.down_proj, sd)
+            sgs, sus, sds = (fp8.weight_scale(m) for m in (shared.gate_proj, shared.up_proj, shared.down_proj))
+        hidden = fused_ops.moe_gate_up(x, ids, weights, experts.gate_proj, experts.up_proj, sg, su,
+                                       gate_scale=experts.gate_scale, up_scale=experts.up_scale,
+                                       shared_gate_scale=sgs, shared_up_scale=sus)
+        return fused_ops.moe_down(hidden, ids, experts.down_proj, sd, down_scale=experts.down_scale,
+                                  shared_down_scale=sds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

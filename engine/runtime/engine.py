@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field
 
-from engine.loader import KimiVLBundle, load
+from engine.loader import KimiVLBundle, load, quantize_model_
 from engine.runtime.block_manager import BlockManager
 from engine.runtime.detokenizer import IncrementalDetokenizer
 from engine.runtime.request import Delta, GenerateRequest, TokenLogprob, Usage
@@ -60,6 +60,9 @@ class EngineOptions(BaseModel):
     reasoning: bool | Literal["auto"] = "auto"
     enable_prefix_caching: bool = True
     cuda_graphs: bool = Field(True, description="replay CUDA graphs for pure-decode steps on GPU")
+    quantization: Literal["none", "fp8"] | None = Field(
+        None, description="fp8: decoder weights quantised at load (float8_e4m3fn, per-row scales); the memory "
+        "freed goes to the KV cache")
 
 
 def _image_spans(input_ids: list[int], pad_id: int, pixel_values, grids, counts: list[int]) -> list[ImageSpan]:
@@ -88,6 +91,7 @@ class LLMEngine:
         self.tokenizer = bundle.tokenizer
         self.model = bundle.model
         cfg = bundle.config.text_config
+        quantize_model_(self.model, options.quantization)  # before sizing the cache: freed memory goes there
         self.max_model_len = min(options.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         num_blocks = self._num_blocks(options)
         self.blocks = BlockManager(num_blocks, options.block_size)
@@ -118,7 +122,8 @@ class LLMEngine:
             tokens = options.cache_tokens
         elif self.model.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.model.device)
-            per_token = ModelRunner.cache_bytes_per_token(self.bundle.config.text_config, self.model.language_model.lm_head.weight.dtype)
+            per_token = ModelRunner.cache_bytes_per_token(
+                self.bundle.config.text_config, self.model.language_model.model.embed_tokens.weight.dtype)
             reserve = 4 * 2**30  # activations of a full prefill step, logits, vision
             tokens = int(max(free * options.gpu_memory_utilization - reserve, per_token * bs) // per_token)
         else:

@@ -52,7 +52,7 @@ class ModelRunner:
         self.model = model
         self.config = model.config.text_config
         self.device = model.device
-        self.dtype = model.language_model.lm_head.weight.dtype
+        self.dtype = model.language_model.model.embed_tokens.weight.dtype  # activations (fp8 weights or not)
         self.block_size = block_size
         cfg = self.config
         self.latent_dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
