@@ -60,19 +60,28 @@ def test_chunk_attention_equals_lower_right_causal_sdpa(prefix: int, chunk: int)
 
 
 def test_chunked_prefill_on_gpu_kernels_matches_reference_kernels(tiny_checkpoint_a3b) -> None:
+    """bf16 chunked prefill on the CUDA kernels is as close to an fp32 run of the reference kernels as the bf16
+    reference kernels are (random tiny weights amplify rounding, so a fixed tolerance would judge the weights)."""
     from engine.loader import load
 
-    bundle = load(tiny_checkpoint_a3b, device="cuda", dtype=torch.bfloat16)
     shared = _prompt(120, seed=4)
     prompts = [shared + _prompt(30, seed=5), shared + _prompt(45, seed=6)]  # the second hits the prefix cache
     options = dict(max_num_batched_tokens=32, max_prefill_chunk_tokens=48, cuda_graphs=False)
+    exact, cache_exact, _ = _prefill(load(tiny_checkpoint_a3b, device="cuda", dtype=torch.float32), prompts,
+                                     kernels="torch", **options)
+    bundle = load(tiny_checkpoint_a3b, device="cuda", dtype=torch.bfloat16)
     expected, cache_expected, _ = _prefill(bundle, prompts, kernels="torch", **options)
     actual, cache_actual, steps = _prefill(bundle, prompts, **options)
     assert len(steps[0]) > 2
-    for a, e in zip(actual, expected):
-        _close(a, e, 5e-2)
-    for a, e in zip(cache_actual, cache_expected):
-        _close(a, e, 2e-2)
+    for name, got, ref, base in (("logits", actual, expected, exact), ("latents", cache_actual, cache_expected,
+                                                                          cache_exact)):
+        for a, e, x in zip(got, ref, base):
+            a, e, x = a.float(), e.float(), x.float()
+            assert torch.isfinite(a).all()
+            err, ref_err = (a - x).abs().max().item(), (e - x).abs().max().item()
+            print(f"{name}: CUDA kernels vs fp32 {err:.4f}, bf16 reference kernels vs fp32 {ref_err:.4f}, "
+                  f"max |fp32| {x.abs().max().item():.3f}")
+            assert err <= 2 * ref_err + 2e-2 * x.abs().max().item(), (name, err, ref_err)
 
 
 def test_mixed_decode_and_prefill_step_on_gpu_kernels(tiny_checkpoint_a3b) -> None:
@@ -83,10 +92,12 @@ def test_mixed_decode_and_prefill_step_on_gpu_kernels(tiny_checkpoint_a3b) -> No
     bundle = load(tiny_checkpoint_a3b, device="cuda", dtype=torch.bfloat16)
     engine = LLMEngine(bundle, EngineOptions(cache_tokens=4096, block_size=8, max_num_batched_tokens=40,
                                              cuda_graphs=False))
-    for i in range(3):
-        engine.add(engine.make_sequence({"prompt_token_ids": _prompt(20 + 7 * i, seed=10 + i), "max_tokens": 8,
-                                         "ignore_eos": True}))
-    engine.step()
+    seqs = [engine.make_sequence({"prompt_token_ids": _prompt(20 + 7 * i, seed=10 + i), "max_tokens": 16,
+                                  "ignore_eos": True}) for i in range(3)]
+    for seq in seqs:
+        engine.add(seq)
+    while any(not seq.output_ids for seq in seqs):  # the prompts take several steps
+        engine.step()
     engine.add(engine.make_sequence({"prompt_token_ids": _prompt(200, seed=20), "max_tokens": 2}))
     engine.step()  # the new prompt's first chunk: the next one follows a cached prefix
     batch = engine.scheduler.schedule()
