@@ -592,11 +592,13 @@ def prepare_image(
     settings = _settings_tag(cfg, in_token_limit)
     encoded = _encoded_source(source)
     rgb: Image.Image | None = None
+    array: np.ndarray | None = None  # the decoded pixels, copied out of PIL once (hashed and uploaded as is)
     if encoded is not None:
         key = _key(b"encoded", encoded[0], settings)
     else:
         rgb = load_image(source, max_pixels=max_pixels)
-        key = _key(f"rgb{rgb.width}x{rgb.height}".encode(), np.asarray(rgb).tobytes(), settings)
+        array = np.array(rgb, dtype=np.uint8)
+        key = _key(f"rgb{rgb.width}x{rgb.height}".encode(), memoryview(array).cast("B"), settings)
     if lookup is not None and memo is not None:
         geo = memo.get(key)
         features = lookup(key) if geo is not None else None
@@ -608,7 +610,8 @@ def prepare_image(
     if memo is not None:
         memo.put(key, geo)
     if pixels == "device":
-        return ImageItem(key, geo, decoded=DecodedImage(torch.from_numpy(np.array(rgb, dtype=np.uint8)), geo, cfg))
+        array = np.array(rgb, dtype=np.uint8) if array is None else array
+        return ImageItem(key, geo, decoded=DecodedImage(torch.from_numpy(array), geo, cfg))
     if pixels != "host":
         raise ValueError(f"pixels must be 'host' or 'device', got {pixels!r}")
     return ImageItem(key, geo, patches=_host_patches(rgb, geo, cfg))
