@@ -39,6 +39,22 @@ def test_cuda_patches_equal_host_patches(w, h, limit, pad) -> None:
     assert torch.equal(got.cpu(), ref)
 
 
+@pytest.mark.gpu
+def test_rotate_qk_complex_path_matches_real_reference() -> None:
+    from engine.model.vision import apply_rope_2d, rope_cos_sin, rotate_qk
+
+    grids = [(50, 86), (8, 8)]
+    n = sum(h * w for h, w in grids)
+    cos, sin = rope_cos_sin(grids, 72, 10000.0, torch.device("cuda"))
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        qkv = torch.randn(n, 3, 16, 72, device="cuda").to(dtype)
+        q, k = rotate_qk(qkv, cos, sin)
+        assert q.is_contiguous() and k.is_contiguous() and q.dtype == dtype
+        for got, src in ((q, qkv[:, 0]), (k, qkv[:, 1])):
+            ref = apply_rope_2d(src, cos, sin)
+            assert (got.float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
+
+
 def _tower(layers: int = 2):
     from engine.model.vision import MoonVitPretrainedModel
 
