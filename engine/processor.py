@@ -256,8 +256,9 @@ def _finish(im: Image.Image, max_pixels: int | None, what: str) -> Image.Image:
         raise ImageInputError(f"{what}: image too large (decompression bomb guard): {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise ImageInputError(f"{what}: corrupt or truncated image data: {exc}") from None
+    original = im
     try:
-        im = ImageOps.exif_transpose(im)
+        im = ImageOps.exif_transpose(im)  # a new image (transposed or copied) unless it raises
     except Exception:  # malformed EXIF must not make an otherwise valid image unusable
         pass
     _check_size(im.size, max_pixels, what)
@@ -265,7 +266,7 @@ def _finish(im: Image.Image, max_pixels: int | None, what: str) -> Image.Image:
         rgb = _to_rgb(im)
     except ImageInputError as exc:
         raise ImageInputError(f"{what}: {exc}") from None
-    if rgb is im:
+    if rgb is original:  # never hand back the caller's (or a file-backed) image object
         rgb = im.copy()
     return rgb
 
