@@ -266,8 +266,12 @@ def vision_backends(model, reps: int) -> dict:
         g = torch.tensor(grids)
         row: dict = {"patches": n}
         with torch.no_grad():
+            tower.attn_backend = "auto"  # the default: cuDNN first
+            row["auto_cudnn_first_ms"] = median_ms(lambda: model.encode_images(px, g), reps)
+            auto = model.encode_images(px, g).float()
             tower.attn_backend = "sdpa"
             ref = model.encode_images(px, g).float()
+            row["auto_max_diff"] = round((auto - ref).abs().max().item(), 4)
             row["sdpa_default_ms"] = median_ms(lambda: model.encode_images(px, g), reps)
             for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                                    ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
@@ -278,6 +282,19 @@ def vision_backends(model, reps: int) -> dict:
                     row[f"sdpa_{label}_max_diff"] = round(diff, 4)
                 except Exception as exc:  # backend not available for these shapes / this build
                     row[f"sdpa_{label}_ms"] = f"unavailable: {type(exc).__name__}: {str(exc)[:120]}"
+            try:  # FA3 behind SDPA's flash backend (torch >= 2.11 on Hopper), then back to the default impl
+                from torch.nn.attention import activate_flash_attention_impl, restore_flash_attention_impl
+
+                activate_flash_attention_impl("FA3")
+                try:
+                    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                        row["sdpa_flash_fa3_ms"] = median_ms(lambda: model.encode_images(px, g), reps)
+                        row["sdpa_flash_fa3_max_diff"] = round(
+                            (model.encode_images(px, g).float() - ref).abs().max().item(), 4)
+                finally:
+                    restore_flash_attention_impl()
+            except Exception as exc:
+                row["sdpa_flash_fa3_ms"] = f"unavailable: {type(exc).__name__}: {str(exc)[:120]}"
             tower.attn_backend = "varlen"
             start = time.perf_counter()
             model.encode_images(px, g)
@@ -288,7 +305,8 @@ def vision_backends(model, reps: int) -> dict:
             from engine.model.vision import MoonVitPretrainedModel
 
             row["varlen_fell_back"] = bool(MoonVitPretrainedModel._varlen_broken)
-            tower.attn_backend = "sdpa"
+            row["cudnn_first_fell_back"] = bool(MoonVitPretrainedModel._cudnn_broken)
+            tower.attn_backend = "auto"
         row["ref_max_abs"] = round(ref.abs().max().item(), 3)
         print(name, json.dumps(row), flush=True)
         out[name] = row

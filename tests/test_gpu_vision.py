@@ -78,8 +78,9 @@ def _tower(layers: int = 2):
 
 @pytest.mark.gpu
 def test_varlen_and_grouped_sdpa_match_per_image_reference() -> None:
-    """A batch of distinct grids (A3B head_dim 72): bf16 grouped SDPA and bf16 flash varlen both match each image
-    encoded alone in float32 (attention never crosses images), and varlen really ran."""
+    """A batch of distinct grids (A3B head_dim 72): bf16 grouped SDPA (PyTorch's choice and cuDNN first) and bf16
+    flash varlen all match each image encoded alone in float32 (attention never crosses images), and cuDNN and
+    varlen really ran."""
     import engine.model.vision as vision
 
     grids = [(50, 86), (8, 8), (24, 40), (8, 8), (48, 86)]
@@ -96,12 +97,16 @@ def test_varlen_and_grouped_sdpa_match_per_image_reference() -> None:
         tb = tower.to(torch.bfloat16)
         tb.attn_backend = "sdpa"
         sdpa = tb.forward_packed(px.cuda(), g).float()
+        tb.attn_backend = "auto"  # cuDNN first
+        vision.MoonVitPretrainedModel._cudnn_broken = False
+        auto = tb.forward_packed(px.cuda(), g).float()
+        assert not vision.MoonVitPretrainedModel._cudnn_broken, "cuDNN-first SDPA failed and fell back"
         tb.attn_backend = "varlen"
         vision.MoonVitPretrainedModel._varlen_broken = False
         varlen = tb.forward_packed(px.cuda(), g).float()
-        tb.attn_backend = "sdpa"
+        tb.attn_backend = "auto"
     scale = ref.abs().max().item()
-    for out in (sdpa, varlen):
+    for out in (sdpa, auto, varlen):
         assert out.shape == ref.shape
         assert (out - ref).abs().max().item() <= 0.05 * scale
         assert F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item() > 0.999

@@ -213,7 +213,32 @@ def test_varlen_backend_falls_back_to_sdpa(tower, monkeypatch):
             assert torch.equal(tower.forward_packed(px, grids), ref)
             assert vision.MoonVitPretrainedModel._varlen_broken
         finally:
-            tower.attn_backend = "sdpa"
+            tower.attn_backend = "auto"
+
+
+def test_cudnn_first_sdpa_same_result_and_falls_back(tower, monkeypatch):
+    """The "auto" backend's cuDNN-first priority list changes the kernel choice, not the result (forced here on
+    CPU, where the list ends in math); an error inside falls back to plain SDPA and is remembered."""
+    import engine.model.vision as vision
+
+    px, grids = _pixels([(4, 6), (2, 2)])
+    with torch.no_grad():
+        ref = tower.forward_packed(px, grids)
+        monkeypatch.setattr(vision.MoonVitPretrainedModel, "_cudnn_first", lambda self, x: True)
+        monkeypatch.setattr(vision.MoonVitPretrainedModel, "_cudnn_broken", False)
+        assert torch.equal(tower.forward_packed(px, grids), ref)
+        real = vision.MoonVitEncoder.forward
+        calls = []
+
+        def flaky(self, *args):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("cuDNN: no execution plan")
+            return real(self, *args)
+
+        monkeypatch.setattr(vision.MoonVitEncoder, "forward", flaky)
+        assert torch.equal(tower.forward_packed(px, grids), ref)
+        assert vision.MoonVitPretrainedModel._cudnn_broken and len(calls) == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------

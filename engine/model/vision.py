@@ -49,7 +49,11 @@ fp16/bf16, ``attn_backend = "varlen"`` switches to PyTorch's flash varlen kernel
 (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.9); any failure falls back to SDPA. Measured on one H100
 (torch 2.11, bf16, A3B-size tower): grouped SDPA 24 ms vs varlen 27 ms for one 64x64 grid, 174 vs 183 ms for 8
 distinct grids (20.6k patches), 104 vs 110 ms for 16 frames of 28x50; varlen's first call also took ~3.8 s of
-warm-up. Both agree with each other and with fp32 to bf16 precision; hence SDPA is the default.
+warm-up. Both agree with each other and with fp32 to bf16 precision; hence SDPA is the default. The default
+``attn_backend = "auto"`` runs those SDPA calls with cuDNN attention first in the priority list on CUDA (on the
+H100 cuDNN was 2.3-5x faster than flash at the decoder's head dims, and flash rounds MoonViT's head_dim 72 up to
+96); flash / mem-efficient / math follow, and an error inside cuDNN falls back to plain SDPA for the process.
+``bench/vision_ttft_bench.py`` times every backend on the screenshot grid.
 """
 
 from __future__ import annotations
@@ -388,17 +392,19 @@ class MoonVitPretrainedModel(nn.Module):
 
     ``forward(pixel_values (N, 3, p, p), grid_hws (n, 2))`` -> list of n tensors ((h/kh)*(w/kw), kh*kw, C).
     ``forward_packed`` returns the same rows concatenated: (sum (h/kh)*(w/kw), kh*kw, C).
-    ``attn_backend``: "sdpa" (default; per-image attention, equal-size images batched) or "varlen" (CUDA
-    fp16/bf16 only, PyTorch's flash varlen kernel when the installed torch has it; otherwise SDPA).
+    ``attn_backend``: "auto" (default: per-image SDPA, equal-size images batched, cuDNN attention preferred on
+    CUDA), "sdpa" (the same with PyTorch's own kernel choice) or "varlen" (CUDA fp16/bf16 only, PyTorch's flash
+    varlen kernel when the installed torch has it; otherwise SDPA).
     """
 
     _varlen_broken = False  # set once a varlen call failed in this process
+    _cudnn_broken = False  # set once cuDNN-first SDPA raised in this process
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.config = cfg
         self.merge_kernel_size = tuple(cfg.merge_kernel_size)
-        self.attn_backend = "sdpa"
+        self.attn_backend = "auto"
         self.patch_embed = MoonVisionPatchEmbed(cfg)
         self.encoder = MoonVitEncoder(cfg)
 
@@ -429,6 +435,24 @@ class MoonVitPretrainedModel(nn.Module):
             and _varlen_attn() is not None
         )
 
+    def _cudnn_first(self, x: torch.Tensor) -> bool:
+        return self.attn_backend == "auto" and x.is_cuda and not MoonVitPretrainedModel._cudnn_broken
+
+    def _encode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: _AttentionPlan) -> torch.Tensor:
+        if plan.use_varlen or not self._cudnn_first(x):
+            return self.encoder(x, cos, sin, plan)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+        try:
+            with sdpa_kernel(order, set_priority=True):
+                return self.encoder(x, cos, sin, plan)
+        except RuntimeError as exc:  # a cuDNN build / shape problem: remember and use PyTorch's own choice
+            log.warning("cuDNN-first SDPA failed in the vision tower (%s); using default SDPA", exc)
+            MoonVitPretrainedModel._cudnn_broken = True
+            return self.encoder(x, cos, sin, plan)
+
     def forward_packed(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> torch.Tensor:
         device = self.patch_embed.proj.weight.device
         batch = VisionBatch.from_grids(grid_hws, device)
@@ -436,7 +460,7 @@ class MoonVitPretrainedModel(nn.Module):
         x = self.patch_embed(pixel_values.to(device=device, dtype=self.dtype), batch)
         cos, sin = rope_cos_sin(batch.grids, self.config.head_dim, self.config.rope_theta, device)
         plan = _AttentionPlan(batch, use_varlen=self._use_varlen(x))
-        x = self.encoder(x, cos, sin, plan)
+        x = self._encode(x, cos, sin, plan)
         idx = merge_gather_index(batch.grids, self.merge_kernel_size, device)
         kh, kw = self.merge_kernel_size
         return x.index_select(0, idx).view(-1, kh * kw, x.shape[-1])
