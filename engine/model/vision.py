@@ -200,7 +200,7 @@ def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[
     """2-D RoPE on the q and k of a packed ``wqkv`` output (tokens, 3, heads, head_dim) in one pass -> contiguous
     (tokens, heads, head_dim) q and k in its dtype.
 
-    On CUDA it is the official formulation itself (float32 ``view_as_complex`` product, 3 kernels for q and k
+    On CUDA it is the official formulation itself (float32 ``view_as_complex`` product, 4 kernels for q and k
     together instead of ~18 elementwise passes of the real form: RoPE was ~1/5 of the tower's memory traffic at a
     screenshot's 4,300 patches); elsewhere ``apply_rope_2d`` (same values per element as before).
     """
