@@ -253,7 +253,7 @@ def ttft_figures(bundle, sizes: list[tuple[int, int]], reps: int) -> dict:
     return results
 
 
-def vision_backends(model, reps: int) -> dict:
+def vision_backends(model, reps: int, device: str = "cuda") -> dict:
     """MoonViT + projector alone: the screenshot grid and a batch of distinct grids, per attention backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -262,7 +262,7 @@ def vision_backends(model, reps: int) -> dict:
     out: dict = {}
     for name, grids in cases.items():
         n = sum(h * w for h, w in grids)
-        px = torch.randn(n, 3, 14, 14, device="cuda")
+        px = torch.randn(n, 3, 14, 14, device=device)
         g = torch.tensor(grids)
         row: dict = {"patches": n}
         with torch.no_grad():

@@ -48,6 +48,11 @@ Our own conventions (not from the official code):
   is decoded (PIL's lazy ``Image.open``). PIL's own ``DecompressionBombError`` (at 2x its global
   ``MAX_IMAGE_PIXELS``) is also mapped to ``ImageInputError``; our limit does not depend on that global.
   A ``max_pixels`` above PIL's hard limit additionally needs ``PIL.Image.MAX_IMAGE_PIXELS`` raised by the caller.
+- Keys and deferred pixels (``prepare_image`` / ``ImageItem``): each image gets a content key (blake2b of its
+  encoded bytes, or of the decoded RGB bytes for PIL / array inputs, plus every setting that shapes the patches)
+  before any pixel work; with ``lookup`` a known image is not even decoded. ``pixels="device"`` stops after
+  decoding: ``DecodedImage.patches(device)`` later runs the same resize / pad / normalise / patchify as torch ops
+  (``engine.pixel_ops``, Pillow-exact), on the GPU in the engine.
 - Video: Kimi-VL published no video path (Kimi-VL issues #24/#59); a video is fed as sampled frames, each an
   ordinary image with its own media block (see ``sample_frame_indices`` / ``VideoFrames``). The chat template
   (tokenizer) must render one media block per frame.
