@@ -112,3 +112,38 @@ def test_varlen_and_grouped_sdpa_match_per_image_reference() -> None:
         assert F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item() > 0.999
     if vision._varlen_attn() is not None:
         assert not vision.MoonVitPretrainedModel._varlen_broken, "varlen flash attention failed and fell back"
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_device_pixels_equal_host_pixels(tiny_checkpoint) -> None:
+    """The real engine on CUDA (tiny checkpoint, fp32): pixels made by the runner on the GPU give the same greedy
+    tokens as host preprocessing; a resent PNG behind another prefix is a vision-cache hit at admission."""
+    import base64
+
+    from engine.loader import load
+    from engine.runtime.engine import EngineOptions, LLMEngine
+
+    bundle = load(tiny_checkpoint, device="cuda", dtype=torch.float32)
+    urls = ["data:image/png;base64," + base64.b64encode(_png(w, h, seed=w)).decode() for w, h in ((120, 90), (56, 84))]
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": "Both?"}]
+    messages = [{"role": "user", "content": content}]
+
+    def greedy(engine, msgs, n=6):
+        seq = engine.make_sequence({"messages": msgs, "max_tokens": n, "ignore_eos": True})
+        engine.add(seq)
+        while engine.has_work():
+            engine.step()
+        return seq
+
+    opts = dict(cache_tokens=4096, cuda_graphs=False, max_num_batched_tokens=512)
+    host = LLMEngine(bundle, EngineOptions(image_pixels="host", **opts))
+    dev = LLMEngine(bundle, EngineOptions(**opts))
+    assert dev.image_pixels == "device"  # auto on a CUDA model
+    first = greedy(dev, messages)
+    assert first.images[0].decoded is not None and first.images[0].pixel_values is None
+    assert greedy(host, messages).output_ids == first.output_ids
+    resent = [{"role": "system", "content": "Another prefix."},
+              {"role": "user", "content": [content[0], {"type": "text", "text": "Again?"}]}]
+    seq = greedy(dev, resent, 2)
+    assert seq.images[0].features is not None and seq.finish_reason == "length"
+    assert dev.runner.vision_cache.misses == 2 and dev.runner.vision_cache.hits >= 1
