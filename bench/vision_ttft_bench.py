@@ -213,10 +213,12 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def ttft_figures(bundle, sizes: list[tuple[int, int]], reps: int) -> dict:
+def ttft_figures(bundle, sizes: list[tuple[int, int]], reps: int, results: dict | None = None,
+                 dump=lambda: None) -> dict:
+    """Fills ``results`` (written out by ``dump`` after each figure, so a timeout keeps what was measured)."""
     from engine.runtime.engine import EngineOptions, LLMEngine
 
-    results: dict = {}
+    results = {} if results is None else results
     seed = 1000
     for mode in ("host", "device"):
         engine = LLMEngine(bundle, EngineOptions(cache_tokens=16384, cuda_graphs=False, image_pixels=mode,
@@ -234,18 +236,21 @@ def ttft_figures(bundle, sizes: list[tuple[int, int]], reps: int) -> dict:
             key = f"{mode}_{w}x{h}"
             results[key] = summarise(runs)
             print(key, json.dumps(results[key]), flush=True)
+            dump()
             pil_runs = []
             for _ in range(reps):
                 seed += 1
                 pil_runs.append(one_request(engine, timers, screenshot(w, h, seed)))
             results[f"{key}_pil_image"] = summarise(pil_runs)
             print(f"{key}_pil_image", json.dumps(results[f"{key}_pil_image"]), flush=True)
+            dump()
             if mode == "device":
                 # the last PNG sent again behind new prefixes: its features are cached, nothing is decoded
                 hits = [one_request(engine, timers, last_url, prefix=f"Different prefix number {i}.")
                         for i in range(reps)]
                 results[f"{key}_resent_vision_cache_hit"] = summarise(hits)
                 print(f"{key}_resent", json.dumps(results[f"{key}_resent_vision_cache_hit"]), flush=True)
+                dump()
         results[f"{mode}_stats"] = {k: v for k, v in engine.stats().items() if "vision" in k}
         timers.close()
         del engine
@@ -362,9 +367,10 @@ def main() -> None:
         start = time.perf_counter()
         bundle = a3b_bundle(tmp, device="cuda")
         results["build_s"] = round(time.perf_counter() - start, 1)
-        results["vision_backends"] = vision_backends(bundle.model, args.reps)
+        results["ttft"] = {}
+        ttft_figures(bundle, sizes, args.reps, results["ttft"], dump)
         dump()
-        results["ttft"] = ttft_figures(bundle, sizes, args.reps)
+        results["vision_backends"] = vision_backends(bundle.model, args.reps)
         dump()
         if not args.no_profile:
             results["profile_device_mode"] = profile_request(bundle, sizes[0])
