@@ -78,7 +78,7 @@ def _tower(layers: int = 2):
 
 @pytest.mark.gpu
 def test_varlen_and_grouped_sdpa_match_per_image_reference() -> None:
-    """A batch of distinct grids (A3B head_dim 72): bf16 grouped SDPA (PyTorch's choice and cuDNN first) and bf16
+    """A batch of distinct grids (A3B head_dim 72): bf16 grouped SDPA (PyTorch's choice, and cuDNN first) and bf16
     flash varlen all match each image encoded alone in float32 (attention never crosses images), and cuDNN and
     varlen really ran."""
     import engine.model.vision as vision
@@ -97,16 +97,16 @@ def test_varlen_and_grouped_sdpa_match_per_image_reference() -> None:
         tb = tower.to(torch.bfloat16)
         tb.attn_backend = "sdpa"
         sdpa = tb.forward_packed(px.cuda(), g).float()
-        tb.attn_backend = "auto"  # cuDNN first
+        tb.attn_backend = "cudnn"  # cuDNN first
         vision.MoonVitPretrainedModel._cudnn_broken = False
-        auto = tb.forward_packed(px.cuda(), g).float()
+        cudnn = tb.forward_packed(px.cuda(), g).float()
         assert not vision.MoonVitPretrainedModel._cudnn_broken, "cuDNN-first SDPA failed and fell back"
         tb.attn_backend = "varlen"
         vision.MoonVitPretrainedModel._varlen_broken = False
         varlen = tb.forward_packed(px.cuda(), g).float()
-        tb.attn_backend = "auto"
+        tb.attn_backend = "sdpa"
     scale = ref.abs().max().item()
-    for out in (sdpa, auto, varlen):
+    for out in (sdpa, cudnn, varlen):
         assert out.shape == ref.shape
         assert (out - ref).abs().max().item() <= 0.05 * scale
         assert F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item() > 0.999

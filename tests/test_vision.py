@@ -213,11 +213,11 @@ def test_varlen_backend_falls_back_to_sdpa(tower, monkeypatch):
             assert torch.equal(tower.forward_packed(px, grids), ref)
             assert vision.MoonVitPretrainedModel._varlen_broken
         finally:
-            tower.attn_backend = "auto"
+            tower.attn_backend = "sdpa"
 
 
 def test_cudnn_first_sdpa_same_result_and_falls_back(tower, monkeypatch):
-    """The "auto" backend's cuDNN-first priority list changes the kernel choice, not the result (forced here on
+    """The "cudnn" backend's cuDNN-first priority list changes the kernel choice, not the result (forced here on
     CPU, where the list ends in math); an error inside falls back to plain SDPA and is remembered."""
     import engine.model.vision as vision
 

@@ -2,14 +2,15 @@
 # Screenshot TTFT (issue 17 item 5) on one GPU, ~2-3 min on a warm H100:
 # 1. tests/test_gpu_vision.py: device preprocessing on CUDA equals the host processor bit for bit (1280x720,
 #    1920x1080, a tall image, a centre crop); the CUDA RoPE path vs the real-arithmetic reference; MoonViT bf16
-#    SDPA (PyTorch's choice and cuDNN first = default) and flash varlen vs a per-image fp32 reference on 5 distinct
-#    grids at head_dim 72 (cuDNN and varlen really ran); the tiny engine on CUDA: device pixels == host pixels
+#    SDPA (PyTorch's choice = default, and cuDNN first) and flash varlen vs a per-image fp32 reference on 5
+#    distinct grids at head_dim 72 (cuDNN and varlen really ran); the tiny engine on CUDA: device pixels == host pixels
 #    (greedy tokens), resent PNG = vision-cache hit. -> $OUT/test_gpu_vision.log
 # 2. bench/vision_ttft_bench.py on the random A3B model: host-side preprocessing (main's path vs host vs device
 #    mode), screenshot TTFT split into preprocess / device pixels / vision / rest for image_pixels=host vs device
 #    at 1280x720 and 1920x1080 (PNG data URLs and PIL images), a resent screenshot (vision-cache hit at
-#    admission), then MoonViT attention backends (cuDNN-first default, sdpa default/flash/cudnn/efficient, FA3,
-#    varlen) and the top CUDA ops of one request. The JSON is rewritten after every figure.
+#    admission), then MoonViT attention backends (sdpa default, cuDNN first, forced flash/cudnn/efficient, FA3,
+#    varlen; first call at a new grid per backend) and the top CUDA ops of one request. The JSON is rewritten
+#    after every figure.
 #    -> $OUT/vision_ttft.json, $OUT/vision_ttft.log
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl

@@ -49,11 +49,13 @@ fp16/bf16, ``attn_backend = "varlen"`` switches to PyTorch's flash varlen kernel
 (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.9); any failure falls back to SDPA. Measured on one H100
 (torch 2.11, bf16, A3B-size tower): grouped SDPA 24 ms vs varlen 27 ms for one 64x64 grid, 174 vs 183 ms for 8
 distinct grids (20.6k patches), 104 vs 110 ms for 16 frames of 28x50; varlen's first call also took ~3.8 s of
-warm-up. Both agree with each other and with fp32 to bf16 precision; hence SDPA is the default. The default
-``attn_backend = "auto"`` runs those SDPA calls with cuDNN attention first in the priority list on CUDA (on the
-H100 cuDNN was 2.3-5x faster than flash at the decoder's head dims, and flash rounds MoonViT's head_dim 72 up to
-96); flash / mem-efficient / math follow, and an error inside cuDNN falls back to plain SDPA for the process.
-``bench/vision_ttft_bench.py`` times every backend on the screenshot grid.
+warm-up. Both agree with each other and with fp32 to bf16 precision; hence SDPA is the default.
+``attn_backend = "cudnn"`` runs those SDPA calls with cuDNN attention first in the priority list on CUDA (on the
+H100 cuDNN was 2.3-5x faster than flash at the decoder's head dims); flash / mem-efficient / math follow, and an
+error inside cuDNN falls back to plain SDPA for the process. It is not the default: cuDNN builds an execution
+plan per new shape (reported at hundreds of ms), and every new image size is a new shape, so a first-seen
+screenshot size could lose far more than the kernel saves. ``bench/vision_ttft_bench.py`` times every backend on
+the screenshot grid, including the first call at a new grid.
 """
 
 from __future__ import annotations
@@ -392,8 +394,8 @@ class MoonVitPretrainedModel(nn.Module):
 
     ``forward(pixel_values (N, 3, p, p), grid_hws (n, 2))`` -> list of n tensors ((h/kh)*(w/kw), kh*kw, C).
     ``forward_packed`` returns the same rows concatenated: (sum (h/kh)*(w/kw), kh*kw, C).
-    ``attn_backend``: "auto" (default: per-image SDPA, equal-size images batched, cuDNN attention preferred on
-    CUDA), "sdpa" (the same with PyTorch's own kernel choice) or "varlen" (CUDA fp16/bf16 only, PyTorch's flash
+    ``attn_backend``: "sdpa" (default; per-image attention, equal-size images batched, PyTorch's kernel choice),
+    "cudnn" (the same with cuDNN attention first on CUDA) or "varlen" (CUDA fp16/bf16 only, PyTorch's flash
     varlen kernel when the installed torch has it; otherwise SDPA).
     """
 
@@ -404,7 +406,7 @@ class MoonVitPretrainedModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.merge_kernel_size = tuple(cfg.merge_kernel_size)
-        self.attn_backend = "auto"
+        self.attn_backend = "sdpa"
         self.patch_embed = MoonVisionPatchEmbed(cfg)
         self.encoder = MoonVitEncoder(cfg)
 
@@ -436,7 +438,7 @@ class MoonVitPretrainedModel(nn.Module):
         )
 
     def _cudnn_first(self, x: torch.Tensor) -> bool:
-        return self.attn_backend == "auto" and x.is_cuda and not MoonVitPretrainedModel._cudnn_broken
+        return self.attn_backend == "cudnn" and x.is_cuda and not MoonVitPretrainedModel._cudnn_broken
 
     def _encode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: _AttentionPlan) -> torch.Tensor:
         if plan.use_varlen or not self._cudnn_first(x):
