@@ -48,6 +48,11 @@ Our own conventions (not from the official code):
   is decoded (PIL's lazy ``Image.open``). PIL's own ``DecompressionBombError`` (at 2x its global
   ``MAX_IMAGE_PIXELS``) is also mapped to ``ImageInputError``; our limit does not depend on that global.
   A ``max_pixels`` above PIL's hard limit additionally needs ``PIL.Image.MAX_IMAGE_PIXELS`` raised by the caller.
+- Keys and deferred pixels (``prepare_image`` / ``ImageItem``): each image gets a content key (blake2b of its
+  encoded bytes, or of the decoded RGB bytes for PIL / array inputs, plus every setting that shapes the patches)
+  before any pixel work; with ``lookup`` a known image is not even decoded. ``pixels="device"`` stops after
+  decoding: ``DecodedImage.patches(device)`` later runs the same resize / pad / normalise / patchify as torch ops
+  (``engine.pixel_ops``, Pillow-exact), on the GPU in the engine.
 - Video: Kimi-VL published no video path (Kimi-VL issues #24/#59); a video is fed as sampled frames, each an
   ordinary image with its own media block (see ``sample_frame_indices`` / ``VideoFrames``). The chat template
   (tokenizer) must render one media block per frame.
@@ -57,20 +62,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import math
 import os
+import threading
 import urllib.parse
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from engine.config import ProcessorConfig, load_processor_config
+from engine.pixel_ops import patchify_u8
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -84,6 +93,10 @@ __all__ = [
     "num_image_tokens",
     "preprocess_image",
     "preprocess_images",
+    "DecodedImage",
+    "ImageItem",
+    "PixelMode",
+    "prepare_image",
     "sample_frame_indices",
     "VideoFrames",
     "ProcessedInputs",
@@ -248,8 +261,9 @@ def _finish(im: Image.Image, max_pixels: int | None, what: str) -> Image.Image:
         raise ImageInputError(f"{what}: image too large (decompression bomb guard): {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise ImageInputError(f"{what}: corrupt or truncated image data: {exc}") from None
+    original = im
     try:
-        im = ImageOps.exif_transpose(im)
+        im = ImageOps.exif_transpose(im)  # a new image (transposed or copied) unless it raises
     except Exception:  # malformed EXIF must not make an otherwise valid image unusable
         pass
     _check_size(im.size, max_pixels, what)
@@ -257,9 +271,40 @@ def _finish(im: Image.Image, max_pixels: int | None, what: str) -> Image.Image:
         rgb = _to_rgb(im)
     except ImageInputError as exc:
         raise ImageInputError(f"{what}: {exc}") from None
-    if rgb is im:
+    if rgb is original:  # never hand back the caller's (or a file-backed) image object
         rgb = im.copy()
     return rgb
+
+
+def _encoded_source(source: Any) -> tuple[bytes, str] | None:
+    """(encoded bytes, label for errors) for byte / data-URL / file sources; None for PIL images and arrays."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), "image bytes"
+    if isinstance(source, str):
+        stripped = source.strip()
+        low = stripped[:16].lower()
+        if low.startswith("data:"):
+            return _decode_data_url(stripped), "data URL"
+        if low.startswith(("http://", "https://")):
+            raise ImageInputError(f"remote image URLs are not fetched; download it first: {stripped[:100]!r}")
+        if low.startswith("file://"):
+            parsed = urllib.parse.urlparse(stripped)
+            source = urllib.parse.unquote(parsed.path)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageInputError(f"image file not found: {str(path)[:300]!r}") from None
+        except (OSError, ValueError) as exc:
+            raise ImageInputError(f"cannot read image file {str(path)[:300]!r}: {exc}") from None
+        return data, f"image file {path.name!r}"
+    return None
+
+
+def _decode_encoded(data: bytes, what: str, max_pixels: int | None) -> Image.Image:
+    with _open_bytes(data, what) as im:
+        return _finish(im, max_pixels, what)
 
 
 def load_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -277,30 +322,9 @@ def load_image(source: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
             raise ImageInputError(f"array image must be HxW or HxWxC, got shape {tuple(source.shape)}")
         _check_size((int(source.shape[1]), int(source.shape[0])), max_pixels, "array image")
         return _finish(_array_to_image(source), max_pixels, "array image")
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        with _open_bytes(bytes(source), "image bytes") as im:
-            return _finish(im, max_pixels, "image bytes")
-    if isinstance(source, str):
-        stripped = source.strip()
-        low = stripped[:16].lower()
-        if low.startswith("data:"):
-            with _open_bytes(_decode_data_url(stripped), "data URL") as im:
-                return _finish(im, max_pixels, "data URL")
-        if low.startswith(("http://", "https://")):
-            raise ImageInputError(f"remote image URLs are not fetched; download it first: {stripped[:100]!r}")
-        if low.startswith("file://"):
-            parsed = urllib.parse.urlparse(stripped)
-            source = urllib.parse.unquote(parsed.path)
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ImageInputError(f"image file not found: {str(path)[:300]!r}") from None
-        except (OSError, ValueError) as exc:
-            raise ImageInputError(f"cannot read image file {str(path)[:300]!r}: {exc}") from None
-        with _open_bytes(data, f"image file {path.name!r}") as im:
-            return _finish(im, max_pixels, f"image file {path.name!r}")
+    encoded = _encoded_source(source)
+    if encoded is not None:
+        return _decode_encoded(*encoded, max_pixels)
     raise ImageInputError(f"unsupported image source type {type(source).__name__}")
 
 
@@ -405,16 +429,8 @@ def num_image_tokens(width: int, height: int, cfg: ProcessorConfig, *, in_token_
 # --------------------------------------------------------------------------------------------------------------
 
 
-def preprocess_image(
-    image: Any,
-    cfg: ProcessorConfig,
-    *,
-    in_token_limit: int | None = None,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """One image -> ``(patches float32 (gh*gw, 3, p, p), (gh, gw))``. ``image``: anything ``load_image`` takes."""
-    rgb = load_image(image, max_pixels=max_pixels)
-    geo = image_geometry(rgb.width, rgb.height, cfg, in_token_limit=in_token_limit)
+def _host_patches(rgb: Image.Image, geo: ImageGeometry, cfg: ProcessorConfig) -> torch.Tensor:
+    """The official pixel pipeline on the host (Pillow resize, numpy pad, torch normalise + patchify)."""
     if geo.resized_size != rgb.size:
         rgb = rgb.resize(geo.resized_size, Image.Resampling.BICUBIC)
     if geo.crop_box is not None:
@@ -431,8 +447,20 @@ def preprocess_image(
     mean = torch.tensor(cfg.image_mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(cfg.image_std, dtype=torch.float32).view(3, 1, 1)
     x = x.sub(mean).div(std)
-    patches = x.reshape(3, gh, p, gw, p).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, p, p).contiguous()
-    return patches, (gh, gw)
+    return x.reshape(3, gh, p, gw, p).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, p, p).contiguous()
+
+
+def preprocess_image(
+    image: Any,
+    cfg: ProcessorConfig,
+    *,
+    in_token_limit: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image -> ``(patches float32 (gh*gw, 3, p, p), (gh, gw))``. ``image``: anything ``load_image`` takes."""
+    rgb = load_image(image, max_pixels=max_pixels)
+    geo = image_geometry(rgb.width, rgb.height, cfg, in_token_limit=in_token_limit)
+    return _host_patches(rgb, geo, cfg), geo.grid_hw
 
 
 def preprocess_images(
@@ -460,6 +488,139 @@ def preprocess_images(
         out.append(patches)
         grids.append(grid)
     return torch.cat(out, dim=0), torch.tensor(grids, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Keyed images: content hash first, pixel work on the host or deferred to the model's device
+# --------------------------------------------------------------------------------------------------------------
+
+PixelMode = Literal["host", "device"]
+"""``host``: patches made here (Pillow resize); ``device``: decode only, ``DecodedImage.patches(device)`` later."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image and the processor's plan for it; the pixel work runs where ``patches`` is called."""
+
+    rgb: torch.Tensor  # (H, W, 3) uint8 on the host: EXIF-oriented RGB, not resized
+    geometry: ImageGeometry
+    cfg: ProcessorConfig
+
+    def patches(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """float32 (gh*gw, 3, p, p) on ``device`` (default: the host), equal to ``preprocess_image``'s bit for bit
+        (``engine.pixel_ops``): only 3 bytes per pixel cross to the device, the resize and normalise run there."""
+        rgb = self.rgb if device is None else self.rgb.to(device, non_blocking=True)
+        geo, cfg = self.geometry, self.cfg
+        return patchify_u8(
+            rgb,
+            resized_size=geo.resized_size,
+            crop_box=geo.crop_box,
+            final_size=geo.final_size,
+            patch_size=int(cfg.patch_size),
+            mean=tuple(cfg.image_mean),
+            std=tuple(cfg.image_std),
+        )
+
+
+@dataclass
+class ImageItem:
+    """One image or frame of a prompt: a content ``key`` (hash of the encoded bytes, or of the decoded pixels for
+    PIL / array inputs, plus every setting that shapes the patches) and its geometry, with exactly one of: host
+    ``patches``, a ``decoded`` image for device preprocessing, or cached projected ``features`` (a hit: nothing
+    was decoded)."""
+
+    key: bytes
+    geometry: ImageGeometry
+    patches: torch.Tensor | None = None
+    decoded: DecodedImage | None = None
+    features: torch.Tensor | None = None
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        return self.geometry.grid_hw
+
+    @property
+    def num_tokens(self) -> int:
+        return self.geometry.num_tokens
+
+
+def _settings_tag(cfg: ProcessorConfig, in_token_limit: int | None) -> bytes:
+    limit = cfg.in_token_limit if in_token_limit is None else in_token_limit
+    kh, kw = cfg.merge_kernel_size
+    return (
+        f"|{int(limit)}|{int(cfg.patch_size)}|{int(kh)}x{int(kw)}|{bool(cfg.pad_input)}"
+        f"|{tuple(cfg.image_mean)}|{tuple(cfg.image_std)}"
+    ).encode()
+
+
+def _key(kind: bytes, payload: Any, settings: bytes) -> bytes:
+    digest = hashlib.blake2b(kind, digest_size=16)
+    digest.update(payload)
+    digest.update(settings)
+    return digest.digest()
+
+
+class _GeometryMemo:
+    """key -> geometry of images seen recently, so a feature-cache hit needs no decode to know its token count."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[bytes, ImageGeometry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> ImageGeometry | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key: bytes, geo: ImageGeometry) -> None:
+        with self._lock:
+            self._items[key] = geo
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+
+FeatureLookup = Callable[[bytes], "torch.Tensor | None"]
+
+
+def prepare_image(
+    source: Any,
+    cfg: ProcessorConfig,
+    *,
+    in_token_limit: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    pixels: PixelMode = "host",
+    lookup: FeatureLookup | None = None,
+    memo: _GeometryMemo | None = None,
+) -> ImageItem:
+    """One image -> ``ImageItem``. The key is computed before any pixel work; when ``lookup(key)`` returns
+    features whose row count matches the remembered geometry, the image is not decoded at all."""
+    settings = _settings_tag(cfg, in_token_limit)
+    encoded = _encoded_source(source)
+    rgb: Image.Image | None = None
+    array: np.ndarray | None = None  # the decoded pixels, copied out of PIL once (hashed and uploaded as is)
+    if encoded is not None:
+        key = _key(b"encoded", encoded[0], settings)
+    else:
+        rgb = load_image(source, max_pixels=max_pixels)
+        array = np.array(rgb, dtype=np.uint8)
+        key = _key(f"rgb{rgb.width}x{rgb.height}".encode(), memoryview(array).cast("B"), settings)
+    if lookup is not None and memo is not None:
+        geo = memo.get(key)
+        features = lookup(key) if geo is not None else None
+        if geo is not None and features is not None and features.shape[0] == geo.num_tokens:
+            return ImageItem(key, geo, features=features)
+    if rgb is None:
+        rgb = _decode_encoded(encoded[0], encoded[1], max_pixels)
+    geo = image_geometry(rgb.width, rgb.height, cfg, in_token_limit=in_token_limit)
+    if memo is not None:
+        memo.put(key, geo)
+    if pixels == "device":
+        array = np.array(rgb, dtype=np.uint8) if array is None else array
+        return ImageItem(key, geo, decoded=DecodedImage(torch.from_numpy(array), geo, cfg))
+    if pixels != "host":
+        raise ValueError(f"pixels must be 'host' or 'device', got {pixels!r}")
+    return ImageItem(key, geo, patches=_host_patches(rgb, geo, cfg))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -566,14 +727,17 @@ class _Tokenizer(Protocol):
 @dataclass
 class ProcessedInputs:
     """Model inputs for one prompt. ``input_ids`` (1, L) int64 with the media pads expanded;
-    ``pixel_values`` (N, 3, p, p) float32 and ``image_grid_hws`` (n, 2) int64, or None without media;
-    ``num_image_tokens[k]`` = pads of the k-th image/frame; ``prompt`` = the rendered chat template."""
+    ``pixel_values`` (N, 3, p, p) float32 and ``image_grid_hws`` (n, 2) int64, or None without media (and None
+    when some image's pixel work was deferred to the device or served from the feature cache: ``images`` then
+    says what each image carries); ``num_image_tokens[k]`` = pads of the k-th image/frame; ``prompt`` = the
+    rendered chat template; ``images[k]`` = the k-th image's key, geometry and pixels or features."""
 
     input_ids: torch.Tensor
     pixel_values: torch.Tensor | None
     image_grid_hws: torch.Tensor | None
     num_image_tokens: list[int]
     prompt: str = ""
+    images: list[ImageItem] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -658,6 +822,7 @@ class KimiVLProcessor:
         self.tokenizer = tokenizer
         self.max_pixels = max_pixels
         self.video_in_token_limit = video_in_token_limit
+        self._geometry_memo = _GeometryMemo()
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], tokenizer: _Tokenizer, **kwargs: Any) -> "KimiVLProcessor":
@@ -668,7 +833,16 @@ class KimiVLProcessor:
         kh, kw = self.cfg.merge_kernel_size
         return int(kh) * int(kw)
 
-    def __call__(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> ProcessedInputs:
+    def __call__(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        pixels: PixelMode = "host",
+        lookup: FeatureLookup | None = None,
+    ) -> ProcessedInputs:
+        """``pixels="device"`` decodes only (``ImageItem.decoded``; the engine makes the patches on the GPU);
+        ``lookup(key)`` (e.g. the engine's vision-feature cache) lets a known image skip decoding entirely."""
         media = collect_media(messages)
         segments = self.tokenizer.render_chat_segments(messages, add_generation_prompt=add_generation_prompt)
         prompt = "".join(s.text for s in segments)
@@ -685,12 +859,27 @@ class KimiVLProcessor:
         if not media:
             return ProcessedInputs(torch.tensor([ids], dtype=torch.int64), None, None, [], prompt)
 
-        limits = [self.video_in_token_limit if m.is_video_frame else None for m in media]
-        pixel_values, grids = preprocess_images(
-            [m.source for m in media], self.cfg, in_token_limit=limits, max_pixels=self.max_pixels
-        )
-        merge = self.merge_length
-        counts = [int(h) * int(w) // merge for h, w in grids.tolist()]
+        items: list[ImageItem] = []
+        for idx, m in enumerate(media):
+            try:
+                items.append(
+                    prepare_image(
+                        m.source,
+                        self.cfg,
+                        in_token_limit=self.video_in_token_limit if m.is_video_frame else None,
+                        max_pixels=self.max_pixels,
+                        pixels=pixels,
+                        lookup=lookup,
+                        memo=self._geometry_memo,
+                    )
+                )
+            except ImageInputError as exc:
+                raise ImageInputError(f"image #{idx}: {exc}") from None
+        counts = [item.num_tokens for item in items]
+        pixel_values = grids = None
+        if all(item.patches is not None for item in items):
+            pixel_values = torch.cat([item.patches for item in items], dim=0)
+            grids = torch.tensor([item.grid_hw for item in items], dtype=torch.int64)
 
         expanded: list[int] = []
         k = 0
@@ -700,4 +889,6 @@ class KimiVLProcessor:
                 k += 1
             else:
                 expanded.append(t)
-        return ProcessedInputs(torch.tensor([expanded], dtype=torch.int64), pixel_values, grids, counts, prompt)
+        return ProcessedInputs(
+            torch.tensor([expanded], dtype=torch.int64), pixel_values, grids, counts, prompt, items
+        )

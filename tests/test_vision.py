@@ -216,6 +216,31 @@ def test_varlen_backend_falls_back_to_sdpa(tower, monkeypatch):
             tower.attn_backend = "sdpa"
 
 
+def test_cudnn_first_sdpa_same_result_and_falls_back(tower, monkeypatch):
+    """The "cudnn" backend's cuDNN-first priority list changes the kernel choice, not the result (forced here on
+    CPU, where the list ends in math); an error inside falls back to plain SDPA and is remembered."""
+    import engine.model.vision as vision
+
+    px, grids = _pixels([(4, 6), (2, 2)])
+    with torch.no_grad():
+        ref = tower.forward_packed(px, grids)
+        monkeypatch.setattr(vision.MoonVitPretrainedModel, "_cudnn_first", lambda self, x: True)
+        monkeypatch.setattr(vision.MoonVitPretrainedModel, "_cudnn_broken", False)
+        assert torch.equal(tower.forward_packed(px, grids), ref)
+        real = vision.MoonVitEncoder.forward
+        calls = []
+
+        def flaky(self, *args):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("cuDNN: no execution plan")
+            return real(self, *args)
+
+        monkeypatch.setattr(vision.MoonVitEncoder, "forward", flaky)
+        assert torch.equal(tower.forward_packed(px, grids), ref)
+        assert vision.MoonVitPretrainedModel._cudnn_broken and len(calls) == 2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # components against direct references
 
@@ -267,6 +292,23 @@ def _bicubic_matrix(out_size: int, in_size: int, a: float = -0.75) -> torch.Tens
         for tap in range(-1, 3):
             m[o, min(max(x0 + tap, 0), in_size - 1)] += k(t - tap)
     return m
+
+
+def test_rotate_qk_equals_rope_on_q_and_k():
+    """q and k rotated in one pass equal ``apply_rope_2d`` on each (CPU path bit for bit; the complex form the CUDA
+    path uses agrees to float32 rounding)."""
+    from engine.model.vision import rotate_qk
+
+    grids = [(4, 6), (2, 2)]
+    n = sum(h * w for h, w in grids)
+    cos, sin = rope_cos_sin(grids, 16, 10000.0)
+    qkv = torch.randn(n, 3, 4, 16, generator=torch.Generator().manual_seed(4))
+    q, k = rotate_qk(qkv, cos, sin)
+    assert q.is_contiguous() and k.is_contiguous()
+    assert torch.equal(q, apply_rope_2d(qkv[:, 0], cos, sin)) and torch.equal(k, apply_rope_2d(qkv[:, 1], cos, sin))
+    pairs = torch.view_as_complex(qkv[:, :2].transpose(0, 1).contiguous().unflatten(-1, (-1, 2)))
+    complex_form = torch.view_as_real(pairs * torch.complex(cos, sin).unsqueeze(-2)).flatten(-2)
+    assert (complex_form[0] - q).abs().max().item() <= 1e-5 and (complex_form[1] - k).abs().max().item() <= 1e-5
 
 
 def test_pos_emb_interpolation(tower):

@@ -50,6 +50,12 @@ fp16/bf16, ``attn_backend = "varlen"`` switches to PyTorch's flash varlen kernel
 (torch 2.11, bf16, A3B-size tower): grouped SDPA 24 ms vs varlen 27 ms for one 64x64 grid, 174 vs 183 ms for 8
 distinct grids (20.6k patches), 104 vs 110 ms for 16 frames of 28x50; varlen's first call also took ~3.8 s of
 warm-up. Both agree with each other and with fp32 to bf16 precision; hence SDPA is the default.
+``attn_backend = "cudnn"`` runs those SDPA calls with cuDNN attention first in the priority list on CUDA (on the
+H100 cuDNN was 2.3-5x faster than flash at the decoder's head dims); flash / mem-efficient / math follow, and an
+error inside cuDNN falls back to plain SDPA for the process. It is not the default: cuDNN builds an execution
+plan per new shape (reported at hundreds of ms), and every new image size is a new shape, so a first-seen
+screenshot size could lose far more than the kernel saves. ``bench/vision_ttft_bench.py`` times every backend on
+the screenshot grid, including the first call at a new grid.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ __all__ = [
     "rope_inv_freq",
     "rope_cos_sin",
     "apply_rope_2d",
+    "rotate_qk",
     "merge_gather_index",
     "encode_images",
 ]
@@ -189,6 +196,23 @@ def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     out = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D RoPE on the q and k of a packed ``wqkv`` output (tokens, 3, heads, head_dim) in one pass -> contiguous
+    (tokens, heads, head_dim) q and k in its dtype.
+
+    On CUDA it is the official formulation itself (float32 ``view_as_complex`` product, 4 kernels for q and k
+    together instead of ~18 elementwise passes of the real form: RoPE was ~1/5 of the tower's memory traffic at a
+    screenshot's 4,300 patches); elsewhere ``apply_rope_2d`` (same values per element as before).
+    """
+    x = qkv[:, :2].transpose(0, 1)  # (2, tokens, heads, d): the float32 copy below comes out contiguous per q / k
+    if x.is_cuda:
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        out = torch.view_as_real(pairs * torch.complex(cos, sin).unsqueeze(-2)).flatten(-2).to(x.dtype)
+    else:
+        out = apply_rope_2d(x, cos, sin)
+    return out[0].contiguous(), out[1].contiguous()  # no-ops unless the float32 input needed no copy
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,10 +348,9 @@ class MoonVitEncoderLayer(nn.Module):
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: _AttentionPlan) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.wqkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        q = apply_rope_2d(q, cos, sin)
-        k = apply_rope_2d(k, cos, sin)
-        out = plan.run(q, k, v.contiguous())
+        qkv = self.wqkv(x).view(n, 3, self.num_heads, self.head_dim)
+        q, k = rotate_qk(qkv, cos, sin)
+        out = plan.run(q, k, qkv[:, 2].contiguous())
         return self.wo(out.reshape(n, self.num_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: _AttentionPlan) -> torch.Tensor:
@@ -371,11 +394,13 @@ class MoonVitPretrainedModel(nn.Module):
 
     ``forward(pixel_values (N, 3, p, p), grid_hws (n, 2))`` -> list of n tensors ((h/kh)*(w/kw), kh*kw, C).
     ``forward_packed`` returns the same rows concatenated: (sum (h/kh)*(w/kw), kh*kw, C).
-    ``attn_backend``: "sdpa" (default; per-image attention, equal-size images batched) or "varlen" (CUDA
-    fp16/bf16 only, PyTorch's flash varlen kernel when the installed torch has it; otherwise SDPA).
+    ``attn_backend``: "sdpa" (default; per-image attention, equal-size images batched, PyTorch's kernel choice),
+    "cudnn" (the same with cuDNN attention first on CUDA) or "varlen" (CUDA fp16/bf16 only, PyTorch's flash
+    varlen kernel when the installed torch has it; otherwise SDPA).
     """
 
     _varlen_broken = False  # set once a varlen call failed in this process
+    _cudnn_broken = False  # set once cuDNN-first SDPA raised in this process
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -412,6 +437,24 @@ class MoonVitPretrainedModel(nn.Module):
             and _varlen_attn() is not None
         )
 
+    def _cudnn_first(self, x: torch.Tensor) -> bool:
+        return self.attn_backend == "cudnn" and x.is_cuda and not MoonVitPretrainedModel._cudnn_broken
+
+    def _encode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: _AttentionPlan) -> torch.Tensor:
+        if plan.use_varlen or not self._cudnn_first(x):
+            return self.encoder(x, cos, sin, plan)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+        try:
+            with sdpa_kernel(order, set_priority=True):
+                return self.encoder(x, cos, sin, plan)
+        except RuntimeError as exc:  # a cuDNN build / shape problem: remember and use PyTorch's own choice
+            log.warning("cuDNN-first SDPA failed in the vision tower (%s); using default SDPA", exc)
+            MoonVitPretrainedModel._cudnn_broken = True
+            return self.encoder(x, cos, sin, plan)
+
     def forward_packed(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> torch.Tensor:
         device = self.patch_embed.proj.weight.device
         batch = VisionBatch.from_grids(grid_hws, device)
@@ -419,7 +462,7 @@ class MoonVitPretrainedModel(nn.Module):
         x = self.patch_embed(pixel_values.to(device=device, dtype=self.dtype), batch)
         cos, sin = rope_cos_sin(batch.grids, self.config.head_dim, self.config.rope_theta, device)
         plan = _AttentionPlan(batch, use_varlen=self._use_varlen(x))
-        x = self.encoder(x, cos, sin, plan)
+        x = self._encode(x, cos, sin, plan)
         idx = merge_gather_index(batch.grids, self.merge_kernel_size, device)
         kh, kw = self.merge_kernel_size
         return x.index_select(0, idx).view(-1, kh * kw, x.shape[-1])

@@ -8,7 +8,6 @@ a bad input fails only its own call. The engine thread runs steps while any requ
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import threading
 import time
@@ -63,22 +62,22 @@ class EngineOptions(BaseModel):
     quantization: Literal["none", "fp8"] | None = Field(
         None, description="fp8: decoder weights quantised at load (float8_e4m3fn, per-row scales); the memory "
         "freed goes to the KV cache")
+    image_pixels: Literal["auto", "host", "device"] = Field(
+        "auto", description="where images are resized/normalised/patchified: auto = on the model's GPU, else host"
+    )
 
 
-def _image_spans(input_ids: list[int], pad_id: int, pixel_values, grids, counts: list[int]) -> list[ImageSpan]:
-    """Locate each image's placeholder run and fingerprint its pixels (the prefix-cache key for those tokens)."""
+def _image_spans(input_ids: list[int], pad_id: int, items: list) -> list[ImageSpan]:
+    """Locate each image's placeholder run; its key (content hash from the processor) is the prefix-cache and
+    vision-cache key for those tokens. ``items``: ``engine.processor.ImageItem`` in prompt order."""
     spans: list[ImageSpan] = []
-    pos, patch_offset = 0, 0
-    for k, count in enumerate(counts):
+    pos = 0
+    for item in items:
         while input_ids[pos] != pad_id:
             pos += 1
-        h, w = (int(x) for x in grids[k])
-        pixels = pixel_values[patch_offset : patch_offset + h * w].contiguous()
-        patch_offset += h * w
-        digest = hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16)
-        digest.update(f"{h}x{w}".encode())
-        spans.append(ImageSpan(start=pos, length=count, content_hash=digest.digest(), pixel_values=pixels, grid_hw=(h, w)))
-        pos += count
+        spans.append(ImageSpan(start=pos, length=item.num_tokens, content_hash=item.key, pixel_values=item.patches,
+                               grid_hw=tuple(item.grid_hw), decoded=item.decoded, features=item.features))
+        pos += item.num_tokens
     return spans
 
 
@@ -111,6 +110,8 @@ class LLMEngine:
         self.reasoning = (
             "thinking" in str(bundle.path).lower() if options.reasoning == "auto" else bool(options.reasoning)
         )
+        pixels = options.image_pixels
+        self.image_pixels = ("device" if self.model.device.type == "cuda" else "host") if pixels == "auto" else pixels
         self._guided = None
         self._guided_lock = threading.Lock()  # requests are admitted from several threads: build it once
         self.by_id: dict[str, Sequence] = {}
@@ -158,13 +159,13 @@ class LLMEngine:
                 raise ValueError(f"prompt_token_ids has ids outside the vocabulary or image placeholders: {bad[:10]}")
             prompt_text = ""
         else:
-            inputs = self.bundle.processor(request.messages, add_generation_prompt=request.add_generation_prompt)
+            inputs = self.bundle.processor(
+                request.messages, add_generation_prompt=request.add_generation_prompt,
+                pixels=self.image_pixels, lookup=self.runner.vision_cache.peek,
+            )
             prompt = inputs.input_ids[0].tolist()
             prompt_text = getattr(inputs, "prompt", "") or ""
-        if request.prompt_token_ids is None and inputs.pixel_values is not None:
-            images = _image_spans(
-                prompt, self.tokenizer.media_pad_id, inputs.pixel_values, inputs.image_grid_hws, inputs.num_image_tokens
-            )
+            images = _image_spans(prompt, self.tokenizer.media_pad_id, inputs.images)
         if request.fit_max_tokens:
             room = min(self.max_model_len, self.cache_capacity_tokens) - len(prompt)
             if room < 1:

@@ -97,13 +97,17 @@ class ModelRunner:
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def _image_features(self, images: list[ImageSpan]) -> dict[bytes, torch.Tensor]:
-        """Features for the given images, encoding the uncached ones in one packed vision call."""
+        """Features for the given images, encoding the uncached ones in one packed vision call. Pixels deferred
+        by the processor (``ImageSpan.decoded``) are resized/normalised/patchified here, on the model's device."""
         found: dict[bytes, torch.Tensor] = {}
         todo: list[ImageSpan] = []
         for image in images:
             if image.content_hash in found:
                 continue
             cached = self.vision_cache.get(image.content_hash)
+            if cached is None and image.features is not None:  # evicted since admission; the span kept them
+                cached = image.features
+                self.vision_cache.put(image.content_hash, cached)
             if cached is not None:
                 self.vision_cache.hits += 1
                 found[image.content_hash] = cached
@@ -111,8 +115,11 @@ class ModelRunner:
                 todo.append(image)
         if todo:
             self.vision_cache.misses += len(todo)
-            pixels = torch.cat([t.pixel_values for t in todo]).to(self.device)
-            grids = torch.tensor([t.grid_hw for t in todo], device=self.device)
+            pixels = torch.cat([
+                t.pixel_values.to(self.device) if t.pixel_values is not None else t.decoded.patches(self.device)
+                for t in todo
+            ])
+            grids = torch.tensor([t.grid_hw for t in todo])  # host ints: the tower plans attention from them
             features = self.model.encode_images(pixels, grids)
             offset = 0
             for image in todo:

@@ -25,8 +25,10 @@ class ImageSpan:
     start: int  # index of the first <|media_pad|> of this image in the prompt
     length: int  # number of placeholder tokens (= merged feature rows)
     content_hash: bytes
-    pixel_values: torch.Tensor  # (h*w, 3, p, p) on CPU
+    pixel_values: torch.Tensor | None  # (h*w, 3, p, p) on CPU, when preprocessed on the host
     grid_hw: tuple[int, int]
+    decoded: Any = None  # engine.processor.DecodedImage: pixel work deferred to the model's device
+    features: torch.Tensor | None = None  # projected features found in the vision cache at admission
 
     @property
     def end(self) -> int:
