@@ -125,6 +125,7 @@ class LLMEngine:
         self._guided_lock = threading.Lock()  # requests are admitted from several threads: build it once
         self.by_id: dict[str, Sequence] = {}
         self.steps = 0
+        self.steps_ahead = 0  # steps launched before the previous step's samples were read
         self._inflight: _InFlight | None = None  # the launched step whose samples are not read yet
         self._carry_tokens: torch.Tensor | None = None  # its sampled ids on the device
 
@@ -320,6 +321,7 @@ class LLMEngine:
         else:
             batch, rows = ahead
             carry = (self._carry_tokens, rows)
+            self.steps_ahead += 1
         self.steps += 1
         try:
             logits = self.runner.run_step(batch.seqs, batch.num_new_tokens, self.blocks.tables, carry)
@@ -468,6 +470,7 @@ class LLMEngine:
             "vision_cache_hits": self.runner.vision_cache.hits,
             "vision_cache_misses": self.runner.vision_cache.misses,
             "steps": self.steps,
+            "steps_ahead": self.steps_ahead,
             "preemptions": self.scheduler.num_preemptions,
         }
 
