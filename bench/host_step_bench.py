@@ -39,6 +39,8 @@ def _worker(args: argparse.Namespace) -> list[dict]:
     from engine.tiny import NUM_BASE_TOKENS, write_tiny_checkpoint
 
     torch.manual_seed(0)
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # the stand-in "device" ops (argmax of tiny logits) must not spin a thread pool
     workdir = Path(tempfile.mkdtemp())
     on_gpu = args.device == "cuda"
     bundle = load(write_tiny_checkpoint(workdir), device=args.device,

@@ -147,6 +147,8 @@ class BlockManager:
     def publish(self, seq: Sequence) -> None:
         """Publish hashes of blocks that became full and computed, so later requests can reuse them (never past a
         token still being sampled on the device: its id is not known yet)."""
+        if seq.num_computed_tokens // self.block_size <= seq.num_registered_blocks:
+            return
         full = min(seq.num_computed_tokens, len(seq) - seq.num_pending) // self.block_size
         if full <= seq.num_registered_blocks:
             return

@@ -27,7 +27,7 @@ from engine.runtime.block_manager import BlockManager
 from engine.runtime.detokenizer import IncrementalDetokenizer
 from engine.runtime.request import Delta, GenerateRequest, TokenLogprob, Usage
 from engine.runtime.runner import ModelRunner
-from engine.runtime.sampler import PendingSample, SamplerInput, make_generator, sample_async
+from engine.runtime.sampler import PendingSample, SamplerInput, make_generator, plain_greedy, sample_async
 from engine.runtime.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engine.runtime.sequence import PENDING_TOKEN, ImageSpan, Sequence, SequenceStatus
 
@@ -209,11 +209,13 @@ class LLMEngine:
             split_reasoning=self.reasoning and matcher is None,
             reasoning_started=reasoning_started,
         )
+        sampling = request.sampling()
         return Sequence(
+            plain_greedy=plain_greedy(sampling),
             request=request,
             prompt_ids=prompt,
             images=images,
-            sampling=request.sampling(),
+            sampling=sampling,
             stop_token_ids=stops,
             generator=make_generator(request.seed),
             matcher=matcher,
@@ -292,22 +294,29 @@ class LLMEngine:
             return None  # an admission may fit: the scheduler decides
         seqs: list[Sequence] = []
         rows: list[int] = []
-        running = 0
+        running = new_blocks = 0
+        block_size = self.blocks.block_size
+        max_len = self.max_model_len
         for row, seq in enumerate(previous.seqs):
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             running += 1
-            if len(seq.output_ids) >= seq.max_tokens or len(seq) >= self.max_model_len:
+            outputs = len(seq.output_ids)
+            if outputs >= seq.request.max_tokens or len(seq.prompt_ids) + outputs >= max_len:
                 continue  # its pending token ends it (by length, if nothing stops it first)
             seqs.append(seq)
             rows.append(row)
+            if seq.num_computed_tokens == len(seq.block_table) * block_size:
+                new_blocks += 1  # its next token starts a block
         if not seqs or running != len(scheduler.running) or len(seqs) > scheduler.config.max_num_batched_tokens:
             return None
         blocks = self.blocks
-        if sum(blocks.blocks_needed(s, s.num_computed_tokens + 1) for s in seqs) > blocks.num_free_blocks:
+        if new_blocks > blocks.num_free_blocks:
             return None  # the scheduler preempts
-        for seq in seqs:
-            blocks.grow(seq, seq.num_computed_tokens + 1)
+        if new_blocks:
+            for seq in seqs:
+                if seq.num_computed_tokens == len(seq.block_table) * block_size:
+                    blocks.grow(seq, seq.num_computed_tokens + 1)
         return ScheduledBatch(seqs=seqs, num_new_tokens=[1] * len(seqs)), np.asarray(rows, dtype=np.int64)
 
     def _launch(self, ahead: tuple[ScheduledBatch, np.ndarray] | None) -> list[tuple[Sequence, str]]:
@@ -329,6 +338,10 @@ class LLMEngine:
             log.exception("forward failed")
             return [(s, f"model forward failed: {exc}") for s in batch.seqs]
 
+        if carry is not None:  # every row decoded its carried token and samples; blocks publish once it is read
+            for seq in batch.seqs:
+                seq.num_computed_tokens += 1
+            return self._start_sampling(batch.seqs, logits, every_row=True)
         sampling: list[Sequence] = []
         publish = self.options.enable_prefix_caching
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -369,6 +382,7 @@ class LLMEngine:
                     prompt_token_ids=[s.prompt_ids for s in live],
                     output_token_ids=[s.output_ids for s in live],
                     allowed_mask=masks,
+                    plain_greedy=all(s.plain_greedy for s in live),
                 )
             )
         except Exception as exc:  # fail these requests, never the engine thread
@@ -445,16 +459,15 @@ class LLMEngine:
             delta = self._finish(seq, "stop", tail.text, tail.reasoning_text)
             delta.token_ids, delta.logprobs = [token], logprobs
             return delta
-        piece = seq.detokenizer.feed([token])
+        piece = seq.detokenizer.feed(token)
         if piece.stopped:
             delta = self._finish(seq, "stop", piece.text, piece.reasoning_text)
         elif seq.num_output_tokens >= seq.max_tokens or len(seq) - seq.num_pending >= self.max_model_len:
             tail = seq.detokenizer.finish()
             delta = self._finish(seq, "length", piece.text + tail.text, piece.reasoning_text + tail.reasoning_text)
         else:
-            delta = Delta(request_id=seq.request_id, text=piece.text, reasoning_text=piece.reasoning_text,
-                          token_ids=[token], logprobs=logprobs)
-            return delta
+            return Delta(request_id=seq.request_id, text=piece.text, reasoning_text=piece.reasoning_text,
+                         token_ids=[token], logprobs=logprobs)
         delta.token_ids, delta.logprobs = [token], logprobs
         return delta
 
@@ -473,6 +486,11 @@ class LLMEngine:
             "steps_ahead": self.steps_ahead,
             "preemptions": self.scheduler.num_preemptions,
         }
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Delta]]) -> None:
+    for queue, delta in items:
+        queue.put_nowait(delta)
 
 
 class AsyncEngine:
@@ -519,6 +537,24 @@ class AsyncEngine:
         except RuntimeError:  # the caller's loop is closed
             self._queues.pop(request_id, None)
 
+    def _deliver_step(self, deltas: list[Delta]) -> None:
+        """A step's deltas with one wake-up per caller event loop (not one per delta: each call_soon_threadsafe
+        writes the loop's self-pipe)."""
+        if not deltas:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Delta]]] = {}
+        queues = self._queues
+        for delta in deltas:
+            target = queues.get(delta.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], delta))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the caller's loop is closed
+                for _, delta in items:
+                    queues.pop(delta.request_id, None)
+
     def _loop(self) -> None:
         engine = self.engine
         try:
@@ -541,8 +577,7 @@ class AsyncEngine:
                         delta = engine.abort(payload)
                         if delta is not None:
                             self._deliver(delta, payload)
-                for delta in engine.step():
-                    self._deliver(delta, delta.request_id)
+                self._deliver_step(engine.step())
                 self.last_step_at = time.monotonic()
         except BaseException as exc:  # pragma: no cover - a bug in the engine itself
             log.exception("engine thread died")

@@ -59,8 +59,8 @@ import torch
 
 from engine.runtime.request import SamplingParams, TokenLogprob
 
-__all__ = ["SamplerError", "SamplerInput", "SamplerOutput", "PendingSample", "make_generator", "sample", "sample_async",
-           "GREEDY_EPS"]
+__all__ = ["SamplerError", "SamplerInput", "SamplerOutput", "PendingSample", "make_generator", "plain_greedy", "sample",
+           "sample_async", "GREEDY_EPS"]
 
 GREEDY_EPS = 1e-5
 """Temperatures below this are treated as greedy (dividing by them would overflow float32 logits)."""
@@ -87,6 +87,7 @@ class SamplerInput:
     prompt_token_ids: list[list[int]]  # per row, for the repetition penalty (prompt + output tokens)
     output_token_ids: list[list[int]]  # per row, generated so far: repetition and presence/frequency penalties
     allowed_mask: torch.Tensor | None = None  # (B, V) bool, True = allowed; rows may be all-True
+    plain_greedy: bool | None = None  # the caller knows every row is plain_greedy(params) (None: check here)
 
 
 @dataclass
@@ -184,6 +185,11 @@ def _validate(inp: SamplerInput) -> tuple[int, int]:
 _T, _TOP_P, _TOP_K, _LOG_MIN_P, _REP, _PRES, _FREQ, _U, _NCOLS = range(9)
 
 
+def plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with no penalty and no logprobs: the row's token is just ``argmax`` (the one-kernel path)."""
+    return _plain_greedy(p)
+
+
 def _plain_greedy(p) -> bool:
     return (p.temperature < GREEDY_EPS and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
             and p.frequency_penalty == 0.0 and p.logprobs is None)
@@ -232,7 +238,8 @@ def sample_async(inp: SamplerInput) -> PendingSample:
     if b == 0:
         return PendingSample(torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.float64),
                              lambda flat: SamplerOutput(token_ids=[], logprobs=[]))
-    if inp.allowed_mask is None and all(_plain_greedy(p) for p in params):
+    if inp.allowed_mask is None and (inp.plain_greedy or (inp.plain_greedy is None
+                                                          and all(_plain_greedy(p) for p in params))):
         # the common decode case: one max kernel and one device->host copy, no parameter upload. A row's max
         # is NaN or +inf when the row holds one (max propagates NaN), so it doubles as the divergence check.
         best, index = x.max(dim=-1)

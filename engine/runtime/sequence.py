@@ -56,6 +56,7 @@ class Sequence:
     # trailing output_ids that are placeholders (PENDING_TOKEN): sampled on the device by a step whose result the
     # host has not read yet (the engine runs one step ahead); they count in len() but are never read as ids
     num_pending: int = 0
+    plain_greedy: bool = False  # sampling is a bare argmax (engine.runtime.sampler.plain_greedy), set at creation
     num_computed_tokens: int = 0  # tokens whose latent KV is in the cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at (the latest) admission
     num_registered_blocks: int = 0  # leading full blocks whose hash is published for reuse
