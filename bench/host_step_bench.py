@@ -11,7 +11,8 @@ run in a subprocess), so before and after come from the same run on the same mac
 
 ``--device cuda`` runs the real engine (tiny checkpoint, bf16, real CUDA graphs), overlap on vs off.
 
-Usage: python bench/host_step_bench.py [--batches 64 32 1] [--steps 96] [--before 7b4e40b] [--json out.json]
+Usage: python bench/host_step_bench.py [--batches 64 32 1] [--steps 96] [--repeats 3] [--before 7b4e40b]
+       [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _worker(args: argparse.Namespace) -> list[dict]:
     for batch in args.batches:
         for overlap in ((False, True) if on_gpu else (None,)):
             options = dict(max_num_seqs=max(batch, 1), max_num_batched_tokens=8192, block_size=16,
-                           cache_tokens=batch * (PROMPT + args.steps + 64), max_model_len=4096)
+                           cache_tokens=batch * (PROMPT + args.steps * args.repeats + 64), max_model_len=4096)
             if "overlap" in EngineOptions.model_fields and overlap is not None:
                 options["overlap"] = overlap
             engine = LLMEngine(bundle, EngineOptions(**options))
@@ -59,23 +60,26 @@ def _worker(args: argparse.Namespace) -> list[dict]:
             gen = torch.Generator().manual_seed(batch)
             for i in range(batch):
                 prompt = torch.randint(0, NUM_BASE_TOKENS, (PROMPT,), generator=gen).tolist()
-                engine.add(engine.make_sequence({"prompt_token_ids": prompt, "max_tokens": args.steps + 8,
-                                                 "ignore_eos": True}))
+                engine.add(engine.make_sequence({"prompt_token_ids": prompt,
+                                                 "max_tokens": args.steps * args.repeats + 8, "ignore_eos": True}))
             while any(len(s.output_ids) < 4 for s in engine.by_id.values()):  # prefill, then a few decode steps
                 engine.step()
-            if on_gpu:
-                torch.cuda.synchronize()
-            steps = 0
-            start = time.perf_counter()
-            while steps < args.steps:
-                engine.step()
-                steps += 1
-            if on_gpu:
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
+            windows = []  # several windows of ``steps`` steps: the machine may be shared, the minimum is reported
+            for _ in range(args.repeats):
+                if on_gpu:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    engine.step()
+                if on_gpu:
+                    torch.cuda.synchronize()
+                windows.append((time.perf_counter() - start) / args.steps)
             while engine.has_work():
                 engine.step()
+            steps = args.steps
+            elapsed = min(windows) * steps
             row = {"code": args.label, "batch": batch, "steps": steps, "ms_per_step": round(1000 * elapsed / steps, 4),
+                   "ms_per_step_median": round(1000 * sorted(windows)[len(windows) // 2], 4),
                    "us_per_row": round(1e6 * elapsed / steps / batch, 2)}
             if overlap is not None:
                 row["overlap"] = overlap
@@ -135,6 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 32, 1])
     parser.add_argument("--steps", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=3, help="windows of --steps steps; the fastest is reported")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--before", help="git commit whose code is measured first, in a subprocess")
     parser.add_argument("--json", type=Path)
@@ -167,7 +172,7 @@ def main() -> None:
     rows = []
     for label, code_root in runs:
         cmd = [sys.executable, __file__, "--worker", "--code-root", code_root, "--label", label, "--device",
-               args.device, "--steps", str(args.steps), "--batches", *map(str, args.batches)]
+               args.device, "--steps", str(args.steps), "--repeats", str(args.repeats), "--batches", *map(str, args.batches)]
         env = os.environ | {"PYTHONPATH": code_root}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
