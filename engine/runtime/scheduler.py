@@ -81,7 +81,7 @@ class Scheduler:
         for seq in ordered:
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+            if seq not in self.running:  # preempted earlier in this loop
                 continue
             n = min(seq.num_uncomputed, budget)
             while True:
