@@ -144,3 +144,50 @@ def test_admission_and_context_limit_with_run_ahead(tiny_bundle) -> None:
         reference.step()
     assert again.output_ids == first.output_ids
     assert engine.steps_ahead > 0 and torch.tensor(first.output_ids).ge(0).all()
+
+
+def _cpu_decode_graphs(runner):
+    """The runner's DecodeGraphs with its CUDA parts replaced for the CPU: a "capture" keeps the packed buffer and
+    a "replay" runs the eager forward on the metadata derived from it (decode_views), so the whole host side of a
+    graph step (buckets, double-buffered staging, carried ids, mirrored block tables) runs as on the GPU."""
+    from engine.runtime.graphs import CapturedDecode, DecodeGraphs, decode_views, packed_size
+
+    graphs = DecodeGraphs(runner)
+
+    class _Event:
+        def synchronize(self) -> None: ...
+        def record(self) -> None: ...
+
+    def capture(batch: int, keys: int) -> CapturedDecode:
+        size = packed_size(batch, keys, runner.block_size)
+        packed = torch.zeros(size, dtype=torch.long)
+        output = torch.zeros(batch, runner.config.vocab_size)
+
+        class _Graph:
+            def replay(self) -> None:
+                output.copy_(runner.forward_eager(decode_views(packed, batch, keys, runner.block_size, graphs.carry)))
+
+        static = decode_views(packed, batch, keys, runner.block_size, graphs.carry)
+        staging = (torch.full((size,), 3, dtype=torch.long), torch.full((size,), 5, dtype=torch.long))
+        return CapturedDecode(_Graph(), static, output, packed, staging, (_Event(), _Event()))
+
+    graphs._capture = capture
+    graphs.fused = lambda: True
+    return graphs
+
+
+def test_graph_steps_with_run_ahead_equal_eager_sequential_steps(tiny_bundle) -> None:
+    """The decode-graph host path on the CPU (see _cpu_decode_graphs) with run-ahead: inputs written from the
+    mirrored block tables into stale staging buffers, ids carried from the previous samples, padded buckets.
+    Greedy outputs equal plain eager steps run one after the other."""
+    requests = [{"messages": text_message(f"graph {i} " + "word " * (3 * i)), "max_tokens": 5 + 3 * i,
+                 "ignore_eos": True, "request_id": f"g{i}"} for i in range(5)]
+    plain = LLMEngine(tiny_bundle, EngineOptions(cache_tokens=4096, block_size=8, overlap=False))
+    expected = _drive(plain, requests)
+    engine = LLMEngine(tiny_bundle, EngineOptions(cache_tokens=4096, block_size=8))
+    engine.runner.graphs = _cpu_decode_graphs(engine.runner)
+    actual = _drive(engine, requests)
+    assert engine.runner.graphs.replays > 10 and engine.steps_ahead > 10
+    assert {b for b, _ in engine.runner.graphs.graphs} >= {4, 8}  # padded buckets (5 rows, then fewer)
+    for r in requests:
+        assert _summary(actual[r["request_id"]]) == _summary(expected[r["request_id"]]), r["request_id"]

@@ -220,8 +220,8 @@ class DecodeGraphs:
         ids on the device, the row of them each sequence continues from). None when no graph covers the step (a
         prefill row, an image token, too many rows or keys); the caller then takes the general path."""
         longest = self.covers(seqs, num_new_tokens)
-        if not longest:
-            return None
+        if not longest or (carry is not None and carry[0].numel() > self.carry.numel()):
+            return None  # (a previous step of more rows than the largest bucket: the eager path gathers its ids)
         cap = self._entry(len(seqs), longest)
         batch, keys = cap.batch, cap.keys
         turn = cap.turn
