@@ -127,7 +127,6 @@ class LLMEngine:
         self.steps = 0
         self.steps_ahead = 0  # steps launched before the previous step's samples were read
         self._inflight: _InFlight | None = None  # the launched step whose samples are not read yet
-        self._carry_tokens: torch.Tensor | None = None  # its sampled ids on the device
 
     def _num_blocks(self, options: EngineOptions) -> int:
         bs = options.block_size
@@ -284,9 +283,9 @@ class LLMEngine:
             deltas += self._resolve(launched)
         return deltas
 
-    def _ahead(self, previous: _InFlight) -> tuple[ScheduledBatch, np.ndarray] | None:
-        """The step that continues ``previous`` from its device-side samples, with each row's index there; None
-        when the next step must go through the scheduler (see :meth:`step`)."""
+    def _ahead(self, previous: _InFlight) -> tuple[ScheduledBatch, tuple[torch.Tensor, np.ndarray]] | None:
+        """The step that continues ``previous`` from its device-side samples, and its carry: (those samples, each
+        row's index there); None when the next step must go through the scheduler (see :meth:`step`)."""
         if not (self.options.overlap and previous.carryable):
             return None
         scheduler = self.scheduler
@@ -317,9 +316,11 @@ class LLMEngine:
             for seq in seqs:
                 if seq.num_computed_tokens == len(seq.block_table) * block_size:
                     blocks.grow(seq, seq.num_computed_tokens + 1)
-        return ScheduledBatch(seqs=seqs, num_new_tokens=[1] * len(seqs)), np.asarray(rows, dtype=np.int64)
+        carry = (previous.sample.tokens, np.asarray(rows, dtype=np.int64))
+        return ScheduledBatch(seqs=seqs, num_new_tokens=[1] * len(seqs)), carry
 
-    def _launch(self, ahead: tuple[ScheduledBatch, np.ndarray] | None) -> list[tuple[Sequence, str]]:
+    def _launch(self, ahead: tuple[ScheduledBatch, tuple[torch.Tensor, np.ndarray]] | None
+                ) -> list[tuple[Sequence, str]]:
         """Schedule (unless ``ahead`` gives the batch), run the forward, start sampling; the launched step becomes
         ``self._inflight``. Returns rows that failed, to be finished after the previous step's tokens."""
         carry = None
@@ -328,8 +329,7 @@ class LLMEngine:
             if not batch:
                 return []
         else:
-            batch, rows = ahead
-            carry = (self._carry_tokens, rows)
+            batch, carry = ahead
             self.steps_ahead += 1
         self.steps += 1
         try:
@@ -393,8 +393,6 @@ class LLMEngine:
             seq.num_pending += 1
         carryable = every_row and not rows and not any(_uses_history(s.sampling) for s in live)
         self._inflight = _InFlight(seqs=live, sample=pending, carryable=carryable)
-        if carryable and self.options.overlap:
-            self._carry_tokens = pending.tokens
         return failed
 
     def _resolve(self, inflight: _InFlight) -> list[Delta]:
