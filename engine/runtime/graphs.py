@@ -104,7 +104,7 @@ def decode_views(packed: torch.Tensor, batch: int, keys: int, block_size: int, c
     dev = packed.device
     ids, positions, carry_rows = packed[:batch], packed[batch : 2 * batch], packed[2 * batch : 3 * batch]
     table = packed[3 * batch :].view(batch, kb)
-    input_ids = torch.where(carry_rows >= 0, carry[carry_rows.clamp(min=0)], ids)
+    input_ids = torch.where(carry_rows >= 0, carry.index_select(0, carry_rows.clamp(min=0)), ids)
     slot_mapping = table.gather(1, (positions // block_size)[:, None])[:, 0] * block_size + positions % block_size
     slots = (table[:, :, None] * block_size + torch.arange(block_size, device=dev)).view(batch, kb * block_size)
     if kb * block_size != keys:
