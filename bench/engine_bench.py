@@ -7,6 +7,8 @@ same process, transformers' DeepseekV3ForCausalLM.generate on the same decoder w
 bound of each decode figure (bytes a step must read / measured copy bandwidth).
 
 Usage: python bench/engine_bench.py --json out.json [--batches 1 8 32 64] [--skip-hf] [--profile]
+       [--overlap on|off|both]  (the engine's run-ahead; both: decode measured again with it off, same process)
+       [--overlap on|off|both]  (the engine's run-ahead; both: decode measured again with it off, same process)
        [--baseline]  (decode also measured on the "modules" decode backend, same process, first: eager then,
                       since decode CUDA graphs only replay the fused backend)
        [--prefill-chunks 8192 32768]  (the longest prompt once per largest-chunk size, peak memory each)
@@ -308,22 +310,27 @@ def step_breakdown(engine: LLMEngine, path: Path | None, steps: int = 60) -> dic
         engine.step()
     sync()
     free = (time.perf_counter() - free) / steps
+    overlap, engine.options.overlap = engine.options.overlap, False  # phases of sequential steps
+    engine.step()  # reads the step in flight
     for _ in range(steps):
         t0 = time.perf_counter()
         batch = engine.scheduler.schedule()
         t1 = time.perf_counter()
-        logits = engine.runner.run_step(batch.seqs, batch.num_new_tokens)
+        logits = engine.runner.run_step(batch.seqs, batch.num_new_tokens, engine.blocks.tables)
         sync()
         t2 = time.perf_counter()
         for seq, k in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += k
             if engine.options.enable_prefix_caching:
                 engine.blocks.publish(seq)
-        engine._sample_and_emit(batch.seqs, logits)
+        engine._start_sampling(batch.seqs, logits, every_row=True)
+        launched, engine._inflight = engine._inflight, None
+        engine._resolve(launched)
         sync()
         t3 = time.perf_counter()
         for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
             phases[name] += dt / steps
+    engine.options.overlap = overlap
     result = {"free_running_ms": round(1000 * free, 3)} | {f"{k}_ms": round(1000 * v, 3) for k, v in phases.items()}
     if path is not None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -342,10 +349,10 @@ def install_nan_probe(engine: LLMEngine) -> None:
     plain = runner.run_step
     history: list[str] = []
 
-    def probed(seqs, num_new_tokens):
+    def probed(seqs, num_new_tokens, *args):
         graphs = runner.graphs
         before = graphs.replays if graphs else 0
-        logits = plain(seqs, num_new_tokens)
+        logits = plain(seqs, num_new_tokens, *args)
         used_graph = graphs is not None and graphs.replays > before
         kind = "graph" if used_graph else ("decode" if all(k == 1 for k in num_new_tokens) else "mixed")
         history.append(f"{kind}:{len(seqs)}")
@@ -353,31 +360,24 @@ def install_nan_probe(engine: LLMEngine) -> None:
         if bad and not getattr(runner, "_nan_reported", False):
             runner._nan_reported = True
             info = {"kind": kind, "rows": len(seqs), "bad_rows": bad[:40], "recent_steps": history[-8:]}
-            if used_graph:
+            if used_graph:  # what the graph derived from its packed inputs (its static views), vs the sequences
                 n = len(seqs)
                 key = (graphs._bucket(n, graphs.BATCH_BUCKETS),
                        graphs.key_bucket(max(s.num_computed_tokens + 1 for s in seqs)))
-                cap = graphs.graphs[key]
-                b, k = cap.static.decode_slots.shape
-                packed = cap.packed.cpu()
-                info["bucket"] = [b, k]
+                static = graphs.graphs[key].static
+                info["bucket"] = list(key)
                 rows = []
                 for r in bad[:4] + [i for i in range(n) if i not in bad][:2]:
                     seq = seqs[r]
                     start = seq.num_computed_tokens
-                    slots = packed[4 * b + r * k: 4 * b + (r + 1) * k]
                     expect = [seq.block_table[i // runner.block_size] * runner.block_size + i % runner.block_size
                               for i in range(start + 1)]
                     rows.append({"row": r, "bad": r in bad, "start": start, "len": len(seq),
-                                 "id": int(packed[r]), "want_id": seq.tokens_between(start, start + 1)[0],
-                                 "pos": int(packed[b + r]), "slot": int(packed[2 * b + r]),
-                                 "want_slot": expect[-1], "length": int(packed[3 * b + r]),
-                                 "slots_ok": slots[: start + 1].tolist() == expect,
-                                 "mask_len": int(cap.static.decode_mask[r].sum()),
-                                 "lengths32": int(cap.static.decode_lengths[r])})
+                                 "id": int(static.input_ids[r]), "pos": int(static.positions[r]),
+                                 "slot": int(static.slot_mapping[r]), "want_slot": expect[-1],
+                                 "slots_ok": static.decode_slots[r, : start + 1].tolist() == expect,
+                                 "length": int(static.decode_lengths[r])})
                 info["detail"] = rows
-                info["pad_rows"] = {"slot_mapping": packed[2 * b + n: 3 * b].tolist()[:8],
-                                    "lengths": packed[3 * b + n: 4 * b].tolist()[:8]}
             print("NAN PROBE:", json.dumps(info), flush=True)
         return logits
 
@@ -400,13 +400,12 @@ def main() -> None:
                         help="largest prompt chunk(s) for the prefill rounds (default: the engine's default); the "
                              "longest prompt runs once per size")
     parser.add_argument("--decode-only", action="store_true", help="stop after the decode rounds")
-    parser.add_argument("--graph-inputs", default="sequences", choices=["sequences", "prepared"],
-                        help="decode graph inputs written from the sequences, or prepare() + pad (the older path)")
+    parser.add_argument("--overlap", default="on", choices=["on", "off", "both"],
+                        help="the engine's run-ahead (step N+1 launched before step N's samples are read); both: "
+                             "decode measured with it on, then again with it off, same process")
     parser.add_argument("--no-graphs", action="store_true")
     parser.add_argument("--nan-probe", action="store_true",
                         help="debug: sync after each step and report the first rows with non-finite logits")
-    parser.add_argument("--graph-pools", default="shared", choices=["shared", "own"],
-                        help="debug: one CUDA-graph memory pool for all decode graphs, or one per graph")
     parser.add_argument("--breakdown", type=Path, help="time a batch-1 decode step's phases; CPU op table here")
     parser.add_argument("--baseline", action="store_true",
                         help="first measure decode with the fused path off (same process; eager, no graphs)")
@@ -418,9 +417,7 @@ def main() -> None:
     engine = LLMEngine(bundle, EngineOptions(max_num_seqs=max(64, max(args.batches)), max_num_batched_tokens=8192,
                                              cache_tokens=args.longest + 4096, block_size=16,
                                              cuda_graphs=not args.no_graphs))
-    if engine.runner.graphs is not None:
-        engine.runner.graphs.from_sequences = args.graph_inputs == "sequences"
-        engine.runner.graphs.share_pool = args.graph_pools == "shared"
+    engine.options.overlap = args.overlap != "off"
     results["cache_tokens"] = engine.cache_capacity_tokens
     if args.nan_probe:
         install_nan_probe(engine)
@@ -459,6 +456,17 @@ def main() -> None:
                         row["first_ids"][same] == base["first_ids"][same]:
                     same += 1
                 row["greedy_prefix_equal_to_baseline"] = same
+    for row in decode:
+        row["overlap"] = engine.options.overlap
+    if args.overlap == "both" and decode:  # the same round again with run-ahead off, same process
+        engine.options.overlap = False
+        results["decode_no_overlap"] = attempt(decode[0]["round"], args.batches)
+        engine.options.overlap = True
+        for row, base in zip(decode, results["decode_no_overlap"]):
+            base["overlap"] = False
+            row["speedup_vs_no_overlap"] = round(row["tok_per_s"] / base["tok_per_s"], 2)
+            row["greedy_ids_equal_no_overlap"] = row["first_ids"] == base["first_ids"]
+        dump()
     if args.breakdown:
         results["step_breakdown_batch1"] = step_breakdown(engine, args.breakdown)
         print(json.dumps(results["step_breakdown_batch1"]), flush=True)

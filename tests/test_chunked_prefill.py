@@ -75,8 +75,9 @@ def _prefill(bundle, prompts: list[list[int]], kernels: str = "auto",
         sizes: list[int] = []
         original = runner.run_step
 
-        def spy(seqs, num_new_tokens, original=original, captured=captured, tables=tables, sizes=sizes):
-            out = original(seqs, num_new_tokens)
+        def spy(seqs, num_new_tokens, *args, original=original, captured=captured, tables=tables, sizes=sizes,
+                **kwargs):
+            out = original(seqs, num_new_tokens, *args, **kwargs)
             captured.append(out)
             tables.append(list(seqs[0].block_table))
             sizes.extend(num_new_tokens)

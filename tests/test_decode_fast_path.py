@@ -11,12 +11,11 @@ import torch
 
 from engine.kernels import decode as fused
 from engine.runtime.engine import EngineOptions, LLMEngine
-from engine.runtime.graphs import pad_decode_metadata
 from tests.runtime_helpers import plain_step, text_message
 
 
 def _decode_step(bundle, rows: int):
-    engine = LLMEngine(bundle, EngineOptions(cache_tokens=4096, block_size=8, max_num_seqs=16))
+    engine = LLMEngine(bundle, EngineOptions(cache_tokens=4096, block_size=8, max_num_seqs=16, overlap=False))
     for i in range(rows):
         engine.add(engine.make_sequence({"messages": text_message(f"request {i} " + "word " * (3 + 5 * i)),
                                          "max_tokens": 4, "ignore_eos": True}))
@@ -48,13 +47,20 @@ def test_fast_decode_matches_plain_path(fixture: str, rows: int, request: pytest
 
 
 def test_fast_decode_on_padded_graph_metadata(tiny_checkpoint_a3b) -> None:
-    """The CUDA graph pads rows and key slots; padded rows only touch the scratch slot."""
+    """The CUDA graph pads rows and key slots (its inputs written from the sequences, as a replay does); padded rows
+    only touch the scratch slot."""
+    import numpy as np
+
     from engine.loader import load
+    from engine.runtime.graphs import decode_views, packed_size, write_decode_inputs
 
     bundle = load(tiny_checkpoint_a3b, device="cpu", dtype=torch.float32)
     engine, meta = _decode_step(bundle, 3)
-    runner = engine.runner
-    padded = pad_decode_metadata(meta, 4, 512, runner.scratch_slot)
+    runner, bs = engine.runner, engine.options.block_size
+    seqs = engine.scheduler.running
+    host = np.zeros(packed_size(4, 512, bs), dtype=np.int64)
+    write_decode_inputs(host, seqs, 4, 512, bs, runner.scratch_slot // bs, engine.blocks.tables)
+    padded = decode_views(torch.from_numpy(host), 4, 512, bs, torch.zeros(128, dtype=torch.long))
     expected, cache_expected = plain_step(runner, meta)
     runner.decode_backend = "fused"
     actual = runner.forward_eager(padded)[:3]

@@ -90,7 +90,7 @@ def test_mixed_decode_and_prefill_step_on_gpu_kernels(tiny_checkpoint_a3b) -> No
     from engine.runtime.engine import EngineOptions, LLMEngine
 
     bundle = load(tiny_checkpoint_a3b, device="cuda", dtype=torch.bfloat16)
-    engine = LLMEngine(bundle, EngineOptions(cache_tokens=4096, block_size=8, max_num_batched_tokens=40,
+    engine = LLMEngine(bundle, EngineOptions(cache_tokens=4096, block_size=8, max_num_batched_tokens=40, overlap=False,
                                              cuda_graphs=False))
     seqs = [engine.make_sequence({"prompt_token_ids": _prompt(20 + 7 * i, seed=10 + i), "max_tokens": 16,
                                   "ignore_eos": True}) for i in range(3)]

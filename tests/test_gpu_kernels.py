@@ -141,7 +141,7 @@ def test_fast_decode_step_matches_plain_path_on_gpu(tiny_checkpoint_a3b) -> None
     from engine.runtime.engine import EngineOptions, LLMEngine
 
     bundle = load(tiny_checkpoint_a3b, device="cuda", dtype=torch.bfloat16)
-    engine = LLMEngine(bundle, EngineOptions(cache_tokens=4096, block_size=8, cuda_graphs=False))
+    engine = LLMEngine(bundle, EngineOptions(cache_tokens=4096, block_size=8, cuda_graphs=False, overlap=False))
     for i in range(3):
         text = f"request {i} " + "word " * (3 + 5 * i)
         engine.add(engine.make_sequence({"messages": [{"role": "user", "content": text}], "max_tokens": 4,

@@ -37,35 +37,27 @@ def test_json_schema_outputs_validate_through_the_engine(tiny_bundle) -> None:
 
 
 class _Script:
-    """Makes the model 'say' given token ids: logits are replaced by one-hot rows, per request, in order."""
+    """Makes the model 'say' given token ids: logits are replaced by one-hot rows, per request, in order. It wraps
+    the runner's step, which sees every batch (including those the engine runs ahead without the scheduler)."""
 
     def __init__(self, engine: LLMEngine, scripts: dict[str, list[int]]) -> None:
         self.engine, self.scripts = engine, scripts
-        self.forward = engine.runner.forward
-        engine.runner.forward = self
+        self.run_step = engine.runner.run_step
+        engine.runner.run_step = self
 
-    def __call__(self, meta):
-        logits = self.forward(meta)
-        rows = [s for s, n in zip(self._batch.seqs, self._batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
+    def __call__(self, seqs, num_new_tokens, *args):
+        logits = self.run_step(seqs, num_new_tokens, *args)
+        rows = [s for s, n in zip(seqs, num_new_tokens) if s.num_computed_tokens + n == len(s)]
         forced = torch.full_like(logits, -1e4)
         for i, seq in enumerate(rows):
             script = self.scripts[seq.request_id]
             forced[i, script[min(len(seq.output_ids), len(script) - 1)]] = 1e4
         return forced
 
-    def wrap_schedule(self) -> None:
-        schedule = self.engine.scheduler.schedule
-
-        def recording():
-            self._batch = schedule()
-            return self._batch
-
-        self.engine.scheduler.schedule = recording
-
 
 def _scripted_engine(bundle, scripts: dict[str, list[int]], **options) -> AsyncEngine:
     engine = LLMEngine(bundle, EngineOptions(cache_tokens=4096, **options))
-    _Script(engine, scripts).wrap_schedule()
+    _Script(engine, scripts)
     return AsyncEngine(engine)
 
 
@@ -113,7 +105,7 @@ def test_sampling_failure_fails_the_request_not_the_engine(tiny_bundle, monkeypa
 
     engine = _engine(tiny_bundle, cache_tokens=4096)
     calls = {"n": 0}
-    real_sample = engine_module.sample
+    real_sample = engine_module.sample_async
 
     def flaky(inp):
         calls["n"] += 1
@@ -121,7 +113,7 @@ def test_sampling_failure_fails_the_request_not_the_engine(tiny_bundle, monkeypa
             raise RuntimeError("sampler exploded")
         return real_sample(inp)
 
-    monkeypatch.setattr(engine_module, "sample", flaky)
+    monkeypatch.setattr(engine_module, "sample_async", flaky)
     broken = run(collect(engine, {"messages": text_message("one"), "max_tokens": 5, "ignore_eos": True}))
     assert broken[-1].finish_reason == "error" and "sampler exploded" in broken[-1].error
     after = run(collect(engine, {"messages": text_message("two"), "max_tokens": 3, "ignore_eos": True}))

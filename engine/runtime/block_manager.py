@@ -6,6 +6,10 @@ the content hash of each image whose placeholders fall inside it (with the offse
 published only once the block's latents have actually been computed, so no request can read a block that is
 still being filled. Freed blocks keep their hash and stay reusable until the allocator hands them out again
 (oldest freed first, i.e. LRU).
+
+Every sequence holding blocks also owns a row of :class:`BlockTables`, one numpy array mirroring the block tables
+(a block appended is one write), so a decode step's key slots for all rows are one fancy-indexing copy, not a
+Python loop over rows and blocks.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+
+import numpy as np
 
 from engine.runtime.sequence import ImageSpan, Sequence
 
@@ -38,6 +44,39 @@ def chain_hash(previous: bytes, token_ids: list[int], extra: bytes) -> bytes:
     return digest.digest()
 
 
+class BlockTables:
+    """All block tables as rows of one int64 array (grown by doubling). Row ``seq.table_row`` holds the sequence's
+    blocks in its first ``len(seq.block_table)`` columns; the rest are stale but valid block ids (never read
+    unmasked)."""
+
+    def __init__(self, rows: int = 64, columns: int = 64) -> None:
+        self.array = np.zeros((rows, columns), dtype=np.int64)
+        self._free = list(range(rows - 1, -1, -1))
+
+    def acquire(self) -> int:
+        if not self._free:
+            rows = self.array.shape[0]
+            self.array = np.concatenate([self.array, np.zeros_like(self.array)])
+            self._free = list(range(2 * rows - 1, rows - 1, -1))
+        return self._free.pop()
+
+    def release(self, row: int) -> None:
+        self._free.append(row)
+
+    def ensure_columns(self, columns: int) -> None:
+        width = self.array.shape[1]
+        if columns > width:
+            while width < columns:
+                width *= 2
+            grown = np.zeros((self.array.shape[0], width), dtype=np.int64)
+            grown[:, : self.array.shape[1]] = self.array
+            self.array = grown
+
+    def write(self, row: int, start: int, blocks: list[int]) -> None:
+        self.ensure_columns(start + len(blocks))
+        self.array[row, start : start + len(blocks)] = blocks
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
@@ -51,6 +90,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hits = 0
         self.queries = 0
+        self.tables = BlockTables()
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -99,12 +139,17 @@ class BlockManager:
         for block in cached:
             self._take(block)
         seq.block_table = list(cached)
+        seq.table_row = self.tables.acquire()
+        self.tables.write(seq.table_row, 0, cached)
         seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * self.block_size
         seq.num_registered_blocks = len(cached)
 
     def publish(self, seq: Sequence) -> None:
-        """Publish hashes of blocks that became full and computed, so later requests can reuse them."""
-        full = seq.num_computed_tokens // self.block_size
+        """Publish hashes of blocks that became full and computed, so later requests can reuse them (never past a
+        token still being sampled on the device: its id is not known yet)."""
+        if seq.num_computed_tokens // self.block_size <= seq.num_registered_blocks:
+            return
+        full = min(seq.num_computed_tokens, len(seq) - seq.num_pending) // self.block_size
         if full <= seq.num_registered_blocks:
             return
         hashes = self._prompt_block_hashes(seq, full * self.block_size)
@@ -139,8 +184,14 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_tokens)
         if needed > len(self.free):
             raise NoFreeBlocksError(f"need {needed} blocks, {len(self.free)} free")
+        if not needed:
+            return
+        if seq.table_row < 0:
+            seq.table_row = self.tables.acquire()
+        start = len(seq.block_table)
         for _ in range(needed):
             seq.block_table.append(self._allocate_fresh())
+        self.tables.write(seq.table_row, start, seq.block_table[start:])
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's references; blocks at zero references return to the free list (hash kept)."""
@@ -150,6 +201,9 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free[block] = None
         seq.block_table = []
+        if seq.table_row >= 0:
+            self.tables.release(seq.table_row)
+            seq.table_row = -1
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
 

@@ -276,8 +276,8 @@ class IncrementalDetokenizer:
             return DetokenizerOutput(stopped=True)
         if self._finished:
             raise RuntimeError("feed() after finish()")
-        if isinstance(token_ids, int):
-            token_ids = [token_ids]
+        if isinstance(token_ids, int):  # the engine's per-step call: one id, no join
+            return self._process(self._decoder.feed(token_ids), final=False)
         return self._process(self._decoder.feed_many(token_ids), final=False)
 
     def finish(self) -> DetokenizerOutput:

@@ -13,9 +13,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
@@ -24,9 +26,9 @@ from engine.runtime.block_manager import BlockManager
 from engine.runtime.detokenizer import IncrementalDetokenizer
 from engine.runtime.request import Delta, GenerateRequest, TokenLogprob, Usage
 from engine.runtime.runner import ModelRunner
-from engine.runtime.sampler import SamplerInput, make_generator, sample
-from engine.runtime.scheduler import Scheduler, SchedulerConfig
-from engine.runtime.sequence import ImageSpan, Sequence
+from engine.runtime.sampler import PendingSample, SamplerInput, make_generator, plain_greedy, sample_async
+from engine.runtime.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from engine.runtime.sequence import PENDING_TOKEN, ImageSpan, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,23 @@ class EngineOptions(BaseModel):
     image_pixels: Literal["auto", "host", "device"] = Field(
         "auto", description="where images are resized/normalised/patchified: auto = on the model's GPU, else host"
     )
+    overlap: bool = Field(True, description=(
+        "launch the next decode step before reading this one's samples, so the host's emit work overlaps the "
+        "device's next step (exact: see LLMEngine.step)"))
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose samples the host has not read yet."""
+
+    seqs: list[Sequence]  # the sampled rows, in row order; each has one more PENDING_TOKEN in its output_ids
+    sample: PendingSample
+    carryable: bool  # every row of the step sampled, none guided or using output history (penalties)
+
+
+def _uses_history(params) -> bool:
+    """Sampling that reads the output so far (penalties): it needs the previous token on the host."""
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
 def _image_spans(input_ids: list[int], pad_id: int, items: list) -> list[ImageSpan]:
@@ -116,6 +135,8 @@ class LLMEngine:
         self._guided_lock = threading.Lock()  # requests are admitted from several threads: build it once
         self.by_id: dict[str, Sequence] = {}
         self.steps = 0
+        self.steps_ahead = 0  # steps launched before the previous step's samples were read
+        self._inflight: _InFlight | None = None  # the launched step whose samples are not read yet
 
     def _num_blocks(self, options: EngineOptions) -> int:
         bs = options.block_size
@@ -198,11 +219,13 @@ class LLMEngine:
             split_reasoning=self.reasoning and matcher is None,
             reasoning_started=reasoning_started,
         )
+        sampling = request.sampling()
         return Sequence(
+            plain_greedy=plain_greedy(sampling),
             request=request,
             prompt_ids=prompt,
             images=images,
-            sampling=request.sampling(),
+            sampling=sampling,
             stop_token_ids=stops,
             generator=make_generator(request.seed),
             matcher=matcher,
@@ -225,10 +248,13 @@ class LLMEngine:
         return self._finish(seq, "cancelled")
 
     def has_work(self) -> bool:
-        return len(self.scheduler) > 0
+        return len(self.scheduler) > 0 or self._inflight is not None
 
     # ------------------------------------------------------------------ step
     def _finish(self, seq: Sequence, reason: str, text: str = "", reasoning: str = "", error: str | None = None) -> Delta:
+        if seq.num_pending:  # samples still in flight for it are void
+            del seq.output_ids[len(seq.output_ids) - seq.num_pending :]
+            seq.num_pending = 0
         self.scheduler.remove(seq)
         self.by_id.pop(seq.request_id, None)
         seq.finish_reason = reason
@@ -242,68 +268,175 @@ class LLMEngine:
         )
 
     def step(self) -> list[Delta]:
-        """One schedule -> run -> postprocess cycle; returns the deltas it produced."""
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        """One schedule -> run -> postprocess cycle; returns the deltas it produced.
+
+        With ``options.overlap`` a step is launched before the previous step's samples are read: when the previous
+        step left every running sequence one sampled token to decode (no admission waiting for room, no guided or
+        penalty rows, blocks to spare), the next step's rows are those sequences, its input ids come from the
+        previous samples on the device, and the host reads and emits the previous step's tokens while the device
+        runs the next one. A sequence that the previous tokens finish (EOS, stop string) had one extra token
+        computed, which is discarded; one that max_tokens or the context finishes is left out. Any other step
+        first reads the previous samples, then schedules as usual."""
+        previous, self._inflight = self._inflight, None
+        deltas: list[Delta] = []
+        ahead = self._ahead(previous) if previous is not None else None
+        if previous is not None and ahead is None:
+            deltas += self._resolve(previous)
+            previous = None
+        failed = self._launch(ahead)
+        if previous is not None:
+            deltas += self._resolve(previous)
+        for seq, error in failed:
+            if seq.status is not SequenceStatus.FINISHED:
+                deltas.append(self._finish(seq, "error", error=error))
+        if self._inflight is not None and not self.options.overlap:
+            launched, self._inflight = self._inflight, None
+            deltas += self._resolve(launched)
+        return deltas
+
+    def _ahead(self, previous: _InFlight) -> tuple[ScheduledBatch, tuple[torch.Tensor, np.ndarray]] | None:
+        """The step that continues ``previous`` from its device-side samples, and its carry: (those samples, each
+        row's index there); None when the next step must go through the scheduler (see :meth:`step`)."""
+        if not (self.options.overlap and previous.carryable):
+            return None
+        scheduler = self.scheduler
+        if scheduler.waiting and len(scheduler.running) < scheduler.config.max_num_seqs:
+            return None  # an admission may fit: the scheduler decides
+        seqs: list[Sequence] = []
+        rows: list[int] = []
+        running = new_blocks = 0
+        block_size = self.blocks.block_size
+        max_len = self.max_model_len
+        for row, seq in enumerate(previous.seqs):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            running += 1
+            outputs = len(seq.output_ids)
+            if outputs >= seq.request.max_tokens or len(seq.prompt_ids) + outputs >= max_len:
+                continue  # its pending token ends it (by length, if nothing stops it first)
+            seqs.append(seq)
+            rows.append(row)
+            if seq.num_computed_tokens == len(seq.block_table) * block_size:
+                new_blocks += 1  # its next token starts a block
+        if not seqs or running != len(scheduler.running) or len(seqs) > scheduler.config.max_num_batched_tokens:
+            return None
+        blocks = self.blocks
+        if new_blocks > blocks.num_free_blocks:
+            return None  # the scheduler preempts
+        if new_blocks:
+            for seq in seqs:
+                if seq.num_computed_tokens == len(seq.block_table) * block_size:
+                    blocks.grow(seq, seq.num_computed_tokens + 1)
+        carry = (previous.sample.tokens, np.asarray(rows, dtype=np.int64))
+        return ScheduledBatch(seqs=seqs, num_new_tokens=[1] * len(seqs)), carry
+
+    def _launch(self, ahead: tuple[ScheduledBatch, tuple[torch.Tensor, np.ndarray]] | None
+                ) -> list[tuple[Sequence, str]]:
+        """Schedule (unless ``ahead`` gives the batch), run the forward, start sampling; the launched step becomes
+        ``self._inflight``. Returns rows that failed, to be finished after the previous step's tokens."""
+        carry = None
+        if ahead is None:
+            batch = self.scheduler.schedule()
+            if not batch:
+                return []
+        else:
+            batch, carry = ahead
+            self.steps_ahead += 1
         self.steps += 1
         try:
-            logits = self.runner.run_step(batch.seqs, batch.num_new_tokens)
+            logits = self.runner.run_step(batch.seqs, batch.num_new_tokens, self.blocks.tables, carry)
         except Exception as exc:  # a failed forward fails this step's requests, not the engine
             log.exception("forward failed")
-            return [self._finish(s, "error", error=f"model forward failed: {exc}") for s in batch.seqs]
+            return [(s, f"model forward failed: {exc}") for s in batch.seqs]
 
+        if carry is not None:  # every row decoded its carried token and samples; blocks publish once it is read
+            for seq in batch.seqs:
+                seq.num_computed_tokens += 1
+            return self._start_sampling(batch.seqs, logits, every_row=True)
         sampling: list[Sequence] = []
+        publish = self.options.enable_prefix_caching
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            if self.options.enable_prefix_caching:
+            if publish:
                 self.blocks.publish(seq)
             if seq.num_computed_tokens == len(seq):
                 sampling.append(seq)
         if not sampling:
             return []
-        return self._sample_and_emit(sampling, logits)
+        return self._start_sampling(sampling, logits, every_row=len(sampling) == len(batch.seqs))
 
-    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Delta]:
-        deltas: list[Delta] = []
+    def _start_sampling(self, seqs: list[Sequence], logits: torch.Tensor, every_row: bool) -> list[tuple[Sequence, str]]:
+        failed: list[tuple[Sequence, str]] = []
         vocab = logits.shape[-1]
         masks = None
         alive = list(range(len(seqs)))
         rows = [(s.matcher, i) for i, s in enumerate(seqs) if s.matcher is not None]
         if rows:
-            masks, failed = self._guided_masks(rows, len(seqs), vocab, logits.device)
-            for i, error in sorted(failed.items()):
-                deltas.append(self._finish(seqs[i], "error", error=f"guided decoding failed: {error}"))
+            masks, bad_masks = self._guided_masks(rows, len(seqs), vocab, logits.device)
+            for i, error in sorted(bad_masks.items()):
+                failed.append((seqs[i], f"guided decoding failed: {error}"))
                 alive.remove(i)
         if not alive:
-            return deltas
-        index = torch.tensor(alive, device=logits.device)
-        live = [seqs[i] for i in alive]
+            return failed
+        live = seqs
+        if len(alive) != len(seqs):
+            index = torch.tensor(alive, device=logits.device)
+            live = [seqs[i] for i in alive]
+            logits = logits[index]
+            masks = None if masks is None else masks[index]
         try:
-            out = sample(
+            pending = sample_async(
                 SamplerInput(
-                    logits=logits[index],
+                    logits=logits,
                     params=[s.sampling for s in live],
                     generators=[s.generator for s in live],
                     prompt_token_ids=[s.prompt_ids for s in live],
                     output_token_ids=[s.output_ids for s in live],
-                    allowed_mask=None if masks is None else masks[index],
+                    allowed_mask=masks,
+                    plain_greedy=all(s.plain_greedy for s in live),
                 )
             )
         except Exception as exc:  # fail these requests, never the engine thread
             log.exception("sampling failed")
-            return deltas + [self._finish(s, "error", error=f"sampling failed: {exc}") for s in live]
+            return failed + [(s, f"sampling failed: {exc}") for s in live]
+        for seq in live:
+            seq.output_ids.append(PENDING_TOKEN)
+            seq.num_pending += 1
+        carryable = every_row and not rows and not any(_uses_history(s.sampling) for s in live)
+        self._inflight = _InFlight(seqs=live, sample=pending, carryable=carryable)
+        return failed
+
+    def _resolve(self, inflight: _InFlight) -> list[Delta]:
+        """Read a launched step's samples and emit them: one pass over its rows. Rows whose sequence finished
+        meanwhile (aborted, or ended by an earlier token) are void."""
+        try:
+            out = inflight.sample.result()
+        except Exception as exc:
+            log.exception("sampling failed")
+            return [self._finish(s, "error", error=f"sampling failed: {exc}") for s in inflight.seqs
+                    if s.status is not SequenceStatus.FINISHED]
+        deltas: list[Delta] = []
         bad = set(out.nonfinite_rows)
-        for row, (seq, token, logprob) in enumerate(zip(live, out.token_ids, out.logprobs)):
+        finished = SequenceStatus.FINISHED
+        publish = self.options.enable_prefix_caching
+        for row, seq in enumerate(inflight.seqs):
+            if seq.status is finished:
+                continue
             if row in bad:
-                log.error("non-finite logits for %s at output token %d", seq.request_id, len(seq.output_ids))
+                log.error("non-finite logits for %s at output token %d", seq.request_id, seq.num_output_tokens)
                 deltas.append(self._finish(seq, "error", error="the model produced non-finite logits (NaN or inf)"))
                 continue
+            token = out.token_ids[row]
+            seq.output_ids[len(seq.output_ids) - seq.num_pending] = token
+            seq.num_pending -= 1
             try:
-                deltas.append(self._postprocess(seq, token, logprob))
+                deltas.append(self._postprocess(seq, token, out.logprobs[row]))
             except Exception as exc:
                 log.exception("postprocess failed for %s", seq.request_id)
                 deltas.append(self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}"))
+                continue
+            if publish and seq.status is not finished:
+                self.blocks.publish(seq)
         return deltas
 
     def _guided_masks(self, rows: list[tuple[Any, int]], batch: int, vocab: int,
@@ -322,7 +455,7 @@ class LLMEngine:
         return bitmask_to_bool(bitmask.to(device, non_blocking=True), vocab), failed
 
     def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> Delta:
-        seq.output_ids.append(token)
+        """Emit ``token`` (already in ``seq.output_ids``): detokenize, check stop ids / strings and length."""
         if seq.matcher is not None:
             seq.matcher.accept(token)
         logprobs = None
@@ -335,14 +468,15 @@ class LLMEngine:
             delta = self._finish(seq, "stop", tail.text, tail.reasoning_text)
             delta.token_ids, delta.logprobs = [token], logprobs
             return delta
-        piece = seq.detokenizer.feed([token])
+        piece = seq.detokenizer.feed(token)
         if piece.stopped:
             delta = self._finish(seq, "stop", piece.text, piece.reasoning_text)
-        elif len(seq.output_ids) >= seq.max_tokens or len(seq) >= self.max_model_len:
+        elif seq.num_output_tokens >= seq.max_tokens or len(seq) - seq.num_pending >= self.max_model_len:
             tail = seq.detokenizer.finish()
             delta = self._finish(seq, "length", piece.text + tail.text, piece.reasoning_text + tail.reasoning_text)
         else:
-            delta = Delta(request_id=seq.request_id, text=piece.text, reasoning_text=piece.reasoning_text)
+            return Delta(request_id=seq.request_id, text=piece.text, reasoning_text=piece.reasoning_text,
+                         token_ids=[token], logprobs=logprobs)
         delta.token_ids, delta.logprobs = [token], logprobs
         return delta
 
@@ -358,8 +492,14 @@ class LLMEngine:
             "vision_cache_hits": self.runner.vision_cache.hits,
             "vision_cache_misses": self.runner.vision_cache.misses,
             "steps": self.steps,
+            "steps_ahead": self.steps_ahead,
             "preemptions": self.scheduler.num_preemptions,
         }
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Delta]]) -> None:
+    for queue, delta in items:
+        queue.put_nowait(delta)
 
 
 class AsyncEngine:
@@ -406,6 +546,24 @@ class AsyncEngine:
         except RuntimeError:  # the caller's loop is closed
             self._queues.pop(request_id, None)
 
+    def _deliver_step(self, deltas: list[Delta]) -> None:
+        """A step's deltas with one wake-up per caller event loop (not one per delta: each call_soon_threadsafe
+        writes the loop's self-pipe)."""
+        if not deltas:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Delta]]] = {}
+        queues = self._queues
+        for delta in deltas:
+            target = queues.get(delta.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], delta))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the caller's loop is closed
+                for _, delta in items:
+                    queues.pop(delta.request_id, None)
+
     def _loop(self) -> None:
         engine = self.engine
         try:
@@ -428,8 +586,7 @@ class AsyncEngine:
                         delta = engine.abort(payload)
                         if delta is not None:
                             self._deliver(delta, payload)
-                for delta in engine.step():
-                    self._deliver(delta, delta.request_id)
+                self._deliver_step(engine.step())
                 self.last_step_at = time.monotonic()
         except BaseException as exc:  # pragma: no cover - a bug in the engine itself
             log.exception("engine thread died")

@@ -1,4 +1,15 @@
-"""CUDA graphs of the pure-decode step: capture per (batch, key-length) bucket and replay from the sequences."""
+"""CUDA graphs of the pure-decode step: capture per (batch, key-length) bucket and replay from the sequences.
+
+A replay's host side is a few numpy slices and one host->device copy: every per-step input (ids, positions, where
+each id comes from, the rows' block tables) goes in one packed int64 buffer, and the graph itself derives the write
+slots, the key slots, the key counts and the ids carried over from the previous step's samples (device-side, so
+the engine can launch step N+1 before it has read step N's tokens; see ``engine.runtime.engine``).
+
+Only this path exists: the older "prepared inputs" path (``prepare`` + ``pad_decode_metadata`` + copies into the
+graph's buffers, kept for comparison) is gone, and with it the graphs of the mask-based decode attention whose key
+mask read corrupted on the H100 (bench/RESULTS.md): graphs replay only the fused decode path, which reads key
+counts.
+"""
 
 from __future__ import annotations
 
@@ -13,77 +24,106 @@ from engine.runtime.sequence import Sequence
 from engine.runtime.step import StepMetadata
 
 if TYPE_CHECKING:
+    from engine.runtime.block_manager import BlockTables
     from engine.runtime.runner import ModelRunner
 
 
-def pad_decode_metadata(meta: StepMetadata, batch: int, keys: int, scratch_slot: int) -> StepMetadata:
-    """A pure-decode step padded to ``batch`` rows and ``keys`` key slots: extra rows write to and attend only
-    the scratch slot, so they never touch real cache blocks and never produce NaNs."""
-    n, length = meta.decode_slots.shape
-    dev = meta.input_ids.device
-    slots = torch.full((batch, keys), scratch_slot, dtype=torch.long, device=dev)
-    slots[:n, :length] = meta.decode_slots
-    mask = torch.zeros(batch, keys, dtype=torch.bool, device=dev)
-    mask[:n, :length] = meta.decode_mask
-    mask[n:, 0] = True
-    ids = torch.zeros(batch, dtype=torch.long, device=dev)
-    ids[:n] = meta.input_ids
-    positions = torch.zeros(batch, dtype=torch.long, device=dev)
-    positions[:n] = meta.positions
-    slot_mapping = torch.full((batch,), scratch_slot, dtype=torch.long, device=dev)
-    slot_mapping[:n] = meta.slot_mapping
-    rows = torch.arange(batch, device=dev)
-    return StepMetadata(
-        input_ids=ids, positions=positions, slot_mapping=slot_mapping, decode_rows=rows, decode_slots=slots,
-        decode_mask=mask, prefills=[], logit_rows=rows, image_rows=None, image_features=None,
-    )
+def key_blocks(keys: int, block_size: int) -> int:
+    return -(-keys // block_size)
+
+
+def packed_size(batch: int, keys: int, block_size: int) -> int:
+    """int64 entries of a graph's packed inputs: ids, positions, carry rows (``batch`` each), then the block
+    tables (``batch`` x ``key_blocks``)."""
+    return 3 * batch + batch * key_blocks(keys, block_size)
 
 
 def write_decode_inputs(host: np.ndarray, seqs: list[Sequence], batch: int, keys: int, block_size: int,
-                        scratch_slot: int) -> None:
-    """Fill a graph's packed input layout (see :class:`CapturedDecode`) for one decode token per sequence.
+                        scratch_block: int, tables: BlockTables | None = None,
+                        carry_rows: np.ndarray | None = None) -> None:
+    """Fill a graph's packed input layout (see :func:`packed_size`) for one decode token per sequence.
 
-    Only each row's own key slots are written; past a row's length the slots keep older values, which are valid
-    slots and masked out. Padded rows write the scratch slot and attend one key."""
-    slots = host[4 * batch :].reshape(batch, keys)
-    offsets = np.arange(block_size, dtype=np.int64)
-    for row, seq in enumerate(seqs):
-        start = seq.num_computed_tokens
-        table = np.asarray(seq.block_table[: start // block_size + 1], dtype=np.int64)
-        host[row] = seq.tokens_between(start, start + 1)[0]
-        host[batch + row] = start
-        host[2 * batch + row] = table[start // block_size] * block_size + start % block_size
-        host[3 * batch + row] = start + 1
-        width = min(table.size * block_size, keys)
-        slots[row, :width] = (table[:, None] * block_size + offsets).reshape(-1)[:width]
+    ``tables``: the block manager's mirrored block tables (one fancy-indexing copy for all rows; without it each
+    row's list is converted). ``carry_rows[r]``: the row of the previous step's samples that holds row ``r``'s input
+    id (the host does not know it yet); None: ids come from the sequences. Padded rows sit at position 0 of the
+    scratch block. Past a row's length its block ids are stale but valid, and masked out by its key count."""
     n = len(seqs)
-    host[2 * batch + n : 3 * batch] = scratch_slot
-    host[3 * batch + n : 4 * batch] = 1
+    kb = key_blocks(keys, block_size)
+    table = host[3 * batch :].reshape(batch, kb)
+    host[batch : batch + n] = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=n)
+    host[batch + n : 2 * batch] = 0
+    if carry_rows is None:
+        host[:n] = np.fromiter((s.last_token for s in seqs), dtype=np.int64, count=n)
+        host[2 * batch : 3 * batch] = -1
+    else:
+        host[2 * batch : 2 * batch + n] = carry_rows
+        host[2 * batch + n : 3 * batch] = -1
+    host[n:batch] = 0
+    if tables is not None:
+        tables.ensure_columns(kb)
+        rows = np.fromiter((s.table_row for s in seqs), dtype=np.int64, count=n)
+        table[:n] = tables.array[rows, :kb]
+    else:
+        for row, seq in enumerate(seqs):
+            blocks = seq.block_table[:kb]
+            table[row, : len(blocks)] = blocks
+    table[n:, 0] = scratch_block
 
 
 @dataclass
 class CapturedDecode:
     """One captured decode graph and the buffers it reads.
 
-    ``packed`` (device, int64) holds every per-step input: ids, positions, write slots and key counts (``batch``
-    each), then the key slots (``batch`` x ``keys``). The graph itself derives the key mask and int32 lengths from
-    it, so a step costs one host->device copy from ``staging`` (pinned, same layout) and one launch. ``packed`` and
-    ``staging`` are allocated outside the capture's memory pool and live as long as the graph.
+    ``packed`` (device, int64; layout: :func:`packed_size`) holds every per-step input. ``staging`` is a pair of
+    pinned host buffers of the same layout, used in turn, each with an event marking the end of its last copy into
+    ``packed`` (it must finish before that buffer is rewritten). ``packed`` and ``staging`` are allocated outside
+    the capture's memory pool and live as long as the graph.
     """
 
     graph: torch.cuda.CUDAGraph
     static: StepMetadata
     output: torch.Tensor
     packed: torch.Tensor
-    staging: torch.Tensor
-    copied: torch.cuda.Event  # the last copy out of ``staging``; it must finish before ``staging`` is rewritten
+    staging: tuple[torch.Tensor, torch.Tensor]
+    copied: tuple[torch.cuda.Event, torch.cuda.Event]
+    turn: int = 0
+
+    @property
+    def batch(self) -> int:
+        return self.static.input_ids.shape[0]
+
+    @property
+    def keys(self) -> int:
+        return self.static.decode_slots.shape[1]
+
+
+def decode_views(packed: torch.Tensor, batch: int, keys: int, block_size: int, carry: torch.Tensor) -> StepMetadata:
+    """The step's metadata derived from ``packed`` with device ops (inside a capture they become part of the
+    graph): ids (from ``carry`` where a carry row is given), write slots, key slots and key counts."""
+    kb = key_blocks(keys, block_size)
+    dev = packed.device
+    ids, positions, carry_rows = packed[:batch], packed[batch : 2 * batch], packed[2 * batch : 3 * batch]
+    table = packed[3 * batch :].view(batch, kb)
+    input_ids = torch.where(carry_rows >= 0, carry.index_select(0, carry_rows.clamp(min=0)), ids)
+    slot_mapping = table.gather(1, (positions // block_size)[:, None])[:, 0] * block_size + positions % block_size
+    slots = (table[:, :, None] * block_size + torch.arange(block_size, device=dev)).view(batch, kb * block_size)
+    if kb * block_size != keys:
+        slots = slots[:, :keys].contiguous()
+    lengths = positions + 1
+    rows = torch.arange(batch, device=dev)
+    return StepMetadata(
+        input_ids=input_ids, positions=positions, slot_mapping=slot_mapping, decode_rows=rows, decode_slots=slots,
+        decode_mask=torch.arange(keys, device=dev)[None, :] < lengths[:, None], prefills=[], logit_rows=rows,
+        image_rows=None, image_features=None, decode_lengths=lengths.to(torch.int32),
+    )
 
 
 class DecodeGraphs:
-    """CUDA graphs of the whole decode step, one per (batch bucket, key-length bucket), captured on first use.
+    """CUDA graphs of the whole decode step, one per (batch bucket, key-length bucket), captured on first use,
+    all in one memory pool.
 
     Decode is launch-bound at small batch (hundreds of small kernels per step); replaying a graph removes the
-    per-kernel CPU cost. Padded rows write only the scratch slot and attend one key, so they never touch real
+    per-kernel CPU cost. Padded rows write only the scratch block and attend one key, so they never touch real
     cache blocks and never produce NaNs.
     """
 
@@ -96,8 +136,8 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], CapturedDecode] = {}
         self.pool = None
         self.replays = 0
-        self.from_sequences = True  # False: graph inputs go through prepare + pad (kept for comparison)
-        self.share_pool = True  # one memory pool for every captured graph (False: a pool per graph)
+        # the previous step's sampled ids, copied here by ``run_sequences(carry=...)``; every graph reads it
+        self.carry = torch.zeros(self.BATCH_BUCKETS[-1], dtype=torch.long, device=runner.device)
 
     def reset(self) -> None:
         """Drop every captured graph (and their memory pool: a pool no graph uses any more can't be reused)."""
@@ -120,53 +160,34 @@ class DecodeGraphs:
         without Triton, or with the fused path off, decode steps run eagerly."""
         return self.runner.decode_backend != "modules" and use_triton(self.runner.kv_cache)
 
-    def applicable(self, meta: StepMetadata) -> bool:
-        n = meta.decode_rows.numel()
-        return (
-            self.fused() and n > 0 and not meta.prefills and meta.image_rows is None and n == meta.input_ids.numel()
-            and meta.logit_rows.numel() == n and n <= self.BATCH_BUCKETS[-1]
-            and meta.decode_slots.shape[1] <= self.max_keys
-        )
-
     # ------------------------------------------------------------------ capture
-    @staticmethod
-    def _views(packed: torch.Tensor, batch: int, keys: int, rows: torch.Tensor, key_index: torch.Tensor) -> StepMetadata:
-        """The step's metadata as views of ``packed`` plus the mask and lengths derived from it (device ops, so
-        inside a capture they become part of the graph)."""
-        lengths = packed[3 * batch : 4 * batch]
-        return StepMetadata(
-            input_ids=packed[:batch], positions=packed[batch : 2 * batch], slot_mapping=packed[2 * batch : 3 * batch],
-            decode_rows=rows, decode_slots=packed[4 * batch :].view(batch, keys),
-            decode_mask=key_index[None, :] < lengths[:, None], prefills=[], logit_rows=rows, image_rows=None,
-            image_features=None, decode_lengths=lengths.to(torch.int32),
-        )
-
     def _capture(self, batch: int, keys: int) -> CapturedDecode:
         runner = self.runner
         dev = runner.device
-        scratch = runner.scratch_slot
-        staging = torch.zeros(4 * batch + batch * keys, dtype=torch.long).pin_memory()
-        staging[2 * batch : 3 * batch] = scratch
-        staging[3 * batch : 4 * batch] = 1
-        staging[4 * batch :] = scratch
-        packed = staging.to(dev)
-        rows = torch.arange(batch, device=dev)
-        key_index = torch.arange(keys, device=dev)
+        bs = runner.block_size
+        size = packed_size(batch, keys, bs)
+        staging = tuple(torch.zeros(size, dtype=torch.long).pin_memory() for _ in range(2))
+        scratch_block = runner.scratch_slot // bs
+        for buffer in staging:  # every row a padded row: position 0 of the scratch block, host ids
+            buffer[2 * batch : 3 * batch] = -1
+            buffer[3 * batch :] = scratch_block
+        packed = staging[0].to(dev)
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up kernels and autotuning outside the capture
-                runner.forward_eager(self._views(packed, batch, keys, rows, key_index))
+                runner.forward_eager(decode_views(packed, batch, keys, bs, self.carry))
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        if self.pool is None or not self.share_pool:
+        if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            static = self._views(packed, batch, keys, rows, key_index)
+            static = decode_views(packed, batch, keys, bs, self.carry)
             output = runner.forward_eager(static)
-        copied = torch.cuda.Event()
-        copied.record()
-        return CapturedDecode(graph, static, output, packed, staging, copied)
+        events = (torch.cuda.Event(), torch.cuda.Event())
+        for event in events:
+            event.record()
+        return CapturedDecode(graph, static, output, packed, staging, events)
 
     def _entry(self, rows: int, max_keys: int) -> CapturedDecode:
         key = (self._bucket(rows, self.BATCH_BUCKETS), self.key_bucket(max_keys))
@@ -174,46 +195,47 @@ class DecodeGraphs:
             self.graphs[key] = self._capture(*key)
         return self.graphs[key]
 
-    def _replay(self, cap: CapturedDecode, n: int) -> torch.Tensor:
+    # ------------------------------------------------------------------ replay
+    def covers(self, seqs: list[Sequence], num_new_tokens: list[int]) -> int:
+        """The longest key count of the step if a graph can run it (one new token per sequence, the last one, not
+        an image placeholder, within the buckets), else 0."""
+        n = len(seqs)
+        if n == 0 or n > self.BATCH_BUCKETS[-1] or not self.fused() or any(k != 1 for k in num_new_tokens):
+            return 0
+        longest = 0
+        for seq in seqs:
+            start = seq.num_computed_tokens
+            if start == 0 or start + 1 != len(seq):
+                return 0
+            if seq.images and start < len(seq.prompt_ids) and any(im.start <= start < im.end for im in seq.images):
+                return 0
+            if start >= longest:
+                longest = start + 1
+        return longest if longest <= self.max_keys else 0
+
+    def run_sequences(self, seqs: list[Sequence], num_new_tokens: list[int], tables: BlockTables | None = None,
+                      carry: tuple[torch.Tensor, np.ndarray] | None = None) -> torch.Tensor | None:
+        """Logits of a pure-decode step straight from the sequences (no ``prepare``): the inputs are written into
+        the graph's pinned staging buffer on the host and sent in one copy. ``carry``: (the previous step's sampled
+        ids on the device, the row of them each sequence continues from). None when no graph covers the step (a
+        prefill row, an image token, too many rows or keys); the caller then takes the general path."""
+        longest = self.covers(seqs, num_new_tokens)
+        if not longest or (carry is not None and carry[0].numel() > self.carry.numel()):
+            return None  # (a previous step of more rows than the largest bucket: the eager path gathers its ids)
+        cap = self._entry(len(seqs), longest)
+        batch, keys = cap.batch, cap.keys
+        turn = cap.turn
+        cap.turn ^= 1
+        staging = cap.staging[turn]
+        cap.copied[turn].synchronize()  # this buffer's previous copy has finished
+        carry_rows = None
+        if carry is not None:
+            tokens, carry_rows = carry
+            self.carry[: tokens.numel()].copy_(tokens, non_blocking=True)
+        write_decode_inputs(staging.numpy(), seqs, batch, keys, self.runner.block_size,
+                            self.runner.scratch_slot // self.runner.block_size, tables, carry_rows)
+        cap.packed.copy_(staging, non_blocking=True)
+        cap.copied[turn].record()
         cap.graph.replay()
         self.replays += 1
-        return cap.output[:n]
-
-    # ------------------------------------------------------------------ replay
-    def run_sequences(self, seqs: list[Sequence], num_new_tokens: list[int]) -> torch.Tensor | None:
-        """Logits of a pure-decode step straight from the sequences (no ``prepare``): the inputs are written into
-        the graph's pinned staging buffer on the host and sent in one copy. None when no graph covers the step
-        (a prefill row, an image token, too many rows or keys); the caller then takes the general path."""
-        n = len(seqs)
-        if n == 0 or n > self.BATCH_BUCKETS[-1] or not self.fused():
-            return None
-        longest = 0
-        for seq, k in zip(seqs, num_new_tokens):
-            start = seq.num_computed_tokens
-            if k != 1 or start == 0 or start + 1 != len(seq):
-                return None
-            if any(image.start <= start < image.end for image in seq.images):
-                return None
-            longest = max(longest, start + 1)
-        if longest > self.max_keys:
-            return None
-        cap = self._entry(n, longest)
-        batch, keys = cap.static.decode_slots.shape
-        cap.copied.synchronize()  # the previous step's copy out of this staging buffer has finished
-        write_decode_inputs(cap.staging.numpy(), seqs, batch, keys, self.runner.block_size, self.runner.scratch_slot)
-        cap.packed.copy_(cap.staging, non_blocking=True)
-        cap.copied.record()
-        return self._replay(cap, n)
-
-    def run(self, meta: StepMetadata) -> torch.Tensor:
-        """Replay for metadata already on the device (``prepare``'s output)."""
-        n = meta.decode_rows.numel()
-        cap = self._entry(n, meta.decode_slots.shape[1])
-        batch, keys = cap.static.decode_slots.shape
-        padded = pad_decode_metadata(meta, batch, keys, self.runner.scratch_slot)
-        lengths = padded.decode_mask.sum(dim=1)
-        packed = cap.packed
-        for i, part in enumerate((padded.input_ids, padded.positions, padded.slot_mapping, lengths)):
-            packed[i * batch : (i + 1) * batch].copy_(part)
-        packed[4 * batch :].view(batch, keys).copy_(padded.decode_slots)
-        return self._replay(cap, n)
+        return cap.output[: len(seqs)]

@@ -13,19 +13,22 @@ Triton runs (CUDA), "fused" everywhere (the kernels' PyTorch references off-GPU)
 
 A graph-covered decode step skips ``prepare``: ``DecodeGraphs.run_sequences`` writes the step's inputs from the
 sequences into the graph's pinned staging buffer and sends them in one host->device copy (at batch 1 the host side
-of a step was a quarter of it).
+of a step was a quarter of it). A step may take some input ids from the previous step's samples still on the device
+(``carry``), so the engine can launch it before reading those samples.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 from engine.kernels import use_triton
 from engine.model.decoder import grouped_mm_available
 from engine.model.kimi_vl import KimiVLForConditionalGeneration
 from engine.model.paged_attention import PagedAttention
+from engine.runtime.block_manager import BlockTables
 from engine.runtime.graphs import DecodeGraphs
 from engine.runtime.sequence import ImageSpan, Sequence
 from engine.runtime.step import PrefillChunk, StepMetadata
@@ -214,20 +217,27 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def run_step(self, seqs: list[Sequence], num_new_tokens: list[int]) -> torch.Tensor:
+    def run_step(self, seqs: list[Sequence], num_new_tokens: list[int], tables: BlockTables | None = None,
+                 carry: tuple[torch.Tensor, np.ndarray] | None = None) -> torch.Tensor:
         """The step's float32 logits. A pure-decode step that a CUDA graph covers goes from the sequences straight
-        into the graph's inputs (one host->device copy, one launch); every other step through prepare + forward."""
-        if self.graphs is not None and self.graphs.from_sequences:
-            logits = self.graphs.run_sequences(seqs, num_new_tokens)
+        into the graph's inputs (one host->device copy, one launch); every other step through prepare + forward.
+        ``tables``: the block manager's mirrored block tables. ``carry``: (the previous step's sampled ids on the
+        device, per row of this pure-decode step the index of its input id there); those rows' last token is a
+        placeholder on the host."""
+        if self.graphs is not None:
+            logits = self.graphs.run_sequences(seqs, num_new_tokens, tables, carry)
             if logits is not None:
                 return logits
-        return self.forward(self.prepare(seqs, num_new_tokens))
+        meta = self.prepare(seqs, num_new_tokens)
+        if carry is not None:
+            tokens, rows = carry
+            index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.device, non_blocking=True)
+            meta.input_ids = torch.where(index >= 0, tokens[index.clamp(min=0)], meta.input_ids)
+        return self.forward(meta)
 
     @torch.inference_mode()
     def forward(self, meta: StepMetadata) -> torch.Tensor:
         """Computes the step's latents into the cache; returns float32 logits for ``meta.logit_rows``."""
-        if self.graphs is not None and self.graphs.applicable(meta):
-            return self.graphs.run(meta)
         return self.forward_eager(meta)
 
     def forward_eager(self, meta: StepMetadata) -> torch.Tensor:

@@ -59,7 +59,8 @@ import torch
 
 from engine.runtime.request import SamplingParams, TokenLogprob
 
-__all__ = ["SamplerError", "SamplerInput", "SamplerOutput", "make_generator", "sample", "GREEDY_EPS"]
+__all__ = ["SamplerError", "SamplerInput", "SamplerOutput", "PendingSample", "make_generator", "plain_greedy", "sample",
+           "sample_async", "GREEDY_EPS"]
 
 GREEDY_EPS = 1e-5
 """Temperatures below this are treated as greedy (dividing by them would overflow float32 logits)."""
@@ -86,6 +87,7 @@ class SamplerInput:
     prompt_token_ids: list[list[int]]  # per row, for the repetition penalty (prompt + output tokens)
     output_token_ids: list[list[int]]  # per row, generated so far: repetition and presence/frequency penalties
     allowed_mask: torch.Tensor | None = None  # (B, V) bool, True = allowed; rows may be all-True
+    plain_greedy: bool | None = None  # the caller knows every row is plain_greedy(params) (None: check here)
 
 
 @dataclass
@@ -183,26 +185,70 @@ def _validate(inp: SamplerInput) -> tuple[int, int]:
 _T, _TOP_P, _TOP_K, _LOG_MIN_P, _REP, _PRES, _FREQ, _U, _NCOLS = range(9)
 
 
+def plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with no penalty and no logprobs: the row's token is just ``argmax`` (the one-kernel path)."""
+    return _plain_greedy(p)
+
+
 def _plain_greedy(p) -> bool:
     return (p.temperature < GREEDY_EPS and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
             and p.frequency_penalty == 0.0 and p.logprobs is None)
 
 
+class PendingSample:
+    """A sampling step launched on the device whose results the host has not read yet.
+
+    ``tokens`` (device, int64) can feed the next step at once; :meth:`result` waits for the one device->host copy
+    (started, non-blocking into pinned memory, when the sample was launched) and parses it."""
+
+    def __init__(self, tokens: torch.Tensor, flat: torch.Tensor, parse) -> None:
+        self.tokens = tokens
+        self._parse = parse
+        self._event = None
+        if flat.device.type == "cuda":
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            flat = host
+        self._flat = flat
+        self._output: SamplerOutput | None = None
+
+    def result(self) -> SamplerOutput:
+        if self._output is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._output = self._parse(self._flat.tolist())
+        return self._output
+
+
 def sample(inp: SamplerInput) -> SamplerOutput:
     """Choose one token per row. See the module docstring for the exact semantics."""
+    return sample_async(inp).result()
+
+
+def sample_async(inp: SamplerInput) -> PendingSample:
+    """:func:`sample` without waiting for the device: the tokens stay on the device (for the next step's inputs)
+    and everything the host needs comes back in one non-blocking copy, read by ``result()``. Errors in the input
+    raise here; a guided mask that allows no token raises from ``result()``."""
     b, v = _validate(inp)
     params = inp.params
     device = inp.logits.device
     x = inp.logits if inp.logits.dtype == torch.float32 else inp.logits.float()
     if b == 0:
-        return SamplerOutput(token_ids=[], logprobs=[])
-    if inp.allowed_mask is None and all(_plain_greedy(p) for p in params):
+        return PendingSample(torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.float64),
+                             lambda flat: SamplerOutput(token_ids=[], logprobs=[]))
+    if inp.allowed_mask is None and (inp.plain_greedy or (inp.plain_greedy is None
+                                                          and all(_plain_greedy(p) for p in params))):
         # the common decode case: one max kernel and one device->host copy, no parameter upload. A row's max
         # is NaN or +inf when the row holds one (max propagates NaN), so it doubles as the divergence check.
         best, index = x.max(dim=-1)
-        both = torch.stack([index.to(torch.float64), best.to(torch.float64)]).tolist()
-        return SamplerOutput(token_ids=[int(t) for t in both[0]], logprobs=[None] * b,
-                             nonfinite_rows=[r for r, v in enumerate(both[1]) if not math.isfinite(v)])
+
+        def parse_greedy(flat: list[float]) -> SamplerOutput:
+            return SamplerOutput(token_ids=[int(t) for t in flat[:b]], logprobs=[None] * b,
+                                 nonfinite_rows=[r for r, v in enumerate(flat[b:]) if not math.isfinite(v)])
+
+        return PendingSample(index, torch.cat([index.to(torch.float64), best.to(torch.float64)]), parse_greedy)
     finite = torch.isfinite(x).all(dim=-1)  # a diverged row must fail, not emit the argmax of NaNs
 
     # ---- host-side plan: which rows need what (no device work, no sync) ---------------------------------------
@@ -305,11 +351,17 @@ def sample(inp: SamplerInput) -> SamplerOutput:
             pieces += [top.values.double().flatten(), top.indices.double().flatten()]
 
     # ---- the one device -> host copy --------------------------------------------------------------------------
-    flat = torch.cat(pieces).tolist()
+    return PendingSample(tokens, torch.cat(pieces), lambda flat: _parse(flat, b, v, params, lp_rows, top_n,
+                                                                         row_ok is not None))
+
+
+def _parse(flat: list[float], b: int, v: int, params: list[SamplingParams], lp_rows: list[int], top_n: int,
+           masked: bool) -> SamplerOutput:
+    """The host side of :func:`sample_async`: tokens, non-finite rows, mask check and logprobs from the one copy."""
     token_ids = [int(t) for t in flat[:b]]
     nonfinite_rows = [r for r in range(b) if flat[b + r] == 0.0]
     pos = 2 * b
-    if row_ok is not None:
+    if masked:
         bad = [r for r in range(b) if flat[pos + r] == 0.0]
         pos += b
         if bad:

@@ -37,6 +37,9 @@ class ImageSpan:
 
 _ids = itertools.count()
 
+PENDING_TOKEN = -1
+"""Placeholder in ``Sequence.output_ids`` for a token sampled on the device that the host has not read yet."""
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -51,6 +54,11 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    table_row: int = -1  # this sequence's row in BlockManager.tables while it holds blocks
+    # trailing output_ids that are placeholders (PENDING_TOKEN): sampled on the device by a step whose result the
+    # host has not read yet (the engine runs one step ahead); they count in len() but are never read as ids
+    num_pending: int = 0
+    plain_greedy: bool = False  # sampling is a bare argmax (engine.runtime.sampler.plain_greedy), set at creation
     num_computed_tokens: int = 0  # tokens whose latent KV is in the cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at (the latest) admission
     num_registered_blocks: int = 0  # leading full blocks whose hash is published for reuse
@@ -80,6 +88,15 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Generated tokens the host knows (placeholders of in-flight samples excluded)."""
+        return len(self.output_ids) - self.num_pending
 
     @property
     def num_uncomputed(self) -> int:

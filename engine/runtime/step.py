@@ -28,4 +28,4 @@ class StepMetadata:
     image_rows: torch.Tensor | None  # (P,) rows that are image placeholders
     image_features: torch.Tensor | None  # (P, hidden) their features
     decode_lengths: torch.Tensor | None = None  # (Sd,) int32 keys per decode row (decode_mask is a prefix mask)
-    # (None where absent, e.g. pad_decode_metadata's output: the fused path then sums decode_mask)
+    # (None where absent: the fused path then sums decode_mask)
