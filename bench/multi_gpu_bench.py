@@ -32,16 +32,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import copy
+import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,6 +57,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.scale_model import machine_busy, ray_cpu_seconds  # noqa: E402
 
 ONE_HOST_CONFIG = REPO / "deploy" / "ray_config.gpus-one-host.yaml"
 CLUSTER_CONFIG = REPO / "deploy" / "ray_config.gpu-cluster.yaml"
@@ -90,6 +97,7 @@ class Setup:
     fake_gpus: bool
     max_tokens: int
     engine: dict[str, Any] = field(default_factory=dict)
+    ingress: int | None = None  # Ingress replicas; None: the config file's (1 with fake GPUs)
 
 
 def serve_config(setup: Setup, *, replicas: int | None = None, autoscaling: dict[str, Any] | None = None,
@@ -123,6 +131,8 @@ def serve_config(setup: Setup, *, replicas: int | None = None, autoscaling: dict
             d["ray_actor_options"]["num_cpus"] = 0.05
         deployments["Ingress"]["num_replicas"] = 1
         deployments["TaskRunner"]["num_replicas"] = 1
+    if setup.ingress:
+        deployments["Ingress"]["num_replicas"] = setup.ingress
     return raw
 
 
@@ -330,20 +340,89 @@ def prompt_text(chars: int) -> str:
     return ("Summarize the following clause in one sentence. " * (chars // 48 + 1))[:chars]
 
 
-# ---- phases -----------------------------------------------------------------------------------------------------
+class Meter:
+    """Between ``start`` and ``stop``: CPU of this run's processes by component (bench/scale_model.py's grouping:
+    ProxyActor, Ingress, ModelServer, ...; the load generator's children included), the machine's CPU, and each
+    GPU's utilization from nvidia-smi (sampled every second, when there is one). Says which side saturated."""
 
-async def measure_load(url: str, workers: int, seconds: float, warmup_s: float, prompt: str,
-                       max_tokens: int) -> dict[str, Any]:
-    async with client(url, workers) as http:
-        loop = ClosedLoop(http, prompt, max_tokens)
-        loop.set_workers(workers)
-        await asyncio.sleep(warmup_s)
-        t0 = time.monotonic()
-        await asyncio.sleep(seconds)
-        t1 = time.monotonic()
-        await loop.stop()
-    window = in_window(loop.outcomes, t0, t1)
-    return {"workers": workers, **summarize(window, t1 - t0)}
+    def start(self) -> None:
+        self.t0, self.cpu0, self.machine0 = time.monotonic(), ray_cpu_seconds(os.getpid()), machine_busy()
+        self.gpu: list[list[float]] = []
+        self._stop = threading.Event()
+        self._thread = None
+        if shutil.which("nvidia-smi"):
+            self._thread = threading.Thread(target=self._sample_gpus, daemon=True)
+            self._thread.start()
+
+    def _sample_gpus(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                self.gpu.append([float(x) for x in out.split()])
+            except (OSError, ValueError, subprocess.SubprocessError):
+                continue
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.monotonic() - self.t0
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        cpu1, machine1 = ray_cpu_seconds(os.getpid()), machine_busy()
+        cpu = {k: round(100 * (cpu1.get(k, 0) - self.cpu0.get(k, 0)) / wall, 1) for k in cpu1}
+        busy = (machine1[0] - self.machine0[0]) / max(1.0, machine1[1] - self.machine0[1])
+        out: dict[str, Any] = {"cpu_percent_of_one_core": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
+                               "machine_cpu_percent": round(100 * busy, 1), "machine_cores": os.cpu_count()}
+        if self.gpu:
+            per_gpu = list(zip(*[row for row in self.gpu if len(row) == len(self.gpu[0])]))
+            out["gpu_util_percent"] = [round(sum(g) / len(g), 1) for g in per_gpu]
+        return out
+
+
+def _load_in_child(url: str, workers: int, seconds: float, warmup_s: float, prompt: str,
+                   max_tokens: int) -> tuple[list[dict[str, Any]], float, float]:
+    """One load-generator process (``--load-procs``): its outcomes and its measuring window (monotonic clock,
+    which is the same in every process of the machine)."""
+    async def go() -> tuple[list[Outcome], float, float]:
+        async with client(url, workers) as http:
+            loop = ClosedLoop(http, prompt, max_tokens)
+            loop.set_workers(workers)
+            await asyncio.sleep(warmup_s)
+            t0 = time.monotonic()
+            await asyncio.sleep(seconds)
+            t1 = time.monotonic()
+            await loop.stop()
+        return loop.outcomes, t0, t1
+
+    outcomes, t0, t1 = asyncio.run(go())
+    return [dataclasses.asdict(o) for o in outcomes], t0, t1
+
+
+def measure_load(url: str, workers: int, seconds: float, warmup_s: float, prompt: str, max_tokens: int,
+                 procs: int = 1) -> dict[str, Any]:
+    """A closed loop of ``workers`` streams, spread over ``procs`` load-generator processes (one Python process
+    parses ~thousands of SSE events per second: more GPUs need more of them)."""
+    meter = Meter()
+    procs = max(1, min(procs, workers))
+    shares = [workers // procs + (i < workers % procs) for i in range(procs)]
+    meter.start()
+    if procs == 1:
+        rows, t0, t1 = _load_in_child(url, workers, seconds, warmup_s, prompt, max_tokens)
+        results = [(rows, t0, t1)]
+    else:
+        ctx = multiprocessing.get_context("spawn")  # never fork a Ray driver
+        with concurrent.futures.ProcessPoolExecutor(procs, mp_context=ctx) as pool:
+            futures = [pool.submit(_load_in_child, url, share, seconds, warmup_s + 2.0, prompt, max_tokens)
+                       for share in shares]
+            results = [f.result() for f in futures]
+    measured = meter.stop()
+    t0, t1 = max(r[1] for r in results), min(r[2] for r in results)  # the window every process measured
+    outcomes = [Outcome(**row) for r in results for row in r[0]]
+    return {"workers": workers, "load_procs": procs, **summarize(in_window(outcomes, t0, t1), t1 - t0),
+            "meter": measured}
+
+
+# ---- phases -----------------------------------------------------------------------------------------------------
 
 
 def phase_scaling(args: argparse.Namespace, setup: Setup, url: str) -> dict[str, Any]:
@@ -351,8 +430,8 @@ def phase_scaling(args: argparse.Namespace, setup: Setup, url: str) -> dict[str,
     prompt = prompt_text(args.prompt_chars)
     for n in args.replicas:
         deploy_s = deploy_and_wait(serve_config(setup, replicas=n), n, args.deploy_timeout_s)
-        result = asyncio.run(measure_load(url, args.concurrency_per_replica * n, args.phase_s, args.warmup_s,
-                                          prompt, setup.max_tokens))
+        result = measure_load(url, args.concurrency_per_replica * n, args.phase_s, args.warmup_s, prompt,
+                              setup.max_tokens, args.load_procs_per_replica * n)
         result.update(replicas=n, deploy_s=round(deploy_s, 1))
         steps.append(result)
         print(f"scaling n={n}: {json.dumps(result)}", flush=True)
@@ -389,7 +468,12 @@ def affinity_summary(outcomes: list[Outcome]) -> dict[str, Any]:
     follow = [o for o in outcomes if o.turn > 0 and o.ok]
     first = [o for o in outcomes if o.turn == 0 and o.ok]
     prompt = sum(o.prompt_tokens for o in follow)
-    return {"requests": len(outcomes), "errors": dict(Counter(o.kind for o in outcomes if not o.ok)),
+    per_turn = []
+    for turn in range(1, max((o.turn for o in outcomes), default=0) + 1):
+        these = [o for o in follow if o.turn == turn]
+        tokens = sum(o.prompt_tokens for o in these)
+        per_turn.append(round(sum(o.cached_tokens for o in these) / tokens, 3) if tokens else None)
+    return {"hit_rate_by_turn": per_turn,"requests": len(outcomes), "errors": dict(Counter(o.kind for o in outcomes if not o.ok)),
             "follow_up_prompt_tokens": prompt, "follow_up_cached_tokens": sum(o.cached_tokens for o in follow),
             "follow_up_hit_rate": round(sum(o.cached_tokens for o in follow) / prompt, 3) if prompt else None,
             "follow_up_ttft_p50_s": percentile([o.ttft for o in follow if o.ttft is not None], 0.5),
@@ -399,8 +483,11 @@ def affinity_summary(outcomes: list[Outcome]) -> dict[str, Any]:
 
 def phase_affinity(args: argparse.Namespace, setup: Setup, url: str) -> dict[str, Any]:
     n = max(args.replicas)
+    if args.affinity_model:
+        setup = dataclasses.replace(setup, model=None if args.affinity_model == "tiny" else args.affinity_model)
     deploy_and_wait(serve_config(setup, replicas=n), n, args.deploy_timeout_s)
-    out: dict[str, Any] = {"replicas": n, "sessions": args.sessions, "turns": args.turns}
+    out: dict[str, Any] = {"replicas": n, "sessions": args.sessions, "turns": args.turns,
+                           "model": setup.model or "tiny"}
     # each mode gets documents of its own (a fresh prefix), so neither reuses the other's cache
     for mode, routed in (("routed", True), ("unrouted", False)):
         outcomes = asyncio.run(run_sessions(url, args.sessions, args.turns, routed, f"{mode}-{time.time_ns()}",
@@ -423,9 +510,12 @@ async def submit_tasks(url: str, count: int, max_tokens: int) -> list[str]:
     return [r.json()["id"] for r in replies]
 
 
-async def wait_tasks(url: str, ids: list[str], timeout: float) -> dict[str, Any]:
+async def wait_tasks(url: str, ids: list[str], timeout: float, since: float) -> dict[str, Any]:
+    """Poll until every task ended (or ``timeout``); ``seconds``: from ``since`` (the kill) to the last end."""
     ended: dict[str, dict[str, Any]] = {}
     t0 = time.monotonic()
+    last_end = since
+    end_times: list[float] = []
     async with client(url, 8) as http:
         while len(ended) < len(ids) and time.monotonic() - t0 < timeout:
             for task_id in [i for i in ids if i not in ended]:
@@ -435,11 +525,14 @@ async def wait_tasks(url: str, ids: list[str], timeout: float) -> dict[str, Any]
                     continue
                 if reply.status_code == 200 and reply.json()["status"] in ("succeeded", "failed", "cancelled"):
                     ended[task_id] = reply.json()
+                    last_end = time.monotonic()
+                    end_times.append(round(last_end - since, 1))
             await asyncio.sleep(0.5)
     return {"accepted": len(ids), "ended": len(ended), "statuses": dict(Counter(t["status"] for t in ended.values())),
             "attempts_max": max((t.get("attempts") or 0 for t in ended.values()), default=0),
             "all_succeeded": len(ended) == len(ids) and all(t["status"] == "succeeded" for t in ended.values()),
-            "seconds": round(time.monotonic() - t0, 1)}
+            "all_ended_after_kill_s": round(last_end - since, 1) if len(ended) == len(ids) else None,
+            "ended_after_kill_s": sorted(end_times)}
 
 
 async def failover_load(args: argparse.Namespace, setup: Setup, url: str, n: int) -> dict[str, Any]:
@@ -451,12 +544,14 @@ async def failover_load(args: argparse.Namespace, setup: Setup, url: str, n: int
         await asyncio.sleep(args.warmup_s)
         before_t0 = time.monotonic()
         await asyncio.sleep(args.failover_before_s)
-        task_ids = await submit_tasks(url, args.tasks, setup.max_tokens)
+        # tasks long enough to be generating when the replica dies (their model calls are retried elsewhere)
+        task_ids = await submit_tasks(url, args.tasks, 4 * setup.max_tokens)
         pids = await asyncio.to_thread(model_replica_pids)
         victim_name, victim_pid = sorted(pids.items())[0]
         killed_at = time.monotonic()
         os.kill(victim_pid, signal.SIGKILL)
         print(f"failover: SIGKILL {victim_name} (pid {victim_pid}) with {workers} streams running", flush=True)
+        tasks_done = asyncio.ensure_future(wait_tasks(url, task_ids, args.task_timeout_s, killed_at))
         before = summarize(in_window(loop.outcomes, before_t0, killed_at), killed_at - before_t0)
 
         timeline: list[tuple[float, dict[str, int]]] = []
@@ -474,7 +569,7 @@ async def failover_load(args: argparse.Namespace, setup: Setup, url: str, n: int
             await asyncio.sleep(0.5)
         end = time.monotonic()
         await loop.stop()
-        tasks = await wait_tasks(url, task_ids, args.task_timeout_s)
+        tasks = await tasks_done
 
     outcomes = loop.outcomes
     in_flight = [o for o in outcomes if o.started < killed_at <= (o.ended or end)]
@@ -611,21 +706,28 @@ def tables(report: dict[str, Any]) -> str:
     lines: list[str] = []
     phases = report["phases"]
     if "scaling" in phases:
-        lines += ["| replicas | workers | req/s | tok/s | efficiency (req) | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
-                  "errors |", "|---|---|---|---|---|---|---|---|"]
-        for s in phases["scaling"]["steps"]:
+        lines += ["| replicas | streams | req/s | tok/s | efficiency (req / tok) | TTFT p50 / p99 ms | "
+                  "TPOT p50 / p99 ms | CPU % of a core: Ingress / proxy / load gen | GPU util % | errors |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for s in phases["scaling"].get("steps", []):
+            cpu = s["meter"]["cpu_percent_of_one_core"]
+            gpu = s["meter"].get("gpu_util_percent")
             lines.append(f"| {s['replicas']} | {s['workers']} | {s['requests_per_s']} | {s['tokens_per_s']} | "
-                         f"{s.get('efficiency_requests', '-')} | {_ms(s['ttft_p50_s'])} / {_ms(s['ttft_p99_s'])} | "
-                         f"{_ms(s['tpot_p50_s'])} / {_ms(s['tpot_p99_s'])} | {s['errors'] or '-'} |")
+                         f"{s.get('efficiency_requests', '-')} / {s.get('efficiency_tokens', '-')} | "
+                         f"{_ms(s['ttft_p50_s'])} / {_ms(s['ttft_p99_s'])} | "
+                         f"{_ms(s['tpot_p50_s'])} / {_ms(s['tpot_p99_s'])} | {cpu.get('Ingress', 0):.0f} / "
+                         f"{cpu.get('ProxyActor', 0):.0f} / {cpu.get('load generator', 0):.0f} | "
+                         f"{' '.join(f'{g:.0f}' for g in gpu) if gpu else '-'} | {s['errors'] or '-'} |")
         lines.append("")
     if "affinity" in phases and "routed" in phases["affinity"]:
         a = phases["affinity"]
-        lines += [f"| routing ({a['replicas']} replicas, {a['sessions']} sessions x {a['turns']} turns) | "
-                  "follow-up prefix hit rate | follow-up TTFT p50 / p99 ms | first-turn TTFT p50 ms | errors |",
-                  "|---|---|---|---|---|"]
+        lines += [f"| routing ({a['model']}, {a['replicas']} replicas, {a['sessions']} sessions x {a['turns']} turns) "
+                  "| follow-up prefix hit rate (by turn) | follow-up TTFT p50 / p99 ms | first-turn TTFT p50 ms | "
+                  "errors |", "|---|---|---|---|---|"]
         for mode in ("routed", "unrouted"):
             m = a[mode]
-            lines.append(f"| {mode} | {m['follow_up_hit_rate']} | {_ms(m['follow_up_ttft_p50_s'])} / "
+            lines.append(f"| {mode} | {m['follow_up_hit_rate']} ({' '.join(str(x) for x in m['hit_rate_by_turn'])})"
+                         f" | {_ms(m['follow_up_ttft_p50_s'])} / "
                          f"{_ms(m['follow_up_ttft_p99_s'])} | {_ms(m['first_turn_ttft_p50_s'])} | "
                          f"{m['errors'] or '-'} |")
         lines.append("")
@@ -641,8 +743,9 @@ def tables(report: dict[str, Any]) -> str:
                   f"({a['first_5s_ok_fraction']}) |",
                   f"| replacement RUNNING after | {f['replacement_running_s']} s |",
                   f"| throughput back to 90 % after | {f['throughput_recovered_s']} s |",
-                  f"| accepted tasks: succeeded / accepted (max attempts) | {f['tasks']['statuses'].get('succeeded', 0)}"
-                  f" / {f['tasks']['accepted']} ({f['tasks']['attempts_max']}) |", ""]
+                  f"| accepted tasks: succeeded / accepted (max attempts), all ended after | "
+                  f"{f['tasks']['statuses'].get('succeeded', 0)} / {f['tasks']['accepted']} "
+                  f"({f['tasks']['attempts_max']}), {f['tasks']['all_ended_after_kill_s']} s |", ""]
     if "autoscale" in phases and "marks_s" in phases["autoscale"]:
         s = phases["autoscale"]
         c = s["autoscaling_config"]
@@ -670,11 +773,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--phases", nargs="+", default=["scaling", "affinity", "failover", "autoscale"],
                         choices=["scaling", "affinity", "failover", "autoscale"])
     parser.add_argument("--concurrency-per-replica", type=int, default=16)
+    parser.add_argument("--load-procs-per-replica", type=int, default=0,
+                        help="load-generator processes per replica in the scaling phase (0: the bench's own)")
+    parser.add_argument("--ingress", type=int, help="Ingress replicas (default: the config file's; 1 with fake GPUs)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-chars", type=int, default=1000)
     parser.add_argument("--phase-s", type=float, default=15.0)
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--deploy-timeout-s", type=float, default=300.0)
+    parser.add_argument("--affinity-model", help="the model of the affinity phase (default: --model); the "
+                        "simulated engine has no prefix cache, so on CPU use 'tiny' there")
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--doc-chars", type=int, default=2000, help="per-session document in the system prompt")
@@ -703,12 +811,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="kimiray-multi-gpu-"))
     os.environ.update({"KIMIRAY_HOME": str(home), "KIMIRAY_API_KEYS": KEY})
     model = None if args.model == "tiny" else args.model
-    if model is None:
+    if "tiny" in (args.model, args.affinity_model):
         from connectors.paths import tiny_checkpoint_dir
 
         tiny_checkpoint_dir()  # written once here, not raced by replicas
     setup = Setup(model=model, port=free_port(), home=home, fake_gpus=args.fake_gpus > 0,
-                  max_tokens=args.max_tokens, engine=args.engine)
+                  max_tokens=args.max_tokens, engine=args.engine, ingress=args.ingress)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     report: dict[str, Any] = {"command": " ".join(["python", "bench/multi_gpu_bench.py", *(argv or sys.argv[1:])]),
