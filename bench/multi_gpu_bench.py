@@ -98,6 +98,7 @@ class Setup:
     max_tokens: int
     engine: dict[str, Any] = field(default_factory=dict)
     ingress: int | None = None  # Ingress replicas; None: the config file's (1 with fake GPUs)
+    gpu_fraction: float = 1.0  # num_gpus per ModelServer replica (0.5: two replicas share a GPU, a 1-GPU check)
 
 
 def serve_config(setup: Setup, *, replicas: int | None = None, autoscaling: dict[str, Any] | None = None,
@@ -122,6 +123,8 @@ def serve_config(setup: Setup, *, replicas: int | None = None, autoscaling: dict
     model = deployments["ModelServer"]
     model.pop("num_replicas", None)
     model.pop("autoscaling_config", None)
+    if setup.gpu_fraction != 1.0:
+        model["ray_actor_options"]["num_gpus"] = setup.gpu_fraction
     if autoscaling is not None:
         model["autoscaling_config"] = autoscaling
     else:
@@ -292,8 +295,9 @@ class ClosedLoop:
     """``workers`` coroutines each sending streamed requests back to back until ``stop()``; every outcome kept.
     ``set_workers`` changes the concurrency on the fly (the autoscaling load step)."""
 
-    def __init__(self, http: Any, prompt: str, max_tokens: int) -> None:
+    def __init__(self, http: Any, prompt: str, max_tokens: int, sessions: bool = False) -> None:
         self.http, self.prompt, self.max_tokens = http, prompt, max_tokens
+        self.sessions = sessions  # odd workers send X-Session-Id (one session per worker), even ones none
         self.outcomes: list[Outcome] = []
         self.tasks: list[asyncio.Task] = []  # the active workers
         self.started: list[asyncio.Task] = []  # every worker ever started (stop() waits for all)
@@ -303,7 +307,8 @@ class ClosedLoop:
         i = 0
         while not self.stopped and index < len(self.tasks):
             messages = [{"role": "user", "content": f"[{index}.{i}] {self.prompt}"}]
-            outcome, _ = await stream_chat(self.http, messages, self.max_tokens)
+            session = f"worker-{index}" if self.sessions and index % 2 else None
+            outcome, _ = await stream_chat(self.http, messages, self.max_tokens, session)
             self.outcomes.append(outcome)
             i += 1
             if not outcome.ok:
@@ -539,7 +544,7 @@ async def failover_load(args: argparse.Namespace, setup: Setup, url: str, n: int
     prompt = prompt_text(args.prompt_chars)
     workers = args.concurrency_per_replica * n
     async with client(url, workers) as http:
-        loop = ClosedLoop(http, prompt, setup.max_tokens)
+        loop = ClosedLoop(http, prompt, setup.max_tokens, sessions=True)
         loop.set_workers(workers)
         await asyncio.sleep(args.warmup_s)
         before_t0 = time.monotonic()
@@ -593,7 +598,10 @@ async def failover_load(args: argparse.Namespace, setup: Setup, url: str, n: int
         "started_after_kill": {"requests": len(after), "ok": sum(o.ok for o in after),
                                "errors": dict(Counter(o.kind for o in after if not o.ok)),
                                "first_5s_ok_fraction": round(sum(o.ok for o in first_5s) / len(first_5s), 3)
-                               if first_5s else None},
+                               if first_5s else None,
+                               # with and without a session: a session's requests prefer one replica
+                               **{f"first_5s_{name}": _first_seconds(first_5s, routed)
+                                  for name, routed in (("with_session", True), ("without_session", False))}},
         "replacement_running_s": round(replaced_at - killed_at, 1) if replaced_at else None,
         "throughput_recovered_s": recovered_s,
         "after_replacement": summarize(in_window(outcomes, replaced_at, end), end - replaced_at)
@@ -601,6 +609,13 @@ async def failover_load(args: argparse.Namespace, setup: Setup, url: str, n: int
         "replica_states_timeline": timeline,
         "tasks": tasks,
     }
+
+
+def _first_seconds(outcomes: list[Outcome], routed: bool) -> dict[str, Any]:
+    these = [o for o in outcomes if (o.session is not None) == routed]
+    ttfts = [o.ttft for o in these if o.ok and o.ttft is not None]
+    return {"requests": len(these), "ok": sum(o.ok for o in these), "ttft_p50_s": percentile(ttfts, 0.5),
+            "ttft_max_s": round(max(ttfts), 3) if ttfts else None}
 
 
 def phase_failover(args: argparse.Namespace, setup: Setup, url: str) -> dict[str, Any]:
@@ -775,6 +790,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--concurrency-per-replica", type=int, default=16)
     parser.add_argument("--load-procs-per-replica", type=int, default=0,
                         help="load-generator processes per replica in the scaling phase (0: the bench's own)")
+    parser.add_argument("--gpu-fraction", type=float, default=1.0,
+                        help="num_gpus of each ModelServer replica (0.5: two replicas per GPU, to check failover "
+                        "and affinity on a 1-GPU machine; throughput then does not scale)")
     parser.add_argument("--ingress", type=int, help="Ingress replicas (default: the config file's; 1 with fake GPUs)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-chars", type=int, default=1000)
@@ -816,7 +834,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         tiny_checkpoint_dir()  # written once here, not raced by replicas
     setup = Setup(model=model, port=free_port(), home=home, fake_gpus=args.fake_gpus > 0,
-                  max_tokens=args.max_tokens, engine=args.engine, ingress=args.ingress)
+                  max_tokens=args.max_tokens, engine=args.engine, ingress=args.ingress,
+                  gpu_fraction=args.gpu_fraction)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     report: dict[str, Any] = {"command": " ".join(["python", "bench/multi_gpu_bench.py", *(argv or sys.argv[1:])]),
@@ -831,9 +850,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ray.init(**init)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        report["gpus"] = {"count": gpus, "fake": bool(args.fake_gpus)}
-        if max(args.replicas) > gpus:
-            raise SystemExit(f"--replicas up to {max(args.replicas)} but Ray sees {gpus} GPUs")
+        report["gpus"] = {"count": gpus, "fake": bool(args.fake_gpus), "per_replica": args.gpu_fraction}
+        if max(args.replicas) * args.gpu_fraction > gpus:
+            raise SystemExit(f"--replicas up to {max(args.replicas)} x {args.gpu_fraction} GPU but Ray sees {gpus}")
         url = f"http://127.0.0.1:{setup.port}"
         for phase in args.phases:
             runner = {"scaling": phase_scaling, "affinity": phase_affinity, "failover": phase_failover,
