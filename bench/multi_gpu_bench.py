@@ -69,6 +69,9 @@ SAFE_ENV = {
     "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
     "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
     "HF_HUB_OFFLINE": "1",
+    # NVLink multicast stays off in every process, replicas included (docs/multi_gpu.md): the replicas use no
+    # collectives at all, and on shared GPU hosts a program that uses multicast can take the GPUs out of service
+    "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
 }
 
 
