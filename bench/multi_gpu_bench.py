@@ -328,11 +328,27 @@ class ClosedLoop:
         await asyncio.gather(*self.started, return_exceptions=True)
 
 
-def summarize(outcomes: list[Outcome], wall: float) -> dict[str, Any]:
-    ok = [o for o in outcomes if o.ok]
-    return {"requests": len(outcomes), "ok": len(ok), "errors": dict(Counter(o.kind for o in outcomes if not o.ok)),
+def tokens_between(o: Outcome, t0: float, t1: float) -> float:
+    """Tokens of ``o`` streamed within [t0, t1): the first at the TTFT, the rest spread evenly up to its end (a
+    window shorter than a long reply still counts the tokens it saw, not only replies that ended in it)."""
+    if not o.ok or o.ttft is None or o.tokens <= 0:
+        return 0.0
+    first = o.started + o.ttft
+    count = 1.0 if t0 <= first < t1 else 0.0
+    if o.tokens > 1 and o.ended > first:
+        overlap = max(0.0, min(o.ended, t1) - max(first, t0))
+        count += (o.tokens - 1) * overlap / (o.ended - first)
+    return count
+
+
+def summarize(outcomes: list[Outcome], t0: float, t1: float) -> dict[str, Any]:
+    """Requests that ended in [t0, t1) (rate, errors, latencies) and the tokens streamed in it."""
+    wall = t1 - t0
+    ended = in_window(outcomes, t0, t1)
+    ok = [o for o in ended if o.ok]
+    return {"requests": len(ended), "ok": len(ok), "errors": dict(Counter(o.kind for o in ended if not o.ok)),
             "requests_per_s": round(len(ok) / wall, 2) if wall > 0 else None,
-            "tokens_per_s": round(sum(o.tokens for o in ok) / wall, 1) if wall > 0 else None,
+            "tokens_per_s": round(sum(tokens_between(o, t0, t1) for o in outcomes) / wall, 1) if wall > 0 else None,
             "ttft_p50_s": percentile([o.ttft for o in ok if o.ttft is not None], 0.5),
             "ttft_p99_s": percentile([o.ttft for o in ok if o.ttft is not None], 0.99),
             "tpot_p50_s": percentile([t for o in ok if (t := o.tpot) is not None], 0.5),
@@ -426,7 +442,7 @@ def measure_load(url: str, workers: int, seconds: float, warmup_s: float, prompt
     measured = meter.stop()
     t0, t1 = max(r[1] for r in results), min(r[2] for r in results)  # the window every process measured
     outcomes = [Outcome(**row) for r in results for row in r[0]]
-    return {"workers": workers, "load_procs": procs, **summarize(in_window(outcomes, t0, t1), t1 - t0),
+    return {"workers": workers, "load_procs": procs, **summarize(outcomes, t0, t1),
             "meter": measured}
 
 
@@ -560,7 +576,7 @@ async def failover_load(args: argparse.Namespace, setup: Setup, url: str, n: int
         os.kill(victim_pid, signal.SIGKILL)
         print(f"failover: SIGKILL {victim_name} (pid {victim_pid}) with {workers} streams running", flush=True)
         tasks_done = asyncio.ensure_future(wait_tasks(url, task_ids, args.task_timeout_s, killed_at))
-        before = summarize(in_window(loop.outcomes, before_t0, killed_at), killed_at - before_t0)
+        before = summarize(loop.outcomes, before_t0, killed_at)
 
         timeline: list[tuple[float, dict[str, int]]] = []
         replaced_at = None
@@ -583,12 +599,12 @@ async def failover_load(args: argparse.Namespace, setup: Setup, url: str, n: int
     in_flight = [o for o in outcomes if o.started < killed_at <= (o.ended or end)]
     after = [o for o in outcomes if o.started >= killed_at]
     first_5s = [o for o in after if o.started < killed_at + 5]
-    rate_before = before["requests_per_s"] or 0.0
-    recovered_s = None  # first 2-s window after the kill (sliding by 0.5 s) back at 90 % of the rate before
+    rate_before = before["tokens_per_s"] or 0.0
+    recovered_s = None  # end of the first 3-s window after the kill (sliding by 0.5 s) at 90 % of the token rate
     t = killed_at
-    while t + 2 <= end:
-        if rate_before and len([o for o in in_window(outcomes, t, t + 2) if o.ok]) / 2 >= 0.9 * rate_before:
-            recovered_s = round(t + 2 - killed_at, 1)
+    while t + 3 <= end:
+        if rate_before and sum(tokens_between(o, t, t + 3) for o in outcomes) / 3 >= 0.9 * rate_before:
+            recovered_s = round(t + 3 - killed_at, 1)
             break
         t += 0.5
     return {
@@ -607,7 +623,7 @@ async def failover_load(args: argparse.Namespace, setup: Setup, url: str, n: int
                                   for name, routed in (("with_session", True), ("without_session", False))}},
         "replacement_running_s": round(replaced_at - killed_at, 1) if replaced_at else None,
         "throughput_recovered_s": recovered_s,
-        "after_replacement": summarize(in_window(outcomes, replaced_at, end), end - replaced_at)
+        "after_replacement": summarize(outcomes, replaced_at, end)
         if replaced_at and end - replaced_at > 1 else None,
         "replica_states_timeline": timeline,
         "tasks": tasks,
@@ -699,7 +715,7 @@ async def autoscale_load(args: argparse.Namespace, setup: Setup, config: dict[st
             "upscale_decision_s": since("step_up", "first_upscale"), "scale_up_s": since("step_up", "all_running"),
             "downscale_decision_s": since("step_down", "first_downscale"),
             "scale_down_s": since("step_down", "back_to_min"),
-            "load": summarize(loop.outcomes, max(1e-9, r["step_down"] or 0.0)),
+            "load": summarize(loop.outcomes, t0, t0 + max(1e-9, r["step_down"] or 0.0)),
             "replica_states_timeline": timeline}
 
 
@@ -760,7 +776,7 @@ def tables(report: dict[str, Any]) -> str:
                   f"| started after the kill: ok / all (first 5 s ok fraction) | {a['ok']} / {a['requests']} "
                   f"({a['first_5s_ok_fraction']}) |",
                   f"| replacement RUNNING after | {f['replacement_running_s']} s |",
-                  f"| throughput back to 90 % after | {f['throughput_recovered_s']} s |",
+                  f"| token rate back to 90 % of before, after | {f['throughput_recovered_s']} s |",
                   f"| accepted tasks: succeeded / accepted (max attempts), all ended after | "
                   f"{f['tasks']['statuses'].get('succeeded', 0)} / {f['tasks']['accepted']} "
                   f"({f['tasks']['attempts_max']}), {f['tasks']['all_ended_after_kill_s']} s |", ""]
