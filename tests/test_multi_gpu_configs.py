@@ -112,3 +112,21 @@ def test_slowed_sim_profile_keeps_the_h100_shape() -> None:
     for batch in (1, 8, 20, 64, 100):
         assert slow.decode_ms(batch) == pytest.approx(10 * fast.decode_ms(batch))
     assert slow.prefill_tok_s == pytest.approx(fast.prefill_tok_s / 10) and slow.max_batch == fast.max_batch
+
+
+def test_bench_counts_tokens_in_the_window_they_were_streamed() -> None:
+    from bench.multi_gpu_bench import Outcome, summarize, tokens_between
+
+    # first token at 1 s, 10 more spread evenly until 11 s
+    reply = Outcome(started=0.0, ended=11.0, ttft=1.0, tokens=11)
+    assert tokens_between(reply, 0.0, 100.0) == pytest.approx(11)
+    assert tokens_between(reply, 0.0, 6.0) == pytest.approx(1 + 5)  # half of the decode time
+    assert tokens_between(reply, 6.0, 11.0) == pytest.approx(5)
+    broken = Outcome(started=0.0, ended=3.0, ttft=1.0, tokens=5, kind="transport:ReadError")
+    assert tokens_between(broken, 0.0, 10.0) == 0  # a broken stream delivers no answer
+    assert reply.tpot == pytest.approx(1.0) and broken.clear_error is False
+    assert Outcome(started=0.0, kind="stream_error:unavailable").clear_error
+    summary = summarize([reply, broken, Outcome(started=5.0, ended=9.0, ttft=0.5, tokens=2)], 0.0, 10.0)
+    assert summary["requests"] == 2 and summary["ok"] == 1  # ended inside the window: broken + the short one
+    assert summary["errors"] == {"transport:ReadError": 1}
+    assert summary["tokens_per_s"] == pytest.approx((1 + 9 + 2) / 10, abs=0.05)
