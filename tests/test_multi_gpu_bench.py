@@ -5,7 +5,8 @@ One short run of every phase, judged on what the bench is for: both replica coun
 session's follow-up turns hit its replica's prefix cache when routed; after a replica's process is SIGKILLed
 under load every in-flight stream either finished or ended with a JSON error (never a silently broken stream),
 every later failure is a clear error too, the replacement comes up and the accepted tasks all succeed; the
-autoscaler adds the second replica under the load step and removes it after.
+autoscaler adds the second replica under the load step and removes it after. A second test starts
+deploy/ray_config.gpu-cluster.yaml on 2 fake GPUs with a real redis-server behind its stores.
 """
 
 from __future__ import annotations
@@ -67,3 +68,59 @@ def test_every_phase_on_two_fake_gpus(tmp_path: Path) -> None:
     autoscale = phases["autoscale"]
     assert autoscale["scale_up_s"] is not None and autoscale["scale_down_s"] is not None, autoscale["marks_s"]
     assert "| replicas | streams |" in report["tables"] and "| failover | value |" in report["tables"]
+
+
+def test_cluster_config_starts_on_fake_gpus_with_shared_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/ray_config.gpu-cluster.yaml as written (autoscaled GPU replicas from min_replicas, autoscaled Ingress,
+    a proxy on every node, Redis stores) on a local Ray with 2 fake GPUs and a real redis-server; only the
+    addresses, the model (simulated) and the CPU reservations are this machine's."""
+    import httpx
+    import ray
+    import yaml
+    from ray import serve
+
+    from bench.multi_gpu_bench import CLUSTER_CONFIG, app_running, deploy, model_replica_states, wait_for
+    from tests.redis_harness import RedisServer, require_redis_server
+    from tests.serve_harness import free_port
+
+    require_redis_server()
+    stop_shared_ray()
+    key, port = "sk-gpu-cluster-config", free_port()
+    env = {**SAFE_ENV, "KIMIRAY_HOME": str(tmp_path / "home"), "KIMIRAY_API_KEYS": key, "PYTHONPATH": str(REPO)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with RedisServer(tmp_path / "redis", appendfsync="everysec") as redis:
+        raw = yaml.safe_load(CLUSTER_CONFIG.read_text())
+        raw["http_options"].update(host="127.0.0.1", port=port)
+        app = raw["applications"][0]
+        app["runtime_env"]["env_vars"].update(env)
+        app["args"].update(host="127.0.0.1")
+        app["args"]["model"]["model"] = "sim:h100"
+        app["args"]["tasks"]["stores_url"] = redis.url
+        deployments = {d["name"]: d for d in app["deployments"]}
+        for deployment in deployments.values():
+            deployment["ray_actor_options"]["num_cpus"] = 0.05
+        min_replicas = deployments["ModelServer"]["autoscaling_config"]["min_replicas"]
+        ray.init(include_dashboard=False, num_cpus=8, num_gpus=min_replicas, _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": env})
+        try:
+            deploy(raw)
+            wait_for("the cluster config RUNNING at min_replicas",
+                     lambda: app_running() and model_replica_states() == {"RUNNING": min_replicas}, timeout=180)
+            assert ray.available_resources().get("GPU", 0) == 0  # each replica holds one (fake) GPU
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
+                              timeout=60) as http:
+                reply = http.post("/v1/chat/completions", json={
+                    "model": "kimi-vl", "max_tokens": 5, "messages": [{"role": "user", "content": "hello"}]})
+                assert reply.status_code == 200, reply.text
+                task = http.post("/v1/tasks", json={"type": "chat", "input": {
+                    "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}})
+                assert task.status_code == 202, task.text
+                task_id = task.json()["id"]
+                wait_for("the task to succeed (through Redis)",
+                         lambda: http.get(f"/v1/tasks/{task_id}").json()["status"] == "succeeded", timeout=60)
+        finally:
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
