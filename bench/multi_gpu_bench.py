@@ -40,6 +40,7 @@ import multiprocessing
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -364,6 +365,11 @@ def prompt_text(chars: int) -> str:
     return ("Summarize the following clause in one sentence. " * (chars // 48 + 1))[:chars]
 
 
+def _reaped_children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Meter:
     """Between ``start`` and ``stop``: CPU of this run's processes by component (bench/scale_model.py's grouping:
     ProxyActor, Ingress, ModelServer, ...; the load generator's children included), the machine's CPU, and each
@@ -371,6 +377,7 @@ class Meter:
 
     def start(self) -> None:
         self.t0, self.cpu0, self.machine0 = time.monotonic(), ray_cpu_seconds(os.getpid()), machine_busy()
+        self.children0 = _reaped_children_cpu()
         self.gpu: list[list[float]] = []
         self._stop = threading.Event()
         self._thread = None
@@ -393,6 +400,9 @@ class Meter:
         if self._thread is not None:
             self._thread.join(timeout=10)
         cpu1, machine1 = ray_cpu_seconds(os.getpid()), machine_busy()
+        # load-generator processes (--load-procs-per-replica) have ended and been reaped by now: their CPU is
+        # this process's children's
+        cpu1["load generator"] = cpu1.get("load generator", 0.0) + _reaped_children_cpu() - self.children0
         cpu = {k: round(100 * (cpu1.get(k, 0) - self.cpu0.get(k, 0)) / wall, 1) for k in cpu1}
         busy = (machine1[0] - self.machine0[0]) / max(1.0, machine1[1] - self.machine0[1])
         out: dict[str, Any] = {"cpu_percent_of_one_core": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
