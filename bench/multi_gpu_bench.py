@@ -807,6 +807,14 @@ def tables(report: dict[str, Any]) -> str:
 
 # ---- main -------------------------------------------------------------------------------------------------------
 
+TERMINATED: list[int] = []
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    TERMINATED.append(signum)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sim:h100-slow10",
@@ -877,6 +885,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.fake_gpus:
         init.update(num_gpus=args.fake_gpus, num_cpus=max(8, 4 * args.fake_gpus))
     ray.init(**init)
+    # a time limit (``timeout``) sends SIGTERM: unwind through the finally below so Serve and Ray are shut down
+    # (the phases done so far are already in --json). Set after ray.init, which installs a handler of its own.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         report["gpus"] = {"count": gpus, "fake": bool(args.fake_gpus), "per_replica": args.gpu_fraction}
@@ -897,7 +908,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 args.json.write_text(json.dumps(report, indent=1))
     finally:
         try:
-            serve.shutdown()
+            if not TERMINATED:  # a graceful Serve shutdown drains the replicas; past a time limit just stop Ray
+                serve.shutdown()
         finally:
             ray.shutdown()
     report["tables"] = tables(report)

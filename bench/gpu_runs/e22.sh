@@ -54,7 +54,7 @@ if ! python3 bench/gpu_serve/a3b_checkpoint.py "$CKPT" ${LAYERS:+--layers $LAYER
 fi
 echo "[e22] checkpoint ready after $(( $(date +%s) - started )) s"
 # shellcheck disable=SC2086 # PHASES and E22_ARGS are lists
-timeout 540 python3 bench/multi_gpu_bench.py --model "$PWD/$CKPT" "${MODE[@]}" --phases $PHASES \
+timeout -k 30 540 python3 bench/multi_gpu_bench.py --model "$PWD/$CKPT" "${MODE[@]}" --phases $PHASES \
   --phase-s "$PHASE_S" --warmup-s 5 --concurrency-per-replica 32 --max-tokens 128 --prompt-chars 2000 \
   --sessions 16 --turns 4 --doc-chars 8000 --tasks 8 --failover-before-s 8 --failover-settle-s 10 \
   --upscale-delay-s 5 --downscale-delay-s 20 --metrics-interval-s 2 --look-back-period-s 6 \
