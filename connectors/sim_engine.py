@@ -65,6 +65,19 @@ PROFILES: dict[str, StepProfile] = {
 }
 
 
+def slowed(profile: StepProfile, factor: float) -> StepProfile:
+    """The same step-time shape ``factor`` times slower: on a small CPU machine the HTTP path can't carry several
+    simulated H100s' token rates, so multi-replica runs there (bench/multi_gpu_bench.py) use a slowed GPU to keep
+    the replicas, not the test machine, the bottleneck."""
+    return StepProfile(name=f"{profile.name}-slow{factor:g}",
+                       decode_points=tuple((b, ms * factor) for b, ms in profile.decode_points),
+                       prefill_tok_s=profile.prefill_tok_s / factor, max_batch=profile.max_batch,
+                       stop_after=profile.stop_after, image_tokens=profile.image_tokens)
+
+
+PROFILES["h100-slow10"] = slowed(PROFILES["h100"], 10)
+
+
 def is_simulated_model(model: str | None) -> bool:
     return bool(model) and str(model).startswith(SIM_PREFIX)
 
