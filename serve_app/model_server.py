@@ -10,6 +10,7 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from connectors.delta_wire import coalesce, merge, pack_batch
 from connectors.paths import tiny_checkpoint_dir
 from connectors.sim_engine import SimEngine, is_simulated_model
 from engine.runtime.request import Delta, GenerateRequest
@@ -55,14 +56,17 @@ class ModelServer:
         self.metrics = ServeMetrics(model=self.name)
         log.info("ModelServer loaded %s on %s in %.1fs", path, device, time.monotonic() - started)
 
-    async def generate(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Delta]:
-        async for delta in self._measured(request):
-            yield delta
+    async def generate(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[list[tuple]]:
+        """The stream, one Ray item per batch of deltas that were ready together (one delta when the caller keeps
+        up), as plain tuples (``connectors.delta_wire``: ``RayBackend`` turns them back into ``Delta`` s)."""
+        async for batch in coalesce(self._measured(request)):
+            yield pack_batch(batch)
 
     async def complete(self, request: GenerateRequest | dict[str, Any]) -> list[Delta]:
         """The whole generation in one reply: a non-streaming HTTP request then costs one Ray round trip instead
-        of one per token. Cancelling the call (client gone) cancels the generation."""
-        return [delta async for delta in self._measured(request)]
+        of one per token. Cancelling the call (client gone) cancels the generation. The deltas come merged
+        (``delta_wire.merge``: same text, tokens and logprobs in order, usually one ``Delta``)."""
+        return merge([delta async for delta in self._measured(request)])
 
     async def _measured(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Delta]:
         """The engine's deltas; a request that finishes normally records its decode rate (tokens after the first

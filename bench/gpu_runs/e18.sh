@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# e18 / issue 18 on the GPU machine: the product path (Ray Serve + ModelServer + OpenAI API) against the engine
+# alone, full-size A3B shapes with random bf16 weights. Runs from the repo root; results under $OUT/.
+#
+# Needs the Serve stack: the earlier run(s) of bench/gpu_serve/README.md carried .gpu_serve/part1 (+ .whl);
+# this run carries the last part, .gpu_serve/part2 (install.sh joins, checks and unpacks it into /tmp/site).
+# Parts / sizes can be narrowed: E18_ARGS="--parts engine served" bash bench/gpu_runs/e18.sh
+# Disk: writes the random checkpoint (32.8 GB) to .gpu_serve/a3b once; later runs on the warm machine reuse it.
+set -uo pipefail
+OUT=${OUT:-/tmp/e18-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v "already exists" || true
+export PYTHONPATH=/tmp/site:$PWD
+if ! bash bench/gpu_serve/install.sh 2>&1 | tee "$OUT/e18_install.log"; then
+  echo "[e18] the Serve stack is not installed (see $OUT/e18_install.log): nothing measured"; exit 1
+fi
+grep -q "still missing" "$OUT/e18_install.log" && { echo "[e18] carry the missing part first"; exit 1; }
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+df -h . /tmp | tail -n +2
+echo "[e18] bench/serve_gpu_bench.py ${E18_ARGS:-}"
+# shellcheck disable=SC2086 # E18_ARGS is a list of flags
+timeout 560 python3 bench/serve_gpu_bench.py --device cuda --json "$OUT/e18_serve_gpu.json" ${E18_ARGS:-} 2>&1 \
+  | tee "$OUT/e18_serve_gpu.log"
+status=${PIPESTATUS[0]}
+echo "[e18] exit status $status; results: $OUT/e18_serve_gpu.json"
+exit "$status"
