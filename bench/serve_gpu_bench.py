@@ -358,6 +358,7 @@ def engine_side(args: argparse.Namespace, model: str, engine_options: dict[str, 
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+            log(f"engine freed: {torch.cuda.memory_allocated() / 2**30:.1f} GiB still allocated in this process")
     return out
 
 
@@ -367,13 +368,10 @@ class Service:
     def __init__(self, args: argparse.Namespace, model: str, app_args: dict[str, Any],
                  options: dict[str, dict[str, Any]], home: str) -> None:
         import ray
-        from ray import serve
-
-        from serve_app.app import Ingress, ModelServer, TaskRunnerDeployment
-        from serve_app.config import AppConfig
 
         self.port, gcs_port = free_port(), free_port()
         env = {**SAFE_ENV, "KIMIRAY_HOME": home, "RAY_GCS_SERVER_PORT": str(gcs_port)}
+        self._saved_env = {k: os.environ.get(k) for k in (*env, "KIMIRAY_API_KEYS")}  # restored by close()
         os.environ.update(env)
         os.environ.pop("KIMIRAY_API_KEYS", None)  # loopback only: no key needed
         worker_env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
@@ -384,6 +382,19 @@ class Service:
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=max(4, os.cpu_count() or 1),
                  num_gpus=gpus, object_store_memory=2 * 2**30, runtime_env={"env_vars": worker_env},
                  log_to_driver=args.ray_logs)
+        try:
+            self._deploy(args, model, app_args, options, gpus, started)
+        except BaseException:
+            self.close()  # never leave this run's Ray behind
+            raise
+
+    def _deploy(self, args: argparse.Namespace, model: str, app_args: dict[str, Any],
+                options: dict[str, dict[str, Any]], gpus: int, started: float) -> None:
+        from ray import serve
+
+        from serve_app.app import Ingress, ModelServer, TaskRunnerDeployment
+        from serve_app.config import AppConfig
+
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         self.ray_start_s = round(time.perf_counter() - started, 2)
         app_args = {**app_args, "model": {**app_args["model"], "model": model, "device": args.device,
@@ -408,6 +419,11 @@ class Service:
             serve.shutdown()
         finally:
             ray.shutdown()
+            for key, value in self._saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def model_server_pid() -> int:

@@ -37,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--requests", type=int, default=2, help="rounds of requests per stream slot")
     parser.add_argument("--code", default=str(HERE), help="the checkout whose serve_app/connectors run")
+    parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for every Ray process of the run (Serve's knobs)")
     parser.add_argument("--json")
     return parser.parse_args()
 
@@ -114,7 +116,7 @@ def main() -> None:
     sys.path.insert(0, code)
     env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "NO_PROXY": "127.0.0.1,localhost",
            "no_proxy": "127.0.0.1,localhost", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-           "RAY_DEDUP_LOGS": "0"}
+           "RAY_DEDUP_LOGS": "0", **dict(kv.split("=", 1) for kv in args.serve_env)}
     os.environ.update(env)
     os.environ.pop("KIMIRAY_API_KEYS", None)
     import ray
@@ -133,7 +135,7 @@ def main() -> None:
     app_args = app_cfg["args"]
     app_args["model"]["model"] = "sim:h100"
     app_args["auth"] = {**app_args["auth"], "requests_per_minute": 10_000_000, "max_concurrent_per_key": 1024}
-    results: dict[str, Any] = {"code": code, "levels": {}}
+    results: dict[str, Any] = {"code": code, "serve_env": args.serve_env, "levels": {}}
     with tempfile.TemporaryDirectory() as home:
         port = free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(free_port())

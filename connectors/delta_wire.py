@@ -133,3 +133,7 @@ async def coalesce(source: AsyncIterator[Delta]) -> AsyncIterator[list[Delta]]:
     finally:
         if not reader.done():
             reader.cancel()  # the reader's CancelledError closes ``source`` (its finally aborts the request)
+            try:
+                await asyncio.wait({reader}, timeout=5.0)  # so the abort has happened when this returns
+            except BaseException:  # noqa: BLE001 - cancelled again meanwhile: the reader still finishes alone
+                pass

@@ -19,6 +19,7 @@ key's concurrency slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,7 @@ from typing import Any
 import anyio
 from fastapi.responses import StreamingResponse
 
+from connectors.delta_wire import coalesce, merge
 from engine.runtime.request import Delta
 from serve_app import openai_api
 
@@ -59,6 +61,9 @@ async def chat_events(
         return sse_data(openai_api.error_body(status, code, message))
 
     texts: list[str] = []
+    # deltas that arrive while this stream's previous event is still being written go out as one event
+    batches = coalesce(deltas)
+    pending: list[Delta] = []
     try:
         yield chunk(role="assistant", content="")
         delta = first
@@ -72,8 +77,10 @@ async def chat_events(
             if delta.finish_reason is not None:
                 break
             try:
-                async with asyncio.timeout(max(0.001, deadline - time.monotonic())):  # no task per token
-                    delta = await anext(deltas)
+                if not pending:
+                    async with asyncio.timeout(max(0.001, deadline - time.monotonic())):  # no task per token
+                        pending = merge(await anext(batches))
+                delta = pending.pop(0)
             except StopAsyncIteration:
                 yield error(500, "internal_error", "the model stopped before finishing the answer")
                 return
@@ -103,7 +110,9 @@ async def chat_events(
         # request is surely aborted and the slot surely released.
         with anyio.CancelScope(shield=True):
             try:
-                await deltas.aclose()
+                await batches.aclose()  # closes ``deltas`` too (the engine request is aborted)
+                with contextlib.suppress(RuntimeError):  # "already running": its reader is still closing it
+                    await deltas.aclose()
             finally:
                 await release()
 

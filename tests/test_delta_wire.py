@@ -340,3 +340,27 @@ def test_chunk_templates_are_byte_exact(include_usage: bool) -> None:
                 continue
             slow = render(content=content or None, reasoning=reasoning or None)
             assert fast(content, reasoning) == slow, (content, reasoning)
+
+
+class _PacedBackend(_DirectBackend):
+    def __init__(self, script: list[Delta], pause_s: float) -> None:
+        super().__init__(script)
+        self.pause_s = pause_s
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        for delta in self.script:
+            await asyncio.sleep(self.pause_s)
+            yield delta
+
+
+def test_the_ingress_merges_only_what_piles_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deltas that arrive while the previous event is being written leave as one event; paced ones one each."""
+    script = _script()
+    content_events = lambda events: [e for e in events if e != "[DONE]" and e.get("choices")  # noqa: E731
+                                     and (e["choices"][0]["delta"].get("content")
+                                          or e["choices"][0]["delta"].get("reasoning_content"))]
+    paced = _sse(_PacedBackend(script, 0.02), monkeypatch)
+    burst = _sse(_DirectBackend(script), monkeypatch)
+    assert _reassemble(paced) == _reassemble(burst) == _reassemble(_sse(_PacedBackend(script, 0.0), monkeypatch))
+    assert len(content_events(paced)) == 6  # one per token: nothing waited to be merged
+    assert len(content_events(burst)) < 6  # all but the first were there at once
