@@ -90,6 +90,8 @@ def production_settings(engine_overrides: dict[str, Any]) -> tuple[dict[str, Any
                     "creates_per_minute": 100_000}
     args["model"]["engine"] = {**args["model"].get("engine", {}), **engine_overrides}
     options = {d.pop("name"): d for d in app["deployments"]}
+    # the application's env (runtime_env.env_vars: Serve's knobs) goes to every process of this run's Ray
+    args["_env"] = {k: str(v) for k, v in (app.get("runtime_env", {}).get("env_vars") or {}).items()}
     return args, options
 
 
@@ -370,7 +372,7 @@ class Service:
         import ray
 
         self.port, gcs_port = free_port(), free_port()
-        env = {**SAFE_ENV, "KIMIRAY_HOME": home, "RAY_GCS_SERVER_PORT": str(gcs_port)}
+        env = {**app_args["_env"], **SAFE_ENV, "KIMIRAY_HOME": home, "RAY_GCS_SERVER_PORT": str(gcs_port)}
         self._saved_env = {k: os.environ.get(k) for k in (*env, "KIMIRAY_API_KEYS")}  # restored by close()
         os.environ.update(env)
         os.environ.pop("KIMIRAY_API_KEYS", None)  # loopback only: no key needed
@@ -397,8 +399,8 @@ class Service:
 
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         self.ray_start_s = round(time.perf_counter() - started, 2)
-        app_args = {**app_args, "model": {**app_args["model"], "model": model, "device": args.device,
-                                          "dtype": args.dtype}}
+        app_args = {**{k: v for k, v in app_args.items() if k != "_env"},
+                    "model": {**app_args["model"], "model": model, "device": args.device, "dtype": args.dtype}}
         config = AppConfig.model_validate(app_args).model_dump()
         model_options = dict(options["ModelServer"])
         model_options["ray_actor_options"] = {**model_options.get("ray_actor_options", {}), "num_gpus": gpus}
@@ -509,19 +511,23 @@ def fault_part(service: Service, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def served_side(args: argparse.Namespace, model: str, app_args: dict[str, Any],
-                options: dict[str, dict[str, Any]], image: bytes, pdf: bytes) -> dict[str, Any]:
+                options: dict[str, dict[str, Any]], image: bytes, pdf: bytes, out: dict[str, Any],
+                save: Any) -> dict[str, Any]:
+    """Fills ``out`` as it goes (``save()`` writes the JSON after each part: a run cut short keeps its numbers)."""
     import kimiray
 
-    out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as home:
         service = Service(args, model, app_args, options, home)
         out["ray_start_s"], out["deploy_to_ready_s"] = service.ray_start_s, service.deploy_s
+        save()
         try:
             if "served" in args.parts:
                 out.update(asyncio.run(measure_path(ServedPath(service.url), args, image)))
+                save()
                 if "tasks" in args.parts:
                     with kimiray.Client(service.url, timeout=120) as client:
                         out["tasks"] = run_tasks(client, args, pdf)
+                    save()
             if "fault" in args.parts:
                 try:
                     out["fault"] = fault_part(service, args)
@@ -602,7 +608,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=4)
     parser.add_argument("--pages", type=int, default=60)
-    parser.add_argument("--task-timeout", type=float, default=300.0)
+    parser.add_argument("--task-timeout", type=float, default=150.0)
     parser.add_argument("--fault-streams", type=int, default=8)
     parser.add_argument("--fault-tasks", type=int, default=4)
     parser.add_argument("--fault-tokens", type=int, default=None, help="tokens of the streams that get cut")
@@ -610,6 +616,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fault-after-s", type=float, default=None)
     parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=JSON",
                         help="EngineOptions override for both sides, e.g. max_num_seqs=64")
+    parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for the Ray processes of the served side (on top of "
+                        "ray_config.yaml's runtime_env), e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1")
     parser.add_argument("--ray-logs", action="store_true", help="show the replicas' logs")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -630,13 +639,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ.setdefault(key, value)
     overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.engine_option)}
     app_args, options = production_settings(overrides)
+    app_args["_env"].update(kv.split("=", 1) for kv in args.serve_env)
     from serve_app.config import AppConfig
 
-    engine_options = AppConfig.model_validate(app_args).model.engine
+    engine_options = AppConfig.model_validate({k: v for k, v in app_args.items() if k != "_env"}).model.engine
     image, pdf = screenshot_png(), contract_pdf(args.pages) if "tasks" in args.parts else b""
     results: dict[str, Any] = {"device": args.device, "argv": sys.argv[1:] if argv is None else argv,
                                "settings": {k: v for k, v in vars(args).items() if k != "json"},
-                               "engine_options": engine_options}
+                               "engine_options": engine_options, "serve_env": app_args["_env"]}
     try:
         import subprocess
 
@@ -649,20 +659,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         results["gpu"] = torch.cuda.get_device_name(0)
     started = time.perf_counter()
+    def save() -> None:
+        results["wall_s"] = round(time.perf_counter() - started, 1)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
     model = model_path(args)
     results["model"] = model
+    results["model_ready_s"] = round(time.perf_counter() - started, 1)
     if "engine" in args.parts:
         results["engine"] = engine_side(args, model, engine_options, image, pdf)
+        save()
     if {"served", "fault"} & set(args.parts):
-        results["served"] = served_side(args, model, app_args, options, image, pdf)
+        results["served"] = {}
+        served_side(args, model, app_args, options, image, pdf, results["served"], save)
     if "engine" in results and "served" in results:
         results["comparison"] = comparison(results["engine"], results["served"], args.concurrency)
         print_table(results["comparison"])
-    results["wall_s"] = round(time.perf_counter() - started, 1)
+    save()
     log(f"done in {results['wall_s']}s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return results
 
 

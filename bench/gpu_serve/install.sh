@@ -64,17 +64,17 @@ echo "$archive_sha" > "$marker"
 echo "[install] unpacked $archive_name ($archive_size bytes, $(wc -l < "$SITE/.kimiray-serve-stack-wheels.txt") wheels) into $SITE in $(python3 -c "import time,sys; print(f'{time.time()-float(sys.argv[1]):.1f}')" "$started")s"
 PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} python3 - <<'PY'
 import importlib, sys
-mods = ["ray", "ray.serve", "fastapi", "starlette", "uvicorn", "httpx", "openai", "av", "pymupdf", "redis",
-        "yaml", "multipart", "docx", "pydicom", "aiohttp", "grpc"]
-bad = []
+mods = ["yaml", "numpy", "pydantic", "ray", "ray.serve", "fastapi", "starlette", "uvicorn", "httpx", "openai", "av",
+        "pymupdf", "redis", "multipart", "docx", "pydicom", "aiohttp", "grpc"]
+good, bad = [], []
 for name in mods:
     try:
-        importlib.import_module(name)
+        module = importlib.import_module(name)
+        good.append(f"{name} {getattr(module, '__version__', '')}".strip())
     except Exception as exc:  # noqa: BLE001 - report every missing piece at once
         bad.append(f"{name}: {type(exc).__name__}: {exc}")
-import ray
-print(f"[install] imports ok: {', '.join(m for m in mods if not any(b.startswith(m + ':') for b in bad))}; ray {ray.__version__}")
-for line in bad:
+print(f"[install] imports ok: {', '.join(good)}")
+for line in bad:  # yaml/numpy come from the machine's own stack; pydantic from .whl/ (skip.txt says why)
     print(f"[install] IMPORT FAILS {line}")
 sys.exit(1 if bad else 0)
 PY

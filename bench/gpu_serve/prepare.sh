@@ -75,6 +75,6 @@ echo "[prepare] $(basename "$ARCHIVE"): $(stat -c %s "$ARCHIVE") bytes in $N par
 for i in $(seq 1 "$N"); do
   size=$(du -sb "$WORK/part$i" | cut -f1)
   extra=""; [[ $i == 1 ]] && extra=', ".whl"'
-  echo "[prepare] run $i: carry [\".gpu_serve/part$i\"$extra] ($((size / 1048576)) MiB + .whl)   command: bash bench/gpu_serve/install.sh"
+  echo "[prepare] run $i: carry [\".gpu_serve/part$i\"$extra] ($((size / 1048576)) MiB${extra:+ + .whl})   command: bash bench/gpu_serve/install.sh"
 done
 echo "[prepare] the last run may instead be: bash bench/gpu_runs/e18.sh (it calls install.sh first)"
