@@ -5,6 +5,13 @@
 # Needs the Serve stack: the earlier run(s) of bench/gpu_serve/README.md carried .gpu_serve/part1 (+ .whl);
 # this run carries the last part, .gpu_serve/part2 (install.sh joins, checks and unpacks it into /tmp/site).
 # Parts / sizes can be narrowed: E18_ARGS="--parts engine served" bash bench/gpu_runs/e18.sh
+# Expected: ~1 min to write the random checkpoint (first run only), ~5 min for all parts (engine side, served side,
+# tasks, the replica killed under load); JSON is written after every part.
+# Optional second call (warm machine, no carry; ~2.5 min): the served side again with Serve's per-token knobs
+# (bench/RESULTS.md, "per-token cost"):
+#   E18_ARGS="--parts served --serve-env RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 \
+#     --serve-env RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 --serve-env RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1000" \
+#     E18_JSON=e18_serve_gpu_knobs.json bash bench/gpu_runs/e18.sh
 # Disk: writes the random checkpoint (32.8 GB) to .gpu_serve/a3b once; later runs on the warm machine reuse it.
 set -uo pipefail
 OUT=${OUT:-/tmp/e18-out}
@@ -19,8 +26,9 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 df -h . /tmp | tail -n +2
 echo "[e18] bench/serve_gpu_bench.py ${E18_ARGS:-}"
 # shellcheck disable=SC2086 # E18_ARGS is a list of flags
-timeout 560 python3 bench/serve_gpu_bench.py --device cuda --json "$OUT/e18_serve_gpu.json" ${E18_ARGS:-} 2>&1 \
-  | tee "$OUT/e18_serve_gpu.log"
+JSON=${E18_JSON:-e18_serve_gpu.json}
+timeout 560 python3 bench/serve_gpu_bench.py --device cuda --json "$OUT/$JSON" ${E18_ARGS:-} 2>&1 \
+  | tee "$OUT/${JSON%.json}.log"
 status=${PIPESTATUS[0]}
-echo "[e18] exit status $status; results: $OUT/e18_serve_gpu.json"
+echo "[e18] exit status $status; results: $OUT/$JSON"
 exit "$status"
