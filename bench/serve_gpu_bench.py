@@ -467,9 +467,13 @@ def fault_part(service: Service, args: argparse.Namespace) -> dict[str, Any]:
             record["ended_after_kill_s"] = round(time.perf_counter() - killed_at[0], 3)
         streams.append(record)
 
-    async def load_and_kill(pid: int) -> None:
+    at_kill: dict[str, str] = {}
+
+    async def load_and_kill(pid: int, client: Any, accepted: list[str]) -> None:
         tasks = [asyncio.ensure_future(one_stream()) for _ in range(args.fault_streams)]
         await asyncio.sleep(args.fault_after_s)
+        for task_id in accepted:  # were they in flight? (a task already done proves nothing)
+            at_kill[task_id] = (await asyncio.to_thread(client.get, task_id)).status
         os.kill(pid, signal.SIGKILL)
         killed_at.append(time.perf_counter())
         await asyncio.gather(*tasks)
@@ -481,7 +485,7 @@ def fault_part(service: Service, args: argparse.Namespace) -> dict[str, Any]:
         pid = model_server_pid()
         log(f"fault: {args.fault_streams} streams + {len(accepted)} accepted chat tasks; SIGKILL pid {pid} in "
             f"{args.fault_after_s}s")
-        asyncio.run(load_and_kill(pid))
+        asyncio.run(load_and_kill(pid, client, accepted))
         out["streams"] = streams
         out["streams_ended_with_error"] = sum(1 for s in streams if s["outcome"] != "completed")
         # the replacement: the first chat completion that succeeds after the kill
@@ -502,7 +506,8 @@ def fault_part(service: Service, args: argparse.Namespace) -> dict[str, Any]:
         finished = {}
         for task_id in accepted:
             done = client.wait(task_id, timeout=args.task_timeout, raise_on_failure=False)
-            finished[task_id] = {"status": done.status, "after_kill_s": round(time.perf_counter() - killed_at[0], 2),
+            finished[task_id] = {"status_at_kill": at_kill.get(task_id), "status": done.status,
+                                 "after_kill_s": round(time.perf_counter() - killed_at[0], 2),
                                  "attempts": getattr(done, "attempts", None)}
         out["tasks"] = finished
         out["tasks_succeeded"] = sum(1 for t in finished.values() if t["status"] == "succeeded")
@@ -627,7 +632,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.max_tokens = args.max_tokens or (128 if gpu else 8)
     args.warmup_tokens = args.warmup_tokens or (16 if gpu else 2)
     args.fault_tokens = args.fault_tokens or (4000 if gpu else 400)
-    args.fault_task_tokens = args.fault_task_tokens or (256 if gpu else 16)
+    args.fault_task_tokens = args.fault_task_tokens or (1024 if gpu else 16)  # still running at the kill
     args.fault_after_s = args.fault_after_s if args.fault_after_s is not None else (3.0 if gpu else 2.0)
     args.dtype = args.dtype or ("bfloat16" if gpu else None)
     return args
