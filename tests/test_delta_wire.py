@@ -210,8 +210,13 @@ class PicklingHandle:
         return pickle.loads(pickle.dumps(await self.server.complete(request)))
 
 
+class _ModelServer(ModelServer.func_or_class):  # type: ignore[misc,name-defined]
+    def __del__(self) -> None:  # the real one awaits the engine's shutdown; there is no engine thread here
+        pass
+
+
 def _model_server(script: list[Any]) -> tuple[Any, ScriptedEngine]:
-    server = object.__new__(ModelServer.func_or_class)
+    server = object.__new__(_ModelServer)
     server.engine = ScriptedEngine(script)
     server.metrics = _Metrics()
     server.name = "kimi-vl"
