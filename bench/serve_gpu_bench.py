@@ -428,6 +428,16 @@ class Service:
                     os.environ[key] = value
 
 
+def replica_startup(url: str) -> Any:
+    """The ModelServer replica's own cold-start figures (``startup`` in /v1/stats)."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/v1/stats", timeout=30, trust_env=False).json().get("startup")
+    except (httpx.HTTPError, ValueError) as exc:
+        return f"unavailable: {exc}"
+
+
 def model_server_pid() -> int:
     import ray
 
@@ -452,17 +462,22 @@ def fault_part(service: Service, args: argparse.Namespace) -> dict[str, Any]:
     streams: list[dict[str, Any]] = []
     killed_at: list[float] = []
 
+    progress: dict[int, int] = {}
+
     async def one_stream() -> None:
         record: dict[str, Any] = {"chunks": 0}
+        progress[id(record)] = 0
         try:
             stream = await path.client.chat.completions.create(
                 model=SERVED_NAME, messages=[{"role": "user", "content": PROMPT}], max_tokens=args.fault_tokens,
                 temperature=0, stream=True, extra_body={"ignore_eos": True})
             async for _chunk in stream:
                 record["chunks"] += 1
+                progress[id(record)] = record["chunks"]
             record["outcome"] = "completed"
         except Exception as exc:  # noqa: BLE001 - the point: how does it end
             record["outcome"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        progress[id(record)] = 10**9  # ended (before the kill, if it has not happened): nothing to wait for
         if killed_at:
             record["ended_after_kill_s"] = round(time.perf_counter() - killed_at[0], 3)
         streams.append(record)
@@ -472,6 +487,9 @@ def fault_part(service: Service, args: argparse.Namespace) -> dict[str, Any]:
     async def load_and_kill(pid: int, client: Any, accepted: list[str]) -> None:
         tasks = [asyncio.ensure_future(one_stream()) for _ in range(args.fault_streams)]
         await asyncio.sleep(args.fault_after_s)
+        flowing_by = time.perf_counter() + 120
+        while (len(progress) < args.fault_streams or min(progress.values()) < 2) and time.perf_counter() < flowing_by:
+            await asyncio.sleep(0.05)  # every stream is flowing before the kill
         for task_id in accepted:  # were they in flight? (a task already done proves nothing)
             at_kill[task_id] = (await asyncio.to_thread(client.get, task_id)).status
         os.kill(pid, signal.SIGKILL)
@@ -502,6 +520,7 @@ def fault_part(service: Service, args: argparse.Namespace) -> dict[str, Any]:
                 pass
             time.sleep(0.5)
         out["replacement_answers_after_s"] = None if ready is None else round(ready, 2)
+        out["replacement_startup"] = replica_startup(service.url)
         log(f"fault: streams {[s['outcome'][:60] for s in streams]}; replacement answers after {ready}")
         finished = {}
         for task_id in accepted:
@@ -524,6 +543,8 @@ def served_side(args: argparse.Namespace, model: str, app_args: dict[str, Any],
     with tempfile.TemporaryDirectory() as home:
         service = Service(args, model, app_args, options, home)
         out["ray_start_s"], out["deploy_to_ready_s"] = service.ray_start_s, service.deploy_s
+        out["replica_startup"] = replica_startup(service.url)  # checkpoint load; process start -> ready
+        log(f"replica cold start: {out['replica_startup']}")
         save()
         try:
             if "served" in args.parts:

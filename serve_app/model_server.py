@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -23,6 +25,16 @@ log = logging.getLogger("kimiray.model_server")
 # A replica whose engine has work but made no step for this long is wedged: the health check fails and
 # Serve replaces the replica.
 WEDGED_AFTER_S = 120.0
+
+
+def _seconds_since_process_start() -> float | None:
+    """Wall time since this process started (Linux ``/proc``), or None where that is not available."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - ticks / os.sysconf("SC_CLK_TCK"), 2)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @serve.deployment(
@@ -54,6 +66,8 @@ class ModelServer:
         self.engine = AsyncEngine.from_pretrained(path, device=device, dtype=cfg.model.dtype, **cfg.model.engine)
         self.name = cfg.model.served_name
         self.metrics = ServeMetrics(model=self.name)
+        self.startup = {"load_s": round(time.monotonic() - started, 2),
+                        "process_start_to_ready_s": _seconds_since_process_start()}
         log.info("ModelServer loaded %s on %s in %.1fs", path, device, time.monotonic() - started)
 
     async def generate(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[list[tuple]]:
@@ -83,7 +97,9 @@ class ModelServer:
             yield delta
 
     async def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
+        """The engine's statistics and this replica's cold start (``startup``: checkpoint load, and process start
+        to ready: what a replacement replica costs)."""
+        return {**self.engine.stats(), "startup": getattr(self, "startup", None)}
 
     async def ready(self) -> bool:
         return self.engine.alive

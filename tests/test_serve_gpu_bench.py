@@ -17,8 +17,8 @@ def test_serve_gpu_bench_smoke_on_cpu(tmp_path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("KIMIRAY_HOME", str(tmp_path / "home"))
     out = serve_gpu_bench.main([
         "--device", "cpu", "--concurrency", "1", "2", "--max-tokens", "4", "--rounds", "1", "--min-requests", "2",
-        "--pages", "2", "--fault-streams", "2", "--fault-tasks", "1", "--fault-tokens", "300",
-        "--fault-after-s", "1.5", "--task-timeout", "240", "--json", str(tmp_path / "out.json")])
+        "--pages", "2", "--fault-streams", "2", "--fault-tasks", "1", "--fault-tokens", "3500",
+        "--fault-after-s", "1.0", "--task-timeout", "240", "--json", str(tmp_path / "out.json")])
     for side in ("engine", "served"):
         result = out[side]
         assert not result["errors"], result["errors"]
@@ -31,12 +31,15 @@ def test_serve_gpu_bench_smoke_on_cpu(tmp_path, monkeypatch: pytest.MonkeyPatch)
         assert result["tasks"]["contract_extraction"]["page_count"] == 2
     served = out["served"]
     assert served["deploy_to_ready_s"] > 0
+    startup = served["replica_startup"]  # the replica's own cold start, from /v1/stats
+    assert 0 < startup["load_s"] <= startup["process_start_to_ready_s"] < served["deploy_to_ready_s"] + 60
     fault = served["fault"]
     assert "error" not in fault, fault
     # every stream cut by the kill ends with the API's clear error, not a short "finished" answer
     assert fault["streams_ended_with_error"] == 2, fault["streams"]
     assert all("not available" in s["outcome"] for s in fault["streams"]), fault["streams"]
     assert fault["replacement_answers_after_s"] is not None
+    assert fault["replacement_startup"]["process_start_to_ready_s"] < fault["replacement_answers_after_s"] + 5
     assert fault["tasks_succeeded"] == 1, fault["tasks"]
     metrics = [row["metric"] for row in out["comparison"]]
     assert "tpot_ms_p50 c=1" in metrics and "non-streaming tok/s c=2" in metrics
