@@ -2,8 +2,9 @@
 # e18 / issue 18 on the GPU machine: the product path (Ray Serve + ModelServer + OpenAI API) against the engine
 # alone, full-size A3B shapes with random bf16 weights. Runs from the repo root; results under $OUT/.
 #
-# Needs the Serve stack: the earlier run(s) of bench/gpu_serve/README.md carried .gpu_serve/part1 (+ .whl);
-# this run carries the last part, .gpu_serve/part2 (install.sh joins, checks and unpacks it into /tmp/site).
+# Needs the Serve stack: run 1 (bench/gpu_serve/README.md) carried .gpu_serve/part1 with the command
+# `bash bench/gpu_serve/install.sh`; this run carries [".gpu_serve/part2", ".whl"] (install.sh joins, checks and
+# unpacks the stack into /tmp/site). Later calls on the same warm machine need no carry.
 # Parts / sizes can be narrowed: E18_ARGS="--parts engine served" bash bench/gpu_runs/e18.sh
 # Expected: ~1 min to write the random checkpoint (first run only), ~5 min for all parts (engine side, served side,
 # tasks, the replica killed under load); JSON is written after every part.

@@ -8,9 +8,9 @@
 #   2. leaves out what bench/gpu_serve/skip.txt names (on the GPU machine already, carried in .whl/, or optional);
 #   3. installs the rest, as pip does on Python 3.12 (`pip install --no-deps --target`), into .gpu_serve/stage/;
 #   4. packs that tree into ONE solid tar.xz (xz -9 takes ~25 % off the zip-compressed wheels: without it the
-#      stack does not fit two runs), splits it into pieces of at most PART_MB (default 58: 64 MiB minus the
-#      integrator's .whl/ of ~6 MB) and lays them out as .gpu_serve/part1/, .gpu_serve/part2/, ... each with the
-#      MANIFEST (sha256 of the whole archive and of every piece).
+#      stack does not fit two runs), splits it into pieces of at most PART_MB (default 58 MiB, under the 64 MiB a
+#      run carries) and lays them out as .gpu_serve/part1/, .gpu_serve/part2/, ... each with the MANIFEST (sha256
+#      of the whole archive and of every piece); the integrator's .whl/ (~6 MB) rides with the last, smallest one.
 # bench/gpu_serve/install.sh joins the pieces there, checks every sha256 and unpacks into /tmp/site.
 # The carry lists of the runs are printed at the end (and documented in bench/gpu_serve/README.md).
 set -euo pipefail
@@ -74,7 +74,7 @@ rmdir "$WORK/pieces"
 echo "[prepare] $(basename "$ARCHIVE"): $(stat -c %s "$ARCHIVE") bytes in $N parts of at most ${PART_MB} MiB"
 for i in $(seq 1 "$N"); do
   size=$(du -sb "$WORK/part$i" | cut -f1)
-  extra=""; [[ $i == 1 ]] && extra=', ".whl"'
+  extra=""; [[ $i == "$N" ]] && extra=', ".whl"'  # the integrator's pydantic/llguidance wheels ride with the smallest piece
   echo "[prepare] run $i: carry [\".gpu_serve/part$i\"$extra] ($((size / 1048576)) MiB${extra:+ + .whl})   command: bash bench/gpu_serve/install.sh"
 done
 echo "[prepare] the last run may instead be: bash bench/gpu_runs/e18.sh (it calls install.sh first)"
