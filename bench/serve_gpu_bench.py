@@ -647,6 +647,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "ray_config.yaml's runtime_env), e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1")
     parser.add_argument("--ray-logs", action="store_true", help="show the replicas' logs")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--engine-json", help="without the engine part: compare with the engine side of this "
+                        "earlier output (split a long GPU run over two calls)")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     args.concurrency = args.concurrency or ([1, 8, 32, 64] if gpu else [1, 4])
@@ -700,6 +702,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if {"served", "fault"} & set(args.parts):
         results["served"] = {}
         served_side(args, model, app_args, options, image, pdf, results["served"], save)
+    if "engine" not in results and args.engine_json:  # the engine side measured by an earlier call
+        results["engine"] = json.loads(Path(args.engine_json).read_text())["engine"]
+        results["engine"]["streaming"] = {int(k): v for k, v in results["engine"]["streaming"].items()}
+        results["engine_from"] = args.engine_json
     if "engine" in results and "served" in results:
         results["comparison"] = comparison(results["engine"], results["served"], args.concurrency)
         print_table(results["comparison"])

@@ -7,7 +7,11 @@
 # unpacks the stack into /tmp/site). Later calls on the same warm machine need no carry.
 # Parts / sizes can be narrowed: E18_ARGS="--parts engine served" bash bench/gpu_runs/e18.sh
 # Expected: ~1 min to write the random checkpoint (first run only), ~5 min for all parts (engine side, served side,
-# tasks, the replica killed under load); JSON is written after every part.
+# tasks, the replica killed under load); JSON is written after every part. If one call is too long for the
+# 10-minute limit (slow disk), split it over two calls on the warm machine:
+#   E18_ARGS="--parts engine tasks" E18_JSON=e18_engine.json bash bench/gpu_runs/e18.sh
+#   E18_ARGS="--parts served tasks fault --engine-json .gpu_serve/last/e18_engine.json" bash bench/gpu_runs/e18.sh
+#   (every call's JSON is also copied to .gpu_serve/last/, which the warm machine keeps; $OUT is new per call)
 # Optional second call (warm machine, no carry; ~2.5 min): the served side again with Serve's per-token knobs
 # (bench/RESULTS.md, "per-token cost"):
 #   E18_ARGS="--parts served --serve-env RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 \
@@ -31,5 +35,6 @@ JSON=${E18_JSON:-e18_serve_gpu.json}
 timeout 560 python3 bench/serve_gpu_bench.py --device cuda --json "$OUT/$JSON" ${E18_ARGS:-} 2>&1 \
   | tee "$OUT/${JSON%.json}.log"
 status=${PIPESTATUS[0]}
+mkdir -p .gpu_serve/last && cp -f "$OUT/$JSON" .gpu_serve/last/ 2>/dev/null || true
 echo "[e18] exit status $status; results: $OUT/$JSON"
 exit "$status"
