@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from connectors.delta_wire import unpack, unpack_batch
 from engine.runtime.request import Delta, GenerateRequest
 
 
@@ -65,10 +66,10 @@ class RayBackend:
         finished = False
         try:
             async for item in response:
-                delta = item if isinstance(item, Delta) else Delta.model_validate(item)
-                yield delta
-                if delta.finish_reason is not None:
-                    finished = True
+                for delta in unpack_batch(item):  # the replica sends batches of plain tuples (delta_wire)
+                    if delta.finish_reason is not None:
+                        finished = True
+                    yield delta
         except Exception as exc:
             raise unwrap_remote_error(exc) from None
         finally:
@@ -84,7 +85,7 @@ class RayBackend:
             raise
         except Exception as exc:
             raise unwrap_remote_error(exc) from None
-        return [item if isinstance(item, Delta) else Delta.model_validate(item) for item in items]
+        return [unpack(item) for item in items]
 
     async def stats(self) -> dict[str, Any]:
         return await self.handle.stats.remote()

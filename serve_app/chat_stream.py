@@ -19,6 +19,7 @@ key's concurrency slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,7 @@ from typing import Any
 import anyio
 from fastapi.responses import StreamingResponse
 
+from connectors.delta_wire import coalesce, merge
 from engine.runtime.request import Delta
 from serve_app import openai_api
 
@@ -53,22 +55,32 @@ async def chat_events(
         # as OpenAI: with include_usage every chunk but the usage one carries "usage": null
         return sse_data(openai_api.chunk(request_id, model, created, include_usage=include_usage, **fields))
 
+    text_chunk = ChunkTemplates(lambda **fields: chunk(**fields))
+
     def error(status: int, code: str, message: str) -> bytes:
         return sse_data(openai_api.error_body(status, code, message))
 
     texts: list[str] = []
+    # deltas that arrive while this stream's previous event is still being written go out as one event
+    batches = coalesce(deltas)
+    pending: list[Delta] = []
     try:
         yield chunk(role="assistant", content="")
         delta = first
         while True:
             texts.append(delta.text)
-            if delta.text or delta.reasoning_text or (delta.logprobs and logprobs):
+            if delta.logprobs and logprobs:
                 yield chunk(content=delta.text or None, reasoning=delta.reasoning_text or None,
-                            logprobs=delta.logprobs if logprobs else None)
+                            logprobs=delta.logprobs)
+            elif delta.text or delta.reasoning_text:
+                yield text_chunk(delta.text, delta.reasoning_text)
             if delta.finish_reason is not None:
                 break
             try:
-                delta = await asyncio.wait_for(anext(deltas), max(0.001, deadline - time.monotonic()))
+                if not pending:
+                    async with asyncio.timeout(max(0.001, deadline - time.monotonic())):  # no task per token
+                        pending = merge(await anext(batches))
+                delta = pending.pop(0)
             except StopAsyncIteration:
                 yield error(500, "internal_error", "the model stopped before finishing the answer")
                 return
@@ -98,9 +110,46 @@ async def chat_events(
         # request is surely aborted and the slot surely released.
         with anyio.CancelScope(shield=True):
             try:
-                await deltas.aclose()
+                await batches.aclose()  # closes ``deltas`` too (the engine request is aborted)
+                with contextlib.suppress(RuntimeError):  # "already running": its reader is still closing it
+                    await deltas.aclose()
             finally:
                 await release()
+
+
+class ChunkTemplates:
+    """The text chunks of one stream without building and encoding the whole chunk per token: the chunk is
+    encoded once per shape (content / reasoning / both) with placeholder strings, split around them, and each
+    token's text is JSON-encoded into the gaps. The bytes are exactly those of ``render`` (json.dumps encodes a
+    string value the same inside an object as alone), which tests/test_chat_stream.py checks."""
+
+    _SLOTS = ("\x00kimiray-content\x00", "\x00kimiray-reasoning\x00")
+
+    def __init__(self, render: Callable[..., bytes]) -> None:
+        self.render = render
+        self._parts: dict[tuple[bool, bool], list[bytes]] = {}
+
+    def _split(self, shape: tuple[bool, bool]) -> list[bytes]:
+        content, reasoning = shape
+        rendered = self.render(content=self._SLOTS[0] if content else None,
+                               reasoning=self._SLOTS[1] if reasoning else None)
+        parts: list[bytes] = [rendered]
+        for slot, used in zip(self._SLOTS, shape):
+            if used:
+                head, _, tail = parts.pop().partition(json.dumps(slot).encode())
+                parts += [head, tail]
+        return parts
+
+    def __call__(self, content: str, reasoning: str) -> bytes:
+        shape = (bool(content), bool(reasoning))
+        parts = self._parts.get(shape)
+        if parts is None:
+            parts = self._parts[shape] = self._split(shape)
+        values = [v for v, used in zip((content, reasoning), shape) if used]
+        out = [parts[0]]
+        for value, tail in zip(values, parts[1:]):
+            out += [json.dumps(value, ensure_ascii=False).encode(), tail]
+        return b"".join(out)
 
 
 def chat_stream_response(events: AsyncIterator[bytes], request_id: str) -> StreamingResponse:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from connectors.delta_wire import coalesce, merge, pack_batch
 from connectors.paths import tiny_checkpoint_dir
 from connectors.sim_engine import SimEngine, is_simulated_model
 from engine.runtime.request import Delta, GenerateRequest
@@ -22,6 +25,16 @@ log = logging.getLogger("kimiray.model_server")
 # A replica whose engine has work but made no step for this long is wedged: the health check fails and
 # Serve replaces the replica.
 WEDGED_AFTER_S = 120.0
+
+
+def _seconds_since_process_start() -> float | None:
+    """Wall time since this process started (Linux ``/proc``), or None where that is not available."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - ticks / os.sysconf("SC_CLK_TCK"), 2)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @serve.deployment(
@@ -53,16 +66,21 @@ class ModelServer:
         self.engine = AsyncEngine.from_pretrained(path, device=device, dtype=cfg.model.dtype, **cfg.model.engine)
         self.name = cfg.model.served_name
         self.metrics = ServeMetrics(model=self.name)
+        self.startup = {"load_s": round(time.monotonic() - started, 2),
+                        "process_start_to_ready_s": _seconds_since_process_start()}
         log.info("ModelServer loaded %s on %s in %.1fs", path, device, time.monotonic() - started)
 
-    async def generate(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Delta]:
-        async for delta in self._measured(request):
-            yield delta
+    async def generate(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[list[tuple]]:
+        """The stream, one Ray item per batch of deltas that were ready together (one delta when the caller keeps
+        up), as plain tuples (``connectors.delta_wire``: ``RayBackend`` turns them back into ``Delta`` s)."""
+        async for batch in coalesce(self._measured(request)):
+            yield pack_batch(batch)
 
     async def complete(self, request: GenerateRequest | dict[str, Any]) -> list[Delta]:
         """The whole generation in one reply: a non-streaming HTTP request then costs one Ray round trip instead
-        of one per token. Cancelling the call (client gone) cancels the generation."""
-        return [delta async for delta in self._measured(request)]
+        of one per token. Cancelling the call (client gone) cancels the generation. The deltas come merged
+        (``delta_wire.merge``: same text, tokens and logprobs in order, usually one ``Delta``)."""
+        return merge([delta async for delta in self._measured(request)])
 
     async def _measured(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Delta]:
         """The engine's deltas; a request that finishes normally records its decode rate (tokens after the first
@@ -79,7 +97,9 @@ class ModelServer:
             yield delta
 
     async def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
+        """The engine's statistics and this replica's cold start (``startup``: checkpoint load, and process start
+        to ready: what a replacement replica costs)."""
+        return {**self.engine.stats(), "startup": getattr(self, "startup", None)}
 
     async def ready(self) -> bool:
         return self.engine.alive

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from connectors.delta_wire import unpack_batch
 from engine.runtime.request import Delta, Usage
 from serve_app.model_server import WEDGED_AFTER_S, ModelServer
 
@@ -68,13 +69,14 @@ class _Rates:
 def test_decode_rate_is_recorded_per_finished_request() -> None:
     server = _server(_StreamingEngine("stop"))
     server.metrics = _Rates()
-    deltas = asyncio.run(server.complete({"messages": []}))
-    assert len(deltas) == 5 and len(server.metrics.observed) == 1
+    deltas = asyncio.run(server.complete({"messages": []}))  # merged for the one reply (connectors.delta_wire)
+    assert [d.text for d in deltas] == ["abcccc"] and deltas[0].token_ids == [1, 2, 3, 3, 3, 3]
+    assert len(server.metrics.observed) == 1
     rate = server.metrics.observed[0]  # 4 tokens after the first delta in ~0.2 s
     assert 0 < rate <= 4 / 0.2 + 1e-6
 
-    async def stream() -> list[Delta]:
-        return [d async for d in server.generate({"messages": []})]
+    async def stream() -> list[Delta]:  # Ray items: lists of packed deltas, one delta each when paced like this
+        return [d async for item in server.generate({"messages": []}) for d in unpack_batch(item)]
 
     assert len(asyncio.run(stream())) == 5 and len(server.metrics.observed) == 2
     failed = _server(_StreamingEngine("error"))
