@@ -5,12 +5,7 @@
 # abs error, top-1 agreement), KV cache size from free memory for each, decode tok/s at batch 1 and 64 for each.
 # ~3 min on a warm H100 (first run: Triton compiles and autotunes the fp8 kernels, up to ~1.5 min more). Writes $OUT/test_gpu_fp8.log, $OUT/fp8_agreement.json and $OUT/fp8_agreement.log.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source "$(dirname "$0")/common.sh"
 timeout 150 python3 -m pytest tests/test_gpu_fp8.py -x -q -s -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu_fp8.log"
 test_rc=${PIPESTATUS[0]}
 echo "test_gpu_fp8 exit code: $test_rc"

@@ -12,12 +12,7 @@
 #    8K and 32K largest chunks, peak memory of each. -> $OUT/engine_bench.json
 # KIMIRAY_PREFILL_ATTENTION=flash,cudnn,efficient (say) changes the LSE kernel order.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source "$(dirname "$0")/common.sh"
 git log --oneline -1 2>/dev/null
 timeout 120 python3 -m pytest tests/test_gpu_forward.py tests/test_gpu_kernels.py -q -s -p no:cacheprovider \
   -k "not grouped_gemm_experts" 2>&1 | tee "$OUT/gpu_tests.log" | grep -v "^$" | tail -40

@@ -10,12 +10,7 @@
 #    run-ahead off (the baseline, same process) then on; tok/s, ms/step, graph replay ms, bandwidth bound, and
 #    whether greedy ids agree. -> $OUT/e17host.json
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source "$(dirname "$0")/common.sh"
 git log --oneline -1 2>/dev/null
 timeout 150 python3 -m pytest tests/test_gpu_engine_overlap.py tests/test_gpu_kernels.py -q -s -p no:cacheprovider \
   -k "overlap or run_ahead or cuda_graph_decode or graphs_stay_valid" 2>&1 | tee "$OUT/gpu_tests.log" \

@@ -5,11 +5,7 @@
 # per workload (rates left once it is spent are recorded as skipped): ~2.5 min with model build and warm-up.
 # Writes $OUT/serving_bench.json (all rows, capacity per workload, markdown tables) and $OUT/serving_bench.log.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source "$(dirname "$0")/common.sh"
 timeout 240 python3 bench/serving_bench.py --device cuda --workloads random mixed \
   --rates 2 4 8 12 16 inf --duration 5 --min-requests 12 --inf-requests 64 --search 1 \
   --budget-s 55 --rate-timeout 20 --warmup-ladder 1 2 4 8 16 24 32 48 64 \

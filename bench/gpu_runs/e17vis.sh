@@ -13,12 +13,7 @@
 #    after every figure.
 #    -> $OUT/vision_ttft.json, $OUT/vision_ttft.log
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source "$(dirname "$0")/common.sh"
 timeout 60 python3 -m pytest tests/test_gpu_vision.py -x -q -s -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu_vision.log"
 test_rc=${PIPESTATUS[0]}
 echo "test_gpu_vision exit code: $test_rc"
