@@ -487,9 +487,9 @@ def main() -> None:
     results["screenshot_ttft"] = screenshot_ttft(engine, seed=1)
     print(json.dumps(results["screenshot_ttft"]), flush=True)
     rounds = []
-    for chunk in chunks:
-        try:
-            longest = prefill_throughput(engine, args.longest, chunk, seed=4)
+    for i, chunk in enumerate(chunks):
+        try:  # a new prompt per chunk size: the same one would be served from the prefix cache
+            longest = prefill_throughput(engine, args.longest, chunk, seed=4 + i)
             longest["completed"] = True
         except Exception as exc:  # report, don't crash the rest of the benchmark
             longest = {"tokens": args.longest, "chunk": chunk, "completed": False, "error": repr(exc)}
