@@ -8,7 +8,8 @@ set -uo pipefail
 source "$(dirname "$0")/common.sh"
 ARGS="--skip-hf --batches 1 8 32 64 --prefill 8192 32768 --longest 131070"
 echo "### engine_bench, this tree $(date +%T)"
-timeout 170 python3 bench/engine_bench.py $ARGS --prefill-chunks 8192 32768 --overlap both \
+timeout 180 python3 bench/engine_bench.py $ARGS --prefill-chunks 8192 32768 --overlap both \
+  --breakdown "$OUT/breakdown.txt" --breakdown-batches 1 64 \
   --json "$OUT/engine_head.json" > "$OUT/engine_head.log" 2>&1; echo "rc $?"
 grep -v "^ " "$OUT/engine_head.log" | cut -c1-400 | tail -24
 if [[ -d .gpu_base ]]; then
