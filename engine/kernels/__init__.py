@@ -25,6 +25,13 @@ def triton_available() -> bool:
     return True
 
 
+def triton_device(x: torch.Tensor) -> bool:
+    """Triton kernels may run on ``x``'s device: a CUDA tensor with Triton importable. The one device gate of
+    every "auto" dispatch (tests/triton_interpret_engine_checks.py replaces it to run the kernels on CPU
+    tensors under ``TRITON_INTERPRET=1``)."""
+    return x.is_cuda and triton_available()
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Triton kernels run on CUDA tensors of 16-bit float models (fp32 models keep the PyTorch paths)."""
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and triton_available()
+    return x.dtype in (torch.bfloat16, torch.float16) and triton_device(x)

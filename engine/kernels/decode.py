@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import triton_available, use_triton
+from engine.kernels import triton_device, use_triton
 from engine.model.rope import apply_interleaved_rope
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def route_topk(
     scores + bias, weights = their scores, normalised when asked, times ``scale``.
 
     logits (T, E) fp32 -> (ids (T, k) int64, weights (T, k) fp32), as ``MoEGate.forward``."""
-    use = impl == "triton" or (impl == "auto" and logits.is_cuda and triton_available())
+    use = impl == "triton" or (impl == "auto" and triton_device(logits))
     return _dispatch("route_topk", impl, use, "route_topk", route_topk_torch,
                      logits, bias, top_k, scoring, norm_topk_prob, scale)
 

@@ -1,0 +1,84 @@
+"""The merged engine's Triton paths on CPU through Triton's interpreter: the fused decode step (also on the padded
+metadata a CUDA graph replays: split-K attention + combine kernel), the same with fp8 weights (expert GEMVs with
+scales, Fp8Linear's weight-only GEMM, the fused qkv projection, absorbed weights of the dequantised kv_b_proj; and
+past MOE_GEMV_MAX_ROWS the weight-only grouped expert GEMM), an fp8 prefill on the grouped GEMM, greedy generation
+through LLMEngine (overlap on, full precision and fp8), and the decode kernels without tl.dot in bf16 -- each with
+every "auto" dispatch forced onto Triton, against the PyTorch references, end to end and kernel by kernel.
+
+Each kernel also has its own interpreter check (tests/fp8_interpret_checks.py); this one catches what only shows
+when they run together in the engine (argument order, strides, dtypes, scales passed on, a silent fallback).
+It runs ``tests/triton_interpret_engine_checks.py`` in a subprocess, since TRITON_INTERPRET must be set before
+triton is first imported. Triton is not a CI dependency: without it this test is skipped (in CI it always is).
+The model is float16: the interpreter's tl.dot with bf16 operands computes garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # ~19 s under the interpreter on 2 cores
+
+# fp16 logits of the tiny model: the references and the kernels differ by ~2e-3 of the largest value (measured)
+REL_TOL = 1e-2
+# bf16: the interpreter rounds fp32 -> bf16 by truncation (the GPU rounds to nearest), one bf16 ulp (2^-7 of a
+# value) per rounding: ~7e-3 per kernel output, ~1.4e-2 on the logits after 3 layers (measured)
+BF16_KERNEL_TOL = 2 * 2**-7
+BF16_LOGITS_TOL = 5e-2
+
+
+def test_engine_triton_paths_under_interpreter(tiny_checkpoint_a3b: Path) -> None:
+    pytest.importorskip("triton")
+    script = Path(__file__).with_name("triton_interpret_engine_checks.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(script.parent.parent)}
+    done = subprocess.run([sys.executable, str(script), str(tiny_checkpoint_a3b)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert report["fallbacks"] == [], report["fallbacks"]  # no kernel failed and was replaced by its reference
+    for check in ("decode", "decode_padded", "decode_fp8", "decode_fp8_grouped", "prefill_fp8"):
+        errors = report[check]
+        assert errors["logits"] < REL_TOL and errors["cache"] < REL_TOL, (check, errors)
+        assert errors["argmax_equal"] == 1.0, (check, errors)
+    # kernel by kernel, on the inputs the engine gave them (router ids: fraction of rows with another expert set)
+    for check in ("decode_kernels", "decode_fp8_kernels"):
+        kernels = report[check]
+        assert len(kernels) >= 9 and max(kernels.values()) < REL_TOL, (check, kernels)
+    assert report["decode_padded_calls"].get("attention_splits[512]", 0) > 0  # split-K attention + combine
+
+    # bf16, attention (tl.dot) on its reference: argmax may flip on the random model's near-ties, so no argmax
+    bf16 = report["decode_bf16_kernels"]
+    assert {"add_rms_norm[0]", "mla_decode_prep[cache]", "route_topk[0]", "moe_gate_up[0]", "moe_down[0]"} <= set(bf16)
+    assert max(bf16.values()) < BF16_KERNEL_TOL, bf16
+    assert bf16["route_topk[0]"] == 0.0, bf16  # fp32 router logits: the same experts
+    assert report["decode_bf16"]["logits"] < BF16_LOGITS_TOL, report["decode_bf16"]
+
+    # the Triton kernels really ran (the gate was forced; the counts are per layer and step)
+    decode = report["decode_calls"]
+    for kernel in ("add_rms_norm", "mla_decode_prep", "mla_decode_attention", "route_topk", "moe_gate_up",
+                   "moe_down"):
+        assert decode.get(kernel, 0) > 0, (kernel, decode)
+    fp8_decode = report["decode_fp8_calls"]
+    assert fp8_decode.get("moe_gate_up_fp8", 0) > 0 and fp8_decode.get("moe_down_fp8", 0) > 0, fp8_decode
+    assert fp8_decode.get(f"fp8_linear[3x{report['fused_qkv_rows']}]", 0) > 0, fp8_decode  # the fused qkv GEMV
+    assert sum(n for k, n in fp8_decode.items() if k.startswith("fp8_linear[3x")) > 3, fp8_decode  # + Fp8Linears
+    assert report["decode_fp8_grouped_calls"].get("fp8_grouped_linear", 0) > 0, report["decode_fp8_grouped_calls"]
+    prefill = report["prefill_fp8_calls"]
+    assert report["prefill_fp8"]["tokens"] > 64  # past the GEMV row limit of Fp8Linear's weight-only GEMM
+    assert prefill.get("fp8_grouped_linear", 0) > 0 and prefill.get("silu_mul_scale", 0) > 0, prefill
+
+    # greedy generation: prefill (grouped experts, fused silu) then the fused decode steps, run ahead. The model,
+    # prompts and checkpoint seed are fixed, so the tokens are deterministic; they are equal here (no fp16
+    # near-tie among the top logits; the per-step logits agree within REL_TOL as checked above).
+    for check, length in (("generation", 6), ("generation_fp8", 4)):
+        generation = report[check]
+        assert generation["actual"] == generation["expected"], check
+        assert all(len(tokens) == length for tokens in generation["actual"]), check
+        assert report[f"{check}_calls"].get("mla_decode_attention", 0) > 0, report[f"{check}_calls"]
+    assert report["generation_fp8_calls"].get("moe_gate_up_fp8", 0) > 0
