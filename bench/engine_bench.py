@@ -104,17 +104,22 @@ def graph_replay_ms(engine: LLMEngine, batch: int, repeats: int = 50) -> float |
 ROUNDS = {"baseline": "modules", "fused": "auto"}  # name -> the runner's decode backend
 
 
+def warm_up_decode(engine: LLMEngine, batches: list[int]) -> None:
+    """A few decode steps at each batch size: graph capture per bucket, kernels, autotuning, allocator."""
+    for batch in batches:
+        for i in range(batch):
+            engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, 500 + i), "max_tokens": 4,
+                                             "ignore_eos": True}))
+        run_until_done(engine)
+
+
 def measure_decode(engine: LLMEngine, batches: list[int], bandwidth: float, name: str, dump) -> list[dict]:
     """Decode rows for each batch under round ``name`` (see ROUNDS); graphs are re-captured for the round
     (warm-up: graph capture for each batch bucket, kernels, autotuning, allocator)."""
     engine.runner.decode_backend = ROUNDS[name]
     if engine.runner.graphs is not None:
         engine.runner.graphs.reset()
-    for batch in batches:
-        for i in range(batch):
-            engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, 500 + i), "max_tokens": 4,
-                                             "ignore_eos": True}))
-        run_until_done(engine)
+    warm_up_decode(engine, batches)
     decode = []
     for batch in batches:
         row = decode_throughput(engine, batch, seed=batch * 1000)

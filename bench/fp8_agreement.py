@@ -28,16 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.a3b import A3B_CONFIG, a3b_bundle  # noqa: E402
 from bench.engine_bench import (  # noqa: E402
-    NEW, PROMPT, decode_throughput, graph_replay_ms, measure_bandwidth, random_ids, run_until_done,
+    NEW, PROMPT, decode_throughput, graph_replay_ms, measure_bandwidth, random_ids, sync, warm_up_decode,
 )
 from engine.kernels import fp8  # noqa: E402
 from engine.loader import quantize_model_  # noqa: E402
 from engine.runtime.engine import EngineOptions, LLMEngine  # noqa: E402
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def decode_bytes_per_step(batch: int, context: int, quantized: bool) -> float:
@@ -110,11 +105,7 @@ def serve_round(bundle, name: str, batches: list[int], bandwidth: float, results
     results[name] = row
     dump()
     try:
-        for batch in batches:  # warm-up: graph capture and autotuning for each bucket
-            for i in range(batch):
-                engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, 500 + i), "max_tokens": 4,
-                                                 "ignore_eos": True}))
-            run_until_done(engine)
+        warm_up_decode(engine, batches)
         decode = []
         for batch in batches:
             r = decode_throughput(engine, batch, seed=batch * 1000)

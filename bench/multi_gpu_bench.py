@@ -43,7 +43,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,34 +58,25 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.scale_model import machine_busy, ray_cpu_seconds  # noqa: E402
+from bench import scale_model  # noqa: E402
+from bench.scale_model import free_port, machine_busy, ray_cpu_seconds  # noqa: E402
 
 ONE_HOST_CONFIG = REPO / "deploy" / "ray_config.gpus-one-host.yaml"
 CLUSTER_CONFIG = REPO / "deploy" / "ray_config.gpu-cluster.yaml"
 APP = "kimiray"
 KEY = "sk-multi-gpu-bench-0001"
 SAFE_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_DEDUP_LOGS": "0",
-    "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
-    "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-    "HF_HUB_OFFLINE": "1",
+    **scale_model.SAFE_ENV,
     # NVLink multicast stays off in every process, replicas included (docs/multi_gpu.md): the replicas use no
     # collectives at all, and on shared GPU hosts a program that uses multicast can take the GPUs out of service
     "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
+    """scale_model's percentile, rounded for the tables."""
+    value = scale_model.percentile(values, q)
+    return None if value is None else round(value, 4)
 
 
 # ---- the Serve config ------------------------------------------------------------------------------------------
