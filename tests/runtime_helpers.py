@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import torch
@@ -65,3 +66,18 @@ def plain_step(runner: Any, meta: Any) -> tuple[torch.Tensor, torch.Tensor]:
     after = runner.kv_cache.clone()
     runner.kv_cache.copy_(before)
     return logits, after
+
+
+async def play_script(script: list[Any], on_close: Callable[[], None] = lambda: None) -> AsyncIterator[Delta]:
+    """A scripted delta stream: Deltas are yielded, numbers are pauses (seconds), exceptions are raised;
+    ``on_close`` runs when the stream ends or is closed."""
+    try:
+        for step in script:
+            if isinstance(step, BaseException):
+                raise step
+            if isinstance(step, (int, float)):
+                await asyncio.sleep(step)
+                continue
+            yield step
+    finally:
+        on_close()

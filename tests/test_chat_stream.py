@@ -17,6 +17,7 @@ from engine.runtime.engine import EngineDeadError
 from engine.runtime.request import Delta, GenerateRequest, Usage
 from serve_app.config import AppConfig
 from serve_app.ingress import create_app, install_state
+from tests.runtime_helpers import play_script
 
 KEY = "sk-stream-test"
 USAGE = Usage(prompt_tokens=7, completion_tokens=3)
@@ -29,17 +30,11 @@ class ScriptedBackend:
         self.script = script
         self.closed = 0
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
-        try:
-            for step in self.script:
-                if isinstance(step, BaseException):
-                    raise step
-                if isinstance(step, (int, float)):
-                    await asyncio.sleep(step)
-                    continue
-                yield step
-        finally:
-            self.closed += 1
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        return play_script(self.script, self._close)
+
+    def _close(self) -> None:
+        self.closed += 1
 
     async def complete(self, request: GenerateRequest) -> list[Delta]:
         return [d async for d in self.generate(request)]

@@ -21,6 +21,7 @@ from engine.runtime.request import Delta, GenerateRequest, TokenLogprob, Usage
 from serve_app.config import AppConfig
 from serve_app.ingress import create_app, install_state
 from serve_app.model_server import ModelServer
+from tests.runtime_helpers import play_script
 
 KEY = "sk-wire-test"
 USAGE = Usage(prompt_tokens=11, completion_tokens=6, cached_tokens=2)
@@ -77,17 +78,8 @@ def test_merge_keeps_content_and_order(logprobs: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ coalescing
-async def _source(script: list[Any], closed: list[str]) -> AsyncIterator[Delta]:
-    try:
-        for step in script:
-            if isinstance(step, BaseException):
-                raise step
-            if isinstance(step, (int, float)):
-                await asyncio.sleep(step)
-                continue
-            yield step
-    finally:
-        closed.append("closed")
+def _source(script: list[Any], closed: list[str]) -> AsyncIterator[Delta]:
+    return play_script(script, lambda: closed.append("closed"))
 
 
 def test_coalesce_sends_each_delta_at_once_when_the_consumer_keeps_up() -> None:
