@@ -9,16 +9,14 @@ I expert intermediate size, k = experts per token, ns = shared-expert slots (sha
 
 from __future__ import annotations
 
-import logging
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import triton_device, use_triton
+from engine.kernels import first_working, triton_device, use_triton
 from engine.model.rope import apply_interleaved_rope
 
-log = logging.getLogger(__name__)
 
 Impl = Literal["auto", "torch", "triton"]
 _broken: set[str] = set()  # kernels that failed to build or launch here: "auto" uses the PyTorch path for them
@@ -33,18 +31,15 @@ def _triton(impl: Impl, x: torch.Tensor) -> bool:
 def _dispatch(name: str, impl: Impl, use: bool, fn_name: str, reference, *args):
     """Run the Triton kernel ``fn_name`` when ``use``; under "auto", a kernel that fails (a Triton build this
     code does not compile on, a device without enough shared memory) is logged once and replaced by its
-    reference from then on. Failures happen at compile/launch time, before anything is written."""
-    if use and name not in _broken:
-        from engine.kernels import triton_decode
+    reference from then on (:func:`engine.kernels.first_working`)."""
+    if not use or name in _broken:
+        return reference(*args)
+    from engine.kernels import triton_decode
 
-        if impl != "auto":
-            return getattr(triton_decode, fn_name)(*args)
-        try:
-            return getattr(triton_decode, fn_name)(*args)
-        except Exception:  # noqa: BLE001 - any build/launch failure falls back to the reference
-            log.exception("Triton kernel %s failed; using the PyTorch path for it from now on", name)
-            _broken.add(name)
-    return reference(*args)
+    kernel = getattr(triton_decode, fn_name)
+    if impl != "auto":
+        return kernel(*args)
+    return first_working(_broken, [(name, kernel)], reference, *args)
 
 
 # --------------------------------------------------------------------------------------------- add + RMSNorm

@@ -20,16 +20,14 @@ step) build on it.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels import use_triton
+from engine.kernels import first_working, use_triton
 
-log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -70,16 +68,19 @@ def quantize_activation_rows(x: torch.Tensor, impl: Literal["auto", "torch", "tr
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-row quantisation of activations for the FP8 tensor-core GEMM: (M, K) -> (fp8, (M, 1) fp32).
     CUDA with Triton: one fused pass (``triton_fp8.quantize_activation_rows``)."""
-    if impl == "triton" or (impl == "auto" and use_triton(x) and "quantize_triton" not in _broken):
-        from engine.kernels import triton_fp8
+    if impl == "torch" or not (impl == "triton" or use_triton(x)):
+        return quantize_activation_rows_torch(x)
+    from engine.kernels import triton_fp8
 
-        try:
-            return triton_fp8.quantize_activation_rows(x, FP8_MAX, _MIN_SCALE)
-        except Exception:  # noqa: BLE001
-            if impl == "triton":
-                raise
-            log.exception("Triton activation quantisation failed; using PyTorch ops for it from now on")
-            _broken.add("quantize_triton")
+    def fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return triton_fp8.quantize_activation_rows(x, FP8_MAX, _MIN_SCALE)
+
+    if impl == "triton":
+        return fused(x)
+    return first_working(_broken, [("quantize_triton", fused)], quantize_activation_rows_torch, x)
+
+
+def quantize_activation_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     s = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_MIN_SCALE)
     return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), s
@@ -111,7 +112,8 @@ def linear(
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if impl == "auto":
-        out = _first_working(_linear_candidates(x2, weight), _PATHS, x2, weight, scale, bias)
+        out = first_working(_broken, [(n, _PATHS[n]) for n in _linear_candidates(x2, weight)], _PATHS["torch"],
+                             x2, weight, scale, bias)
     else:
         out = _PATHS[impl](x2, weight, scale, bias)
     return out.view(*shape[:-1], weight.shape[0])
@@ -131,20 +133,6 @@ def _linear_candidates(x2: torch.Tensor, weight: torch.Tensor) -> list[str]:
     if triton_ok and "triton" not in order:
         order.append("triton")
     return order
-
-
-def _first_working(candidates: list[str], paths: dict, *args) -> torch.Tensor:
-    """The first candidate path that has not failed here before; a failure (build or launch: nothing was
-    written yet) is logged once and the next is tried, down to the reference ("torch")."""
-    for name in candidates:
-        if name in _broken:
-            continue
-        try:
-            return paths[name](*args)
-        except Exception:  # noqa: BLE001 - any build/launch failure falls back
-            log.exception("fp8 path %s failed; not using it from now on", name)
-            _broken.add(name)
-    return paths["torch"](*args)
 
 
 def linear_torch(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
@@ -234,7 +222,8 @@ def grouped_linear(
     the bf16 grouped GEMM -- E·N·K values written and read again (~1.1 GB per A3B MoE layer, ~0.8 ms on an H100),
     correct but slow."""
     if impl == "auto":
-        return _first_working(_grouped_candidates(x, weight), _GROUPED, x, weight, scale, offsets)
+        return first_working(_broken, [(n, _GROUPED[n]) for n in _grouped_candidates(x, weight)], _GROUPED["torch"],
+                             x, weight, scale, offsets)
     return _GROUPED[impl](x, weight, scale, offsets)
 
 

@@ -8,15 +8,13 @@ tensors run; ``KIMIRAY_TRITON=0`` forces it everywhere.
 
 from __future__ import annotations
 
-import logging
 
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import use_triton
+from engine.kernels import first_working, use_triton
 
-log = logging.getLogger(__name__)
-_broken = False  # the kernel failed to build or launch here once: use the reference from then on
+_broken: set[str] = set()  # the kernel failed to build or launch here once: the reference from then on
 
 
 def silu_mul_scale_torch(gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -25,13 +23,9 @@ def silu_mul_scale_torch(gate: torch.Tensor, up: torch.Tensor, weights: torch.Te
 
 def silu_mul_scale(gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """gate, up: (N, I); weights: (N, 1) in the activations' dtype. Returns (N, I) in that dtype."""
-    global _broken
-    if not _broken and use_triton(gate) and gate.shape[0] > 0:
+    if use_triton(gate) and gate.shape[0] > 0:
         from engine.kernels import triton_moe
 
-        try:
-            return triton_moe.silu_mul_scale(gate, up, weights)
-        except Exception:  # noqa: BLE001 - a build/launch failure: fall back, once, loudly
-            log.exception("Triton silu_mul_scale failed; using the PyTorch path from now on")
-            _broken = True
+        return first_working(_broken, [("silu_mul_scale", triton_moe.silu_mul_scale)], silu_mul_scale_torch,
+                             gate, up, weights)
     return silu_mul_scale_torch(gate, up, weights)

@@ -14,20 +14,20 @@ Which kernel returns the LSE: only private aten ops do (``torch.nn.functional.sc
 returns the output alone). ``attention_with_lse`` tries them in the order of ``KIMIRAY_PREFILL_ATTENTION``
 (default "cudnn,flash,efficient": on the H100 at our dims cuDNN took 0.6 / 8.6 / 159 ms for a causal 8K / 32K /
 131K square and 16.4 ms for 8K queries over 131K keys, 2.3-5x faster than flash with v padded to 192 or
-mem-efficient; torch 2.11, cuDNN 9.19), checks each once against the reference on a small problem,
-and, as ``engine.kernels.decode`` does, drops one that fails or disagrees for the rest of the process. On CPU it pads v for the CPU
-flash op; ``attention_with_lse_torch`` is the plain reference every one is tested against.
+mem-efficient; torch 2.11, cuDNN 9.19), checks each once against the reference on a small problem, and drops
+one that fails or disagrees for the rest of the process (``engine.kernels.first_working``). On CPU it pads v for
+the CPU flash op; ``attention_with_lse_torch`` is the plain reference every one is tested against.
 """
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from engine.kernels import first_working
 
 _broken: set[str] = set()  # "kernel:dtype" of LSE kernels that failed or disagreed here: skipped from then on
 _checked: set[tuple] = set()  # (kernel, device, dtype, q/k dim, v dim) whose output and LSE matched the reference
@@ -92,19 +92,21 @@ def attention_with_lse(
         out, lse = kernel(q, k, v, causal, scale)
         return out, _lse_layout(lse, q)
     names = cuda_order() if q.is_cuda else ["cpu_flash"]
-    for name in names:
-        tag = f"{name}:{q.dtype}".replace("torch.", "")
-        if tag in _broken:
-            continue
-        kernel = CUDA_KERNELS.get(name, _cpu_flash)
-        try:
-            if not _agrees(name, kernel, q, v):
-                continue
-            return _run(kernel, q, k, v, causal, scale)
-        except Exception:  # noqa: BLE001 - a kernel this build/device lacks: log once, use the next one
-            log.exception("prefill attention kernel %s failed; not using it from now on", tag)
-            _broken.add(tag)
-    return attention_with_lse_torch(q, k, v, causal, scale)
+    tag = str(q.dtype).replace("torch.", "")
+    candidates = [(f"{name}:{tag}", functools.partial(_checked_run, name)) for name in names]
+    return first_working(_broken, candidates, attention_with_lse_torch, q, k, v, causal, scale)
+
+
+class KernelDisagrees(RuntimeError):
+    """A private attention op's output or LSE differs from the reference here (another base or layout)."""
+
+
+def _checked_run(name: str, q, k, v, causal, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel ``name`` once checked against the reference for these dims (:func:`_agrees`), then run."""
+    kernel = CUDA_KERNELS.get(name, _cpu_flash)
+    if not _agrees(name, kernel, q, v):
+        raise KernelDisagrees(f"prefill attention kernel {name} disagrees with the reference here")
+    return _run(kernel, q, k, v, causal, scale)
 
 
 def _run(kernel, q, k, v, causal, scale) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +135,6 @@ def _agrees(name: str, kernel, q: torch.Tensor, v: torch.Tensor) -> bool:
         out, lse = kernel(probe_q, probe_k, probe_v, causal, 0.1)
         ref_out, ref_lse = attention_with_lse_torch(probe_q, probe_k, probe_v, causal, 0.1)
         if (out.float() - ref_out.float()).abs().max() > tol or (_lse_layout(lse, probe_q) - ref_lse).abs().max() > tol:
-            log.warning("prefill attention kernel %s disagrees with the reference here; not using it", name)
-            _broken.add(f"{name}:{q.dtype}".replace("torch.", ""))
             return False
     _checked.add(key)
     return True
