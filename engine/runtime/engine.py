@@ -304,7 +304,8 @@ class LLMEngine:
             return None  # an admission may fit: the scheduler decides
         seqs: list[Sequence] = []
         rows: list[int] = []
-        running = new_blocks = 0
+        growing: list[Sequence] = []  # their next token starts a block
+        running = 0
         block_size = self.blocks.block_size
         max_len = self.max_model_len
         for row, seq in enumerate(previous.seqs):
@@ -317,16 +318,13 @@ class LLMEngine:
             seqs.append(seq)
             rows.append(row)
             if seq.num_computed_tokens == len(seq.block_table) * block_size:
-                new_blocks += 1  # its next token starts a block
+                growing.append(seq)
         if not seqs or running != len(scheduler.running) or len(seqs) > scheduler.config.max_num_batched_tokens:
             return None
-        blocks = self.blocks
-        if new_blocks > blocks.num_free_blocks:
+        if len(growing) > self.blocks.num_free_blocks:
             return None  # the scheduler preempts
-        if new_blocks:
-            for seq in seqs:
-                if seq.num_computed_tokens == len(seq.block_table) * block_size:
-                    blocks.grow(seq, seq.num_computed_tokens + 1)
+        for seq in growing:
+            self.blocks.grow(seq, seq.num_computed_tokens + 1)
         carry = (previous.sample.tokens, np.asarray(rows, dtype=np.int64))
         return ScheduledBatch(seqs=seqs, num_new_tokens=[1] * len(seqs)), carry
 

@@ -187,10 +187,6 @@ _T, _TOP_P, _TOP_K, _LOG_MIN_P, _REP, _PRES, _FREQ, _U, _NCOLS = range(9)
 
 def plain_greedy(p: SamplingParams) -> bool:
     """Greedy with no penalty and no logprobs: the row's token is just ``argmax`` (the one-kernel path)."""
-    return _plain_greedy(p)
-
-
-def _plain_greedy(p) -> bool:
     return (p.temperature < GREEDY_EPS and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
             and p.frequency_penalty == 0.0 and p.logprobs is None)
 
@@ -239,7 +235,7 @@ def sample_async(inp: SamplerInput) -> PendingSample:
         return PendingSample(torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.float64),
                              lambda flat: SamplerOutput(token_ids=[], logprobs=[]))
     if inp.allowed_mask is None and (inp.plain_greedy or (inp.plain_greedy is None
-                                                          and all(_plain_greedy(p) for p in params))):
+                                                          and all(plain_greedy(p) for p in params))):
         # the common decode case: one max kernel and one device->host copy, no parameter upload. A row's max
         # is NaN or +inf when the row holds one (max propagates NaN), so it doubles as the divergence check.
         best, index = x.max(dim=-1)
