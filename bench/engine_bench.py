@@ -88,7 +88,8 @@ def graph_replay_ms(engine: LLMEngine, batch: int, repeats: int = 50) -> float |
     if not found:
         return None
     cap = graphs.graphs[max(found)]
-    cap.packed[2 * bucket : 3 * bucket].fill_(engine.runner.scratch_slot)
+    cap.copied[cap.turn].synchronize()
+    cap.park(engine.runner.scratch_slot // engine.runner.block_size)
     graph = cap.graph
     graph.replay()
     sync()

@@ -59,6 +59,36 @@ def test_chunk_attention_equals_lower_right_causal_sdpa(prefix: int, chunk: int)
     assert not prefill._broken or len(prefill._broken) < len(prefill.cuda_order()), prefill._broken
 
 
+def _engine_layout_qkv(chunk: int, keys: int, dtype: torch.dtype):
+    """q, k, v as PagedAttention hands them over: q transposed out of (L, H, 192), k out of a cat, v sliced out
+    of the (L, H, 128 + 128) kv projection (row stride 256 for 128 values)."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(chunk, 16, 192, device="cuda", generator=gen).to(dtype).transpose(0, 1)[None]
+    k = torch.randn(keys, 16, 192, device="cuda", generator=gen).to(dtype).transpose(0, 1)[None]
+    kv = torch.randn(keys, 16, 256, device="cuda", generator=gen).to(dtype)
+    v = kv.split([128, 128], dim=-1)[1].transpose(0, 1)[None]
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("prefix,chunk", [(0, 96), (160, 96), (300, 1)])
+def test_chunk_attention_on_engine_layouts(dtype: torch.dtype, prefix: int, chunk: int) -> None:
+    """The engine's strided views give the reference result on every kernel that runs (private SDPA ops skip the
+    public API's stride handling: on the H100 they returned wrong rows for these views before inputs were made
+    dense)."""
+    q, k, v = _engine_layout_qkv(chunk, prefix + chunk, dtype)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                              attn_mask=causal_lower_right(chunk, prefix + chunk), scale=0.07)
+    _close(prefill.chunk_attention(q, k, v, prefix, 0.07), expected)
+    for name in prefill.CUDA_KERNELS:
+        try:
+            out = prefill.chunk_attention(q, k, v, prefix, 0.07, impl=name)
+        except Exception as exc:  # noqa: BLE001 - a kernel this build or dtype lacks
+            print(f"{name} unavailable ({dtype}): {exc!r}"[:200])
+            continue
+        _close(out, expected)
+
+
 def test_chunked_prefill_on_gpu_kernels_matches_reference_kernels(tiny_checkpoint_a3b) -> None:
     """bf16 chunked prefill on the CUDA kernels is as close to an fp32 run of the reference kernels as the bf16
     reference kernels are (random tiny weights amplify rounding, so a fixed tolerance would judge the weights)."""

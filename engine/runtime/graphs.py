@@ -70,6 +70,13 @@ def write_decode_inputs(host: np.ndarray, seqs: list[Sequence], batch: int, keys
     table[n:, 0] = scratch_block
 
 
+def write_padded_inputs(host: np.ndarray, batch: int, scratch_block: int) -> None:
+    """Every row of a packed input layout a padded row: id 0 from the host, position 0 of the scratch block."""
+    host[: 2 * batch] = 0
+    host[2 * batch : 3 * batch] = -1
+    host[3 * batch :] = scratch_block
+
+
 @dataclass
 class CapturedDecode:
     """One captured decode graph and the buffers it reads.
@@ -87,6 +94,12 @@ class CapturedDecode:
     staging: tuple[torch.Tensor, torch.Tensor]
     copied: tuple[torch.cuda.Event, torch.cuda.Event]
     turn: int = 0
+
+    def park(self, scratch_block: int) -> None:
+        """Point every row at the scratch block (benchmarks replay the graph alone: no live cache block is
+        written, and no carry row is read)."""
+        write_padded_inputs(self.staging[self.turn].numpy(), self.batch, scratch_block)
+        self.packed.copy_(self.staging[self.turn])
 
     @property
     def batch(self) -> int:
@@ -167,10 +180,8 @@ class DecodeGraphs:
         bs = runner.block_size
         size = packed_size(batch, keys, bs)
         staging = tuple(torch.zeros(size, dtype=torch.long).pin_memory() for _ in range(2))
-        scratch_block = runner.scratch_slot // bs
-        for buffer in staging:  # every row a padded row: position 0 of the scratch block, host ids
-            buffer[2 * batch : 3 * batch] = -1
-            buffer[3 * batch :] = scratch_block
+        for buffer in staging:
+            write_padded_inputs(buffer.numpy(), batch, runner.scratch_slot // bs)
         packed = staging[0].to(dev)
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
