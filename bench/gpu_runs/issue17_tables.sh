@@ -7,6 +7,10 @@
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 ARGS="--skip-hf --batches 1 8 32 64 --prefill 8192 32768 --longest 131070"
+echo "### GPU tests $(date +%T)"
+timeout 150 python3 -m pytest tests/test_gpu_*.py -q -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+echo "tests rc $?"
+grep -E "passed|failed|FAILED|Error:|LSE kernels working|vs fp32" "$OUT/gpu_tests.log" | cut -c1-300 | tail -20
 echo "### engine_bench, this tree $(date +%T)"
 timeout 180 python3 bench/engine_bench.py $ARGS --prefill-chunks 8192 32768 --overlap both \
   --breakdown "$OUT/breakdown.txt" --breakdown-batches 1 64 \
@@ -20,10 +24,6 @@ if [[ -d .gpu_base ]]; then
 else
   echo "### no .gpu_base: the baseline is not measured (see the header)"
 fi
-echo "### GPU tests $(date +%T)"
-timeout 150 python3 -m pytest tests/test_gpu_*.py -q -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
-echo "tests rc $?"
-grep -E "passed|failed|FAILED|Error:|LSE kernels working|vs fp32" "$OUT/gpu_tests.log" | cut -c1-300 | tail -20
 echo "### FP8 agreement $(date +%T)"
 timeout 150 python3 bench/fp8_agreement.py --device cuda --batches 1 64 --prompts 8 --prompt-len 512 \
   --json "$OUT/fp8_agreement.json" > "$OUT/fp8_agreement.log" 2>&1; echo "rc $?"
