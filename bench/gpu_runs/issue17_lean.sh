@@ -6,7 +6,7 @@ set -uo pipefail
 source "$(dirname "$0")/common.sh"
 ARGS="--skip-hf --batches 1 8 32 64 --prefill 8192 32768 --longest 131070"
 echo "### GPU tests $(date +%T)"
-timeout 100 python3 -m pytest tests/test_gpu_forward.py tests/test_gpu_vision.py tests/test_gpu_kernels.py -q -s \
+timeout 100 python3 -m pytest tests/test_gpu_forward.py tests/test_gpu_vision.py tests/test_gpu_kernels.py tests/test_gpu_engine_overlap.py -q -s \
   -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 echo "tests rc $?"
 grep -E "passed|failed|FAILED|Error:|vs fp32" "$OUT/gpu_tests.log" | cut -c1-300 | tail -12
