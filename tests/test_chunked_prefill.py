@@ -59,6 +59,33 @@ def test_a_kernel_whose_lse_disagrees_is_not_used(monkeypatch: pytest.MonkeyPatc
     assert prefill._broken == {"cpu_flash:float32"}
 
 
+def test_a_kernel_wrong_only_on_larger_calls_is_caught_on_its_first_real_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel right on a toy problem but wrong past row 40 of a real chunk (the H100 showed such shape-dependent
+    failures) is checked on sampled rows of the call itself: its output never reaches the caller."""
+    from engine.kernels import prefill
+
+    real = prefill._cpu_flash
+
+    def late_rows_wrong(q, k, v, causal, scale):
+        out, lse = real(q, k, v, causal, scale)
+        if q.shape[-2] > 40:
+            out = out.clone()
+            out[..., 40:, :] += 0.5
+        return out, lse
+
+    monkeypatch.setattr(prefill, "_broken", set())
+    monkeypatch.setattr(prefill, "_checked", set())
+    monkeypatch.setattr(prefill, "_cpu_flash", late_rows_wrong)
+    q, k, v = _qkv(5, 30, seed=4)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(30, 35), scale=0.3)
+    assert (chunk_attention(q, k, v, 5, 0.3) - expected).abs().max() < 1e-5
+    assert prefill._broken == set() and len(prefill._checked) == 2  # small calls are right: checked, kept
+    q, k, v = _qkv(64, 64, seed=5)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(64, 128), scale=0.3)
+    assert (chunk_attention(q, k, v, 64, 0.3) - expected).abs().max() < 1e-5
+    assert prefill._broken == {"cpu_flash:float32"}
+
+
 def _prefill(bundle, prompts: list[list[int]], kernels: str = "auto",
              **options) -> tuple[list[torch.Tensor], list[torch.Tensor], list]:
     """Prefill each prompt in turn (one new token each, so only the prompt's chunks run); returns each prompt's
