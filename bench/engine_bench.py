@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -78,8 +79,9 @@ def decode_throughput(engine: LLMEngine, batch: int, seed: int) -> dict[str, flo
 
 @torch.inference_mode()
 def graph_replay_ms(engine: LLMEngine, batch: int, repeats: int = 50) -> float | None:
-    """GPU time of one replay of the decode graph captured for ``batch`` (the step minus its host work).
-    New latents go to the scratch slot, so no live cache block is touched."""
+    """GPU time of one replay of the decode graph captured for ``batch`` (the step minus its host work), with
+    distinct random ids and every row at the measured context (``CapturedDecode.park``: keys and new latents in
+    the scratch block, so no live cache block is touched and attention's cache reads are understated)."""
     graphs = engine.runner.graphs
     if graphs is None:
         return None
@@ -89,7 +91,8 @@ def graph_replay_ms(engine: LLMEngine, batch: int, repeats: int = 50) -> float |
         return None
     cap = graphs.graphs[max(found)]
     cap.copied[cap.turn].synchronize()
-    cap.park(engine.runner.scratch_slot // engine.runner.block_size)
+    ids = np.random.default_rng(batch).integers(1000, engine.runner.config.vocab_size - 1000, size=cap.batch)
+    cap.park(engine.runner.scratch_slot // engine.runner.block_size, ids, PROMPT + NEW // 2)
     graph = cap.graph
     graph.replay()
     sync()

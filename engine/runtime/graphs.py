@@ -95,10 +95,17 @@ class CapturedDecode:
     copied: tuple[torch.cuda.Event, torch.cuda.Event]
     turn: int = 0
 
-    def park(self, scratch_block: int) -> None:
-        """Point every row at the scratch block (benchmarks replay the graph alone: no live cache block is
-        written, and no carry row is read)."""
-        write_padded_inputs(self.staging[self.turn].numpy(), self.batch, scratch_block)
+    def park(self, scratch_block: int, ids: np.ndarray | None = None, position: int = 0) -> None:
+        """Point every row's cache reads and writes at the scratch block, for benchmarks that replay the graph
+        alone (no live cache block is written, no carry row is read). ``ids`` and ``position`` make the replay
+        do a real step's work: distinct ids spread the MoE over its experts (all-equal ids would read six
+        experts' weights), and ``position`` sets every row's key count (keys are read from the scratch block,
+        so attention's cache traffic is understated)."""
+        host = self.staging[self.turn].numpy()
+        write_padded_inputs(host, self.batch, scratch_block)
+        if ids is not None:
+            host[: self.batch] = ids[: self.batch]
+        host[self.batch : 2 * self.batch] = min(position, self.keys - 1)
         self.packed.copy_(self.staging[self.turn])
 
     @property
