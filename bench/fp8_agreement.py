@@ -54,17 +54,36 @@ def decode_bytes_per_step(batch: int, context: int, quantized: bool) -> float:
 
 
 @torch.inference_mode()
-def prompt_logits(bundle, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """Full-vocabulary logits of every position (the model's reference forward), bf16 on the host."""
+def prompt_logits(bundle, prompts: list[list[int]], layer_outputs: list | None = None) -> list[torch.Tensor]:
+    """Full-vocabulary logits of every position (the model's reference forward), bf16 on the host.
+    ``layer_outputs``: filled with each decoder layer's residual stream for the first prompt (fp32, host)."""
     lm = bundle.model.language_model
     dev = bundle.model.device
+    hooks = []
+    if layer_outputs is not None:
+        hooks = [layer.register_forward_hook(lambda _m, _i, out: layer_outputs.append(out[0].float().cpu()))
+                 for layer in lm.model.layers]
     out = []
-    for ids in prompts:
-        x = torch.tensor([ids], device=dev)
-        embeds = lm.model.embed_tokens(x)
-        pos = torch.arange(len(ids), device=dev)[None]
-        out.append(lm(embeds, pos)[0].to(torch.bfloat16).cpu())
+    try:
+        for i, ids in enumerate(prompts):
+            x = torch.tensor([ids], device=dev)
+            embeds = lm.model.embed_tokens(x)
+            pos = torch.arange(len(ids), device=dev)[None]
+            out.append(lm(embeds, pos)[0].to(torch.bfloat16).cpu())
+            if i == 0:
+                for hook in hooks:
+                    hook.remove()
+    finally:
+        for hook in hooks:
+            hook.remove()
     return out
+
+
+def layer_errors(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> list[float]:
+    """Relative RMS difference of each layer's residual stream: fp8's own error shows at layer 0; random
+    weights (a flat router, no trained structure) then amplify it layer by layer, which is why top-1 agreement
+    of random-weight logits says little on its own."""
+    return [round(((a - b).norm() / a.norm()).item(), 5) for a, b in zip(reference, candidate)]
 
 
 def agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> dict[str, float]:
@@ -155,7 +174,8 @@ def main() -> None:
     prompts = [random_ids(args.prompt_len, 7000 + i) for i in range(args.prompts)]
 
     start = time.perf_counter()
-    reference = prompt_logits(bundle, prompts)
+    reference_layers: list[torch.Tensor] = []
+    reference = prompt_logits(bundle, prompts, reference_layers)
     results["bf16_prompt_seconds"] = round(time.perf_counter() - start, 2)
     decode_on = on_gpu and not args.skip_decode
     if decode_on:
@@ -166,9 +186,11 @@ def main() -> None:
     sync()
     results["quantize_seconds"] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
-    candidate = prompt_logits(bundle, prompts)
+    candidate_layers: list[torch.Tensor] = []
+    candidate = prompt_logits(bundle, prompts, candidate_layers)
     results["fp8_prompt_seconds"] = round(time.perf_counter() - start, 2)
     results["agreement"] = agreement(reference, candidate)
+    results["agreement"]["layer_rel_rms_err"] = layer_errors(reference_layers, candidate_layers)
     print("agreement " + json.dumps(results["agreement"]), flush=True)
     dump()
     if decode_on:
