@@ -500,7 +500,9 @@ def main() -> None:
     print(json.dumps(results["prefill"]), flush=True)
     dump()
     screenshot_ttft(engine, seed=0)  # warm-up (vision kernels)
-    results["screenshot_ttft"] = screenshot_ttft(engine, seed=1)
+    shots = [screenshot_ttft(engine, seed=seed) for seed in (1, 2, 3)]  # fresh images: no cache helps
+    results["screenshot_ttft"] = sorted(shots, key=lambda r: r["ttft_s"])[1] | {
+        "ttft_s_each": [r["ttft_s"] for r in shots], "preprocess_s_each": [r["preprocess_s"] for r in shots]}
     print(json.dumps(results["screenshot_ttft"]), flush=True)
     rounds = []
     for i, chunk in enumerate(chunks):
