@@ -90,7 +90,6 @@ def graph_replay_ms(engine: LLMEngine, batch: int, repeats: int = 50) -> float |
     if not found:
         return None
     cap = graphs.graphs[max(found)]
-    cap.copied[cap.turn].synchronize()
     ids = np.random.default_rng(batch).integers(1000, engine.runner.config.vocab_size - 1000, size=cap.batch)
     cap.park(engine.runner.scratch_slot // engine.runner.block_size, ids, PROMPT + NEW // 2)
     graph = cap.graph

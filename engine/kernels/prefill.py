@@ -35,13 +35,16 @@ _checked: set[tuple] = set()  # kinds of call (_check_key) whose first real call
 
 
 def attention_with_lse_torch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+    query_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Lq, Dqk), k (B, H, Lk, Dqk), v (B, H, Lk, Dv) -> (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq)
-    fp32). ``causal``: query i sees keys j <= i (upper-left aligned, used only with Lq == Lk)."""
+    fp32). ``causal``: query i sees keys j <= i (upper-left aligned, used only with Lq == Lk). ``query_rows``:
+    the rows of a causal square that ``q`` holds (a sample of them), when it is not the whole square."""
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if causal:
-        allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        rows = torch.arange(q.shape[-2], device=q.device) if query_rows is None else query_rows
+        allowed = torch.arange(k.shape[-2], device=q.device)[None, :] <= rows[:, None]
         scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.exp(scores - lse[..., None]), v.float())
@@ -118,8 +121,9 @@ def _checked_run(name: str, q, k, v, causal, scale) -> tuple[torch.Tensor, torch
 
 def _run(kernel, q, k, v, causal, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel on dense (B, H, L, D) copies of the caller's views: private SDPA ops skip the public API's
-    stride checks, and strided inputs are a known source of silently wrong results in such kernels. A copy costs
-    about 1 ms of a 131K prompt's 159 ms of attention per layer."""
+    stride checks, and strided inputs are a known source of silently wrong results in such kernels. The copies are
+    a few hundred MB per layer at a 131K prompt (about 1 ms of bandwidth by estimate, against 159 ms of attention);
+    the H100 figures of 0385e01 include them."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out, lse = kernel(q, k, v, causal, scale)
     return out, _lse_layout(lse, q)
@@ -144,14 +148,9 @@ def _rows_agree(q, k, v, causal: bool, scale: float, out: torch.Tensor, lse: tor
     kind is what gets checked."""
     rows = _sample_rows(q.shape[-2]).to(q.device)
     heads = torch.tensor(sorted({0, q.shape[1] - 1}), device=q.device)
-    qs = q.index_select(1, heads).index_select(2, rows).float()
-    ks, vs = k.index_select(1, heads).float(), v.index_select(1, heads).float()
-    scores = torch.matmul(qs, ks.transpose(-1, -2)) * scale
-    if causal:  # square: row i sees keys j <= i
-        keys = torch.arange(k.shape[-2], device=q.device)
-        scores = scores.masked_fill(keys[None, :] > rows[:, None], float("-inf"))
-    ref_lse = torch.logsumexp(scores, dim=-1)
-    ref_out = torch.matmul(torch.exp(scores - ref_lse[..., None]), vs)
+    ref_out, ref_lse = attention_with_lse_torch(q.index_select(1, heads).index_select(2, rows).float(),
+                                                k.index_select(1, heads), v.index_select(1, heads), causal, scale,
+                                                query_rows=rows)
     got_out = out.index_select(1, heads).index_select(2, rows).float()
     got_lse = lse.index_select(1, heads).index_select(2, rows)
     half = q.dtype != torch.float32  # kernels round probabilities to the input dtype before P·V

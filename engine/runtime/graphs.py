@@ -101,6 +101,7 @@ class CapturedDecode:
         do a real step's work: distinct ids spread the MoE over its experts (all-equal ids would read six
         experts' weights), and ``position`` sets every row's key count (keys are read from the scratch block,
         so attention's cache traffic is understated)."""
+        self.copied[self.turn].synchronize()  # this staging buffer's last copy has finished
         host = self.staging[self.turn].numpy()
         write_padded_inputs(host, self.batch, scratch_block)
         if ids is not None:
