@@ -59,23 +59,18 @@ def prompt_logits(bundle, prompts: list[list[int]], layer_outputs: list | None =
     ``layer_outputs``: filled with each decoder layer's residual stream for the first prompt (fp32, host)."""
     lm = bundle.model.language_model
     dev = bundle.model.device
-    hooks = []
-    if layer_outputs is not None:
-        hooks = [layer.register_forward_hook(lambda _m, _i, out: layer_outputs.append(out[0].float().cpu()))
-                 for layer in lm.model.layers]
     out = []
-    try:
-        for i, ids in enumerate(prompts):
+    for i, ids in enumerate(prompts):
+        hooks = [layer.register_forward_hook(lambda _m, _i, o: layer_outputs.append(o[0].float().cpu()))
+                 for layer in lm.model.layers] if layer_outputs is not None and i == 0 else []
+        try:
             x = torch.tensor([ids], device=dev)
             embeds = lm.model.embed_tokens(x)
             pos = torch.arange(len(ids), device=dev)[None]
             out.append(lm(embeds, pos)[0].to(torch.bfloat16).cpu())
-            if i == 0:
-                for hook in hooks:
-                    hook.remove()
-    finally:
-        for hook in hooks:
-            hook.remove()
+        finally:
+            for hook in hooks:
+                hook.remove()
     return out
 
 
