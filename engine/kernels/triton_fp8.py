@@ -32,6 +32,24 @@ _CONFIGS = [
 ]
 
 
+@triton.jit
+def _scaled_tile(x_ptr, w_ptr, s_ptr, offs_m, mm, offs_n, mn, k_end, K, stride_xm, stride_wn,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) tile of x[offs_m] @ w[offs_n].T times the weight rows' scales: fp8 weights are
+    upcast to x's dtype per K block (weight-only quantisation). The K loop stops at ``k_end`` (0 skips it)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=mm[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+                    mask=mn[:, None] & mk[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    scale = tl.load(s_ptr + offs_n, mask=mn, other=0.0)
+    return acc * scale[None, :]
+
+
 @triton.autotune(configs=_CONFIGS[:1] if _INTERPRET else _CONFIGS, key=["N", "K", "BLOCK_M"])
 @triton.jit
 def _fp8_linear_kernel(
@@ -45,17 +63,8 @@ def _fp8_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mm = offs_m < M
     mn = offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mk = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                    mask=mm[:, None] & mk[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                    mask=mn[:, None] & mk[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    scale = tl.load(s_ptr + offs_n, mask=mn, other=0.0)
-    acc = acc * scale[None, :]
+    acc = _scaled_tile(x_ptr, w_ptr, s_ptr, offs_m, mm, offs_n, mn, K, K, stride_xm, stride_wn,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
@@ -128,17 +137,8 @@ def _fp8_grouped_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < N
     k_end = tl.where(row_start < row_end, K, 0)  # empty blocks skip the loop
-    w_base = w_ptr + e * stride_we
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mk = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                    mask=mm[:, None] & mk[None, :], other=0.0)
-        w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    scale = tl.load(s_ptr + e * N + offs_n, mask=mn, other=0.0)
-    acc = acc * scale[None, :]
+    acc = _scaled_tile(x_ptr, w_ptr + e * stride_we, s_ptr + e * N, offs_m, mm, offs_n, mn, k_end, K, stride_xm,
+                       stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
