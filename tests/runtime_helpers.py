@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from engine.generate import SamplingParams, generate_ids
+from engine.model.decoder import ExpertBank
 from engine.runtime.request import Delta
 
 
@@ -17,6 +18,20 @@ def image(seed: int, size: tuple[int, int] = (84, 56)) -> Image.Image:
     gen = torch.Generator().manual_seed(seed)
     pixels = (torch.rand(size[1], size[0], 3, generator=gen) * 255).to(torch.uint8).numpy()
     return Image.fromarray(pixels, "RGB")
+
+
+def random_expert_bank(rows: int, device: str = "cuda") -> tuple[ExpertBank, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 64 x 2048 x 1408 bf16 ExpertBank with N(0, 0.02) weights, ``rows`` random hidden rows, each routed to 6
+    distinct experts with random weights: (bank, x, ids, weights). Seeded."""
+    torch.manual_seed(0)
+    bank = ExpertBank(64, 2048, 1408).to(device, torch.bfloat16)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_(0, 0.02)
+    x = torch.randn(rows, 2048, device=device, dtype=torch.bfloat16)
+    ids = torch.stack([torch.randperm(64, device=device)[:6] for _ in range(rows)])
+    weights = torch.rand(rows, 6, device=device)
+    return bank, x, ids, weights
 
 
 def text_message(text: str) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ import torch
 
 from engine.kernels import decode as fused
 from engine.kernels import fp8
-from engine.model.decoder import ExpertBank
+from tests.runtime_helpers import random_expert_bank
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -52,14 +52,8 @@ def test_activation_quantisation_kernel_is_exact(k: int) -> None:
 
 @pytest.mark.gpu
 def test_fp8_expert_bank_grouped_matches_loop() -> None:
-    torch.manual_seed(0)
-    bank = ExpertBank(64, 2048, 1408).to("cuda", torch.bfloat16)
+    bank, x, ids, weights = random_expert_bank(1000)
     with torch.no_grad():
-        for p in bank.parameters():
-            p.normal_(0, 0.02)
-        x = torch.randn(1000, 2048, device="cuda", dtype=torch.bfloat16)
-        ids = torch.stack([torch.randperm(64, device="cuda")[:6] for _ in range(1000)])
-        weights = torch.rand(1000, 6, device="cuda")
         bank.backend = "grouped"
         bf16 = bank(x, ids, weights).float()
         bank.quantize_fp8_()

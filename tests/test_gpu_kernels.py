@@ -5,22 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.model.decoder import ExpertBank
-from tests.runtime_helpers import plain_step
+from tests.runtime_helpers import plain_step, random_expert_bank
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.mark.gpu
 def test_grouped_gemm_experts_match_loop_on_gpu() -> None:
-    torch.manual_seed(0)
-    bank = ExpertBank(64, 2048, 1408).to("cuda", torch.bfloat16)
-    with torch.no_grad():
-        for p in bank.parameters():
-            p.normal_(0, 0.02)
-    x = torch.randn(3000, 2048, device="cuda", dtype=torch.bfloat16)
-    ids = torch.stack([torch.randperm(64, device="cuda")[:6] for _ in range(3000)])
-    weights = torch.rand(3000, 6, device="cuda")
+    bank, x, ids, weights = random_expert_bank(3000)
     with torch.no_grad():
         bank.backend = "grouped"
         grouped = bank(x, ids, weights).float()
