@@ -12,6 +12,8 @@ Parts (``--parts``, all by default, in this order):
   served      the same against the service, plus the replica's cold start (deploy -> ready, weights on the GPU)
   fault       the service under load (streams + accepted chat tasks), the ModelServer replica's process SIGKILLed:
               how every in-flight stream ends, when a replacement answers, whether the tasks finish, and when
+When the served side follows in the same run, the engine side runs in a child process (its GPU memory is
+returned when the child exits; the replica needs it).
 The table compares served with engine against the issue's targets: TPOT within 10 % at concurrency 1 and 32,
 TTFT within 15 ms at concurrency 1, throughput at the highest concurrency >= 90 %.
 
@@ -364,6 +366,37 @@ def engine_side(args: argparse.Namespace, model: str, engine_options: dict[str, 
     return out
 
 
+def _drop_flags(argv: list[str], flags: set[str]) -> list[str]:
+    """``argv`` without the given flags and their values (a value is every token up to the next ``--`` flag)."""
+    kept, skipping = [], False
+    for token in argv:
+        if token.startswith("--"):
+            skipping = token.split("=", 1)[0] in flags
+            if skipping:
+                continue
+        if not skipping:
+            kept.append(token)
+    return kept
+
+
+def engine_side_in_child(argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The engine side in a process of its own when the served side follows: after the engine's shutdown its
+    process still held 119 GiB of the H200 (caching allocator, graph pools), so the replica could not be deployed
+    (first GPU run, 2026-12-06). The child's exit returns all of it."""
+    import subprocess
+
+    parts = ["engine", *(["tasks"] if "tasks" in args.parts else [])]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "engine.json"
+        command = [sys.executable, str(Path(__file__).resolve()),
+                   *_drop_flags(argv, {"--parts", "--json", "--engine-json"}), "--parts", *parts, "--json", str(out)]
+        log(f"engine side in a child process: --parts {' '.join(parts)}")
+        subprocess.run(command, check=True, cwd=ROOT)
+        engine = json.loads(out.read_text())["engine"]
+    engine["streaming"] = {int(k): v for k, v in engine["streaming"].items()}
+    return engine
+
+
 class Service:
     """The app on a local Ray of its own (stopped at the end: only what this script started)."""
 
@@ -696,7 +729,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = model_path(args)
     results["model"] = model
     results["model_ready_s"] = round(time.perf_counter() - started, 1)
-    if "engine" in args.parts:
+    if "engine" in args.parts and {"served", "fault"} & set(args.parts):
+        results["engine"] = engine_side_in_child(results["argv"], args)
+        save()
+    elif "engine" in args.parts:
         results["engine"] = engine_side(args, model, engine_options, image, pdf)
         save()
     if {"served", "fault"} & set(args.parts):

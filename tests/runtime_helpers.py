@@ -96,3 +96,46 @@ async def play_script(script: list[Any], on_close: Callable[[], None] = lambda: 
             yield step
     finally:
         on_close()
+
+
+def routing_near_ties(bundle, prompt: list[int], layers: int, rel_margin: float = 1e-2) -> torch.Tensor:
+    """(layers, positions) bool: True where the latent of that layer at that position comes after a MoE router
+    near-tie at an earlier layer -- the k-th and (k+1)-th expert scores closer than ``rel_margin`` of the top
+    score (in an fp32 one-shot forward of ``prompt`` on ``bundle``). bf16 rounding can swap such experts, which
+    changes that position's hidden state by a whole expert's output: a discrete difference no kernel tolerance
+    covers (random tiny weights make near-ties common; seen on the H100 and H200 at layer 1, position 17)."""
+    import re
+
+    import torch.nn.functional as F
+
+    from engine.model.decoder import MoEGate
+    from engine.runtime.engine import EngineOptions, LLMEngine
+
+    margins: dict[int, torch.Tensor] = {}
+
+    def record(layer: int):
+        def hook(gate, inputs, _output) -> None:
+            scores = F.linear(inputs[0].float(), gate.weight.float())
+            scores = scores.sigmoid() if gate.scoring_func == "sigmoid" else scores.softmax(dim=-1)
+            if gate.topk_method == "noaux_tc":
+                scores = scores + gate.e_score_correction_bias.float()
+            top = scores.topk(gate.top_k + 1, dim=-1).values
+            margins[layer] = ((top[:, -2] - top[:, -1]) / top[:, 0]).cpu()
+        return hook
+
+    handles = [module.register_forward_hook(record(int(re.search(r"layers\.(\d+)\.", name).group(1))))
+               for name, module in bundle.model.named_modules() if isinstance(module, MoEGate)]
+    try:
+        engine = LLMEngine(bundle, EngineOptions(cache_tokens=2048, block_size=8, cuda_graphs=False,
+                                                 max_num_batched_tokens=max(256, len(prompt))))
+        engine.runner.kernels = "torch"
+        engine.add(engine.make_sequence({"prompt_token_ids": prompt, "max_tokens": 1, "ignore_eos": True}))
+        while engine.has_work():
+            engine.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    ties = torch.zeros(layers, len(prompt), dtype=torch.bool)
+    for layer, margin in margins.items():
+        ties[layer + 1:] |= (margin[: len(prompt)] < rel_margin)
+    return ties

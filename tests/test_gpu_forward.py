@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from engine.kernels import prefill
-from tests.runtime_helpers import plain_step
+from tests.runtime_helpers import plain_step, routing_near_ties
 from tests.test_chunked_prefill import _prefill, _prompt
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"), pytest.mark.gpu]
@@ -93,22 +93,30 @@ def test_chunk_attention_on_engine_layouts(dtype: torch.dtype, prefix: int, chun
 
 def test_chunked_prefill_on_gpu_kernels_matches_reference_kernels(tiny_checkpoint_a3b) -> None:
     """bf16 chunked prefill on the CUDA kernels is as close to an fp32 run of the reference kernels as the bf16
-    reference kernels are (random tiny weights amplify rounding, so a fixed tolerance would judge the weights)."""
+    reference kernels are (random tiny weights amplify rounding, so a fixed tolerance would judge the weights).
+    Latents after a router near-tie are left out: on the H100 and H200 the one latent over the bound (1.155 at
+    layer 2, position 17) followed the smallest top-6 margin of the run (0.02 % at layer 1), where bf16 rounding
+    picks another expert whichever kernel runs."""
     from engine.loader import load
 
     shared = _prompt(120, seed=4)
     prompts = [shared + _prompt(30, seed=5), shared + _prompt(45, seed=6)]  # the second hits the prefix cache
     options = dict(max_num_batched_tokens=32, max_prefill_chunk_tokens=48, cuda_graphs=False)
-    exact, cache_exact, _ = _prefill(load(tiny_checkpoint_a3b, device="cuda", dtype=torch.float32), prompts,
-                                     kernels="torch", **options)
+    bundle_fp32 = load(tiny_checkpoint_a3b, device="cuda", dtype=torch.float32)
+    exact, cache_exact, _ = _prefill(bundle_fp32, prompts, kernels="torch", **options)
+    # a router near-tie upstream lets bf16 pick another expert: a whole expert's difference, not a kernel error
+    ties = [routing_near_ties(bundle_fp32, prompt, latents.shape[0]) for prompt, latents in zip(prompts, cache_exact)]
+    assert all(t.float().mean() < 0.1 for t in ties), [t.float().mean() for t in ties]
     bundle = load(tiny_checkpoint_a3b, device="cuda", dtype=torch.bfloat16)
     expected, cache_expected, _ = _prefill(bundle, prompts, kernels="torch", **options)
     actual, cache_actual, steps = _prefill(bundle, prompts, **options)
     assert len(steps[0]) > 2
     for name, got, ref, base in (("logits", actual, expected, exact), ("latents", cache_actual, cache_expected,
                                                                           cache_exact)):
-        for a, e, x in zip(got, ref, base):
+        for a, e, x, tie in zip(got, ref, base, ties):
             a, e, x = a.float(), e.float(), x.float()
+            if name == "latents":  # compare where no near-tie came before (fp32's own values there)
+                a, e = a.where(~tie[..., None].to(a.device), x), e.where(~tie[..., None].to(e.device), x)
             assert torch.isfinite(a).all()
             err, ref_err = (a - x).abs().max().item(), (e - x).abs().max().item()
             print(f"{name}: CUDA kernels vs fp32 {err:.4f}, bf16 reference kernels vs fp32 {ref_err:.4f}, "
