@@ -97,6 +97,17 @@ def production_settings(engine_overrides: dict[str, Any]) -> tuple[dict[str, Any
     return args, options
 
 
+def override_deployments(options: dict[str, dict[str, Any]], overrides: list[str]) -> None:
+    """Apply ``NAME.KEY=JSON`` overrides (e.g. ``Ingress.num_replicas=2``) to the deployments' options, so a GPU
+    call can try a deployment shape without editing ray_config.yaml; an unknown deployment is an error."""
+    for item in overrides:
+        target, _, value = item.partition("=")
+        name, _, key = target.partition(".")
+        if name not in options or not key or not value:
+            raise SystemExit(f"--deployment-option {item!r}: expected NAME.KEY=JSON with NAME in {sorted(options)}")
+        options[name][key] = json.loads(value)
+
+
 def screenshot_png(width: int = 1280, height: int = 720) -> bytes:
     """A desktop-like screenshot: title bar, sidebar, text lines, a button (the OS agent's typical input)."""
     from PIL import Image, ImageDraw
@@ -675,6 +686,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fault-after-s", type=float, default=None)
     parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=JSON",
                         help="EngineOptions override for both sides, e.g. max_num_seqs=64")
+    parser.add_argument("--deployment-option", action="append", default=[], metavar="NAME.KEY=JSON",
+                        help="a deployment option of the served side over ray_config.yaml's, e.g. "
+                        "Ingress.num_replicas=2")
     parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable for the Ray processes of the served side (on top of "
                         "ray_config.yaml's runtime_env), e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1")
@@ -701,6 +715,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.engine_option)}
     app_args, options = production_settings(overrides)
     app_args["_env"].update(kv.split("=", 1) for kv in args.serve_env)
+    override_deployments(options, args.deployment_option)
     from serve_app.config import AppConfig
 
     engine_options = AppConfig.model_validate({k: v for k, v in app_args.items() if k != "_env"}).model.engine

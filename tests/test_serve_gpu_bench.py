@@ -44,3 +44,16 @@ def test_serve_gpu_bench_smoke_on_cpu(tmp_path, monkeypatch: pytest.MonkeyPatch)
     metrics = [row["metric"] for row in out["comparison"]]
     assert "tpot_ms_p50 c=1" in metrics and "non-streaming tok/s c=2" in metrics
     assert (tmp_path / "out.json").exists()
+
+
+def test_deployment_overrides_apply_and_reject_unknown_names() -> None:
+    from bench.serve_gpu_bench import override_deployments, production_settings
+
+    _, options = production_settings({})
+    override_deployments(options, ["Ingress.num_replicas=2", 'ModelServer.ray_actor_options={"num_cpus": 2}'])
+    assert options["Ingress"]["num_replicas"] == 2
+    assert options["ModelServer"]["ray_actor_options"] == {"num_cpus": 2}
+    with pytest.raises(SystemExit, match="NAME.KEY=JSON"):
+        override_deployments(options, ["Proxy.num_replicas=2"])
+    with pytest.raises(SystemExit):
+        override_deployments(options, ["Ingress=2"])

@@ -17,6 +17,9 @@
 #   E18_ARGS="--parts served --serve-env RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 \
 #     --serve-env RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 --serve-env RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1000" \
 #     E18_JSON=e18_serve_gpu_knobs.json bash bench/gpu_runs/e18.sh
+# Next tries for the Serve path's cost at 32-64 streams (RESULTS.md, "First GPU run" under issue 18), one served call
+# each with --engine-json as above: --deployment-option Ingress.num_replicas=2 (or 4);
+# --serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct gRPC between replicas).
 # Disk: writes the random checkpoint (32.8 GB) to .gpu_serve/a3b once; later runs on the warm machine reuse it.
 set -uo pipefail
 OUT=${OUT:-/tmp/e18-out}
