@@ -106,8 +106,6 @@ def routing_near_ties(bundle, prompt: list[int], layers: int, rel_margin: float 
     covers (random tiny weights make near-ties common; seen on the H100 and H200 at layer 1, position 17)."""
     import re
 
-    import torch.nn.functional as F
-
     from engine.model.decoder import MoEGate
     from engine.runtime.engine import EngineOptions, LLMEngine
 
@@ -115,11 +113,7 @@ def routing_near_ties(bundle, prompt: list[int], layers: int, rel_margin: float 
 
     def record(layer: int):
         def hook(gate, inputs, _output) -> None:
-            scores = F.linear(inputs[0].float(), gate.weight.float())
-            scores = scores.sigmoid() if gate.scoring_func == "sigmoid" else scores.softmax(dim=-1)
-            if gate.topk_method == "noaux_tc":
-                scores = scores + gate.e_score_correction_bias.float()
-            top = scores.topk(gate.top_k + 1, dim=-1).values
+            top = gate.selection_scores(inputs[0])[1].topk(gate.top_k + 1, dim=-1).values
             margins[layer] = ((top[:, -2] - top[:, -1]) / top[:, 0]).cpu()
         return hook
 

@@ -319,25 +319,30 @@ class MoEGate(nn.Module):
         if self.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.zeros(self.n_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (T, D) -> (expert ids (T, k) long, weights (T, k) fp32)."""
+    def selection_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, D) -> (scores (T, E) fp32, the values experts are chosen by (T, E): scores plus the correction
+        bias, outside the kept groups zeroed). Split from forward so checks can read how close a choice was."""
         logits = F.linear(x.float(), self.weight.float())  # no-op cast when loaded (the loader keeps it fp32)
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         if self.topk_method == "greedy":
-            weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
-        else:
-            choice = scores + self.e_score_correction_bias.float() if self.topk_method == "noaux_tc" else scores
-            if self.n_group > 1:
-                grouped = choice.view(x.shape[0], self.n_group, -1)
-                if self.topk_method == "noaux_tc":
-                    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-                else:
-                    group_scores = grouped.max(dim=-1).values
-                keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
-                group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0).bool()
-                choice = grouped.masked_fill(~group_mask[..., None], 0.0).flatten(1)
-            ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
-            weights = scores.gather(1, ids)
+            return scores, scores
+        choice = scores + self.e_score_correction_bias.float() if self.topk_method == "noaux_tc" else scores
+        if self.n_group > 1:
+            grouped = choice.view(x.shape[0], self.n_group, -1)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.max(dim=-1).values
+            keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0).bool()
+            choice = grouped.masked_fill(~group_mask[..., None], 0.0).flatten(1)
+        return scores, choice
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, D) -> (expert ids (T, k) long, weights (T, k) fp32)."""
+        scores, choice = self.selection_scores(x)
+        ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, ids)
         if self.top_k > 1 and self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return ids, weights * self.routed_scaling_factor
