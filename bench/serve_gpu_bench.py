@@ -403,7 +403,12 @@ def engine_side_in_child(argv: list[str], args: argparse.Namespace) -> dict[str,
                    *_drop_flags(argv, {"--parts", "--json", "--engine-json"}), "--parts", *parts, "--json", str(out)]
         log(f"engine side in a child process: --parts {' '.join(parts)}")
         subprocess.run(command, check=True, cwd=ROOT)
-        engine = json.loads(out.read_text())["engine"]
+        return engine_side_from_json(out)
+
+
+def engine_side_from_json(path: str | Path) -> dict[str, Any]:
+    """The engine side of an earlier output (JSON turns the concurrency keys into strings)."""
+    engine = json.loads(Path(path).read_text())["engine"]
     engine["streaming"] = {int(k): v for k, v in engine["streaming"].items()}
     return engine
 
@@ -754,8 +759,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["served"] = {}
         served_side(args, model, app_args, options, image, pdf, results["served"], save)
     if "engine" not in results and args.engine_json:  # the engine side measured by an earlier call
-        results["engine"] = json.loads(Path(args.engine_json).read_text())["engine"]
-        results["engine"]["streaming"] = {int(k): v for k, v in results["engine"]["streaming"].items()}
+        results["engine"] = engine_side_from_json(args.engine_json)
         results["engine_from"] = args.engine_json
     if "engine" in results and "served" in results:
         results["comparison"] = comparison(results["engine"], results["served"], args.concurrency)
