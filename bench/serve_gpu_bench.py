@@ -696,7 +696,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "Ingress.num_replicas=2")
     parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable for the Ray processes of the served side (on top of "
-                        "ray_config.yaml's runtime_env), e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1")
+                        "ray_config.yaml's runtime_env and serve_app.fast_path's), e.g. KIMIRAY_SERVE_FAST_PATH=0 "
+                        "(Serve's defaults) or RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1")
     parser.add_argument("--ray-logs", action="store_true", help="show the replicas' logs")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--engine-json", help="without the engine part: compare with the engine side of this "
@@ -719,7 +720,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ.setdefault(key, value)
     overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.engine_option)}
     app_args, options = production_settings(overrides)
-    app_args["_env"].update(kv.split("=", 1) for kv in args.serve_env)
+    from serve_app.fast_path import fast_path_env
+
+    given = dict(kv.split("=", 1) for kv in args.serve_env)
+    app_args["_env"].update(given)
+    # Serve's fast path, as `kimiray serve` starts Ray (--serve-env KIMIRAY_SERVE_FAST_PATH=0: Serve's defaults)
+    app_args["_env"].update(fast_path_env({**os.environ, **app_args["_env"]}))
     override_deployments(options, args.deployment_option)
     from serve_app.config import AppConfig
 

@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--code", default=str(HERE), help="the checkout whose serve_app/connectors run")
     parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable for every Ray process of the run (Serve's knobs)")
+    parser.add_argument("--ingress-replicas", type=int, help="Ingress replicas (ray_config.yaml's count if unset)")
     parser.add_argument("--json")
     return parser.parse_args()
 
@@ -50,7 +51,7 @@ def _our_processes() -> dict[str, Any]:
 
     node = ray._private.worker._global_node
     raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-    roles = {"proxy": "ProxyActor", "ingress": "ServeReplica:kimiray:Ingress",
+    roles = {"proxy": "ProxyActor", "haproxy_manager": "HAProxyManager", "ingress": "ServeReplica:kimiray:Ingress",
              "model_server": "ServeReplica:kimiray:ModelServer"}
     found: dict[str, Any] = {}
     for proc in raylet.children(recursive=True):
@@ -58,18 +59,34 @@ def _our_processes() -> dict[str, Any]:
             title = " ".join(proc.cmdline())
         except psutil.Error:
             continue
+        if proc.name() == "haproxy" or title.split(" ", 1)[0].endswith("/haproxy"):
+            found.setdefault("haproxy", []).append(proc)  # the HAProxy ingress's workers (RAY_SERVE_ENABLE_HA_PROXY)
+            continue
         for role, marker in roles.items():
             if marker in title:
-                found[role] = proc
+                found.setdefault(role, []).append(proc)  # a list: an Ingress with several replicas
     return found
 
 
-def _cpu(procs: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for role, proc in procs.items():
-        t = proc.cpu_times()
-        out[role] = t.user + t.system
+def _cpu(procs: dict[str, Any]) -> dict[str, dict[int, float]]:
+    """{role: {pid: CPU seconds}}; a process gone meanwhile (HAProxy replaces its workers on reload) is left out."""
+    import psutil
+
+    out: dict[str, dict[int, float]] = {}
+    for role, group in procs.items():
+        for proc in group:
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            out.setdefault(role, {})[proc.pid] = t.user + t.system
     return out
+
+
+def _cpu_spent(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
+    """CPU seconds per role between two readings, over the processes alive at both."""
+    return {role: sum(after[role][pid] - seconds for pid, seconds in before.get(role, {}).items()
+                      if pid in after[role]) for role in after}
 
 
 async def _stream(client: Any, url: str, max_tokens: int) -> dict[str, Any]:
@@ -132,6 +149,8 @@ def main() -> None:
     config = yaml.safe_load((HERE / "ray_config.yaml").read_text())
     app_cfg = next(a for a in config["applications"] if a["name"] == "kimiray")
     options = {d.pop("name"): d for d in app_cfg["deployments"]}
+    if args.ingress_replicas:
+        options["Ingress"]["num_replicas"] = args.ingress_replicas
     app_args = app_cfg["args"]
     app_args["model"]["model"] = "sim:h100"
     app_args["auth"] = {**app_args["auth"], "requests_per_minute": 10_000_000, "max_concurrent_per_key": 1024}
@@ -147,14 +166,14 @@ def main() -> None:
             model = ModelServer.options(**options["ModelServer"]).bind(cfg)
             serve.run(Ingress.options(**options["Ingress"]).bind(model, cfg, None), name="kimiray", route_prefix="/")
             url = f"http://127.0.0.1:{port}"
-            procs = _our_processes()
-            assert set(procs) == {"proxy", "ingress", "model_server"}, procs
             for c in args.concurrency:
+                procs = _our_processes()
+                assert {"ingress", "model_server"} <= set(procs), procs
                 before = _cpu(procs)
                 streams, wall = asyncio.run(_level(url, c, args.requests, args.max_tokens))
-                after = _cpu(procs)
+                spent = _cpu_spent(before, _cpu(procs))
                 tokens = sum(s["tokens"] for s in streams)
-                per = {role: round(1000 * (after[role] - before[role]) / tokens, 4) for role in procs}
+                per = {role: round(1000 * seconds / tokens, 4) for role, seconds in spent.items()}
                 level = {
                     "streams": len(streams), "tokens": tokens, "wall_s": round(wall, 2),
                     "cpu_ms_per_token": round(sum(per.values()), 4), "cpu_ms_per_token_by_process": per,

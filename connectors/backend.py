@@ -49,9 +49,28 @@ class LocalBackend:
 
 
 def unwrap_remote_error(exc: BaseException) -> BaseException:
-    """Ray wraps a replica's exception; return the original (its type drives the HTTP status)."""
+    """Ray wraps a replica's exception; return the original (its type drives the HTTP status).
+
+    Over Serve's gRPC transport (the fast path) a replica that dies mid-stream can surface as a bare
+    ``grpc.aio.AioRpcError`` (Serve maps only some codes to ``ActorUnavailableError``); the replica's own errors
+    travel serialized inside the response, so any RPC-level failure means the replica or the link was lost: the
+    caller sees it as unavailable (503, retry), as with Ray's actor transport."""
     cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
+    if isinstance(cause, BaseException):
+        return cause
+    if _is_rpc_failure(exc):
+        from ray.exceptions import ActorUnavailableError
+
+        return ActorUnavailableError(f"the model replica's connection failed ({exc.code().name})", None)  # type: ignore[attr-defined]
+    return exc
+
+
+def _is_rpc_failure(exc: BaseException) -> bool:
+    try:
+        import grpc
+    except ImportError:  # pragma: no cover - grpcio comes with ray[serve]
+        return False
+    return isinstance(exc, grpc.aio.AioRpcError)
 
 
 class RayBackend:

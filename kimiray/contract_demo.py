@@ -39,7 +39,9 @@ def _start_service(model: str | None, port: int) -> None:
     from ray import serve
 
     from serve_app.app import build_app
+    from serve_app.fast_path import apply_fast_path
 
+    apply_fast_path()  # Serve's short path, as `kimiray serve` runs it (KIMIRAY_SERVE_FAST_PATH=0: Serve's defaults)
     env = {k: v for k, v in os.environ.items() if k in (*LOOPBACK_ENV, "KIMIRAY_HOME", "HF_HUB_OFFLINE")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
                                                     os.environ.get("PYTHONPATH")) if p)

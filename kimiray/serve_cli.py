@@ -57,8 +57,18 @@ def run_serve(config_path: str, address: str | None = None, timeout_s: float = 9
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
+    from serve_app.fast_path import apply_fast_path, uses_haproxy
+
     for key, value in SAFE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if address is None:  # Ray starts here: its processes inherit the fast path's settings
+        added = apply_fast_path()
+        if added:
+            print(f"[kimiray] Serve fast path: {', '.join(f'{k}={v}' for k, v in sorted(added.items()))} "
+                  f"(KIMIRAY_SERVE_FAST_PATH=0 for Serve's defaults)", flush=True)
+    elif not uses_haproxy():
+        print("[kimiray] note: the cluster's Serve settings are those its `ray start` had; for the fast path start "
+              "its nodes with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 (docs/ha.md)", flush=True)
     path = Path(config_path)
     raw = _load_config(path)
     _check_keys(raw)

@@ -18,11 +18,13 @@ active in roughly the last ``burst / rate`` seconds plus those holding leases.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
 import math
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -253,6 +255,34 @@ def check_bind_allowed(host: str, auth_enabled: bool, cfg: AuthConfig | None = N
         f"Set {cfg.keys_env} (comma-separated keys) or {cfg.keys_file_env} (a file with one key per line), "
         f"or bind to 127.0.0.1."
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _bindable(addr: str) -> bool:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((addr, 0))
+        return True
+    except OSError:
+        return False
+
+
+def peer_allowed_without_keys(peer: str | None) -> bool:
+    """Without API keys the service answers only callers on this machine. The bind guard above covers the
+    address we listen on; this covers ports we do not choose (Serve's direct-ingress replicas listen on every
+    interface so that HAProxy on other nodes can reach them). A peer is local when it is loopback or one of this
+    machine's own addresses (one it can bind to). An in-process caller (an ASGI test client) has no IP peer."""
+    if peer is None:
+        return True
+    host = peer.split("%", 1)[0]
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return True  # not a network peer (a TCP peer is always an address)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback or _bindable(str(addr))
 
 
 # -------------------------------------------------------------------------------------------- per-key limits

@@ -23,7 +23,7 @@ from connectors.errors import ClientInputError
 from connectors.sim_engine import is_simulated_model
 from engine.runtime.request import Delta, GenerateRequest
 from serve_app import openai_api
-from serve_app.auth import AuthError, RateLimited
+from serve_app.auth import AuthError, RateLimited, peer_allowed_without_keys
 from serve_app.batches import router as batches_router
 from serve_app.chat_stream import chat_events, chat_stream_response
 from serve_app.config import AppConfig
@@ -108,6 +108,9 @@ def create_app() -> FastAPI:
         state: IngressState | None = None
         try:
             state = _state(request)
+            if not state.auth.enabled and not peer_allowed_without_keys(request.client and request.client.host):
+                raise ApiError(403, "remote_without_keys", "this service has no API keys and answers only callers "
+                               "on its own machine")
             if path not in PUBLIC_ROUTES and not is_console_path(path):
                 try:
                     identity = state.auth.authenticate(request.headers.get("authorization"))

