@@ -361,8 +361,10 @@ def engine_side(args: argparse.Namespace, model: str, engine_options: dict[str, 
     try:
         out.update(asyncio.run(measure_path(EnginePath(engine), args, image)))
         if "tasks" in args.parts:
+            # ``model``: the agents plan with this checkpoint's tokenizer and context window (as the served side's
+            # runners do); without it they planned for the tiny checkpoint's window (58 chunks instead of 2)
             with tempfile.TemporaryDirectory() as stores, LocalRuntime(
-                    stores_url=f"sqlite:///{stores}", model_client=BackendModelClient(LocalBackend(engine)),
+                    model, stores_url=f"sqlite:///{stores}", model_client=BackendModelClient(LocalBackend(engine)),
                     concurrency=4) as runtime:
                 out["tasks"] = run_tasks(runtime, args, pdf)
     finally:

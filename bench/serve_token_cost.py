@@ -12,7 +12,7 @@ model compute on the CPU). Streaming requests at each concurrency (closed loop, 
 this script, for a before/after comparison in one session.
 
 Usage: python bench/serve_token_cost.py [--concurrency 1 16 64] [--max-tokens 200] [--requests 4] [--code DIR]
-       [--json OUT]
+       [--fast-path] [--ingress-replicas N] [--serve-env KEY=VALUE ...] [--json OUT]
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--code", default=str(HERE), help="the checkout whose serve_app/connectors run")
     parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable for every Ray process of the run (Serve's knobs)")
+    parser.add_argument("--fast-path", action="store_true",
+                        help="Serve's fast path as `kimiray serve` sets it (serve_app.fast_path: HAProxy + "
+                        "RAY_SERVE_THROUGHPUT_OPTIMIZED)")
     parser.add_argument("--ingress-replicas", type=int, help="Ingress replicas (ray_config.yaml's count if unset)")
     parser.add_argument("--json")
     return parser.parse_args()
@@ -134,6 +137,11 @@ def main() -> None:
     env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "NO_PROXY": "127.0.0.1,localhost",
            "no_proxy": "127.0.0.1,localhost", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
            "RAY_DEDUP_LOGS": "0", **dict(kv.split("=", 1) for kv in args.serve_env)}
+    if args.fast_path:
+        sys.path.insert(0, str(HERE))
+        from serve_app.fast_path import fast_path_env
+
+        env.update(fast_path_env({**os.environ, **env}))
     os.environ.update(env)
     os.environ.pop("KIMIRAY_API_KEYS", None)
     import ray
@@ -154,7 +162,8 @@ def main() -> None:
     app_args = app_cfg["args"]
     app_args["model"]["model"] = "sim:h100"
     app_args["auth"] = {**app_args["auth"], "requests_per_minute": 10_000_000, "max_concurrent_per_key": 1024}
-    results: dict[str, Any] = {"code": code, "serve_env": args.serve_env, "levels": {}}
+    results: dict[str, Any] = {"code": code, "serve_env": args.serve_env, "fast_path": args.fast_path,
+                               "levels": {}}
     with tempfile.TemporaryDirectory() as home:
         port = free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(free_port())

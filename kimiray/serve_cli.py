@@ -68,7 +68,7 @@ def run_serve(config_path: str, address: str | None = None, timeout_s: float = 9
                   f"(KIMIRAY_SERVE_FAST_PATH=0 for Serve's defaults)", flush=True)
     elif not uses_haproxy():
         print("[kimiray] note: the cluster's Serve settings are those its `ray start` had; for the fast path start "
-              "its nodes with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 (docs/ha.md)", flush=True)
+              "its nodes with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 (docs/architecture.md)", flush=True)
     path = Path(config_path)
     raw = _load_config(path)
     _check_keys(raw)

@@ -11,7 +11,7 @@ Serve's own switches shorten it:
   of the Python proxy actor, so the Ingress writes each SSE event straight to the client's connection.
 
 They are read when Ray's processes import Serve, so they must be in the environment of the process that starts
-Ray (``kimiray serve`` sets them itself; ``ray start`` / ``serve run`` / KubeRay: export them, see docs/ha.md).
+Ray (``kimiray serve`` sets them itself; ``ray start`` / ``serve run`` / KubeRay: export them, docs/architecture.md).
 Caveats, both handled in kimiray: the Ingress replicas' own HTTP ports listen on every interface (HAProxy on other
 nodes must reach them) - without API keys the Ingress answers only peers on this machine; and a blocking call
 on a replica's loop also delays Serve's health checks - agents do their heavy work in threads

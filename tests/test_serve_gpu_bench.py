@@ -29,6 +29,10 @@ def test_serve_gpu_bench_smoke_on_cpu(tmp_path, monkeypatch: pytest.MonkeyPatch)
         assert result["tasks"]["chat"]["status"] == "succeeded", result["tasks"]
         assert result["tasks"]["contract_extraction"]["status"] == "succeeded", result["tasks"]
         assert result["tasks"]["contract_extraction"]["page_count"] == 2
+    # both sides plan the contract with the same checkpoint's window (the engine side once planned with the tiny
+    # checkpoint's whatever it ran: 58 chunks against the served side's 2 on the GPU)
+    assert out["engine"]["tasks"]["contract_extraction"]["chunks"] == out["served"]["tasks"]["contract_extraction"][
+        "chunks"]
     served = out["served"]
     assert served["deploy_to_ready_s"] > 0
     startup = served["replica_startup"]  # the replica's own cold start, from /v1/stats
