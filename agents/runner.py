@@ -81,6 +81,12 @@ class TaskRunner:
         self.completed = 0
         self.failed = 0
         self.started_at = time.time()
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """A task was just submitted: lease now instead of after the idle wait (which grows to 1 s). The service
+        calls it on one runner replica per submission; the others keep polling."""
+        self._woken.set()
 
     # ------------------------------------------------------------------ loop
     async def run_forever(self, stop: asyncio.Event) -> None:
@@ -104,16 +110,26 @@ class TaskRunner:
                     lease = None
                     idle = min(idle * 2, 2.0)
                 if lease is None:
-                    try:
-                        await asyncio.wait_for(stop.wait(), timeout=idle)
-                    except asyncio.TimeoutError:
-                        pass
+                    if await self._idle(stop, idle):
+                        idle = self.options.poll_s  # woken by a submission: ask again at once, then poll fast
+                        continue
                     idle = min(idle * 1.5, 1.0)
                     continue
                 idle = self.options.poll_s
                 self._start(lease)
         finally:
             await self.shutdown()
+
+    async def _idle(self, stop: asyncio.Event, seconds: float) -> bool:
+        """Wait ``seconds``, or until ``stop`` or :meth:`wake`; True when woken."""
+        if not self._woken.is_set():
+            waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._woken.wait())}
+            _done, pending = await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
+        woken = self._woken.is_set()
+        self._woken.clear()
+        return woken
 
     def _start(self, lease: Lease) -> asyncio.Task:
         task = asyncio.create_task(self.execute(lease), name=f"task:{lease.task.id}")

@@ -73,6 +73,12 @@ def fast_path_env(environ: Mapping[str, str] = os.environ, *, local: bool = True
     if environ.get(SWITCH, "1") == "0":
         return {}
     wanted = dict(THROUGHPUT)
+    if local:
+        # An Ingress replica that stops holds its port open this long so that load balancers in front of it can
+        # deregister it (Serve: 30 s, on every redeploy, scale-down and shutdown). The only party in front of a
+        # local Ray's replicas is its own HAProxy (reloaded within 0.1 s of the change; it retries refused
+        # connections) or Serve's proxy; in-flight requests are drained either way.
+        wanted["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"
     if haproxy_available(environ):
         wanted.update(HAPROXY)
         if local and environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") == "1":

@@ -7,6 +7,7 @@ Routes reach the state through :func:`app_state`, a FastAPI dependency, so the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -56,10 +57,12 @@ def _limiters(config: AppConfig) -> tuple[Any, Any]:
 class IngressState:
     """What the routes use: config, backend, auth, per-key limiters (requests; stored creations), metrics."""
 
-    def __init__(self, config: AppConfig, backend: Backend, task_service: Any = None) -> None:
+    def __init__(self, config: AppConfig, backend: Backend, task_service: Any = None,
+                 wake_runner: Callable[[], None] | None = None) -> None:
         self.config = config
         self.backend = backend
         self._task_service = task_service
+        self._wake_runner = wake_runner
         self.auth = ApiKeyAuth(load_api_keys(config.auth), config.auth)
         check_bind_allowed(config.host, self.auth.enabled)  # no keys -> loopback only, or refuse to start
         self.limiter, self.create_limiter = _limiters(config)
@@ -68,7 +71,7 @@ class IngressState:
     def tasks(self) -> TaskService:
         """The task/session service, opened on first use (a chat-only deployment never touches a store)."""
         if self._task_service is None:
-            self._task_service = TaskService(self.config.tasks)
+            self._task_service = TaskService(self.config.tasks, on_submitted=self._wake_runner)
         return self._task_service
 
 
@@ -77,10 +80,11 @@ class IngressState:
 _replica_state: IngressState | None = None
 
 
-def install_state(app: FastAPI | None, config: AppConfig, backend: Backend, task_service: Any = None) -> IngressState:
+def install_state(app: FastAPI | None, config: AppConfig, backend: Backend, task_service: Any = None,
+                  wake_runner: Callable[[], None] | None = None) -> IngressState:
     """Attach state to ``app`` (in-process use) or, with ``app=None``, to this replica process."""
     global _replica_state
-    state = IngressState(config, backend, task_service)
+    state = IngressState(config, backend, task_service, wake_runner)
     if app is None:
         _replica_state = state
     else:

@@ -57,6 +57,10 @@ class TaskRunnerDeployment:
     async def stats(self) -> dict[str, Any]:
         return self.runner.stats()
 
+    async def wake(self) -> None:
+        """A task was submitted (the Ingress calls this, fire and forget): lease now, not at the next idle poll."""
+        self.runner.wake()
+
     async def check_health(self) -> None:
         if self._loop_task.done():
             exc = self._loop_task.exception() if not self._loop_task.cancelled() else None

@@ -8,6 +8,8 @@ Used by the routes (``serve_app.tasks_api``), the chat session hook and ``kimira
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from agents.base import InputRejected, SubmissionCheck
@@ -16,6 +18,9 @@ from connectors.errors import ClientInputError
 from connectors.stores import open_stores, stores_url_from_env
 from connectors.stores.base import TaskSubmission
 from serve_app.config import TasksConfig
+
+
+log = logging.getLogger("kimiray.tasks")
 
 
 class NotFoundError(ClientInputError):
@@ -31,8 +36,13 @@ TASK_OPTIONS = ("session_id",)
 class TaskService:
     """Stores + agent registry + settings, shared by the task and session routes (and the chat session hook)."""
 
-    def __init__(self, config: TasksConfig, stores: Any = None, registry: AgentRegistry | None = None) -> None:
+    def __init__(self, config: TasksConfig, stores: Any = None, registry: AgentRegistry | None = None,
+                 on_submitted: Callable[[], None] | None = None) -> None:
+        """``on_submitted``: told after each newly stored task (the Ingress wakes a runner replica with it, so a
+        task starts at once instead of at the runners' next idle poll); it must not block and its errors are
+        ignored (the runners' polling still finds the task)."""
         self.config = config
+        self.on_submitted = on_submitted
         self.stores = stores or open_stores(config.stores_url or stores_url_from_env(),
                                             blob_threshold=config.blob_threshold,
                                             min_replica_acks=config.min_replica_acks,
@@ -86,6 +96,11 @@ class TaskService:
         record, created = await self.stores.tasks.submit(
             owner, submission, max_attempts=min(self.config.max_attempts, agent_cls.max_attempts),
             retention_s=self.config.retention_s)
+        if created and self.on_submitted is not None:
+            try:
+                self.on_submitted()
+            except Exception:  # noqa: BLE001 - a wake-up only saves the poll's wait; the task is stored
+                log.debug("on_submitted failed", exc_info=True)
         return record.public(), created
 
     async def get(self, owner: str, task_id: str) -> dict[str, Any]:

@@ -367,3 +367,49 @@ def test_a_rerun_chat_turn_is_stored_once(store_url: str) -> None:
         await stores.close()
 
     run(main())
+
+
+def test_a_woken_runner_starts_a_new_task_at_once_not_after_its_idle_wait(store_url: str) -> None:
+    """The Ingress wakes a runner on each submission: the task must not wait for the idle poll (poll_s=5 here, so
+    without the wake-up it would start ~5 s later)."""
+    async def main() -> None:
+        stores = open_stores(store_url)
+        runner = TaskRunner(stores, registry_with_tests(), ScriptedModel(["done"]), RunnerOptions(poll_s=5.0))
+        stop = asyncio.Event()
+        loop = asyncio.create_task(runner.run_forever(stop))
+        await asyncio.sleep(0.3)  # the queue was empty: the runner now waits up to 5 s
+        task = await _submit(stores, "chat", {"messages": [{"role": "user", "content": "hi"}]})
+        woken_at = asyncio.get_running_loop().time()
+        runner.wake()
+        while (await stores.tasks.get(task.id, "k1")).status == "queued":
+            assert asyncio.get_running_loop().time() - woken_at < 2.0, "the wake-up did not start the task"
+            await asyncio.sleep(0.02)
+        stop.set()
+        await loop
+        await stores.close()
+
+    run(main())
+
+
+def test_the_service_wakes_a_runner_for_new_tasks_only(store_url: str) -> None:
+    from serve_app.config import TasksConfig
+    from serve_app.task_service import TaskService
+
+    async def main() -> None:
+        calls: list[int] = []
+
+        def wake() -> None:
+            calls.append(1)
+            raise RuntimeError("no runner reachable")  # a failed wake-up must not fail the submission
+
+        service = TaskService(TasksConfig(stores_url=store_url, agent_modules=["tests.agents_for_tests"]),
+                              on_submitted=wake)
+        submission = TaskSubmission(type="chat", input={"messages": [{"role": "user", "content": "hi"}]},
+                                    idempotency_key="same-key")
+        first, created = await service.submit("k1", submission)
+        again, created_again = await service.submit("k1", submission)
+        assert created and not created_again and first["id"] == again["id"]
+        assert calls == [1]  # the repeat found the stored task: nothing new to start
+        await service.close()
+
+    run(main())

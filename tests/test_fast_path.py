@@ -45,7 +45,9 @@ def test_a_local_haproxy_gets_private_files_and_ports_of_its_own() -> None:
             {8404, 9101})
         home.rmdir()
     assert first["RAY_SERVE_HAPROXY_SOCKET_PATH"] != second["RAY_SERVE_HAPROXY_SOCKET_PATH"]
-    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in fast_path_env({}, local=False)  # a cluster keeps Serve's ports
+    assert first["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"  # not Serve's 30 s per stopped Ingress
+    cluster = fast_path_env({}, local=False)  # a cluster keeps Serve's ports, files and drain period
+    assert not {"RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"} & set(cluster)
 
 
 @pytest.mark.parametrize("peer,allowed", [
