@@ -420,6 +420,8 @@ def main() -> None:
     parser.add_argument("--breakdown", type=Path, help="time a decode step's phases; CPU op table here (one file "
                         "per batch of --breakdown-batches, the batch appended to the name)")
     parser.add_argument("--breakdown-batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--quantization", choices=["fp8"], help="the engine's weight quantization (FP8's step "
+                        "breakdown and profile: --quantization fp8 --decode-only --breakdown F --breakdown-batches 1 64)")
     parser.add_argument("--baseline", action="store_true",
                         help="first measure decode with the fused path off (same process; eager, no graphs)")
     args = parser.parse_args()
@@ -429,7 +431,8 @@ def main() -> None:
     bundle = a3b_bundle(workdir, args.device, layers=args.layers)
     engine = LLMEngine(bundle, EngineOptions(max_num_seqs=max(64, max(args.batches)), max_num_batched_tokens=8192,
                                              cache_tokens=args.longest + 4096, block_size=16,
-                                             cuda_graphs=not args.no_graphs))
+                                             cuda_graphs=not args.no_graphs, quantization=args.quantization))
+    results["quantization"] = args.quantization
     engine.options.overlap = args.overlap != "off"
     results["cache_tokens"] = engine.cache_capacity_tokens
     if args.nan_probe:

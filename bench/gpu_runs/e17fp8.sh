@@ -13,4 +13,10 @@ timeout 240 python3 bench/fp8_agreement.py --device cuda --batches 1 64 --prompt
   --json "$OUT/fp8_agreement.json" 2>&1 | tee "$OUT/fp8_agreement.log"
 bench_rc=${PIPESTATUS[0]}
 echo "fp8_agreement exit code: $bench_rc (JSON: $OUT/fp8_agreement.json)"
+# Where FP8's b64 step goes (2026-12-06 H100: step 19.9 ms against a 13.1 ms graph replay; bf16 20.4 vs 18.1): the
+# step's phases (and their CPU op tables) at b1 and b64 with fp8 weights (~2 min)
+timeout 200 python3 bench/engine_bench.py --skip-hf --quantization fp8 --decode-only --batches 1 64 \
+  --breakdown "$OUT/fp8_breakdown.txt" --breakdown-batches 1 64 \
+  --json "$OUT/engine_fp8.json" > "$OUT/engine_fp8.log" 2>&1
+echo "engine_bench fp8 exit code: $?"; grep -v "^ " "$OUT/engine_fp8.log" | grep -v first_ids | cut -c1-300 | tail -6
 exit $(( test_rc != 0 ? test_rc : bench_rc ))
