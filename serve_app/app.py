@@ -6,7 +6,6 @@ that run agents against the same model.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from ray import serve
@@ -29,12 +28,8 @@ class Ingress:
         self.task_runner = task_runner
         app_config = AppConfig.model_validate(config)
         check_shared_stores(app_config.tasks, ray_alive_nodes())  # the cluster may have grown since build_app
-        backend = RayBackend(model_server)
-        install_state(None, app_config, backend,
+        install_state(None, app_config, RayBackend(model_server),
                       wake_runner=None if task_runner is None else lambda: task_runner.wake.remote())
-        # the handle's router and its link to a ModelServer replica are set up by the first call: make that call
-        # now (Serve runs the constructor in the replica's loop), not in a user's first request through this replica
-        self._warm_up = asyncio.get_running_loop().create_task(backend.ready())
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
