@@ -230,19 +230,27 @@ class ApiKeyAuth:
 # ------------------------------------------------------------------------------------------------ bind guard
 
 
-def _is_loopback(host: str) -> bool:
-    h = host.strip().lower().rstrip(".")
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an address (brackets and an IPv6 zone id dropped, IPv4-mapped IPv6 as IPv4), or None."""
+    h = host.strip()
     if h.startswith("[") and h.endswith("]"):
         h = h[1:-1]
+    try:
+        addr = ipaddress.ip_address(h.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _is_loopback(host: str) -> bool:
+    h = host.strip().lower().rstrip(".")
     if h == "localhost" or h.endswith(".localhost"):
         return True
-    try:
-        addr = ipaddress.ip_address(h.split("%", 1)[0])  # drop an IPv6 zone id
-    except ValueError:
-        return False  # any other host name may resolve to a public address
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback  # 127.0.0.0/8, ::1; not 0.0.0.0 nor ::
+    addr = _ip(h)
+    # any other host name may resolve to a public address; 127.0.0.0/8, ::1 are loopback, not 0.0.0.0 nor ::
+    return addr is not None and addr.is_loopback
 
 
 def check_bind_allowed(host: str, auth_enabled: bool, cfg: AuthConfig | None = None) -> None:
@@ -273,15 +281,9 @@ def peer_allowed_without_keys(peer: str | None) -> bool:
     address we listen on; this covers ports we do not choose (Serve's direct-ingress replicas listen on every
     interface so that HAProxy on other nodes can reach them). A peer is local when it is loopback or one of this
     machine's own addresses (one it can bind to). An in-process caller (an ASGI test client) has no IP peer."""
-    if peer is None:
-        return True
-    host = peer.split("%", 1)[0]
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
+    addr = None if peer is None else _ip(peer)
+    if addr is None:
         return True  # not a network peer (a TCP peer is always an address)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
     return addr.is_loopback or _bindable(str(addr))
 
 

@@ -29,7 +29,7 @@ def ray_env() -> dict[str, str]:
     serving path users get. ``KIMIRAY_SERVE_FAST_PATH=0`` runs them on Serve's defaults."""
     from serve_app.fast_path import fast_path_env
 
-    return {**SAFE_ENV, **fast_path_env({k: v for k, v in os.environ.items() if k not in SAFE_ENV})}
+    return {**SAFE_ENV, **fast_path_env(os.environ)}
 SHARED_CPUS = 4
 
 
