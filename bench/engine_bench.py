@@ -146,11 +146,12 @@ def kernel_notes() -> dict[str, object]:
     notes: dict[str, object] = {"fallbacks": sorted(fused._broken), "prefill_lse_failed": sorted(prefill._broken),
                                 "prefill_lse_order": prefill.cuda_order()}
     try:
-        from engine.kernels import triton_decode
+        from engine.kernels import triton_decode, triton_moe_tiles
     except ImportError:
         return notes
-    for name in ("_moe_gate_up_kernel", "_moe_down_kernel"):
-        cache = getattr(getattr(triton_decode, name), "cache", {})
+    for module, name in ((triton_decode, "_moe_gate_up_kernel"), (triton_decode, "_moe_down_kernel"),
+                         (triton_moe_tiles, "_tiled_gate_up_kernel"), (triton_moe_tiles, "_tiled_down_kernel")):
+        cache = getattr(getattr(module, name), "cache", {})
         notes[name] = {str(k): str(v) for k, v in cache.items()}
     return notes
 

@@ -84,8 +84,9 @@ def test_fp8_grouped_paths_match_reference(tokens: int, impl: str) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 8])
-def test_fp8_moe_gemvs_match_reference(rows: int) -> None:
+@pytest.mark.parametrize(("rows", "tiled"), [(1, False), (8, False), (9, True), (64, True), (128, True)])
+def test_fp8_moe_gemvs_match_reference(rows: int, tiled: bool) -> None:
+    """The expert GEMVs (few rows) and the expert-tiled kernels (more) with fp8 weights, against the reference."""
     torch.manual_seed(0)
     e, i, d, k = 64, 1408, 2048, 6
     dev = "cuda"
@@ -96,12 +97,14 @@ def test_fp8_moe_gemvs_match_reference(rows: int) -> None:
     x = torch.randn(rows, d, device=dev, dtype=torch.bfloat16)
     ids = torch.stack([torch.randperm(e, device=dev)[:k] for _ in range(rows)])
     rw = torch.rand(rows, k, device=dev)
+    order = fused.moe_expert_order(ids, e, impl="triton") if tiled else None
     scales = dict(gate_scale=s_g, up_scale=s_u, shared_gate_scale=s_sg, shared_up_scale=s_su)
     ref = fused.moe_gate_up(x, ids, rw, qg, qu, qsg, qsu, impl="torch", **scales)
-    out = fused.moe_gate_up(x, ids, rw, qg, qu, qsg, qsu, impl="triton", **scales)
+    out = fused.moe_gate_up(x, ids, rw, qg, qu, qsg, qsu, impl="triton", order=order, **scales)
     _close(out, ref, 2e-2)
     down_ref = fused.moe_down(ref, ids, qd, qsd, impl="torch", down_scale=s_d, shared_down_scale=s_sd)
-    _close(fused.moe_down(ref, ids, qd, qsd, impl="triton", down_scale=s_d, shared_down_scale=s_sd), down_ref, 1e-2)
+    _close(fused.moe_down(ref, ids, qd, qsd, impl="triton", down_scale=s_d, shared_down_scale=s_sd, order=order),
+           down_ref, 1e-2)
 
 
 @pytest.mark.gpu

@@ -127,14 +127,45 @@ def test_fused_decode_kernels_match_torch_at_a3b_shapes(rows: int) -> None:
 
 
 @pytest.mark.gpu
-def test_fast_decode_step_matches_plain_path_on_gpu(tiny_checkpoint_a3b) -> None:
-    """The whole fused decode step (Triton) against the modules' unfused ops on PyTorch reference kernels, bf16."""
+@pytest.mark.parametrize("rows", [9, 33, 64, 128])
+def test_expert_tiled_moe_kernels_match_torch_at_a3b_shapes(rows: int) -> None:
+    """Past the GEMV range: the expert order kernel equals argsort + counts, and the expert-tiled gate/up and down
+    kernels equal the per-(token, slot) references (bf16, A3B sizes; a skewed routing gives some expert more
+    rows than one tile holds)."""
+    from engine.kernels import decode as fused
+
+    torch.manual_seed(rows)
+    dev, bf16 = "cuda", torch.bfloat16
+    d, inter, experts, top_k = 2048, 1408, 64, 6
+    ids = torch.stack([torch.randperm(experts, device=dev)[:top_k] for _ in range(rows)])
+    ids[: rows // 2, 0] = 5  # expert 5 gets at least rows // 2 rows
+    order = fused.moe_expert_order(ids, experts, impl="triton")
+    ref_order = fused.moe_expert_order(ids, experts, impl="torch")
+    assert torch.equal(order[0], ref_order[0]) and torch.equal(order[1], ref_order[1])
+
+    x = torch.randn(rows, d, device=dev, dtype=bf16)
+    w = torch.rand(rows, top_k, device=dev)
+    wg, wu = (torch.randn(experts, inter, d, device=dev, dtype=bf16) * d**-0.5 for _ in range(2))
+    wd = torch.randn(experts, d, inter, device=dev, dtype=bf16) * inter**-0.5
+    sg, su = (torch.randn(2 * inter, d, device=dev, dtype=bf16) * d**-0.5 for _ in range(2))
+    sd = torch.randn(d, 2 * inter, device=dev, dtype=bf16) * inter**-0.5
+    hidden = fused.moe_gate_up(x, ids, w, wg, wu, sg, su, impl="torch")
+    _close(fused.moe_gate_up(x, ids, w, wg, wu, sg, su, impl="triton", order=order), hidden)
+    _close(fused.moe_down(hidden, ids, wd, sd, impl="triton", order=order),
+           fused.moe_down(hidden, ids, wd, sd, impl="torch"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("requests", [3, 12])
+def test_fast_decode_step_matches_plain_path_on_gpu(tiny_checkpoint_a3b, requests: int) -> None:
+    """The whole fused decode step (Triton) against the modules' unfused ops on PyTorch reference kernels, bf16:
+    3 rows take the expert GEMVs, 12 the expert-tiled kernels."""
     from engine.loader import load
     from engine.runtime.engine import EngineOptions, LLMEngine
 
     bundle = load(tiny_checkpoint_a3b, device="cuda", dtype=torch.bfloat16)
     engine = LLMEngine(bundle, EngineOptions(cache_tokens=4096, block_size=8, cuda_graphs=False, overlap=False))
-    for i in range(3):
+    for i in range(requests):
         text = f"request {i} " + "word " * (3 + 5 * i)
         engine.add(engine.make_sequence({"messages": [{"role": "user", "content": text}], "max_tokens": 4,
                                          "ignore_eos": True}))

@@ -1,5 +1,5 @@
 """Run by ``tests/test_triton_interpreter_engine.py`` in a subprocess with TRITON_INTERPRET=1: the merged engine's
-Triton paths (fused decode kernels, fp8 GEMMs / GEMVs / grouped GEMM, the MoE silu kernel) on CPU tensors, against
+Triton paths (fused decode kernels, expert tiles, fp8 GEMMs / GEMVs / grouped GEMM, the MoE silu kernel) on CPU tensors, against
 the PyTorch-reference paths of the same engine.
 
 ``engine.kernels.triton_device`` is the one device gate of every "auto" dispatch; replacing it with "yes" sends CPU
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 import engine.kernels as kernels  # noqa: E402
 from engine.kernels import decode as fused  # noqa: E402
-from engine.kernels import fp8, moe, triton_decode, triton_fp8, triton_moe  # noqa: E402
+from engine.kernels import fp8, moe, triton_decode, triton_fp8, triton_moe, triton_moe_tiles  # noqa: E402
 from engine.loader import load  # noqa: E402
 from engine.runtime.engine import EngineOptions, LLMEngine  # noqa: E402
 from engine.runtime.graphs import decode_views, packed_size, write_decode_inputs  # noqa: E402
@@ -56,6 +56,9 @@ for _name in ("add_rms_norm", "mla_decode_prep", "mla_decode_attention", "route_
     _count(triton_decode, _name, lambda *a, _n=_name, **k: _n)
 _count(triton_decode, "moe_gate_up", lambda *a, **k: "moe_gate_up_fp8" if a[7] is not None else "moe_gate_up")
 _count(triton_decode, "moe_down", lambda *a, **k: "moe_down_fp8" if len(a) > 4 and a[4] is not None else "moe_down")
+_count(triton_moe_tiles, "expert_order", lambda *a, **k: "expert_order")
+_count(triton_moe_tiles, "tiled_gate_up", lambda *a, **k: "tiled_gate_up_fp8" if a[8] is not None else "tiled_gate_up")
+_count(triton_moe_tiles, "tiled_down", lambda *a, **k: "tiled_down_fp8" if a[5] is not None else "tiled_down")
 _count(triton_fp8, "fp8_linear", lambda x, w, *a: f"fp8_linear[{x.shape[0]}x{w.shape[0]}]")
 _count(triton_fp8, "fp8_grouped_linear", lambda x, *a: "fp8_grouped_linear")
 _count(triton_moe, "silu_mul_scale", lambda *a: "silu_mul_scale")
@@ -167,7 +170,7 @@ def both_ways(runner, meta, backend: str, rows: int | None = None) -> dict[str, 
 
 def decode_step(bundle, quantization: str | None, rows: int, padded: bool = False) -> dict[str, float]:
     """Checks 1 and 2: one pure-decode step of ``rows`` sequences on the fused backend (up to
-    ``MOE_GEMV_MAX_ROWS`` rows the expert GEMVs, beyond it the grouped expert GEMM). ``padded``: on the metadata
+    ``MOE_GEMV_MAX_ROWS`` rows the expert GEMVs, beyond it the expert-tiled kernels). ``padded``: on the metadata
     a CUDA graph replays (rows padded to the next bucket, 512 key slots: a split-K attention with the combine
     kernel), written from the sequences as a replay does."""
     engine = new_engine(bundle, quantization)
@@ -238,6 +241,9 @@ def main(path: str) -> None:
     report["decode_kernels"] = errors
     report["decode_calls"] = dict(calls)
     calls.clear()
+    report["decode_tiled"] = decode_step(bundle, None, 10)  # > MOE_GEMV_MAX_ROWS: the expert-tiled kernels
+    report["decode_tiled_calls"] = dict(calls)
+    calls.clear()
     report["decode_padded"] = decode_step(bundle, None, 3, padded=True)
     report["decode_padded_calls"] = dict(calls)
     calls.clear()
@@ -265,8 +271,8 @@ def main(path: str) -> None:
     report["decode_fp8_kernels"] = errors
     report["decode_fp8_calls"] = dict(calls)
     calls.clear()
-    report["decode_fp8_grouped"] = decode_step(bundle8, "fp8", 10)  # > MOE_GEMV_MAX_ROWS: the grouped experts
-    report["decode_fp8_grouped_calls"] = dict(calls)
+    report["decode_fp8_tiled"] = decode_step(bundle8, "fp8", 10)  # > MOE_GEMV_MAX_ROWS: the expert tiles
+    report["decode_fp8_tiled_calls"] = dict(calls)
     calls.clear()
     report["prefill_fp8"] = prefill_step(bundle8, "fp8")
     report["prefill_fp8_calls"] = dict(calls)

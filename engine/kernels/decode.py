@@ -28,15 +28,15 @@ def _triton(impl: Impl, x: torch.Tensor) -> bool:
     return impl == "triton"
 
 
-def _dispatch(name: str, impl: Impl, use: bool, fn_name: str, reference, *args):
-    """Run the Triton kernel ``fn_name`` when ``use``; under "auto", a kernel that fails (a Triton build this
-    code does not compile on, a device without enough shared memory) is logged once and replaced by its
-    reference from then on (:func:`engine.kernels.first_working`)."""
+def _dispatch(name: str, impl: Impl, use: bool, fn_name: str, reference, *args, module: str = "triton_decode"):
+    """Run the Triton kernel ``fn_name`` (of ``engine.kernels.<module>``) when ``use``; under "auto", a kernel
+    that fails (a Triton build this code does not compile on, a device without enough shared memory) is logged
+    once and replaced by its reference from then on (:func:`engine.kernels.first_working`)."""
     if not use or name in _broken:
         return reference(*args)
-    from engine.kernels import triton_decode
+    import importlib
 
-    kernel = getattr(triton_decode, fn_name)
+    kernel = getattr(importlib.import_module(f"engine.kernels.{module}"), fn_name)
     if impl != "auto":
         return kernel(*args)
     return first_working(_broken, [(name, kernel)], reference, *args)
@@ -173,7 +173,26 @@ def route_topk_torch(logits, bias, top_k, scoring, norm_topk_prob, scale):
     return ids, weights * scale
 
 
-# --------------------------------------------------------------------------------------------- MoE GEMVs
+# --------------------------------------------------------------------------------------------- MoE experts
+ExpertOrder = tuple[torch.Tensor, torch.Tensor]
+
+
+def moe_expert_order(ids: torch.Tensor, n_experts: int, impl: Impl = "auto") -> ExpertOrder:
+    """The (token, slot) pairs grouped by expert, for the expert-tiled kernels: ids (T, k) -> (order (T·k,)
+    int32, the flat pair indices sorted by (expert, index); starts (E+1,) int32, where each expert's run begins)."""
+    use = impl == "triton" or (impl == "auto" and triton_device(ids))
+    return _dispatch("moe_expert_order", impl, use, "expert_order", moe_expert_order_torch, ids, n_experts,
+                     module="triton_moe_tiles")
+
+
+def moe_expert_order_torch(ids, n_experts):
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True).to(torch.int32)
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=ids.device)
+    counts[1:].scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
+    return order, counts.cumsum(0).to(torch.int32)
+
+
 def moe_gate_up(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -188,18 +207,27 @@ def moe_gate_up(
     up_scale: torch.Tensor | None = None,
     shared_gate_scale: torch.Tensor | None = None,
     shared_up_scale: torch.Tensor | None = None,
+    order: ExpertOrder | None = None,
 ) -> torch.Tensor:
-    """Per (token, slot): hidden = silu(x W_gate[e]ᵀ) · (x W_up[e]ᵀ) · weight, read straight from the stacked
-    expert weights (E, I, D) by expert id: no sorting or dispatch. Slots k..k+ns-1 are the shared experts'
-    SwiGLU (shared_gate/up (ns·I, D)) cut into ns slices of width I, with weight 1.
+    """Per (token, slot): hidden = silu(x W_gate[e]ᵀ) · (x W_up[e]ᵀ) · weight. Slots k..k+ns-1 are the shared
+    experts' SwiGLU (shared_gate/up (ns·I, D)) cut into ns slices of width I, with weight 1.
+
+    Without ``order``: GEMVs that read the stacked expert weights (E, I, D) by expert id, no sorting or dispatch
+    (few rows). With :func:`moe_expert_order`'s ``order``: expert-tiled kernels that read each chosen expert's
+    weights once for all its rows (``engine.kernels.triton_moe_tiles``). Same result either way.
 
     FP8 weights (``engine.kernels.fp8``) come with their per-row scales: gate/up_scale (E, I), shared ones
-    (ns·I,); each GEMV's fp32 sum is multiplied by its row's scale before the activation.
+    (ns·I,); each fp32 sum is multiplied by its row's scale before the activation.
 
     x (T, D); ids (T, k); weights (T, k) -> hidden (T, k+ns, I) in x's dtype."""
+    scales = (gate_scale, up_scale, shared_gate_scale, shared_up_scale)
+    if order is not None:
+        return _dispatch("moe_tiled_gate_up", impl, _triton(impl, x), "tiled_gate_up",
+                         lambda x, _o, _s, *rest: moe_gate_up_torch(x, ids, *rest),
+                         x, order[0], order[1], weights, w_gate, w_up, shared_gate, shared_up, *scales,
+                         module="triton_moe_tiles")
     return _dispatch("moe_gate_up", impl, _triton(impl, x), "moe_gate_up", moe_gate_up_torch,
-                     x, ids, weights, w_gate, w_up, shared_gate, shared_up,
-                     gate_scale, up_scale, shared_gate_scale, shared_up_scale)
+                     x, ids, weights, w_gate, w_up, shared_gate, shared_up, *scales)
 
 
 def _scaled(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -234,11 +262,17 @@ def moe_down(
     *,
     down_scale: torch.Tensor | None = None,
     shared_down_scale: torch.Tensor | None = None,
+    order: ExpertOrder | None = None,
 ) -> torch.Tensor:
     """Per (token, slot): hidden · W_down[e]ᵀ (w_down (E, D, I); the shared slots use column slices of
     shared_down (D, ns·I)). Returns the per-slot outputs (T, k+ns, D) in fp32, unsummed: ``add_rms_norm``
     sums them with the residual in the next kernel, so no atomics and one rounding. FP8 weights come with
-    their per-output-row scales: down_scale (E, D), shared_down_scale (D,)."""
+    their per-output-row scales: down_scale (E, D), shared_down_scale (D,). ``order`` as in :func:`moe_gate_up`."""
+    if order is not None:
+        return _dispatch("moe_tiled_down", impl, _triton(impl, hidden), "tiled_down",
+                         lambda h, _o, _s, *rest: moe_down_torch(h, ids, *rest),
+                         hidden, order[0], order[1], w_down, shared_down, down_scale, shared_down_scale,
+                         module="triton_moe_tiles")
     return _dispatch("moe_down", impl, _triton(impl, hidden), "moe_down", moe_down_torch,
                      hidden, ids, w_down, shared_down, down_scale, shared_down_scale)
 

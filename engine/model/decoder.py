@@ -24,7 +24,7 @@ from torch import nn
 
 from engine.config import TextConfig
 from engine.kernels import decode as fused_ops
-from engine.kernels import fp8
+from engine.kernels import fp8, use_triton
 from engine.kernels.moe import silu_mul_scale
 from engine.model.rope import apply_interleaved_rope
 
@@ -33,6 +33,9 @@ __all__ = ["apply_interleaved_rope"]  # re-exported: callers import it from here
 # up to this many rows a fused-backend step runs the MoE as per-(token, slot) expert GEMVs, which beat sort +
 # grouped GEMM there (measured at 8)
 MOE_GEMV_MAX_ROWS = 8
+# past that, up to this many rows (every decode CUDA-graph bucket), expert-tiled Triton kernels where they run:
+# each chosen expert's weights read once for all its rows (engine.kernels.triton_moe_tiles)
+MOE_TILED_MAX_ROWS = 128
 
 
 class RMSNorm(nn.Module):
@@ -466,13 +469,15 @@ class DeepseekV3MoE(nn.Module):
         if cfg.n_shared_experts:
             self.shared_experts = DeepseekV3MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
 
-    def gemv_applicable(self, rows: int) -> bool:
-        """The expert-GEMV backend covers ``rows`` tokens: few rows, and shared experts that cut into slots of the
-        routed experts' width."""
+    def parts_applicable(self, x: torch.Tensor) -> bool:
+        """:meth:`forward_parts` covers these rows: shared experts that cut into slots of the routed experts'
+        width, and either few rows (expert GEMVs, with a PyTorch reference anywhere) or, where the Triton kernels
+        run, up to MOE_TILED_MAX_ROWS (expert tiles)."""
         shared = getattr(self, "shared_experts", None)
-        return rows <= MOE_GEMV_MAX_ROWS and (
-            shared is None or shared.gate_proj.weight.shape[0] % self.experts.gate_proj.shape[1] == 0
-        )
+        if shared is not None and shared.gate_proj.weight.shape[0] % self.experts.gate_proj.shape[1] != 0:
+            return False
+        rows = x.shape[0]
+        return rows <= MOE_GEMV_MAX_ROWS or (rows <= MOE_TILED_MAX_ROWS and use_triton(x))
 
     @property
     def fused_router(self) -> bool:
@@ -480,9 +485,10 @@ class DeepseekV3MoE(nn.Module):
         return self.gate.n_group == 1 or self.gate.topk_group >= self.gate.n_group
 
     def forward_parts(self, x: torch.Tensor, x_fp32: torch.Tensor | None) -> torch.Tensor:
-        """The expert-GEMV backend: per-slot partial outputs (T, k+ns, D) fp32 (routed slots already weighted,
-        shared experts as extra slots), summed with the residual by the next :meth:`RMSNorm.add_forward`. The
-        experts' weights are read by id: no sort, no dispatch."""
+        """The fused backend: per-slot partial outputs (T, k+ns, D) fp32 (routed slots already weighted, shared
+        experts as extra slots), summed with the residual by the next :meth:`RMSNorm.add_forward`. Up to
+        MOE_GEMV_MAX_ROWS rows the experts' weights are read by id (GEMVs: no sort, no dispatch); past that the
+        pairs are grouped by expert first and each expert's weights read once (expert tiles)."""
         gate, experts = self.gate, self.experts
         if self.fused_router:
             logits = F.linear(x_fp32 if x_fp32 is not None else x.float(), gate.weight.float())
@@ -496,11 +502,14 @@ class DeepseekV3MoE(nn.Module):
         if shared is not None:
             sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
             sgs, sus, sds = (fp8.weight_scale(m) for m in (shared.gate_proj, shared.up_proj, shared.down_proj))
+        order = None
+        if x.shape[0] > MOE_GEMV_MAX_ROWS:
+            order = fused_ops.moe_expert_order(ids, experts.gate_proj.shape[0])
         hidden = fused_ops.moe_gate_up(x, ids, weights, experts.gate_proj, experts.up_proj, sg, su,
                                        gate_scale=experts.gate_scale, up_scale=experts.up_scale,
-                                       shared_gate_scale=sgs, shared_up_scale=sus)
+                                       shared_gate_scale=sgs, shared_up_scale=sus, order=order)
         return fused_ops.moe_down(hidden, ids, experts.down_proj, sd, down_scale=experts.down_scale,
-                                  shared_down_scale=sds)
+                                  shared_down_scale=sds, order=order)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -531,7 +540,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         norm after it (one kernel on the fused backend, where the MoE's per-slot outputs are summed there too)."""
         attn_out = self.self_attn(normed, cos, sin, ctx)
         mlp = self.mlp
-        gemv = ctx.fused and isinstance(mlp, DeepseekV3MoE) and mlp.gemv_applicable(normed.shape[0])
+        gemv = ctx.fused and isinstance(mlp, DeepseekV3MoE) and mlp.parts_applicable(normed)
         h, normed, normed_fp32 = self.post_attention_layernorm.add_forward(
             attn_out, h, ctx.fused, want_fp32=gemv and mlp.fused_router
         )
