@@ -156,10 +156,10 @@ def test_expert_tiled_moe_kernels_match_torch_at_a3b_shapes(rows: int) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("requests", [3, 12])
+@pytest.mark.parametrize("requests", [1, 3, 12])
 def test_fast_decode_step_matches_plain_path_on_gpu(tiny_checkpoint_a3b, requests: int) -> None:
     """The whole fused decode step (Triton) against the modules' unfused ops on PyTorch reference kernels, bf16:
-    3 rows take the expert GEMVs, 12 the expert-tiled kernels."""
+    one row takes the expert GEMVs, more the expert-tiled kernels."""
     from engine.loader import load
     from engine.runtime.engine import EngineOptions, LLMEngine
 

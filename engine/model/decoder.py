@@ -30,11 +30,14 @@ from engine.model.rope import apply_interleaved_rope
 
 __all__ = ["apply_interleaved_rope"]  # re-exported: callers import it from here
 
-# up to this many rows a fused-backend step runs the MoE as per-(token, slot) expert GEMVs, which beat sort +
-# grouped GEMM there (measured at 8)
+# A fused-backend step runs the MoE as per-(token, slot) expert GEMVs up to MOE_GEMV_MAX_ROWS rows (they beat sort +
+# grouped GEMM there; their PyTorch reference runs anywhere), and where Triton runs, as expert-tiled kernels past
+# the GEMV limit up to MOE_TILED_MAX_ROWS (every decode CUDA-graph bucket): each chosen expert's weights read once
+# for all its rows (engine.kernels.triton_moe_tiles). The limits are per weight dtype, from one H100 call
+# (bench/RESULTS.md): with 16-bit weights the tiles win from 2 rows (decode b2 +1.4 %, b4 +3.6 %, b8 +8.7 %), with
+# fp8 weights (converted in registers) the GEMVs stay ahead up to 8 rows.
 MOE_GEMV_MAX_ROWS = 8
-# past that, up to this many rows (every decode CUDA-graph bucket), expert-tiled Triton kernels where they run:
-# each chosen expert's weights read once for all its rows (engine.kernels.triton_moe_tiles)
+MOE_GEMV_MAX_ROWS_16BIT = 1
 MOE_TILED_MAX_ROWS = 128
 
 
@@ -486,9 +489,9 @@ class DeepseekV3MoE(nn.Module):
 
     def forward_parts(self, x: torch.Tensor, x_fp32: torch.Tensor | None) -> torch.Tensor:
         """The fused backend: per-slot partial outputs (T, k+ns, D) fp32 (routed slots already weighted, shared
-        experts as extra slots), summed with the residual by the next :meth:`RMSNorm.add_forward`. Up to
-        MOE_GEMV_MAX_ROWS rows the experts' weights are read by id (GEMVs: no sort, no dispatch); past that the
-        pairs are grouped by expert first and each expert's weights read once (expert tiles)."""
+        experts as extra slots), summed with the residual by the next :meth:`RMSNorm.add_forward`. Within the GEMV
+        limit the experts' weights are read by id (GEMVs: no sort, no dispatch); past it the pairs are grouped by
+        expert first and each expert's weights read once (expert tiles)."""
         gate, experts = self.gate, self.experts
         if self.fused_router:
             logits = F.linear(x_fp32 if x_fp32 is not None else x.float(), gate.weight.float())
@@ -503,7 +506,7 @@ class DeepseekV3MoE(nn.Module):
             sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
             sgs, sus, sds = (fp8.weight_scale(m) for m in (shared.gate_proj, shared.up_proj, shared.down_proj))
         order = None
-        if x.shape[0] > MOE_GEMV_MAX_ROWS:
+        if use_triton(x) and x.shape[0] > (MOE_GEMV_MAX_ROWS if experts.is_fp8 else MOE_GEMV_MAX_ROWS_16BIT):
             order = fused_ops.moe_expert_order(ids, experts.gate_proj.shape[0])
         hidden = fused_ops.moe_gate_up(x, ids, weights, experts.gate_proj, experts.up_proj, sg, su,
                                        gate_scale=experts.gate_scale, up_scale=experts.up_scale,
