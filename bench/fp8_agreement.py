@@ -8,8 +8,12 @@
    does (the cache size is reported: the memory fp8 frees goes there), decode tok/s at ``--batches`` (512-token
    prompts, 128 new tokens, CUDA graphs), each next to its bandwidth bound.
 
+Real weights: ``--model PATH`` loads a checkpoint directory (or HF id) through ``engine.loader.load`` instead of
+the random A3B weights, and ``--text FILE`` takes the prompts from a text file (tokenised, cut into ``--prompt-len``
+windows) instead of random ids: the agreement figures that mean something for a trained model.
+
 Usage: python bench/fp8_agreement.py --json $OUT/fp8_agreement.json [--batches 1 64] [--prompts 8]
-       [--prompt-len 512] [--layers N (smoke runs)] [--device cpu (smoke: no decode rounds)]
+       [--prompt-len 512] [--model PATH [--text FILE]] [--layers N (smoke runs)] [--device cpu (no decode rounds)]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from bench.engine_bench import (  # noqa: E402
     NEW, PROMPT, decode_throughput, graph_replay_ms, measure_bandwidth, random_ids, sync, warm_up_decode,
 )
 from engine.kernels import fp8  # noqa: E402
-from engine.loader import quantize_model_  # noqa: E402
+from engine.loader import load, quantize_model_  # noqa: E402
 from engine.runtime.engine import EngineOptions, LLMEngine  # noqa: E402
 
 
@@ -142,6 +146,15 @@ def serve_round(bundle, name: str, batches: list[int], bandwidth: float, results
             torch.cuda.empty_cache()
 
 
+def text_prompts(bundle, path: Path, count: int, length: int) -> list[list[int]]:
+    """Up to ``count`` consecutive ``length``-token windows of the file's text (special-token text stays text)."""
+    ids = bundle.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), allow_special=False)
+    windows = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)][:count]
+    if not windows:
+        raise SystemExit(f"{path}: fewer than {length} tokens")
+    return windows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", type=Path)
@@ -151,11 +164,13 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--model", help="a checkpoint directory or HF id (default: random A3B weights)")
+    parser.add_argument("--text", type=Path, help="prompts from this text file (default: random ids)")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     results: dict[str, object] = {
         "device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
-        "command": " ".join(sys.argv), "layers": args.layers or A3B_CONFIG["text_config"]["num_hidden_layers"],
+        "command": " ".join(sys.argv),
     }
 
     def dump() -> None:
@@ -165,8 +180,14 @@ def main() -> None:
 
     bandwidth = measure_bandwidth() if on_gpu else float("nan")
     results["bandwidth_GBps"] = round(bandwidth / 1e9, 1)
-    bundle = a3b_bundle(Path(tempfile.mkdtemp()), args.device, layers=args.layers)
-    prompts = [random_ids(args.prompt_len, 7000 + i) for i in range(args.prompts)]
+    if args.model:
+        bundle = load(args.model, device=args.device, dtype=torch.bfloat16)
+        results["model"] = args.model
+    else:
+        bundle = a3b_bundle(Path(tempfile.mkdtemp()), args.device, layers=args.layers)
+    results["layers"] = bundle.config.text_config.num_hidden_layers
+    prompts = text_prompts(bundle, args.text, args.prompts, args.prompt_len) if args.text else [
+        random_ids(args.prompt_len, 7000 + i) for i in range(args.prompts)]
 
     start = time.perf_counter()
     reference_layers: list[torch.Tensor] = []

@@ -7,6 +7,7 @@ the GPU paths in ``tests/test_gpu_fp8.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -200,3 +201,25 @@ def test_triton_kernels_under_interpreter() -> None:
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "fp8 interpreter checks passed" in done.stdout
+
+
+def test_fp8_agreement_harness_scores_a_checkpoint_on_text(tiny_checkpoint_a3b: Path, tmp_path: Path) -> None:
+    """The harness users run on real weights: --model loads a checkpoint through the loader, --text cuts a file
+    into prompt windows; the report names the model and its layer count and measures every position."""
+    text = tmp_path / "contract.txt"
+    text.write_text("The Distributor shall sell the Products only in the Territory. " * 60, encoding="utf-8")
+    out = tmp_path / "agreement.json"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "fp8_agreement.py"), "--device", "cpu", "--model",
+         str(tiny_checkpoint_a3b), "--text", str(text), "--prompts", "2", "--prompt-len", "64", "--json", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    config = json.loads((tiny_checkpoint_a3b / "config.json").read_text())
+    assert report["model"] == str(tiny_checkpoint_a3b)
+    assert report["layers"] == config["text_config"]["num_hidden_layers"] == len(report["agreement"]["layer_rel_rms_err"])
+    agreement = report["agreement"]
+    assert agreement["positions"] == 128
+    assert 0 < agreement["logit_rel_rms_err"] < 1 and 0 <= agreement["top1_agreement"] <= 1

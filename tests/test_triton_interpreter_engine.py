@@ -1,8 +1,8 @@
 """The merged engine's Triton paths on CPU through Triton's interpreter: the fused decode step (also on the padded
 metadata a CUDA graph replays: split-K attention + combine kernel), the same with fp8 weights (expert GEMVs with
 scales, Fp8Linear's weight-only GEMM, the fused qkv projection, absorbed weights of the dequantised kv_b_proj; and
-past MOE_GEMV_MAX_ROWS the expert-tiled kernels, bf16 and fp8), an fp8 prefill on the grouped GEMM, greedy generation
-through LLMEngine (overlap on, full precision and fp8), and the decode kernels without tl.dot in bf16 -- each with
+past MOE_GEMV_MAX_ROWS the weight-only grouped expert GEMM), the expert-tiled kernels (16-bit weights, 10 rows), an
+fp8 prefill on the grouped GEMM, greedy generation through LLMEngine (overlap on, full precision and fp8), and the decode kernels without tl.dot in bf16 -- each with
 every "auto" dispatch forced onto Triton, against the PyTorch references, end to end and kernel by kernel.
 
 Each kernel also has its own interpreter check (tests/fp8_interpret_checks.py); this one catches what only shows
@@ -42,7 +42,7 @@ def test_engine_triton_paths_under_interpreter(tiny_checkpoint_a3b: Path) -> Non
     report = json.loads(done.stdout.strip().splitlines()[-1])
 
     assert report["fallbacks"] == [], report["fallbacks"]  # no kernel failed and was replaced by its reference
-    for check in ("decode", "decode_tiled", "decode_padded", "decode_fp8", "decode_fp8_tiled", "prefill_fp8"):
+    for check in ("decode", "decode_tiled", "decode_padded", "decode_fp8", "decode_fp8_grouped", "prefill_fp8"):
         errors = report[check]
         assert errors["logits"] < REL_TOL and errors["cache"] < REL_TOL, (check, errors)
         assert errors["argmax_equal"] == 1.0, (check, errors)
@@ -68,10 +68,11 @@ def test_engine_triton_paths_under_interpreter(tiny_checkpoint_a3b: Path) -> Non
     assert fp8_decode.get("moe_gate_up_fp8", 0) > 0 and fp8_decode.get("moe_down_fp8", 0) > 0, fp8_decode
     assert fp8_decode.get(f"fp8_linear[3x{report['fused_qkv_rows']}]", 0) > 0, fp8_decode  # the fused qkv GEMV
     assert sum(n for k, n in fp8_decode.items() if k.startswith("fp8_linear[3x")) > 3, fp8_decode  # + Fp8Linears
-    for check, suffix in (("decode_tiled_calls", ""), ("decode_fp8_tiled_calls", "_fp8")):
-        tiled = report[check]  # past MOE_GEMV_MAX_ROWS the expert tiles, not the GEMVs
-        assert tiled.get("expert_order", 0) > 0 and tiled.get(f"tiled_gate_up{suffix}", 0) > 0, (check, tiled)
-        assert tiled.get(f"tiled_down{suffix}", 0) > 0 and tiled.get(f"moe_gate_up{suffix}", 0) == 0, (check, tiled)
+    tiled = report["decode_tiled_calls"]  # 16-bit weights past one row: the expert tiles, not the GEMVs
+    assert tiled.get("expert_order", 0) > 0 and tiled.get("tiled_gate_up", 0) > 0, tiled
+    assert tiled.get("tiled_down", 0) > 0 and tiled.get("moe_gate_up", 0) == 0, tiled
+    assert report["decode_fp8_grouped_calls"].get("fp8_grouped_linear", 0) > 0, report["decode_fp8_grouped_calls"]
+    assert report["decode_fp8_grouped_calls"].get("tiled_gate_up_fp8", 0) == 0, report["decode_fp8_grouped_calls"]
     prefill = report["prefill_fp8_calls"]
     assert report["prefill_fp8"]["tokens"] > 64  # past the GEMV row limit of Fp8Linear's weight-only GEMM
     assert prefill.get("fp8_grouped_linear", 0) > 0 and prefill.get("silu_mul_scale", 0) > 0, prefill

@@ -271,8 +271,8 @@ def main(path: str) -> None:
     report["decode_fp8_kernels"] = errors
     report["decode_fp8_calls"] = dict(calls)
     calls.clear()
-    report["decode_fp8_tiled"] = decode_step(bundle8, "fp8", 10)  # > MOE_GEMV_MAX_ROWS: the expert tiles
-    report["decode_fp8_tiled_calls"] = dict(calls)
+    report["decode_fp8_grouped"] = decode_step(bundle8, "fp8", 10)  # > MOE_GEMV_MAX_ROWS: the grouped experts
+    report["decode_fp8_grouped_calls"] = dict(calls)
     calls.clear()
     report["prefill_fp8"] = prefill_step(bundle8, "fp8")
     report["prefill_fp8_calls"] = dict(calls)

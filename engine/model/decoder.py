@@ -33,9 +33,10 @@ __all__ = ["apply_interleaved_rope"]  # re-exported: callers import it from here
 # A fused-backend step runs the MoE as per-(token, slot) expert GEMVs up to MOE_GEMV_MAX_ROWS rows (they beat sort +
 # grouped GEMM there; their PyTorch reference runs anywhere), and where Triton runs, as expert-tiled kernels past
 # the GEMV limit up to MOE_TILED_MAX_ROWS (every decode CUDA-graph bucket): each chosen expert's weights read once
-# for all its rows (engine.kernels.triton_moe_tiles). The limits are per weight dtype, from one H100 call
-# (bench/RESULTS.md): with 16-bit weights the tiles win from 2 rows (decode b2 +1.4 %, b4 +3.6 %, b8 +8.7 %), with
-# fp8 weights (converted in registers) the GEMVs stay ahead up to 8 rows.
+# for all its rows (engine.kernels.triton_moe_tiles). Measured on an H100 (bench/RESULTS.md, "Expert tiles"):
+# with 16-bit weights the tiles win from 2 rows on (decode b2 +1.2 %, b4 +4.0 %, b8 +8.7 %, b64 +26 %); with fp8
+# weights (converted in registers) the GEMVs stay ahead up to 8 rows and the grouped path (sort + fp8 grouped GEMM)
+# beat the tiles at 64 rows (graph replay 12.9 vs 13.2 ms), so fp8 experts keep GEMVs then the grouped path.
 MOE_GEMV_MAX_ROWS = 8
 MOE_GEMV_MAX_ROWS_16BIT = 1
 MOE_TILED_MAX_ROWS = 128
@@ -474,13 +475,17 @@ class DeepseekV3MoE(nn.Module):
 
     def parts_applicable(self, x: torch.Tensor) -> bool:
         """:meth:`forward_parts` covers these rows: shared experts that cut into slots of the routed experts'
-        width, and either few rows (expert GEMVs, with a PyTorch reference anywhere) or, where the Triton kernels
-        run, up to MOE_TILED_MAX_ROWS (expert tiles)."""
+        width, and either few rows (expert GEMVs, with a PyTorch reference anywhere) or, with 16-bit weights where
+        the Triton kernels run, up to MOE_TILED_MAX_ROWS (expert tiles)."""
         shared = getattr(self, "shared_experts", None)
         if shared is not None and shared.gate_proj.weight.shape[0] % self.experts.gate_proj.shape[1] != 0:
             return False
         rows = x.shape[0]
-        return rows <= MOE_GEMV_MAX_ROWS or (rows <= MOE_TILED_MAX_ROWS and use_triton(x))
+        return rows <= MOE_GEMV_MAX_ROWS or (rows <= MOE_TILED_MAX_ROWS and self._tiles(x))
+
+    def _tiles(self, x: torch.Tensor) -> bool:
+        """The expert-tiled kernels take these rows (see MOE_GEMV_MAX_ROWS_16BIT)."""
+        return not self.experts.is_fp8 and x.shape[0] > MOE_GEMV_MAX_ROWS_16BIT and use_triton(x)
 
     @property
     def fused_router(self) -> bool:
@@ -505,9 +510,7 @@ class DeepseekV3MoE(nn.Module):
         if shared is not None:
             sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
             sgs, sus, sds = (fp8.weight_scale(m) for m in (shared.gate_proj, shared.up_proj, shared.down_proj))
-        order = None
-        if use_triton(x) and x.shape[0] > (MOE_GEMV_MAX_ROWS if experts.is_fp8 else MOE_GEMV_MAX_ROWS_16BIT):
-            order = fused_ops.moe_expert_order(ids, experts.gate_proj.shape[0])
+        order = fused_ops.moe_expert_order(ids, experts.gate_proj.shape[0]) if self._tiles(x) else None
         hidden = fused_ops.moe_gate_up(x, ids, weights, experts.gate_proj, experts.up_proj, sg, su,
                                        gate_scale=experts.gate_scale, up_scale=experts.up_scale,
                                        shared_gate_scale=sgs, shared_up_scale=sus, order=order)
