@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ sys.path.insert(0, str(ROOT))  # Ray passes the driver's sys.path to its workers
 
 from fastapi import FastAPI, Request  # noqa: E402
 
+from connectors.ports import free_port  # noqa: E402
 from tests.serve_harness import SAFE_ENV  # noqa: E402
 
 KEY = "sk-bench-kimiray"
@@ -53,12 +53,6 @@ CONSTANT = {  # what the bare app returns: about the size of a real chat complet
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 40}, "finish_reason": "length"}],
     "usage": {"prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -35,7 +35,6 @@ import io
 import json
 import os
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # Ray passes the driver's sys.path to its workers: they import serve_app here
+
+from connectors.ports import free_port  # noqa: E402
 
 SAFE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_DEDUP_LOGS": "0",
@@ -65,12 +66,6 @@ SERVED_NAME = "kimi-vl"
 
 def log(message: str) -> None:
     print(f"[serve_gpu_bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def median(values: list[float]) -> float | None:

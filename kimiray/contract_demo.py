@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from connectors.ports import free_port
 
 LOOPBACK_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -26,12 +26,6 @@ LOOPBACK_ENV = {
 # With the tiny random-weight model the answers are noise; these options keep the demo to about a minute.
 TINY_OPTIONS = {"categories": ["Governing Law", "Parties", "Insurance", "Audit Rights", "Cap on Liability"],
                 "max_items_per_chunk": 1, "max_value_chars": 24, "max_quote_chars": 60, "max_output_tokens": 120}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_service(model: str | None, port: int) -> None:
@@ -110,7 +104,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"[kimiray] model: {args.model or 'tiny random-weight checkpoint'}; store: embedded under {home}",
           flush=True)
     started = time.monotonic()
-    port = _free_port()
+    port = free_port()
     print("[kimiray] starting local Ray + Serve (ModelServer, TaskRunner, ingress) …", flush=True)
     _start_service(args.model, port)
     try:

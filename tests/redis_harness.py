@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from connectors.ports import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or (
     "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
@@ -28,12 +29,6 @@ def require_redis_server() -> str:
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server; scripts/test.sh does it)")
     return REDIS_SERVER
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _command(sock: socket.socket, *args: str) -> bytes:
@@ -62,7 +57,7 @@ class RedisServer:
         self.binary = require_redis_server()
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.appendfsync = appendfsync
         self.password = password  # --requirepass: clients must AUTH (the URL carries it)
         self.extra_args = list(extra_args or [])  # e.g. ["--replicaof", "127.0.0.1", "6380"]
@@ -187,7 +182,7 @@ class SentinelCluster:
         self.wait_replicas(self.n_replicas)
         binary = require_redis_server()
         for i in range(self.n_sentinels):
-            port = _free_port()
+            port = free_port()
             d = self.dir / f"sentinel{i}"
             d.mkdir(parents=True, exist_ok=True)
             conf = d / "sentinel.conf"  # sentinel rewrites its own config: it must be a writable file

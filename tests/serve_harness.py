@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+from connectors.ports import free_port
 
 SAFE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -31,12 +31,6 @@ def ray_env() -> dict[str, str]:
 
     return {**SAFE_ENV, **fast_path_env(os.environ)}
 SHARED_CPUS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -7,8 +7,9 @@ their key counts, prompt chunks, and the kernel backend) and runs the decoder's 
 
 Backends (``decode_backend``): pure-decode steps of up to ``FAST_DECODE_MAX_ROWS`` rows take the fused decode
 kernels (``engine.kernels.decode``: one GEMV for q and the compressed kv, one prologue kernel for kv norm + RoPE +
-cache write, latent attention straight from the paged cache, residual add fused with each RMSNorm, expert GEMVs
-for at most ``MOE_GEMV_MAX_ROWS`` rows): about a dozen kernels per layer instead of ~90. "auto" does so where
+cache write, latent attention straight from the paged cache, residual add fused with each RMSNorm, the MoE as
+expert GEMVs for few rows and expert-tiled kernels past them (``engine.model.decoder.MOE_GEMV_MAX_ROWS``)): about
+a dozen kernels per layer instead of ~90. "auto" does so where
 Triton runs (CUDA), "fused" everywhere (the kernels' PyTorch references off-GPU), "modules" never.
 
 A graph-covered decode step skips ``prepare``: ``DecodeGraphs.run_sequences`` writes the step's inputs from the
