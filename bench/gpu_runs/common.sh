@@ -7,3 +7,10 @@ export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+summary() {  # JSON LOG: the decode rows of an engine_bench JSON (batch, tok/s, ms/step, replay ms, of bound), or LOG's tail
+  python3 -c 'import json,sys
+for r in json.load(open(sys.argv[1]))["decode"]:
+    print(r["batch"], r["tok_per_s"], r["ms_per_step"], r.get("graph_replay_ms"), r.get("fraction_of_bound"))' "$1" \
+    2>/dev/null || tail -5 "$2" | cut -c1-300
+}

@@ -4,12 +4,6 @@
 # left. Run it as `timeout 540 bash bench/gpu_runs/e17final.sh` so the output comes back within a call's limit.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
-summary() {  # decode rows of an engine_bench JSON (or the log's tail when it has none)
-  python3 -c 'import json,sys
-for r in json.load(open(sys.argv[1]))["decode"]:
-    print(r["batch"], r["tok_per_s"], r["ms_per_step"], r.get("graph_replay_ms"), r.get("fraction_of_bound"))' "$1" \
-    2>/dev/null || tail -5 "$2" | cut -c1-300
-}
 decode() {  # TREE NAME TIMEOUT ARGS...
   local tree=$1 name=$2 limit=$3; shift 3
   echo "### $name $(date +%T)"

@@ -6,12 +6,6 @@
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 BATCHES=${BATCHES:-1 8 16 32 64 128}
-summary() {  # decode rows of an engine_bench JSON (or the log's tail when it has none)
-  python3 -c 'import json,sys
-for r in json.load(open(sys.argv[1]))["decode"]:
-    print(r["batch"], r["tok_per_s"], r["ms_per_step"], r.get("graph_replay_ms"), r.get("fraction_of_bound"))' "$1" \
-    2>/dev/null || tail -5 "$2" | cut -c1-300
-}
 echo "### GPU tests $(date +%T)"
 timeout 150 python3 -m pytest tests/test_gpu_kernels.py tests/test_gpu_fp8.py -q -s -p no:cacheprovider \
   -k "tiled or fast_decode_step or moe_gemvs or fused_decode_kernels" > "$OUT/gpu_tests.log" 2>&1

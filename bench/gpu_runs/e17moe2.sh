@@ -5,12 +5,6 @@
 # (tiles from 2 rows), then FP8 decode on this tree and on the baseline tree (.gpu_base) in the same call.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
-summary() {  # decode rows of an engine_bench JSON (or the log's tail when it has none)
-  python3 -c 'import json,sys
-for r in json.load(open(sys.argv[1]))["decode"]:
-    print(r["batch"], r["tok_per_s"], r["ms_per_step"], r.get("graph_replay_ms"), r.get("fraction_of_bound"))' "$1" \
-    2>/dev/null || tail -5 "$2" | cut -c1-300
-}
 bench_with_gemv_limit() {  # LIMIT JSON ARGS...: engine_bench with MOE_GEMV_MAX_ROWS set (a benchmark-only override)
   local limit=$1 json=$2; shift 2
   python3 -c 'import runpy, sys
