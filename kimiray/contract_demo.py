@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
 from connectors.ports import free_port
 
 LOOPBACK_ENV = {

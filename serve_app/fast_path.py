@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+
 from connectors.ports import free_port
 
 THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from connectors.ports import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or (

@@ -6,6 +6,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
 from connectors.ports import free_port
 
 SAFE_ENV = {
@@ -22,6 +23,7 @@ SAFE_ENV = {
 
 
 REPO = str(Path(__file__).resolve().parents[1])
+SHARED_CPUS = 4
 
 
 def ray_env() -> dict[str, str]:
@@ -30,7 +32,6 @@ def ray_env() -> dict[str, str]:
     from serve_app.fast_path import fast_path_env
 
     return {**SAFE_ENV, **fast_path_env(os.environ)}
-SHARED_CPUS = 4
 
 
 @contextmanager
