@@ -458,16 +458,13 @@ def _scales(*scales: torch.Tensor | None) -> tuple[bool, list[torch.Tensor | Non
     return True, [None if s is None else s.float().contiguous() for s in scales]
 
 
-def moe_gate_up(x, ids, weights, w_gate, w_up, shared_gate, shared_up,
-                gate_scale=None, up_scale=None, shared_gate_scale=None, shared_up_scale=None):
-    n, top_k = ids.shape
-    experts, inter, d = w_gate.shape
-    ns = _shared_slots(shared_gate, inter, 0)
-    assert x.stride(-1) == 1 and w_gate.is_contiguous() and w_up.is_contiguous()
-    ids = ids.contiguous()
-    weights = weights.contiguous()
-    has_scale, (gate_scale, up_scale, shared_gate_scale, shared_up_scale) = _scales(
-        gate_scale, up_scale, shared_gate_scale, shared_up_scale)
+def gate_up_operands(w_gate, w_up, shared_gate, shared_up, scales, dummy):
+    """The weight operands every gate/up kernel (expert GEMVs, expert tiles) takes: (HAS_SCALE, shared_gate,
+    shared_up, the four scales as fp32 contiguous tensors). ``scales``: (gate, up, shared_gate, shared_up) scales,
+    all given (fp8 weights) or none; without scales each is ``dummy`` (never read), without shared experts the
+    routed weights stand in for them (never read: N_SHARED = 0)."""
+    assert w_gate.is_contiguous() and w_up.is_contiguous()
+    has_scale, (gate_scale, up_scale, shared_gate_scale, shared_up_scale) = _scales(*scales)
     if has_scale:
         assert gate_scale is not None and up_scale is not None
     if shared_gate is None:
@@ -476,17 +473,46 @@ def moe_gate_up(x, ids, weights, w_gate, w_up, shared_gate, shared_up,
     else:
         assert shared_gate.is_contiguous() and shared_up.is_contiguous()
         assert not has_scale or (shared_gate_scale is not None and shared_up_scale is not None)
+    if not has_scale:
+        return False, shared_gate, shared_up, (dummy, dummy, dummy, dummy)
+    return True, shared_gate, shared_up, (gate_scale, up_scale, shared_gate_scale, shared_up_scale)
+
+
+def down_operands(w_down, shared_down, down_scale, shared_down_scale, dummy):
+    """The weight operands every down kernel takes: (HAS_SCALE, shared_down, (down scale, shared down scale)),
+    as :func:`gate_up_operands`."""
+    assert w_down.is_contiguous()
+    has_scale, (down_scale, shared_down_scale) = _scales(down_scale, shared_down_scale)
+    if has_scale:
+        assert down_scale is not None
+    if shared_down is None:
+        shared_down, shared_down_scale = w_down, down_scale
+    else:
+        assert shared_down.is_contiguous()
+        assert not has_scale or shared_down_scale is not None
+    if not has_scale:
+        return False, shared_down, (dummy, dummy)
+    return True, shared_down, (down_scale, shared_down_scale)
+
+
+def moe_gate_up(x, ids, weights, w_gate, w_up, shared_gate, shared_up,
+                gate_scale=None, up_scale=None, shared_gate_scale=None, shared_up_scale=None):
+    n, top_k = ids.shape
+    experts, inter, d = w_gate.shape
+    ns = _shared_slots(shared_gate, inter, 0)
+    assert x.stride(-1) == 1
+    ids = ids.contiguous()
+    weights = weights.contiguous()
+    has_scale, shared_gate, shared_up, scales = gate_up_operands(
+        w_gate, w_up, shared_gate, shared_up, (gate_scale, up_scale, shared_gate_scale, shared_up_scale), weights)
     rows = n * (top_k + ns)
     out = torch.empty(n, top_k + ns, inter, device=x.device, dtype=x.dtype)
 
     def grid(meta):
         return (rows, triton.cdiv(inter, meta["BLOCK_N"]))
 
-    dummy = weights  # never read without HAS_SCALE
     _moe_gate_up_kernel[grid](
-        x, ids, weights, w_gate, w_up, shared_gate, shared_up, out,
-        gate_scale if has_scale else dummy, up_scale if has_scale else dummy,
-        shared_gate_scale if has_scale else dummy, shared_up_scale if has_scale else dummy,
+        x, ids, weights, w_gate, w_up, shared_gate, shared_up, out, *scales,
         d, inter, x.stride(0), w_gate.stride(0), rows, TOP_K=top_k, N_SHARED=ns, HAS_SCALE=has_scale,
     )
     return out
@@ -496,26 +522,17 @@ def moe_down(hidden, ids, w_down, shared_down, down_scale=None, shared_down_scal
     n, top_k = ids.shape
     experts, d, inter = w_down.shape
     ns = _shared_slots(shared_down, inter, 1)
-    assert hidden.is_contiguous() and w_down.is_contiguous()
+    assert hidden.is_contiguous()
     ids = ids.contiguous()
-    has_scale, (down_scale, shared_down_scale) = _scales(down_scale, shared_down_scale)
-    if has_scale:
-        assert down_scale is not None
-    if shared_down is None:
-        shared_down = w_down
-        shared_down_scale = down_scale
-    else:
-        assert shared_down.is_contiguous()
-        assert not has_scale or shared_down_scale is not None
     rows = n * (top_k + ns)
     out = torch.empty(n, top_k + ns, d, device=hidden.device, dtype=torch.float32)
+    has_scale, shared_down, scales = down_operands(w_down, shared_down, down_scale, shared_down_scale, out)
 
     def grid(meta):
         return (rows, triton.cdiv(d, meta["BLOCK_N"]))
 
     _moe_down_kernel[grid](
-        hidden, ids, w_down, shared_down, out,
-        down_scale if has_scale else out, shared_down_scale if has_scale else out,
+        hidden, ids, w_down, shared_down, out, *scales,
         d, inter, w_down.stride(0), shared_down.stride(0), rows, TOP_K=top_k, N_SHARED=ns, HAS_SCALE=has_scale,
     )
     return out

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton_decode import _configs, _pow2, _scales, _shared_slots
+from engine.kernels.triton_decode import _configs, _pow2, _shared_slots, down_operands, gate_up_operands
 
 _ORDER_ROWS = 16  # pairs ranked per program of the order kernel
 
@@ -206,25 +206,17 @@ def tiled_gate_up(x, order, starts, weights, w_gate, w_up, shared_gate, shared_u
     n, top_k = weights.shape
     experts, inter, d = w_gate.shape
     ns = _shared_slots(shared_gate, inter, 0)
-    assert x.stride(-1) == 1 and w_gate.is_contiguous() and w_up.is_contiguous()
+    assert x.stride(-1) == 1
     weights = weights.contiguous()
-    has_scale, (gate_scale, up_scale, shared_gate_scale, shared_up_scale) = _scales(
-        gate_scale, up_scale, shared_gate_scale, shared_up_scale)
-    if shared_gate is None:
-        shared_gate, shared_up = w_gate, w_up
-        shared_gate_scale, shared_up_scale = gate_scale, up_scale
-    else:
-        assert shared_gate.is_contiguous() and shared_up.is_contiguous()
+    has_scale, shared_gate, shared_up, scales = gate_up_operands(
+        w_gate, w_up, shared_gate, shared_up, (gate_scale, up_scale, shared_gate_scale, shared_up_scale), weights)
     out = torch.empty(n, top_k + ns, inter, device=x.device, dtype=x.dtype)
-    dummy = weights  # never read without HAS_SCALE
 
     def grid(meta):
         return (experts + ns, triton.cdiv(inter, meta["BLOCK_N"]))
 
     _tiled_gate_up_kernel[grid](
-        x, order, starts, weights, w_gate, w_up, shared_gate, shared_up, out,
-        gate_scale if has_scale else dummy, up_scale if has_scale else dummy,
-        shared_gate_scale if has_scale else dummy, shared_up_scale if has_scale else dummy,
+        x, order, starts, weights, w_gate, w_up, shared_gate, shared_up, out, *scales,
         d, inter, x.stride(0), w_gate.stride(0), n, row_class(n), experts, TOP_K=top_k, N_SHARED=ns,
         HAS_SCALE=has_scale,
     )
@@ -237,20 +229,15 @@ def tiled_down(hidden, order, starts, w_down, shared_down, down_scale=None, shar
     experts, d, _ = w_down.shape
     ns = _shared_slots(shared_down, inter, 1)
     top_k = slots - ns
-    assert hidden.is_contiguous() and w_down.is_contiguous()
-    has_scale, (down_scale, shared_down_scale) = _scales(down_scale, shared_down_scale)
-    if shared_down is None:
-        shared_down, shared_down_scale = w_down, down_scale
-    else:
-        assert shared_down.stride(-1) == 1
+    assert hidden.is_contiguous()
     out = torch.empty(n, slots, d, device=hidden.device, dtype=torch.float32)
+    has_scale, shared_down, scales = down_operands(w_down, shared_down, down_scale, shared_down_scale, out)
 
     def grid(meta):
         return (experts + ns, triton.cdiv(d, meta["BLOCK_N"]))
 
     _tiled_down_kernel[grid](
-        hidden, order, starts, w_down, shared_down, out,
-        down_scale if has_scale else out, shared_down_scale if has_scale else out,
+        hidden, order, starts, w_down, shared_down, out, *scales,
         d, inter, w_down.stride(0), shared_down.stride(0), n, row_class(n), experts, TOP_K=top_k, N_SHARED=ns,
         HAS_SCALE=has_scale,
     )
