@@ -274,13 +274,19 @@ def hf_generate(bundle, batches: list[int]) -> dict[str, object]:
 def profile_steps(engine: LLMEngine, path: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, 77), "max_tokens": 6, "ignore_eos": True}))
+    engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, 77), "max_tokens": 12, "ignore_eos": True}))
     engine.step()
     engine.runner.graphs, graphs = None, engine.runner.graphs  # profile the eager decode to see its kernels
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.step()
         sync()
     engine.runner.graphs = graphs
+    engine.step()  # captures (or finds) the batch-1 graph
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof_graph:
+        for _ in range(3):
+            engine.step()
+        sync()
     run_until_done(engine)
     for i in range(64):
         engine.add(engine.make_sequence({"prompt_token_ids": random_ids(PROMPT, 900 + i), "max_tokens": 6,
@@ -298,6 +304,8 @@ def profile_steps(engine: LLMEngine, path: Path) -> None:
         run_until_done(engine)
         sync()
     text = "== eager decode step, batch 1 ==\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    text += "\n== 3 decode steps, batch 1 (graph replays: kernel time without launch gaps) ==\n" + \
+        prof_graph.key_averages().table(sort_by="cuda_time_total", row_limit=40)
     text += "\n== decode step, batch 64 (graph) ==\n" + prof64.key_averages().table(sort_by="cpu_time_total", row_limit=25)
     text += "\n== 8K prefill step ==\n" + prof2.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     path.write_text(text)
@@ -493,6 +501,8 @@ def main() -> None:
     results["kernels"] = kernel_notes()
     dump()
     if args.decode_only:
+        if args.profile:
+            profile_steps(engine, args.profile)
         print(json.dumps(results, indent=1))
         return
 
