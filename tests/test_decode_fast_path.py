@@ -165,11 +165,13 @@ def test_latent_attention_reference_equals_naive_softmax() -> None:
     q_pe = torch.randn(n, heads, rope)
     slots = torch.tensor([list(range(0, 10)), list(range(20, 30))])
     lengths = torch.tensor([10, 7])
-    z = fused.mla_decode_attention(q_latent, q_pe, cache, slots, lengths, 0.3, impl="torch")
+    w_uv = torch.randn(heads, 5, rank)
+    values = fused.mla_decode_attention(q_latent, q_pe, cache, slots, lengths, 0.3, w_uv, impl="torch")
+    assert values.shape == (n, heads, 5)
     for t in range(n):
         keys = cache[slots[t, : lengths[t]]]
         for h in range(heads):
             q = torch.cat([q_latent[h, t], q_pe[t, h]])
             p = torch.softmax(keys @ q * 0.3, dim=0)
-            assert torch.allclose(z[h, t], p @ keys[:, :rank], atol=1e-5)
+            assert torch.allclose(values[t, h], w_uv[h] @ (p @ keys[:, :rank]), atol=1e-4)
 

@@ -70,7 +70,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 2e-2) -> N
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 16, 64])
 def test_fused_decode_kernels_match_torch_at_a3b_shapes(rows: int) -> None:
     """Each Triton kernel of the fused decode path against its PyTorch reference, A3B sizes, bf16."""
     from engine.kernels import decode as fused
@@ -93,9 +93,13 @@ def test_fused_decode_kernels_match_torch_at_a3b_shapes(rows: int) -> None:
     cache_b = cache_a.clone()
     slots = torch.randperm(4096, device=dev)[:rows]
     nw = torch.rand(rank, device=dev, dtype=bf16) + 0.5
-    qa = fused.mla_decode_prep(q, kv, heads, nope, rope, rank, nw, 1e-6, cos, sin, cache_a, slots, impl="triton")
-    qb = fused.mla_decode_prep(q, kv, heads, nope, rope, rank, nw, 1e-6, cos, sin, cache_b, slots, impl="torch")
-    _close(qa, qb)
+    kv_b = torch.randn(heads, nope + 128, rank, device=dev, dtype=bf16) * rank**-0.5  # kv_b_proj's layout
+    w_uk, w_uv = kv_b[:, :nope], kv_b[:, nope:]
+    args = (heads, nope, rope, rank, nw, 1e-6, cos, sin)
+    la, pa = fused.mla_decode_prologue(q, kv, w_uk, *args, cache_a, slots, impl="triton")
+    lb, pb = fused.mla_decode_prologue(q, kv, w_uk, *args, cache_b, slots, impl="torch")
+    _close(la, lb)
+    _close(pa, pb)
     _close(cache_a, cache_b)
 
     for width in (256, 1024, 8192):
@@ -105,8 +109,19 @@ def test_fused_decode_kernels_match_torch_at_a3b_shapes(rows: int) -> None:
         key_slots = torch.randint(0, 16384, (rows, width), device=dev)
         lengths = torch.randint(1, width + 1, (rows,), device=dev, dtype=torch.int32)
         lengths[0] = width - 3
-        _close(fused.mla_decode_attention(q_latent, q_pe, cache, key_slots, lengths, 0.07, impl="triton"),
-               fused.mla_decode_attention(q_latent, q_pe, cache, key_slots, lengths, 0.07, impl="torch"))
+        if rows > 1:
+            lengths[1] = 1  # one key: most splits empty
+        _close(fused.mla_decode_attention(q_latent, q_pe, cache, key_slots, lengths, 0.07, w_uv, impl="triton"),
+               fused.mla_decode_attention(q_latent, q_pe, cache, key_slots, lengths, 0.07, w_uv, impl="torch"))
+
+    from engine.kernels import fp8
+
+    for n_out in (heads * (nope + rope) + rank + rope, d):  # the fused qkv and o_proj shapes
+        weight = torch.randn(n_out, d, device=dev, dtype=bf16) * d**-0.5
+        x = torch.randn(rows, d, device=dev, dtype=bf16)
+        _close(fused.linear(x, weight, impl="triton"), fused.linear(x, weight, impl="torch"))
+        q8, s8 = fp8.quantize_rows(weight)
+        _close(fused.linear(x, q8, s8, impl="triton"), fused.linear(x, q8, s8, impl="torch"))
 
     logits = torch.randn(rows, experts, device=dev)
     bias = torch.rand(experts, device=dev) * 0.1

@@ -1,7 +1,7 @@
 """The merged engine's Triton paths on CPU through Triton's interpreter: the fused decode step (also on the padded
 metadata a CUDA graph replays: split-K attention + combine kernel), the same with fp8 weights (expert GEMVs with
-scales, Fp8Linear's weight-only GEMM, the fused qkv projection, absorbed weights of the dequantised kv_b_proj; and
-past MOE_GEMV_MAX_ROWS the weight-only grouped expert GEMM), the expert-tiled kernels (16-bit weights, 10 rows), an
+scales, Fp8Linear's weight-only GEMM, the fused qkv projection, absorbed weights of the dequantised kv_b_proj; past
+MOE_GEMV_MAX_ROWS the fp8 expert tiles, past MOE_TILED_MAX_ROWS_FP8 the weight-only grouped expert GEMM), the expert-tiled kernels (16-bit weights, 10 rows), an
 fp8 prefill on the grouped GEMM, greedy generation through LLMEngine (overlap on, full precision and fp8), and the decode kernels without tl.dot in bf16 -- each with
 every "auto" dispatch forced onto Triton, against the PyTorch references, end to end and kernel by kernel.
 
@@ -42,7 +42,8 @@ def test_engine_triton_paths_under_interpreter(tiny_checkpoint_a3b: Path) -> Non
     report = json.loads(done.stdout.strip().splitlines()[-1])
 
     assert report["fallbacks"] == [], report["fallbacks"]  # no kernel failed and was replaced by its reference
-    for check in ("decode", "decode_tiled", "decode_padded", "decode_fp8", "decode_fp8_grouped", "prefill_fp8"):
+    for check in ("decode", "decode_tiled", "decode_padded", "decode_fp8", "decode_fp8_tiled", "decode_fp8_grouped",
+                  "prefill_fp8"):
         errors = report[check]
         assert errors["logits"] < REL_TOL and errors["cache"] < REL_TOL, (check, errors)
         assert errors["argmax_equal"] == 1.0, (check, errors)
@@ -54,15 +55,15 @@ def test_engine_triton_paths_under_interpreter(tiny_checkpoint_a3b: Path) -> Non
 
     # bf16, attention (tl.dot) on its reference: argmax may flip on the random model's near-ties, so no argmax
     bf16 = report["decode_bf16_kernels"]
-    assert {"add_rms_norm[0]", "mla_decode_prep[cache]", "route_topk[0]", "moe_gate_up[0]", "moe_down[0]"} <= set(bf16)
+    assert {"add_rms_norm[0]", "route_topk[0]", "moe_gate_up[0]", "moe_down[0]", "row_gemv[0]"} <= set(bf16)
     assert max(bf16.values()) < BF16_KERNEL_TOL, bf16
     assert bf16["route_topk[0]"] == 0.0, bf16  # fp32 router logits: the same experts
     assert report["decode_bf16"]["logits"] < BF16_LOGITS_TOL, report["decode_bf16"]
 
     # the Triton kernels really ran (the gate was forced; the counts are per layer and step)
     decode = report["decode_calls"]
-    for kernel in ("add_rms_norm", "mla_decode_prep", "mla_decode_attention", "route_topk", "moe_gate_up",
-                   "moe_down"):
+    for kernel in ("add_rms_norm", "mla_decode_prologue", "mla_decode_attention", "route_topk", "moe_gate_up",
+                   "moe_down", "row_gemv"):
         assert decode.get(kernel, 0) > 0, (kernel, decode)
     fp8_decode = report["decode_fp8_calls"]
     assert fp8_decode.get("moe_gate_up_fp8", 0) > 0 and fp8_decode.get("moe_down_fp8", 0) > 0, fp8_decode
@@ -71,6 +72,9 @@ def test_engine_triton_paths_under_interpreter(tiny_checkpoint_a3b: Path) -> Non
     tiled = report["decode_tiled_calls"]  # 16-bit weights past one row: the expert tiles, not the GEMVs
     assert tiled.get("expert_order", 0) > 0 and tiled.get("tiled_gate_up", 0) > 0, tiled
     assert tiled.get("tiled_down", 0) > 0 and tiled.get("moe_gate_up", 0) == 0, tiled
+    fp8_tiled = report["decode_fp8_tiled_calls"]  # fp8 experts past the GEMVs: the tiles, up to 32 rows
+    assert fp8_tiled.get("tiled_gate_up_fp8", 0) > 0 and fp8_tiled.get("tiled_down_fp8", 0) > 0, fp8_tiled
+    assert fp8_tiled.get("fp8_grouped_linear", 0) == 0, fp8_tiled
     assert report["decode_fp8_grouped_calls"].get("fp8_grouped_linear", 0) > 0, report["decode_fp8_grouped_calls"]
     assert report["decode_fp8_grouped_calls"].get("tiled_gate_up_fp8", 0) == 0, report["decode_fp8_grouped_calls"]
     prefill = report["prefill_fp8_calls"]

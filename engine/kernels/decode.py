@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import first_working, triton_device, use_triton
+from engine.kernels import first_working, fp8, triton_device, use_triton
 from engine.model.rope import apply_interleaved_rope
 
 
@@ -76,10 +76,39 @@ def add_rms_norm_torch(parts, residual, weight, eps, want_fp32=False):
     return h, normed, (normed.float() if want_fp32 else None)
 
 
+# --------------------------------------------------------------------------------------------- projections
+# Few-row projections of a decode step (fused qkv, o_proj): cuBLAS streams a 2K x 2-4K weight at ~1.1 TB/s for
+# one row on an H100 (6.8 µs for the 7.5 MB fused qkv weight, bench/RESULTS.md "Batch-1 kernels"); one row takes
+# a CUDA-core GEMV, up to LINEAR_SKINNY_MAX_ROWS rows a tensor-core kernel over one 16-row block, beyond that
+# the library GEMM (or fp8.linear's own choice for an fp8 weight).
+LINEAR_SKINNY_MAX_ROWS = 16
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None, impl: Impl = "auto") -> torch.Tensor:
+    """x (T, K) · weight (N, K)ᵀ (+ bias) in x's dtype, as ``engine.kernels.fp8.linear`` (``scale`` (N,) for an
+    fp8 weight, None for a 16-bit one) -- with the few-row Triton kernels where they run."""
+    rows = x.shape[0]
+    fp8_weight = scale is not None and fp8.is_fp8(weight)
+    use = (_triton(impl, x) and x.dim() == 2 and rows <= LINEAR_SKINNY_MAX_ROWS
+           and (fp8_weight or (scale is None and weight.dtype == x.dtype)))
+    if not use:
+        return fp8.linear(x, weight, scale, bias)
+    if rows == 1:
+        return _dispatch("row_gemv", impl, True, "row_gemv", linear_torch, x, weight, scale, bias)
+    return _dispatch("skinny_linear", impl, True, "skinny_linear", linear_torch, x, weight, scale, bias,
+                     module="triton_fp8")
+
+
+def linear_torch(x, weight, scale, bias):
+    return fp8.linear(x, weight, scale, bias, impl="torch")
+
+
 # --------------------------------------------------------------------------------------------- MLA decode
-def mla_decode_prep(
+def mla_decode_prologue(
     q: torch.Tensor,
     kv: torch.Tensor,
+    w_uk: torch.Tensor,
     heads: int,
     nope: int,
     rope: int,
@@ -91,25 +120,29 @@ def mla_decode_prep(
     cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     impl: Impl = "auto",
-) -> torch.Tensor:
-    """The attention prologue of one decode step, in one pass.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention prologue of one decode step, in one kernel.
 
     q (T, H*(nope+rope)) and kv (T, R+P) are the projections (row-strided views of one fused GEMV output are
-    fine); cos/sin (T, P/2). Writes [rmsnorm(c_kv) | rope(k_pe)] into ``cache[slot_mapping]`` and returns the
-    rotated query rope part (T, H, P), contiguous."""
-    use = _triton(impl, q) and cache.dtype == q.dtype
-    return _dispatch("mla_decode_prep", impl, use, "mla_decode_prep", mla_decode_prep_torch,
-                     q, kv, heads, nope, rope, rank, norm_weight, eps, cos, sin, cache, slot_mapping)
+    fine); w_uk (H, nope, R) the absorbed key weight; cos/sin (T, P/2). Writes [rmsnorm(c_kv) | rope(k_pe)] into
+    ``cache[slot_mapping]`` and returns (q_latent (T, H, R) = q_nope · W_UK per head, the rotated query rope part
+    (T, H, P)), both contiguous."""
+    use = _triton(impl, q) and cache.dtype == q.dtype and w_uk.dtype == q.dtype and nope >= 16
+    return _dispatch("mla_decode_prologue", impl, use, "mla_decode_prologue", mla_decode_prologue_torch,
+                     q, kv, w_uk, heads, nope, rope, rank, norm_weight, eps, cos, sin, cache, slot_mapping)
 
 
-def mla_decode_prep_torch(q, kv, heads, nope, rope, rank, norm_weight, eps, cos, sin, cache, slot_mapping):
+def mla_decode_prologue_torch(q, kv, w_uk, heads, nope, rope, rank, norm_weight, eps, cos, sin, cache,
+                              slot_mapping):
     n = q.shape[0]
-    q_pe = q.reshape(n, heads, nope + rope)[..., nope:]
+    q_heads = q.reshape(n, heads, nope + rope)
     c_kv, k_pe = kv[:, :rank], kv[:, rank : rank + rope]
     c_kv = F.rms_norm(c_kv, (rank,), norm_weight.to(kv.dtype), eps)
-    rotated = apply_interleaved_rope(torch.cat([q_pe, k_pe[:, None]], dim=1), cos[:, None], sin[:, None])
+    rotated = apply_interleaved_rope(torch.cat([q_heads[..., nope:], k_pe[:, None]], dim=1), cos[:, None],
+                                     sin[:, None])
     cache[slot_mapping] = torch.cat([c_kv, rotated[:, heads]], dim=-1).to(cache.dtype)
-    return rotated[:, :heads].contiguous()
+    q_latent = torch.bmm(q_heads[..., :nope].transpose(0, 1), w_uk).transpose(0, 1)  # (T, H, R)
+    return q_latent.contiguous(), rotated[:, :heads].contiguous()
 
 
 def mla_decode_attention(
@@ -119,19 +152,21 @@ def mla_decode_attention(
     slots: torch.Tensor,
     lengths: torch.Tensor,
     scale: float,
+    w_uv: torch.Tensor,
     impl: Impl = "auto",
 ) -> torch.Tensor:
-    """Absorbed-weight MLA decode attention over the paged latent cache.
+    """Absorbed-weight MLA decode attention over the paged latent cache, through W_UV.
 
     q_latent (H, T, R) = W_UKᵀ q_nope (any strides, last dim contiguous); q_pe (T, H, P); cache (N, R+P);
-    slots (T, L) cache slots of each row's keys, of which the first ``lengths[t]`` are real.
-    Returns z (H, T, R) = softmax(scale·(q_latent·c + q_pe·k_pe)) · c, in q_latent's dtype."""
-    use = _triton(impl, q_latent) and cache.dtype == q_latent.dtype
+    slots (T, L) cache slots of each row's keys, of which the first ``lengths[t]`` are real; w_uv (H, v, R).
+    z = softmax(scale·(q_latent·c + q_pe·k_pe)) · c, rounded to q_latent's dtype; returns the values
+    (T, H, v) = z · W_UVᵀ per head, in q_latent's dtype (``o_proj``'s input once flattened)."""
+    use = _triton(impl, q_latent) and cache.dtype == q_latent.dtype and w_uv.dtype == q_latent.dtype
     return _dispatch("mla_decode_attention", impl, use, "mla_decode_attention", mla_decode_attention_torch,
-                     q_latent, q_pe, cache, slots, lengths, scale)
+                     q_latent, q_pe, cache, slots, lengths, scale, w_uv)
 
 
-def mla_decode_attention_torch(q_latent, q_pe, cache, slots, lengths, scale):
+def mla_decode_attention_torch(q_latent, q_pe, cache, slots, lengths, scale, w_uv):
     rank = q_latent.shape[-1]
     latents = cache[slots]  # (T, L, R+P)
     query = torch.cat([q_latent.transpose(0, 1), q_pe], dim=-1).to(latents.dtype)  # (T, H, R+P)
@@ -139,8 +174,8 @@ def mla_decode_attention_torch(q_latent, q_pe, cache, slots, lengths, scale):
     valid = torch.arange(slots.shape[1], device=slots.device)[None, :] < lengths[:, None]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    z = torch.bmm(probs, latents[..., :rank].float())  # (T, H, R)
-    return z.transpose(0, 1).to(q_latent.dtype)
+    z = torch.bmm(probs, latents[..., :rank].float()).transpose(0, 1).to(q_latent.dtype)  # (H, T, R)
+    return torch.bmm(z, w_uv.transpose(1, 2)).transpose(0, 1).contiguous()  # (T, H, v)
 
 
 # --------------------------------------------------------------------------------------------- router

@@ -1,9 +1,10 @@
-"""Triton weight-only FP8 GEMM behind ``engine.kernels.fp8.linear`` for few rows (imported only with Triton).
+"""Triton few-row GEMMs behind ``engine.kernels.fp8.linear`` and ``engine.kernels.decode.linear`` (imported only
+with Triton).
 
-out (M, N) = (x (M, K) · dequant(w (N, K) fp8)ᵀ) with the per-row weight scale applied once in the epilogue:
-the fp8 tile is converted to the activation dtype in registers and fed to the tensor cores, accumulating in
-fp32. At decode sizes (M ≤ 64) the kernel is bandwidth-bound on the weight, which it reads once per M block:
-half the bytes of the bf16 GEMM.
+out (M, N) = (x (M, K) · w (N, K)ᵀ): for an fp8 weight (weight-only quantisation) the per-row scale is applied
+once in the epilogue and the fp8 tile converted to the activation dtype in registers; a 16-bit weight is used as
+is. Either way the tensor cores accumulate in fp32. At decode sizes (M ≤ 64) the kernel is bandwidth-bound on
+the weight, which it reads once per M block (fp8: half the bytes of the bf16 GEMM).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ _CONFIGS = [
 
 @triton.jit
 def _scaled_tile(x_ptr, w_ptr, s_ptr, offs_m, mm, offs_n, mn, k_end, K, stride_xm, stride_wn,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 (BLOCK_M, BLOCK_N) tile of x[offs_m] @ w[offs_n].T times the weight rows' scales: fp8 weights are
-    upcast to x's dtype per K block (weight-only quantisation). The K loop stops at ``k_end`` (0 skips it)."""
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) tile of x[offs_m] @ w[offs_n].T, times the weight rows' scales (HAS_SCALE): fp8
+    weights are upcast to x's dtype per K block (weight-only quantisation). The K loop stops at ``k_end`` (0
+    skips it)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -46,16 +48,18 @@ def _scaled_tile(x_ptr, w_ptr, s_ptr, offs_m, mm, offs_n, mn, k_end, K, stride_x
         w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
                     mask=mn[:, None] & mk[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    scale = tl.load(s_ptr + offs_n, mask=mn, other=0.0)
-    return acc * scale[None, :]
+    if HAS_SCALE:
+        acc = acc * tl.load(s_ptr + offs_n, mask=mn, other=0.0)[None, :]
+    return acc
 
 
 @triton.autotune(configs=_CONFIGS[:1] if _INTERPRET else _CONFIGS, key=["N", "K", "BLOCK_M"])
 @triton.jit
-def _fp8_linear_kernel(
+def _skinny_linear_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
     M, N, K, stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -64,7 +68,7 @@ def _fp8_linear_kernel(
     mm = offs_m < M
     mn = offs_n < N
     acc = _scaled_tile(x_ptr, w_ptr, s_ptr, offs_m, mm, offs_n, mn, K, K, stride_xm, stride_wn,
-                       BLOCK_M, BLOCK_N, BLOCK_K)
+                       BLOCK_M, BLOCK_N, BLOCK_K, HAS_SCALE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
@@ -76,25 +80,35 @@ def block_m(rows: int) -> int:
     return min(64, max(16, triton.next_power_of_2(rows)))
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) · weight (N, K)ᵀ (+ bias) in x's dtype; ``scale`` (N,) fp32 for an fp8 weight, None for a 16-bit one."""
     m, k = x.shape
     n = weight.shape[0]
-    assert weight.shape[1] == k and weight.stride(-1) == 1 and scale.dtype == torch.float32
+    assert weight.shape[1] == k and weight.stride(-1) == 1
+    assert scale is None or scale.dtype == torch.float32
     if x.stride(-1) != 1:
         x = x.contiguous()
-    scale = scale.contiguous()
+    if scale is not None:
+        scale = scale.contiguous()
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     bm = block_m(m)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, bm))
 
-    _fp8_linear_kernel[grid](
-        x, weight, scale, bias if bias is not None else scale, out,
+    dummy = scale if scale is not None else out
+    _skinny_linear_kernel[grid](
+        x, weight, dummy, bias if bias is not None else dummy, out,
         m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=bm,
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_M=bm,
     )
     return out
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The weight-only fp8 GEMM (``engine.kernels.fp8.linear``'s Triton path)."""
+    return skinny_linear(x, weight, scale, bias)
 
 
 # --------------------------------------------------------------------------------------------- grouped experts
@@ -138,7 +152,7 @@ def _fp8_grouped_kernel(
     mn = offs_n < N
     k_end = tl.where(row_start < row_end, K, 0)  # empty blocks skip the loop
     acc = _scaled_tile(x_ptr, w_ptr + e * stride_we, s_ptr + e * N, offs_m, mm, offs_n, mn, k_end, K, stride_xm,
-                       stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
+                       stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, True)
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 

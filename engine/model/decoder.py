@@ -35,11 +35,13 @@ __all__ = ["apply_interleaved_rope"]  # re-exported: callers import it from here
 # the GEMV limit up to MOE_TILED_MAX_ROWS (every decode CUDA-graph bucket): each chosen expert's weights read once
 # for all its rows (engine.kernels.triton_moe_tiles). Measured on an H100 (bench/RESULTS.md, "Expert tiles"):
 # with 16-bit weights the tiles win from 2 rows on (decode b2 +1.2 %, b4 +4.0 %, b8 +8.7 %, b64 +26 %); with fp8
-# weights (converted in registers) the GEMVs stay ahead up to 8 rows and the grouped path (sort + fp8 grouped GEMM)
-# beat the tiles at 64 rows (graph replay 12.9 vs 13.2 ms), so fp8 experts keep GEMVs then the grouped path.
+# weights (converted in registers) the GEMVs stay ahead up to 8 rows, the tiles beat the grouped path (sort + fp8
+# grouped GEMM) at 16 and 32 rows (graph replay 7.20 vs 9.52 ms, 9.20 vs 11.36 ms) and tie at 64 (13.22 vs
+# 13.16 ms), so fp8 experts take GEMVs, then tiles up to MOE_TILED_MAX_ROWS_FP8, then the grouped path.
 MOE_GEMV_MAX_ROWS = 8
 MOE_GEMV_MAX_ROWS_16BIT = 1
 MOE_TILED_MAX_ROWS = 128
+MOE_TILED_MAX_ROWS_FP8 = 32
 
 
 class RMSNorm(nn.Module):
@@ -257,15 +259,24 @@ class DeepseekV3Attention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         return self.kv_a_layernorm(c_kv), k_pe
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_qkv(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """x (..., D) -> (q (..., H*(nope+rope)), kv (..., R+P) un-normed and un-rotated): one GEMV over the
-        :meth:`fuse_qkv_` matrix when that layout holds, else the two projections."""
+        :meth:`fuse_qkv_` matrix when that layout holds, else the two projections. ``fused`` (a decode step's
+        rows (T, D)): the few-row kernels of ``engine.kernels.decode.linear``."""
         merged = self.fused_qkv_weight
         if merged is None:
             return self.project_q(x), self.kv_a_proj_with_mqa(x)
-        q, kv = fp8.linear(x, merged, self.fused_qkv_scale).split([merged.shape[0] - self.kv_a_proj_with_mqa.weight.shape[0],
-                                            self.kv_lora_rank + self.qk_rope_head_dim], dim=-1)
+        project = fused_ops.linear if fused else fp8.linear
+        q_rows = merged.shape[0] - self.kv_a_proj_with_mqa.weight.shape[0]
+        q, kv = project(x, merged, self.fused_qkv_scale).split(
+            [q_rows, self.kv_lora_rank + self.qk_rope_head_dim], dim=-1)
         return q, kv
+
+    def project_out(self, values: torch.Tensor, fused: bool) -> torch.Tensor:
+        """``o_proj``; a decode step's rows (``fused``) on the few-row kernels."""
+        if not fused:
+            return self.o_proj(values)
+        return fused_ops.linear(values, self.o_proj.weight, fp8.weight_scale(self.o_proj), self.o_proj.bias)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK (H, nope, R), W_UV (H, v, R)): views of ``kv_b_proj``'s weight for attention in latent space
@@ -284,7 +295,7 @@ class DeepseekV3Attention(nn.Module):
         A fused context (pure decode on the paged cache) runs its one-kernel prologue; otherwise the projections,
         kv norm and one RoPE pass over the query heads and the shared key happen here."""
         if ctx.fused:
-            return self.o_proj(ctx.attend_fused(self, x, cos, sin))
+            return self.project_out(ctx.attend_fused(self, x, cos, sin), fused=True)
         heads, nope, rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         q, kv = self.project_qkv(x)
         q_nope, q_pe = q.view(*x.shape[:-1], heads, nope + rope).split([nope, rope], dim=-1)
@@ -475,17 +486,19 @@ class DeepseekV3MoE(nn.Module):
 
     def parts_applicable(self, x: torch.Tensor) -> bool:
         """:meth:`forward_parts` covers these rows: shared experts that cut into slots of the routed experts'
-        width, and either few rows (expert GEMVs, with a PyTorch reference anywhere) or, with 16-bit weights where
-        the Triton kernels run, up to MOE_TILED_MAX_ROWS (expert tiles)."""
+        width, and either few rows (expert GEMVs, with a PyTorch reference anywhere) or, where the Triton kernels
+        run, up to MOE_TILED_MAX_ROWS (16-bit weights) or MOE_TILED_MAX_ROWS_FP8 rows (expert tiles)."""
         shared = getattr(self, "shared_experts", None)
         if shared is not None and shared.gate_proj.weight.shape[0] % self.experts.gate_proj.shape[1] != 0:
             return False
-        rows = x.shape[0]
-        return rows <= MOE_GEMV_MAX_ROWS or (rows <= MOE_TILED_MAX_ROWS and self._tiles(x))
+        return x.shape[0] <= MOE_GEMV_MAX_ROWS or self._tiles(x)
 
     def _tiles(self, x: torch.Tensor) -> bool:
-        """The expert-tiled kernels take these rows (see MOE_GEMV_MAX_ROWS_16BIT)."""
-        return not self.experts.is_fp8 and x.shape[0] > MOE_GEMV_MAX_ROWS_16BIT and use_triton(x)
+        """The expert-tiled kernels take these rows (see MOE_GEMV_MAX_ROWS_16BIT and the fp8 limits above)."""
+        rows = x.shape[0]
+        if self.experts.is_fp8:
+            return MOE_GEMV_MAX_ROWS < rows <= MOE_TILED_MAX_ROWS_FP8 and use_triton(x)
+        return MOE_GEMV_MAX_ROWS_16BIT < rows <= MOE_TILED_MAX_ROWS and use_triton(x)
 
     @property
     def fused_router(self) -> bool:

@@ -8,7 +8,7 @@ sequences:
 
 - decode rows (one new token each) attend in latent space with the absorbed weights, batched over sequences:
   q̃ = W_UKᵀ q_nope, scores = q̃·c + q_pe·k_pe, z = Σ p·c, out = W_UV z, reading each row's first ``length``
-  key slots (key counts, never a key mask: ``engine.kernels.decode.mla_decode_attention``);
+  key slots (key counts, never a key mask: ``engine.kernels.decode.mla_decode_attention``, W_UV in its epilogue);
 - prompt chunks expand the keys they attend to (cached prefix + the chunk) through ``kv_b_proj`` in one GEMM
   and attend with :func:`engine.kernels.prefill.chunk_attention`: prefix without a mask + chunk causal, merged
   by log-sum-exp. Re-expanding the prefix for every chunk costs 2·R·H·(nope+v) = 4.2 MFLOP per prefix key and
@@ -17,8 +17,8 @@ sequences:
   (1.8 GB for a 128K prefix, one layer at a time). Larger chunks (fewer re-expansions) are the
   lever; attention in latent space for prefill would cost 3.4x the attention FLOPs (R+P = 576 per key).
 
-``fused`` (pure-decode steps of the fused backend) replaces the projections' glue with one prologue kernel
-(kv RMSNorm, RoPE of q and k, the cache write) and, in the layers, fuses each residual add with the next norm and
+``fused`` (pure-decode steps of the fused backend) projects with few-row kernels and replaces the projections'
+glue with one prologue kernel (kv RMSNorm, RoPE of q and k, the cache write, q_nope through W_UK) and, in the layers, fuses each residual add with the next norm and
 runs few-row MoEs as expert GEMVs. ``kernels``: "auto" (Triton where it runs) or "torch" (the references).
 """
 
@@ -54,25 +54,28 @@ class PagedAttention:
     # ------------------------------------------------------------------ decode rows
     def _decode(self, attn: DeepseekV3Attention, cache: torch.Tensor, q_nope: torch.Tensor,
                 q_pe: torch.Tensor) -> torch.Tensor:
-        """q_nope (S, H, nope) any strides, q_pe (S, H, P) rotated -> values (H, S, v)."""
+        """q_nope (S, H, nope) any strides, q_pe (S, H, P) rotated -> values (S, H, v)."""
         w_uk, w_uv = attn.absorbed_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # (H, S, R)
-        z = fused_ops.mla_decode_attention(q_latent, q_pe, cache, self.meta.decode_slots, self.decode_lengths,
-                                           self.softmax_scale, impl=self.kernels)
-        return torch.bmm(z, w_uv.transpose(1, 2))  # (H, S, v)
+        return fused_ops.mla_decode_attention(q_latent, q_pe, cache, self.meta.decode_slots, self.decode_lengths,
+                                              self.softmax_scale, w_uv, impl=self.kernels)
 
     def attend_fused(self, attn: DeepseekV3Attention, x: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> torch.Tensor:
-        """Pure-decode step: x (S, D) normed hidden rows -> attention output (S, H*v) before ``o_proj``."""
+        """Pure-decode step: x (S, D) normed hidden rows -> attention output (S, H*v) before ``o_proj``: the
+        projections, one prologue kernel (kv norm, RoPE, cache write, q_nope through W_UK) and the attention with
+        W_UV applied in its epilogue."""
         n = x.shape[0]
         heads, nope, rope, rank = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank
-        q, kv = attn.project_qkv(x)
+        q, kv = attn.project_qkv(x, fused=True)
         cache = self.kv_cache[attn.layer_idx]
         norm = attn.kv_a_layernorm
-        q_pe = fused_ops.mla_decode_prep(q, kv, heads, nope, rope, rank, norm.weight, norm.eps, cos, sin, cache,
-                                         self.meta.slot_mapping, impl=self.kernels)
-        values = self._decode(attn, cache, q.view(n, heads, nope + rope)[..., :nope], q_pe)
-        return values.transpose(0, 1).reshape(n, heads * attn.v_head_dim)
+        w_uk, w_uv = attn.absorbed_weights()
+        q_latent, q_pe = fused_ops.mla_decode_prologue(q, kv, w_uk, heads, nope, rope, rank, norm.weight, norm.eps,
+                                                       cos, sin, cache, self.meta.slot_mapping, impl=self.kernels)
+        values = fused_ops.mla_decode_attention(q_latent.transpose(0, 1), q_pe, cache, self.meta.decode_slots,
+                                                self.decode_lengths, self.softmax_scale, w_uv, impl=self.kernels)
+        return values.view(n, heads * attn.v_head_dim)
 
     # ------------------------------------------------------------------ any step
     def attend(self, attn: DeepseekV3Attention, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
@@ -85,11 +88,11 @@ class PagedAttention:
         cache = self.kv_cache[attn.layer_idx]
         cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype)
         if self.pure_decode:
-            return self._decode(attn, cache, q_nope, q_pe).transpose(0, 1).reshape(n, heads * v_dim)
+            return self._decode(attn, cache, q_nope, q_pe).view(n, heads * v_dim)
         out = q_nope.new_empty(n, heads, v_dim)
         if meta.decode_rows.numel():
             rows = meta.decode_rows
-            out[rows] = self._decode(attn, cache, q_nope[rows], q_pe[rows]).transpose(0, 1)
+            out[rows] = self._decode(attn, cache, q_nope[rows], q_pe[rows])
         nope = attn.qk_nope_head_dim
         for chunk in meta.prefills:
             c, k_rope = cache[chunk.slots].split([rank, attn.qk_rope_head_dim], dim=-1)
