@@ -167,9 +167,10 @@ def _mla_attn_kernel(
     BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """One (row, split): online softmax over the split's share of the row's keys, all heads at once (the latent
-    is shared by every head, so each key tile is read once for all of them). The shares are cut from the row's
-    length, not from the slot table's width, so a CUDA graph captured for a wide bucket still spreads a short
-    row's keys over every split. Writes the unnormalised partial (acc, max, sum) for the epilogue."""
+    is shared by every head, so each key tile is read once for all of them). A split takes BLOCK_L keys, or an
+    even share of the row's keys when SPLITS * BLOCK_L is short of its length (the share is cut from the row's
+    length, not the slot table's width: a long row in a wide graph bucket still spreads over every split).
+    Writes the unnormalised partial (acc, max, sum) for the epilogue."""
     t = tl.program_id(0)
     sp = tl.program_id(1)
     length = tl.load(lens_ptr + t)
@@ -212,42 +213,72 @@ def _mla_attn_kernel(
 
 
 @triton.jit
-def _mla_epilogue_kernel(
+def _merge_weights(ml_ptr, offs_t, mt, offs_s, h, H: tl.constexpr, SPLITS: tl.constexpr):
+    """(BLOCK_T, BLOCK_S) weights that merge each row's split partials: exp2(max_s - row max) / row sum; 0 for
+    empty splits (their max is -inf) and masked rows, so those partials are never read."""
+    ms = offs_s < SPLITS
+    idx = (offs_t[:, None] * SPLITS + offs_s[None, :]) * H + h
+    m2 = mt[:, None] & ms[None, :]
+    m = tl.load(ml_ptr + idx * 2, mask=m2, other=float("-inf"))
+    l = tl.load(ml_ptr + idx * 2 + 1, mask=m2, other=0.0)
+    live = m2 & (l > 0)
+    top = tl.max(tl.where(live, m, -1e30), axis=1)
+    w = tl.where(live, tl.exp2(m - top[:, None]), 0.0)
+    return w / tl.maximum(tl.sum(w * l, axis=1), 1e-30)[:, None]
+
+
+@triton.jit
+def _mla_epilogue_row_kernel(
+    acc_ptr, ml_ptr, wuv_ptr, out_ptr, stride_wh, stride_wv,
+    H: tl.constexpr, RANK: tl.constexpr, V: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Few rows (many splits each), program (row, head, v tile): z = the row's splits merged (all splits of an R
+    chunk in one load), rounded to the activation dtype as the unfused z was, then values[t, h, tile] =
+    W_UV[h][tile] · z on the CUDA cores, written in o_proj's (T, H, v) layout."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mv = offs_v < V
+    offs_s = tl.arange(0, BLOCK_S)
+    w = tl.sum(_merge_weights(ml_ptr, t + tl.arange(0, 1), tl.full([1], True, tl.int1), offs_s, h, H, SPLITS),
+               axis=0)  # (BLOCK_S,)
+    rows = ((t * SPLITS + offs_s) * H + h) * RANK
+    out = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for r0 in tl.static_range(0, RANK, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mr = offs_r < RANK
+        part = tl.load(acc_ptr + rows[:, None] + offs_r[None, :], mask=(w > 0)[:, None] & mr[None, :], other=0.0)
+        z = tl.sum(part * w[:, None], axis=0).to(out_ptr.dtype.element_ty).to(tl.float32)
+        wt = tl.load(wuv_ptr + h * stride_wh + offs_v[:, None] * stride_wv + offs_r[None, :],
+                     mask=mv[:, None] & mr[None, :], other=0.0)
+        out += tl.sum(wt.to(tl.float32) * z[None, :], axis=1)
+    tl.store(out_ptr + (t * H + h) * V + offs_v, out.to(out_ptr.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def _mla_epilogue_block_kernel(
     acc_ptr, ml_ptr, wuv_ptr, out_ptr, T, stride_wh, stride_wv,
     H: tl.constexpr, RANK: tl.constexpr, V: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Program (h, v tile, row block): z = the rows' splits merged by their maxima and sums, rounded to the
-    activation dtype (as the unfused z was), then values[t, h, tile] = z · W_UV[h][tile]ᵀ: the head's W_UV tile
-    read once for the block, the values written in (T, H, v) order, o_proj's input layout."""
+    """Many rows (few splits each), program (head, v tile, row block): as the row kernel, the rows' merged z
+    (BLOCK_T, R chunk) then through the tensor cores with the head's W_UV tile, read once for the block."""
     h = tl.program_id(0)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mv = offs_v < V
     offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     mt = offs_t < T
     offs_s = tl.arange(0, BLOCK_S)
-    ms = offs_s < SPLITS
-    idx = (offs_t[:, None] * SPLITS + offs_s[None, :]) * H + h  # (BLOCK_T, BLOCK_S)
-    m2 = mt[:, None] & ms[None, :]
-    m = tl.load(ml_ptr + idx * 2, mask=m2, other=float("-inf"))
-    l = tl.load(ml_ptr + idx * 2 + 1, mask=m2, other=0.0)
-    live = m2 & (l > 0)  # empty splits (m = -inf) weigh 0 and are not read
-    top = tl.max(tl.where(live, m, -1e30), axis=1)
-    denominator = tl.maximum(tl.sum(tl.where(live, tl.exp2(m - top[:, None]), 0.0) * l, axis=1), 1e-30)
+    w = _merge_weights(ml_ptr, offs_t, mt, offs_s, h, H, SPLITS)  # (BLOCK_T, BLOCK_S)
+    rows = ((offs_t[:, None] * SPLITS + offs_s[None, :]) * H + h) * RANK
     out = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
     for r0 in tl.static_range(0, RANK, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mr = offs_r < RANK
-        z = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
-        for s in range(SPLITS):
-            row = (offs_t * SPLITS + s) * H + h
-            m_s = tl.load(ml_ptr + row * 2, mask=mt, other=float("-inf"))
-            l_s = tl.load(ml_ptr + row * 2 + 1, mask=mt, other=0.0)
-            use = mt & (l_s > 0)
-            w_s = tl.where(use, tl.exp2(m_s - top), 0.0) / denominator
-            part = tl.load(acc_ptr + row[:, None] * RANK + offs_r[None, :], mask=use[:, None] & mr[None, :],
-                           other=0.0)
-            z += part * w_s[:, None]
+        part = tl.load(acc_ptr + rows[:, :, None] + offs_r[None, None, :],
+                       mask=(w > 0)[:, :, None] & mr[None, None, :], other=0.0)
+        z = tl.sum(part * w[:, :, None], axis=1)  # (BLOCK_T, BLOCK_R)
         wt = tl.load(wuv_ptr + h * stride_wh + offs_v[:, None] * stride_wv + offs_r[None, :],
                      mask=mv[:, None] & mr[None, :], other=0.0)
         out += tl.dot(z.to(wt.dtype), tl.trans(wt))
@@ -256,13 +287,17 @@ def _mla_epilogue_kernel(
 
 
 ATTN_BLOCK_L = 32
+# up to this many rows (at least 16 splits each) the epilogue runs per row on the CUDA cores; beyond, per block of
+# 16 rows through the tensor cores (a per-row W_UV read would cost 128 KB of L2 traffic per row and head)
+EPILOGUE_ROW_MAX_ROWS = 8
 
 
 def attention_splits(n_rows: int, width: int) -> int:
-    """Splits per row for ``n_rows`` rows over ``width`` key slots: about 128 programs, at least 64 key slots each
-    (each row's own length is then cut into that many shares). Shapes only, so one CUDA graph serves every length
-    under its width."""
-    return max(1, min(triton.cdiv(128, max(n_rows, 1)), triton.cdiv(width, 64)))
+    """Splits per row for ``n_rows`` rows over ``width`` key slots: about 128 programs, one per ATTN_BLOCK_L slots
+    at most. Shapes only, so one CUDA graph serves every length under its width. The kernel gives each split
+    ATTN_BLOCK_L of the row's keys, or an even share of them where the 128-program cap binds (long rows): so an
+    eager step and a graph replay of a wider bucket cut a row's keys the same way (same sums, same tokens)."""
+    return max(1, min(triton.cdiv(128, max(n_rows, 1)), triton.cdiv(width, ATTN_BLOCK_L)))
 
 
 def mla_decode_attention(q_latent, q_pe, cache, slots, lengths, scale, w_uv):
@@ -285,12 +320,21 @@ def mla_decode_attention(q_latent, q_pe, cache, slots, lengths, scale, w_uv):
         num_warps=8 if block_r >= 256 else 4, num_stages=2,
     )
     values = torch.empty(n, heads, v_dim, device=q_latent.device, dtype=q_latent.dtype)
-    block_t, block_v = 16, min(64, _pow2(v_dim, 16))
-    _mla_epilogue_kernel[(heads, triton.cdiv(v_dim, block_v), triton.cdiv(n, block_t))](
-        acc, ml, w_uv, values, n, w_uv.stride(0), w_uv.stride(1),
-        H=heads, RANK=rank, V=v_dim, SPLITS=splits, BLOCK_S=_pow2(splits), BLOCK_T=block_t, BLOCK_V=block_v,
-        BLOCK_R=min(128, block_r), num_warps=4,
-    )
+    block_s = _pow2(splits)
+    if n <= EPILOGUE_ROW_MAX_ROWS:
+        block_v = min(32, _pow2(v_dim, 16))
+        _mla_epilogue_row_kernel[(n, heads, triton.cdiv(v_dim, block_v))](
+            acc, ml, w_uv, values, w_uv.stride(0), w_uv.stride(1),
+            H=heads, RANK=rank, V=v_dim, SPLITS=splits, BLOCK_S=block_s, BLOCK_V=block_v,
+            BLOCK_R=max(16, min(128, 4096 // block_s, block_r)), num_warps=4,
+        )
+    else:
+        block_t, block_v = 16, min(64, _pow2(v_dim, 16))
+        _mla_epilogue_block_kernel[(heads, triton.cdiv(v_dim, block_v), triton.cdiv(n, block_t))](
+            acc, ml, w_uv, values, n, w_uv.stride(0), w_uv.stride(1),
+            H=heads, RANK=rank, V=v_dim, SPLITS=splits, BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_V=block_v,
+            BLOCK_R=max(16, min(32, 8192 // (block_t * block_s), block_r)), num_warps=4,
+        )
     return values
 
 
@@ -367,6 +411,9 @@ _GEMV_CONFIGS = [
     # fp8 weights: a row of K bytes, not 2K -- wider K tiles keep each load as large as with bf16
     _gemv_config(8, 1024, 4, False),
     _gemv_config(32, 512, 8, True),
+    # whole-K tiles (the expert intermediate 1408 fits one 2048 tile): one load per program, most bytes in flight
+    _gemv_config(4, 2048, 4, True),
+    _gemv_config(8, 2048, 8, True),
 ]
 
 
@@ -585,8 +632,12 @@ def moe_down(hidden, ids, w_down, shared_down, down_scale=None, shared_down_scal
 
 
 # --------------------------------------------------------------------------------------------- one-row projections
-# the dense projections' shapes (N 2-4K outputs, K 2K): narrow column tiles give every SM work
+# the dense projections' shapes (N 2-4K outputs, K 2K): narrow column tiles give every SM work; whole-K tiles
+# (one load per program, no loop) keep the most bytes in flight
 _GEMV_CONFIGS_ROW = [
+    _gemv_config(2, 2048, 4, True),
+    _gemv_config(4, 2048, 4, True),
+    _gemv_config(8, 2048, 8, True),
     _gemv_config(4, 512, 2, False),
     _gemv_config(8, 512, 4, False),
     _gemv_config(8, 256, 2, False),
