@@ -150,6 +150,7 @@ def kernel_notes() -> dict[str, object]:
     except ImportError:
         return notes
     for module, name in ((triton_decode, "_moe_gate_up_kernel"), (triton_decode, "_moe_down_kernel"),
+                         (triton_decode, "_row_gemv_kernel"),
                          (triton_moe_tiles, "_tiled_gate_up_kernel"), (triton_moe_tiles, "_tiled_down_kernel")):
         cache = getattr(getattr(module, name), "cache", {})
         notes[name] = {str(k): str(v) for k, v in cache.items()}
