@@ -5,7 +5,7 @@
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 echo "### gpu tests $(date +%T)"
-timeout 100 python3 -m pytest -q -x -m gpu tests/test_gpu_kernels.py -k "fused_decode_kernels or cuda_graph_decode" \
+timeout 120 python3 -m pytest -q -x -m gpu tests/test_gpu_kernels.py -k "fused_decode_kernels or fast_decode_step or cuda_graph" \
   -p no:cacheprovider 2>&1 | grep -E "Error|assert|passed|failed" | head -20
 for tree in head base; do
   dir=$PWD; [ $tree = base ] && dir=$PWD/.gpu_base
@@ -19,7 +19,7 @@ for tree in head base; do
   dir=$PWD; [ $tree = base ] && dir=$PWD/.gpu_base
   echo "### fp8 $tree $(date +%T)"
   (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout 110 python3 bench/engine_bench.py --skip-hf --decode-only \
-    --quantization fp8 --batches 1 64 64 --json "$OUT/fp8_$tree.json" > "$OUT/fp8_$tree.log" 2>&1); echo "rc $?"
+    --quantization fp8 --batches 1 32 64 64 --json "$OUT/fp8_$tree.json" > "$OUT/fp8_$tree.log" 2>&1); echo "rc $?"
   summary "$OUT/fp8_$tree.json" "$OUT/fp8_$tree.log"
 done
 grep -A30 "graph replays" "$OUT/profile_head.txt" | cut -c1-60,150-250

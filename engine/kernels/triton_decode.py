@@ -479,8 +479,6 @@ _GEMV_CONFIGS = [
     # whole-K tiles (the expert intermediate 1408 fits one 2048 tile): one load per program, most bytes in flight
     _gemv_config(4, 2048, 4, True),
     _gemv_config(8, 2048, 8, True),
-    _gemv_config(8, 2048, 4, True),
-    _gemv_config(2, 2048, 2, True),
 ]
 
 
