@@ -125,13 +125,6 @@ def test_fused_decode_kernels_match_torch_at_a3b_shapes(rows: int) -> None:
 
     logits = torch.randn(rows, experts, device=dev)
     bias = torch.rand(experts, device=dev) * 0.1
-    normed, gate_w = torch.randn(rows, d, device=dev), torch.randn(experts, d, device=dev) * d**-0.5
-    for _ in range(3):  # the kernel's completion counter must come back to 0 each time
-        ids_a, w_a = fused.route(normed, gate_w, bias, top_k, "sigmoid", True, 2.446, impl="triton")
-        ids_b, w_b = fused.route(normed, gate_w, bias, top_k, "sigmoid", True, 2.446, impl="torch")
-        sa, sb = ids_a.sort(1), ids_b.sort(1)
-        assert torch.equal(sa.values, sb.values)
-        _close(w_a.gather(1, sa.indices), w_b.gather(1, sb.indices), 1e-5)
     ids_a, w_a = fused.route_topk(logits, bias, top_k, "sigmoid", True, 2.446, impl="triton")
     ids_b, w_b = fused.route_topk(logits, bias, top_k, "sigmoid", True, 2.446, impl="torch")
     sa, sb = ids_a.sort(1), ids_b.sort(1)

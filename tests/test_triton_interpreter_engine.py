@@ -55,14 +55,14 @@ def test_engine_triton_paths_under_interpreter(tiny_checkpoint_a3b: Path) -> Non
 
     # bf16, attention (tl.dot) on its reference: argmax may flip on the random model's near-ties, so no argmax
     bf16 = report["decode_bf16_kernels"]
-    assert {"add_rms_norm[0]", "route[0]", "moe_gate_up[0]", "moe_down[0]", "row_gemv[0]"} <= set(bf16)
+    assert {"add_rms_norm[0]", "route_topk[0]", "moe_gate_up[0]", "moe_down[0]", "row_gemv[0]"} <= set(bf16)
     assert max(bf16.values()) < BF16_KERNEL_TOL, bf16
-    assert bf16["route[0]"] == 0.0, bf16  # fp32 router logits: the same experts
+    assert bf16["route_topk[0]"] == 0.0, bf16  # fp32 router logits: the same experts
     assert report["decode_bf16"]["logits"] < BF16_LOGITS_TOL, report["decode_bf16"]
 
     # the Triton kernels really ran (the gate was forced; the counts are per layer and step)
     decode = report["decode_calls"]
-    for kernel in ("add_rms_norm", "mla_decode_prologue", "mla_decode_attention", "route", "moe_gate_up",
+    for kernel in ("add_rms_norm", "mla_decode_prologue", "mla_decode_attention", "route_topk", "moe_gate_up",
                    "moe_down", "row_gemv"):
         assert decode.get(kernel, 0) > 0, (kernel, decode)
     fp8_decode = report["decode_fp8_calls"]

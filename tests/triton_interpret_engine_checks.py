@@ -52,7 +52,7 @@ def _count(module, name: str, label) -> None:
     setattr(module, name, wrapper)
 
 
-for _name in ("add_rms_norm", "mla_decode_prologue", "mla_decode_attention", "route_topk", "route", "row_gemv"):
+for _name in ("add_rms_norm", "mla_decode_prologue", "mla_decode_attention", "route_topk", "row_gemv"):
     _count(triton_decode, _name, lambda *a, _n=_name, **k: _n)
 _count(triton_decode, "moe_gate_up", lambda *a, **k: "moe_gate_up_fp8" if a[7] is not None else "moe_gate_up")
 _count(triton_decode, "moe_down", lambda *a, **k: "moe_down_fp8" if len(a) > 4 and a[4] is not None else "moe_down")
@@ -126,7 +126,6 @@ def kernel_errors(errors: dict[str, float]):
     wrap("mla_decode_prologue", fused.mla_decode_prologue_torch, cache_arg=11)
     wrap("mla_decode_attention", fused.mla_decode_attention_torch)
     wrap("route_topk", fused.route_topk_torch)
-    wrap("route", fused.route_torch)
     wrap("moe_gate_up", fused.moe_gate_up_torch)
     wrap("moe_down", fused.moe_down_torch)
     wrap("row_gemv", fused.linear_torch)

@@ -208,35 +208,6 @@ def route_topk_torch(logits, bias, top_k, scoring, norm_topk_prob, scale):
     return ids, weights * scale
 
 
-# the router in one launch (logits + top-k) up to this many rows: its programs loop over the rows, so past a few
-# the GEMM (cuBLAS) + route_topk pair is the better plan
-ROUTE_FUSED_MAX_ROWS = 2
-
-
-def route(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    top_k: int,
-    scoring: str,
-    norm_topk_prob: bool,
-    scale: float,
-    impl: Impl = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router of one group (n_group 1) from the normed rows: logits = x · weightᵀ in fp32 (x (T, D) fp32,
-    weight (E, D) fp32), then :func:`route_topk`. Few rows take one kernel (on an H100 the fp32 GEMV + top-k were
-    three launches, ~6 µs a layer at batch 1)."""
-    use = (impl == "triton" or (impl == "auto" and triton_device(x))) and x.shape[0] <= ROUTE_FUSED_MAX_ROWS
-    if not use:
-        return route_torch(x, weight, bias, top_k, scoring, norm_topk_prob, scale, impl)
-    return _dispatch("route", impl, True, "route", route_torch, x, weight, bias, top_k, scoring, norm_topk_prob,
-                     scale)
-
-
-def route_torch(x, weight, bias, top_k, scoring, norm_topk_prob, scale, impl: Impl = "torch"):
-    return route_topk(F.linear(x.float(), weight.float()), bias, top_k, scoring, norm_topk_prob, scale, impl=impl)
-
-
 # --------------------------------------------------------------------------------------------- MoE experts
 ExpertOrder = tuple[torch.Tensor, torch.Tensor]
 

@@ -340,13 +340,15 @@ def mla_decode_attention(q_latent, q_pe, cache, slots, lengths, scale, w_uv):
 
 # --------------------------------------------------------------------------------------------- router
 @triton.jit
-def _topk_row(logits_ptr, bias_ptr, ids_ptr, w_ptr, t, E, stride_l, scale,
-              TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
-              SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
-    """Row t's router tail: scores, experts chosen by scores + bias, their weights (normalised, scaled)."""
+def _route_topk_kernel(
+    logits_ptr, bias_ptr, ids_ptr, w_ptr, E, stride_l, scale,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+):
+    t = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     me = offs < E
-    x = tl.load(logits_ptr + t * stride_l + offs, mask=me, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
+    x = tl.load(logits_ptr + t * stride_l + offs, mask=me, other=float("-inf")).to(tl.float32)
     if SOFTMAX:
         ex = tl.exp(x - tl.max(x, axis=0))
         ex = tl.where(me, ex, 0.0)
@@ -375,73 +377,6 @@ def _topk_row(logits_ptr, bias_ptr, ids_ptr, w_ptr, t, E, stride_l, scale,
     mk = offs_k < TOP_K
     tl.store(ids_ptr + t * TOP_K + offs_k, ids.to(tl.int64), mask=mk)
     tl.store(w_ptr + t * TOP_K + offs_k, ws, mask=mk)
-
-
-@triton.jit
-def _route_topk_kernel(
-    logits_ptr, bias_ptr, ids_ptr, w_ptr, E, stride_l, scale,
-    TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
-    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-):
-    _topk_row(logits_ptr, bias_ptr, ids_ptr, w_ptr, tl.program_id(0), E, stride_l, scale,
-              TOP_K, K_PAD, BLOCK_E, SOFTMAX, HAS_BIAS, NORM)
-
-
-@triton.jit
-def _route_kernel(
-    x_ptr, gw_ptr, bias_ptr, logits_ptr, count_ptr, ids_ptr, w_ptr, T, D, E, stride_x, scale,
-    TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr, TILE_E: tl.constexpr, BLOCK_D: tl.constexpr,
-    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-):
-    """The whole router of a few-row decode step in one launch: program p computes the fp32 logits of experts
-    [p*TILE_E, (p+1)*TILE_E) for every row (its slice of the gate weight read once from memory); the last program
-    to finish (an atomic count, reset by that program, so a CUDA graph replays it) picks every row's experts."""
-    pid = tl.program_id(0)
-    offs_e = pid * TILE_E + tl.arange(0, TILE_E)
-    me = offs_e < E
-    offs_d = tl.arange(0, BLOCK_D)
-    for t in range(T):
-        acc = tl.zeros([TILE_E, BLOCK_D], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            md = d0 + offs_d < D
-            xv = tl.load(x_ptr + t * stride_x + d0 + offs_d, mask=md, other=0.0).to(tl.float32)
-            gw = tl.load(gw_ptr + offs_e[:, None] * D + d0 + offs_d[None, :], mask=me[:, None] & md[None, :],
-                         other=0.0).to(tl.float32)
-            acc += gw * xv[None, :]
-        tl.store(logits_ptr + t * E + offs_e, tl.sum(acc, axis=1), mask=me)
-    finished = tl.atomic_add(count_ptr, 1)  # acq_rel: every program's logits are visible to the last one
-    if finished == tl.num_programs(0) - 1:
-        for t in range(T):
-            _topk_row(logits_ptr, bias_ptr, ids_ptr, w_ptr, t, E, E, scale, TOP_K, K_PAD, BLOCK_E, SOFTMAX,
-                      HAS_BIAS, NORM)
-        tl.atomic_xchg(count_ptr, 0)
-
-
-_route_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def route(x, weight, bias, top_k, scoring, norm_topk_prob, scale):
-    """x (T, D) fp32 normed rows, weight (E, D) fp32 -> (ids (T, k) int64, weights (T, k) fp32). One counter per
-    device: the kernels of one stream run one after another, and each leaves it at 0."""
-    n, d = x.shape
-    experts = weight.shape[0]
-    assert x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_contiguous()
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    counter = _route_counters.get(x.device)
-    if counter is None:
-        counter = _route_counters[x.device] = torch.zeros(1, device=x.device, dtype=torch.int32)
-    logits = torch.empty(n, experts, device=x.device, dtype=torch.float32)
-    ids = torch.empty(n, top_k, device=x.device, dtype=torch.int64)
-    weights = torch.empty(n, top_k, device=x.device, dtype=torch.float32)
-    tile = 4
-    _route_kernel[(triton.cdiv(experts, tile),)](
-        x, weight, bias if bias is not None else weight, logits, counter, ids, weights, n, d, experts, x.stride(0),
-        float(scale), TOP_K=top_k, K_PAD=_pow2(top_k), BLOCK_E=_pow2(experts, 16), TILE_E=tile,
-        BLOCK_D=min(2048, _pow2(d, 16)), SOFTMAX=scoring == "softmax", HAS_BIAS=bias is not None,
-        NORM=norm_topk_prob and top_k > 1, num_warps=4,
-    )
-    return ids, weights
 
 
 def route_topk(logits, bias, top_k, scoring, norm_topk_prob, scale):

@@ -512,10 +512,10 @@ class DeepseekV3MoE(nn.Module):
         expert first and each expert's weights read once (expert tiles)."""
         gate, experts = self.gate, self.experts
         if self.fused_router:
+            logits = F.linear(x_fp32 if x_fp32 is not None else x.float(), gate.weight.float())
             bias = gate.e_score_correction_bias.float() if gate.topk_method == "noaux_tc" else None
-            ids, weights = fused_ops.route(x_fp32 if x_fp32 is not None else x.float(), gate.weight.float(), bias,
-                                           gate.top_k, gate.scoring_func, gate.norm_topk_prob,
-                                           gate.routed_scaling_factor)
+            ids, weights = fused_ops.route_topk(logits, bias, gate.top_k, gate.scoring_func, gate.norm_topk_prob,
+                                                gate.routed_scaling_factor)
         else:
             ids, weights = gate(x)
         shared = getattr(self, "shared_experts", None)
