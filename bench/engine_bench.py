@@ -126,7 +126,7 @@ def measure_decode(engine: LLMEngine, batches: list[int], bandwidth: float, name
     decode = []
     for batch in batches:
         row = decode_throughput(engine, batch, seed=batch * 1000)
-        step_bytes = decode_bytes_per_step(batch, PROMPT + NEW // 2)
+        step_bytes = decode_bytes_per_step(batch, PROMPT + NEW // 2, engine.options.quantization)
         row["round"] = name
         row["graph_replay_ms"] = graph_replay_ms(engine, batch)
         row["bandwidth_bound_tok_per_s"] = round(batch * bandwidth / step_bytes, 1)
@@ -226,8 +226,10 @@ def measure_bandwidth() -> float:
     return 2 * 2 * 2**30 * 10 / elapsed
 
 
-def decode_bytes_per_step(batch: int, context: int) -> float:
-    """Weights and cache a decode step must read at least once (bf16), for ``batch`` sequences."""
+def decode_bytes_per_step(batch: int, context: int, quantization: str | None = None) -> float:
+    """Weights and cache a decode step must read at least once, for ``batch`` sequences: bf16 weights, or with
+    ``quantization="fp8"`` one byte per quantised weight (every projection, expert and lm_head; the fp32 router,
+    and the bf16 absorbed W_UK / W_UV copy of kv_b_proj, at their own sizes). The cache is bf16 either way."""
     t = A3B_CONFIG["text_config"]
     d, layers, moe_layers = t["hidden_size"], t["num_hidden_layers"], t["num_hidden_layers"] - 1
     heads = t["num_attention_heads"]
@@ -238,8 +240,12 @@ def decode_bytes_per_step(batch: int, context: int) -> float:
     experts = t["n_routed_experts"]
     distinct = experts * (1 - (1 - t["num_experts_per_tok"] / experts) ** batch)  # expected, uniform routing
     lm_head = t["vocab_size"] * d
-    params = layers * attn + dense + moe_layers * (shared + d * experts + distinct * expert) + lm_head
     cache = batch * context * layers * 576
+    if quantization == "fp8":
+        kv_b = 512 * heads * 256
+        quantised = layers * (attn - kv_b) + dense + moe_layers * (shared + distinct * expert) + lm_head
+        return quantised + 2.0 * layers * kv_b + 4.0 * moe_layers * d * experts + 2.0 * cache
+    params = layers * attn + dense + moe_layers * (shared + d * experts + distinct * expert) + lm_head
     return 2.0 * (params + cache)
 
 
