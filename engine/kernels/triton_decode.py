@@ -2,8 +2,8 @@
 
 Batch-1 decode reads every weight once per step; these kernels exist to cut the number of launches per layer
 (from ~90 to ~12), not to change the arithmetic: every reduction accumulates in fp32 and outputs are rounded
-once. GEMV-shaped kernels (the MoE experts) are autotuned once per shape, before any CUDA-graph capture (the
-runner's graph warm-up runs the step eagerly first).
+where the unfused ops rounded them. GEMV-shaped kernels (the MoE experts, one-row projections) are autotuned once
+per shape, before any CUDA-graph capture (the runner's graph warm-up runs the step eagerly first).
 """
 
 from __future__ import annotations

@@ -82,7 +82,8 @@ def block_m(rows: int) -> int:
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) · weight (N, K)ᵀ (+ bias) in x's dtype; ``scale`` (N,) fp32 for an fp8 weight, None for a 16-bit one."""
+    """x (M, K) · weight (N, K)ᵀ (+ bias) in x's dtype; ``scale`` (N,) fp32 for an fp8 weight, None for a 16-bit
+    one."""
     m, k = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.stride(-1) == 1

@@ -17,9 +17,10 @@ sequences:
   (1.8 GB for a 128K prefix, one layer at a time). Larger chunks (fewer re-expansions) are the
   lever; attention in latent space for prefill would cost 3.4x the attention FLOPs (R+P = 576 per key).
 
-``fused`` (pure-decode steps of the fused backend) projects with few-row kernels and replaces the projections'
-glue with one prologue kernel (kv RMSNorm, RoPE of q and k, the cache write, q_nope through W_UK) and, in the layers, fuses each residual add with the next norm and
-runs few-row MoEs as expert GEMVs. ``kernels``: "auto" (Triton where it runs) or "torch" (the references).
+``fused`` (pure-decode steps of the fused backend) projects with few-row kernels, replaces the projections' glue
+with one prologue kernel (kv RMSNorm, RoPE of q and k, the cache write, q_nope through W_UK), applies W_UV in the
+attention's epilogue and, in the layers, fuses each residual add with the next norm and runs the MoE as expert
+GEMVs or expert tiles. ``kernels``: "auto" (Triton where it runs) or "torch" (the references).
 """
 
 from __future__ import annotations
