@@ -127,7 +127,8 @@ def mla_decode_prologue(
     fine); w_uk (H, nope, R) the absorbed key weight; cos/sin (T, P/2). Writes [rmsnorm(c_kv) | rope(k_pe)] into
     ``cache[slot_mapping]`` and returns (q_latent (T, H, R) = q_nope · W_UK per head, the rotated query rope part
     (T, H, P)), both contiguous."""
-    use = _triton(impl, q) and cache.dtype == q.dtype and w_uk.dtype == q.dtype and nope >= 16
+    use = (_triton(impl, q) and cache.dtype == q.dtype and w_uk.dtype == q.dtype
+           and nope >= 16 and nope & (nope - 1) == 0)  # the kernel's tl.dot runs over the nope dims
     return _dispatch("mla_decode_prologue", impl, use, "mla_decode_prologue", mla_decode_prologue_torch,
                      q, kv, w_uk, heads, nope, rope, rank, norm_weight, eps, cos, sin, cache, slot_mapping)
 
