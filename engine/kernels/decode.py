@@ -78,7 +78,7 @@ def add_rms_norm_torch(parts, residual, weight, eps, want_fp32=False):
 
 # --------------------------------------------------------------------------------------------- projections
 # Few-row projections of a decode step (fused qkv, o_proj): cuBLAS streams a 2K x 2-4K weight at ~1.1 TB/s for
-# one row on an H100 (6.8 µs for the 7.5 MB fused qkv weight, bench/RESULTS.md "Batch-1 kernels"); one row takes
+# one row on an H100 (6.8 µs for the 7.5 MB fused qkv weight, bench/RESULTS.md "Fourth H100 run"); one row takes
 # a CUDA-core GEMV, up to LINEAR_SKINNY_MAX_ROWS rows a tensor-core kernel over one 16-row block, beyond that
 # the library GEMM (or fp8.linear's own choice for an fp8 weight).
 LINEAR_SKINNY_MAX_ROWS = 16

@@ -107,11 +107,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     return out
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The weight-only fp8 GEMM (``engine.kernels.fp8.linear``'s Triton path)."""
-    return skinny_linear(x, weight, scale, bias)
-
-
 # --------------------------------------------------------------------------------------------- grouped experts
 _GROUPED_CONFIGS = [
     _config(64, 128, 4, 4),
