@@ -3,6 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh test
+# Triton for the kernels' checks under its interpreter on CPU (tests/test_triton_interpreter_engine.py, test_fp8.py,
+# test_triton_pdl.py; ~1 min): a CPU torch brings none (3.9 is what they pass with); a CUDA torch brings its own.
+.venv/bin/python -c "import triton" 2>/dev/null || .venv/bin/python -m pip install -q "triton>=3.9,<3.10"
 # System packages the tests start themselves: redis-server (free loopback ports), Xvfb + xdotool + Tk (desktops),
 # Tesseract's English data for OCR of scanned pages (PyMuPDF's built-in Tesseract reads it), chromium (the web
 # console's browser tests).

@@ -123,6 +123,10 @@ def test_fused_decode_kernels_match_torch_at_a3b_shapes(rows: int) -> None:
         q8, s8 = fp8.quantize_rows(weight)
         _close(fused.linear(x, q8, s8, impl="triton"), fused.linear(x, q8, s8, impl="torch"))
 
+    router = torch.randn(experts, d, device=dev)  # fp32, as the loader keeps it
+    x = torch.randn(rows, d, device=dev, dtype=bf16)
+    _close(fused.router_logits(x, None, router, impl="triton"), fused.router_logits(x, None, router, impl="torch"))
+
     logits = torch.randn(rows, experts, device=dev)
     bias = torch.rand(experts, device=dev) * 0.1
     ids_a, w_a = fused.route_topk(logits, bias, top_k, "sigmoid", True, 2.446, impl="triton")
@@ -218,6 +222,26 @@ def test_graphs_stay_valid_when_the_batch_crosses_the_fused_path_threshold(tiny_
         outputs.append([s.output_ids for s in seqs])
     assert engine.runner.graphs.replays > 0 and (16, 256) in engine.runner.graphs.graphs
     assert outputs[2] == outputs[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens,shared", [(8192, True), (5, False), (1, True)])
+def test_moe_combine_kernel_matches_reference(tokens: int, shared: bool) -> None:
+    """The prefill MoE's one-pass combine against the gather + fp32 sum + cast + add it replaces: the same bf16
+    numbers (both sum the k slots in fp32 and round twice)."""
+    from engine.kernels import triton_moe
+    from engine.kernels.moe import combine_torch
+
+    top_k, d = 6, 2048
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    outputs = torch.randn(tokens * top_k, d, device="cuda", generator=gen).to(torch.bfloat16)
+    inverse = torch.randperm(tokens * top_k, device="cuda", generator=gen)
+    extra = torch.randn(tokens, d, device="cuda", generator=gen).to(torch.bfloat16) if shared else None
+    actual = triton_moe.combine(outputs, inverse, top_k, extra)
+    expected = combine_torch(outputs, inverse, top_k, extra)
+    assert actual.dtype == torch.bfloat16 and actual.shape == (tokens, d)
+    assert (actual.float() - expected.float()).abs().max().item() <= 2 ** -6 * expected.float().abs().max().item()
+    assert (actual == expected).float().mean().item() > 0.99  # rounding ties aside, the same bits
 
 
 @pytest.mark.gpu

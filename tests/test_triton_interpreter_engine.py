@@ -8,7 +8,7 @@ every "auto" dispatch forced onto Triton, against the PyTorch references, end to
 Each kernel also has its own interpreter check (tests/fp8_interpret_checks.py); this one catches what only shows
 when they run together in the engine (argument order, strides, dtypes, scales passed on, a silent fallback).
 It runs ``tests/triton_interpret_engine_checks.py`` in a subprocess, since TRITON_INTERPRET must be set before
-triton is first imported. Triton is not a CI dependency: without it this test is skipped (in CI it always is).
+triton is first imported. scripts/test.sh installs Triton on a CPU torch, so CI runs it; without Triton it is skipped.
 The model is float16: the interpreter's tl.dot with bf16 operands computes garbage.
 """
 
@@ -80,6 +80,7 @@ def test_engine_triton_paths_under_interpreter(tiny_checkpoint_a3b: Path) -> Non
     prefill = report["prefill_fp8_calls"]
     assert report["prefill_fp8"]["tokens"] > 64  # past the GEMV row limit of Fp8Linear's weight-only GEMM
     assert prefill.get("fp8_grouped_linear", 0) > 0 and prefill.get("silu_mul_scale", 0) > 0, prefill
+    assert prefill.get("moe_combine", 0) > 0, prefill  # the k slots + shared output summed in one pass
 
     # greedy generation: prefill (grouped experts, fused silu) then the fused decode steps, run ahead. The model,
     # prompts and checkpoint seed are fixed, so the tokens are deterministic; they are equal here (no fp16

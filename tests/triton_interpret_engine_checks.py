@@ -63,6 +63,7 @@ _count(triton_fp8, "skinny_linear",
        lambda x, w, s, *a: f"{'fp8_linear' if s is not None else 'skinny_linear'}[{x.shape[0]}x{w.shape[0]}]")
 _count(triton_fp8, "fp8_grouped_linear", lambda x, *a: "fp8_grouped_linear")
 _count(triton_moe, "silu_mul_scale", lambda *a: "silu_mul_scale")
+_count(triton_moe, "combine", lambda *a: "moe_combine")
 _count(triton_decode, "attention_splits", lambda n, width: f"attention_splits[{width}]")
 
 

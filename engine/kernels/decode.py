@@ -100,7 +100,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
                      module="triton_fp8")
 
 
-def linear_torch(x, weight, scale, bias):
+def linear_torch(x, weight, scale, bias, out_dtype=None):
+    if out_dtype is not None and out_dtype != x.dtype:  # a 16-bit row into a wider product (the router's logits)
+        assert scale is None
+        x, weight = x.to(out_dtype), weight.to(out_dtype)
     return fp8.linear(x, weight, scale, bias, impl="torch")
 
 
@@ -180,6 +183,21 @@ def mla_decode_attention_torch(q_latent, q_pe, cache, slots, lengths, scale, w_u
 
 
 # --------------------------------------------------------------------------------------------- router
+ROUTER_GEMV_MAX_ROWS = 1  # one row's router logits on the one-row GEMV (one chained kernel, not cuBLAS's two)
+
+
+def router_logits(x: torch.Tensor, x_fp32: torch.Tensor | None, weight: torch.Tensor,
+                  impl: Impl = "auto") -> torch.Tensor:
+    """The router's logits (T, E) in fp32: x (T, D) · weight (E, D)ᵀ with x upcast (``x_fp32``, that upcast, when
+    the caller has it), as ``MoEGate.selection_scores``."""
+    # an fp32 weight as loaded: the GEMV reads it ahead of its PDL wait, so it must not be a fresh cast
+    use = (_triton(impl, x) and x.dim() == 2 and x.shape[0] <= ROUTER_GEMV_MAX_ROWS
+           and weight.dtype == torch.float32)
+    if use:
+        return _dispatch("router_gemv", impl, True, "row_gemv", linear_torch, x, weight, None, None, torch.float32)
+    return F.linear(x.float() if x_fp32 is None else x_fp32, weight.float())
+
+
 def route_topk(
     logits: torch.Tensor,
     bias: torch.Tensor | None,

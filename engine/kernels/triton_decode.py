@@ -14,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.triton_pdl import launch_options
+from engine.kernels.triton_pdl import wait_and_release as pdl_wait_and_release
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -31,11 +34,13 @@ def _pow2(n: int, floor: int = 1) -> int:
 def _add_rms_norm_kernel(
     parts_ptr, res_ptr, w_ptr, h_ptr, n_ptr, f_ptr,
     D, stride_pt, stride_ps, stride_r, eps,
-    S: tl.constexpr, HAS_RES: tl.constexpr, WANT_F32: tl.constexpr, BLOCK_D: tl.constexpr,
+    S: tl.constexpr, HAS_RES: tl.constexpr, WANT_F32: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     t = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
     m = offs < D
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    pdl_wait_and_release(PDL)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s in tl.static_range(S):
         acc += tl.load(parts_ptr + t * stride_pt + s * stride_ps + offs, mask=m, other=0.0).to(tl.float32)
@@ -45,7 +50,6 @@ def _add_rms_norm_kernel(
     tl.store(h_ptr + t * D + offs, h, mask=m)
     hf = h.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
-    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
     y = (hf * rstd * w).to(n_ptr.dtype.element_ty)
     tl.store(n_ptr + t * D + offs, y, mask=m)
     if WANT_F32:
@@ -72,7 +76,7 @@ def add_rms_norm(parts, residual, weight, eps, want_fp32):
         parts3, res, weight, h, normed, f32,
         d, parts3.stride(0), parts3.stride(1), res.stride(0), eps,
         S=parts3.shape[1], HAS_RES=residual is not None, WANT_F32=want_fp32, BLOCK_D=block,
-        num_warps=4 if block <= 4096 else 8,
+        num_warps=4 if block <= 4096 else 8, **launch_options(parts),
     )
     return h, normed, (f32 if want_fp32 else None)
 
@@ -84,7 +88,7 @@ def _mla_prologue_kernel(
     T, stride_q, stride_kv, stride_cs, stride_cache, stride_wh, stride_wn, eps,
     H: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, RANK: tl.constexpr, R_TILES: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_RO: tl.constexpr,
+    BLOCK_RO: tl.constexpr, PDL: tl.constexpr,
 ):
     """Programs [0, H*R_TILES): the absorbed query q_latent[t, h, tile] = q_nope[t, h] · W_UK[h][:, tile] for
     every row (the head's W_UK tile read once, rows in blocks of BLOCK_T through the tensor cores); programs
@@ -97,6 +101,7 @@ def _mla_prologue_kernel(
         offs_n = tl.arange(0, NOPE)
         w = tl.load(wuk_ptr + h * stride_wh + offs_n[:, None] * stride_wn + offs_o[None, :], mask=mo[None, :],
                     other=0.0)
+        pdl_wait_and_release(PDL)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             mt = offs_t < T
@@ -106,6 +111,7 @@ def _mla_prologue_kernel(
             tl.store(ql_ptr + (offs_t[:, None].to(tl.int64) * H + h) * RANK + offs_o[None, :],
                      acc.to(ql_ptr.dtype.element_ty), mask=mt[:, None] & mo[None, :])
     else:
+        pdl_wait_and_release(PDL)
         t = pid - H * R_TILES
         slot = tl.load(slot_ptr + t).to(tl.int64)
         row = cache_ptr + slot * stride_cache
@@ -153,7 +159,7 @@ def mla_decode_prologue(q, kv, w_uk, heads, nope, rope, rank, norm_weight, eps, 
         n, q.stride(0), kv.stride(0), cos.stride(0), cache.stride(0), w_uk.stride(0), w_uk.stride(1), eps,
         H=heads, NOPE=nope, ROPE=rope, RANK=rank, R_TILES=r_tiles,
         BLOCK_H=_pow2(heads), BLOCK_R=_pow2(rank, 16), BLOCK_J=_pow2(rope // 2), BLOCK_T=16, BLOCK_RO=block_ro,
-        num_warps=4,
+        num_warps=4, **launch_options(q),
     )
     return q_latent, q_pe
 
@@ -163,18 +169,19 @@ def mla_decode_prologue(q, kv, w_uk, heads, nope, rope, rank, norm_weight, eps, 
 def _mla_attn_kernel(
     ql_ptr, qp_ptr, cache_ptr, slots_ptr, lens_ptr, acc_ptr, ml_ptr,
     stride_ql_h, stride_ql_t, stride_qp_t, stride_qp_h, stride_cache, stride_slots, scale_log2,
-    H: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr, SPLITS: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr,
+    H: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr, SPLITS: tl.constexpr, SPLIT_KEYS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr,
 ):
     """One (row, split): online softmax over the split's share of the row's keys, all heads at once (the latent
-    is shared by every head, so each key tile is read once for all of them). A split takes BLOCK_L keys, or an
-    even share of the row's keys when SPLITS * BLOCK_L is short of its length (the share is cut from the row's
+    is shared by every head, so each key tile is read once for all of them). A split takes SPLIT_KEYS keys (in
+    tiles of BLOCK_L), or an even share of the row's keys when SPLITS * SPLIT_KEYS is short of its length (the share is cut from the row's
     length, not the slot table's width: a long row in a wide graph bucket still spreads over every split).
     Writes the unnormalised partial (acc, max, sum) for the epilogue."""
     t = tl.program_id(0)
     sp = tl.program_id(1)
+    pdl_wait_and_release(PDL)
     length = tl.load(lens_ptr + t)
-    per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_L) * BLOCK_L
+    per_split = tl.cdiv(tl.cdiv(length, SPLITS), SPLIT_KEYS) * SPLIT_KEYS
     start = sp * per_split
     end = tl.minimum(start + per_split, length)
     offs_h = tl.arange(0, BLOCK_H)
@@ -231,7 +238,7 @@ def _merge_weights(ml_ptr, offs_t, mt, offs_s, h, H: tl.constexpr, SPLITS: tl.co
 def _mla_epilogue_row_kernel(
     acc_ptr, ml_ptr, wuv_ptr, out_ptr, stride_wh, stride_wv,
     H: tl.constexpr, RANK: tl.constexpr, V: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
 ):
     """Few rows (many splits each), program (row, head, v tile): z = the row's splits merged (all splits of an R
     chunk in one load), rounded to the activation dtype as the unfused z was, then values[t, h, tile] =
@@ -241,6 +248,7 @@ def _mla_epilogue_row_kernel(
     offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     mv = offs_v < V
     offs_s = tl.arange(0, BLOCK_S)
+    pdl_wait_and_release(PDL)
     w = tl.sum(_merge_weights(ml_ptr, t + tl.arange(0, 1), tl.full([1], True, tl.int1), offs_s, h, H, SPLITS),
                axis=0)  # (BLOCK_S,)
     rows = ((t * SPLITS + offs_s) * H + h) * RANK
@@ -260,7 +268,7 @@ def _mla_epilogue_row_kernel(
 def _mla_epilogue_block_kernel(
     acc_ptr, ml_ptr, wuv_ptr, out_ptr, T, stride_wh, stride_wv,
     H: tl.constexpr, RANK: tl.constexpr, V: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
 ):
     """Many rows (few splits each), program (head, v tile, row block): as the row kernel, the rows' merged z
     (BLOCK_T, R chunk) then through the tensor cores with the head's W_UV tile, read once for the block."""
@@ -270,6 +278,7 @@ def _mla_epilogue_block_kernel(
     offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     mt = offs_t < T
     offs_s = tl.arange(0, BLOCK_S)
+    pdl_wait_and_release(PDL)
     w = _merge_weights(ml_ptr, offs_t, mt, offs_s, h, H, SPLITS)  # (BLOCK_T, BLOCK_S)
     rows = ((offs_t[:, None] * SPLITS + offs_s[None, :]) * H + h) * RANK
     out = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
@@ -286,18 +295,25 @@ def _mla_epilogue_block_kernel(
              out.to(out_ptr.dtype.element_ty), mask=mt[:, None] & mv[None, :])
 
 
-ATTN_BLOCK_L = 32
+ATTN_BLOCK_L = 32  # keys per tile of the attention loop
+ATTN_SPLIT_KEYS = 32  # keys per split (a multiple of ATTN_BLOCK_L) unless the program cap below binds
 # up to this many rows (at least 16 splits each) the epilogue runs per row on the CUDA cores; beyond, per block of
 # 16 rows through the tensor cores (a per-row W_UV read would cost 128 KB of L2 traffic per row and head)
 EPILOGUE_ROW_MAX_ROWS = 8
 
 
+def epilogue_row_block_v(n_rows: int, v_dim: int) -> int:
+    """Values per program of the row epilogue (each program merges its head's splits itself): 16 at one row
+    (256 programs for A3B), 32 beyond (16 cost batch 8 7 %: bench/RESULTS.md "Fifth H100 run")."""
+    return min(16 if n_rows == 1 else 32, _pow2(v_dim, 16))
+
+
 def attention_splits(n_rows: int, width: int) -> int:
-    """Splits per row for ``n_rows`` rows over ``width`` key slots: about 128 programs, one per ATTN_BLOCK_L slots
-    at most. Shapes only, so one CUDA graph serves every length under its width. The kernel gives each split
-    ATTN_BLOCK_L of the row's keys, or an even share of them where the 128-program cap binds (long rows): so an
+    """Splits per row for ``n_rows`` rows over ``width`` key slots: about 128 programs, one per ATTN_SPLIT_KEYS
+    slots at most. Shapes only, so one CUDA graph serves every length under its width. The kernel gives each split
+    ATTN_SPLIT_KEYS of the row's keys, or an even share of them where the 128-program cap binds (long rows): so an
     eager step and a graph replay of a wider bucket cut a row's keys the same way (same sums, same tokens)."""
-    return max(1, min(triton.cdiv(128, max(n_rows, 1)), triton.cdiv(width, ATTN_BLOCK_L)))
+    return max(1, min(triton.cdiv(128, max(n_rows, 1)), triton.cdiv(width, ATTN_SPLIT_KEYS)))
 
 
 def mla_decode_attention(q_latent, q_pe, cache, slots, lengths, scale, w_uv):
@@ -315,25 +331,25 @@ def mla_decode_attention(q_latent, q_pe, cache, slots, lengths, scale, w_uv):
         q_latent, q_pe, cache, slots, lengths, acc, ml,
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0), slots.stride(0),
         scale * 1.4426950408889634,
-        H=heads, RANK=rank, ROPE=rope, SPLITS=splits,
+        H=heads, RANK=rank, ROPE=rope, SPLITS=splits, SPLIT_KEYS=ATTN_SPLIT_KEYS,
         BLOCK_H=_pow2(heads, 16), BLOCK_R=block_r, BLOCK_P=_pow2(rope, 16), BLOCK_L=ATTN_BLOCK_L,
-        num_warps=8 if block_r >= 256 else 4, num_stages=2,
+        num_warps=8 if block_r >= 256 else 4, num_stages=2, **launch_options(q_latent),
     )
     values = torch.empty(n, heads, v_dim, device=q_latent.device, dtype=q_latent.dtype)
     block_s = _pow2(splits)
     if n <= EPILOGUE_ROW_MAX_ROWS:
-        block_v = min(32, _pow2(v_dim, 16))
+        block_v = epilogue_row_block_v(n, v_dim)
         _mla_epilogue_row_kernel[(n, heads, triton.cdiv(v_dim, block_v))](
             acc, ml, w_uv, values, w_uv.stride(0), w_uv.stride(1),
             H=heads, RANK=rank, V=v_dim, SPLITS=splits, BLOCK_S=block_s, BLOCK_V=block_v,
-            BLOCK_R=max(16, min(128, 4096 // block_s, block_r)), num_warps=4,
+            BLOCK_R=max(16, min(128, 4096 // block_s, block_r)), num_warps=4, **launch_options(acc),
         )
     else:
         block_t, block_v = 16, min(64, _pow2(v_dim, 16))
         _mla_epilogue_block_kernel[(heads, triton.cdiv(v_dim, block_v), triton.cdiv(n, block_t))](
             acc, ml, w_uv, values, n, w_uv.stride(0), w_uv.stride(1),
             H=heads, RANK=rank, V=v_dim, SPLITS=splits, BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_V=block_v,
-            BLOCK_R=max(16, min(32, 8192 // (block_t * block_s), block_r)), num_warps=4,
+            BLOCK_R=max(16, min(32, 8192 // (block_t * block_s), block_r)), num_warps=4, **launch_options(acc),
         )
     return values
 
@@ -343,11 +359,12 @@ def mla_decode_attention(q_latent, q_pe, cache, slots, lengths, scale, w_uv):
 def _route_topk_kernel(
     logits_ptr, bias_ptr, ids_ptr, w_ptr, E, stride_l, scale,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
-    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     t = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     me = offs < E
+    pdl_wait_and_release(PDL)
     x = tl.load(logits_ptr + t * stride_l + offs, mask=me, other=float("-inf")).to(tl.float32)
     if SOFTMAX:
         ex = tl.exp(x - tl.max(x, axis=0))
@@ -388,6 +405,7 @@ def route_topk(logits, bias, top_k, scoring, norm_topk_prob, scale):
         logits, bias if bias is not None else logits, ids, weights, experts, logits.stride(0), float(scale),
         TOP_K=top_k, K_PAD=_pow2(top_k), BLOCK_E=_pow2(experts, 16), SOFTMAX=scoring == "softmax",
         HAS_BIAS=bias is not None, NORM=norm_topk_prob and top_k > 1, num_warps=1 if experts <= 128 else 4,
+        **launch_options(logits),
     )
     return ids, weights
 
@@ -442,22 +460,37 @@ def _gemv_tile(x_row, w_base, offs_n, mn, K, stride_w,
 
 
 @triton.jit
-def _gate_up_tile(x_row, g_base, u_base, gs_row, us_row, offs_n, mn, D,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_EACH: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """silu(x·W_gateᵀ) · (x·W_upᵀ) for the tile's rows; fp8 weights (HAS_SCALE) convert in registers and their
-    per-row scales (gs_row/us_row) multiply the fp32 sums before the activation."""
+def _first_tile(w_base, offs_n, mn, K, stride_w, BLOCK_K: tl.constexpr):
+    """The tile's first BLOCK_K weight columns (as stored): what a kernel may load before its PDL wait."""
+    offs_k = tl.arange(0, BLOCK_K)
+    return tl.load(w_base + offs_n[:, None] * stride_w + offs_k[None, :], mask=mn[:, None] & (offs_k < K)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _first_tile_dot(w, x_row, K, BLOCK_K: tl.constexpr):
+    """Σ_k w[n, k] x[k] over a :func:`_first_tile` (fp32)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    xv = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+    return tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+
+
+@triton.jit
+def _gate_up_sums(x_row, g_base, u_base, offs_n, mn, K, stride_w,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_EACH: tl.constexpr):
+    """(x·W_gateᵀ, x·W_upᵀ) in fp32 for the tile's rows over k < K (rows ``stride_w`` apart)."""
     if REDUCE_EACH:
         g = tl.zeros([BLOCK_N], dtype=tl.float32)
         u = tl.zeros([BLOCK_N], dtype=tl.float32)
     else:
         acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mk = offs_k < D
+        mk = offs_k < K
         xv = tl.load(x_row + offs_k, mask=mk, other=0.0).to(tl.float32)[None, :]
         m2 = mn[:, None] & mk[None, :]
-        off = offs_n[:, None] * D + offs_k[None, :]
+        off = offs_n[:, None] * stride_w + offs_k[None, :]
         wg = tl.load(g_base + off, mask=m2, other=0.0).to(tl.float32)
         wu = tl.load(u_base + off, mask=m2, other=0.0).to(tl.float32)
         if REDUCE_EACH:
@@ -472,6 +505,12 @@ def _gate_up_tile(x_row, g_base, u_base, gs_row, us_row, offs_n, mn, D,
     else:
         gate = tl.sum(acc_g, axis=1)
         up = tl.sum(acc_u, axis=1)
+    return gate, up
+
+
+@triton.jit
+def _swiglu(gate, up, gs_row, us_row, offs_n, mn, HAS_SCALE: tl.constexpr):
+    """silu(gate) · up; fp8 weights (HAS_SCALE): their per-row scales multiply the fp32 sums first."""
     if HAS_SCALE:
         gate = gate * tl.load(gs_row + offs_n, mask=mn, other=0.0)
         up = up * tl.load(us_row + offs_n, mask=mn, other=0.0)
@@ -485,8 +524,11 @@ def _moe_gate_up_kernel(
     gs_ptr, us_ptr, sgs_ptr, sus_ptr,
     D, I, stride_x, stride_we, n_rows,
     TOP_K: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    REDUCE_EACH: tl.constexpr, HAS_SCALE: tl.constexpr,
+    REDUCE_EACH: tl.constexpr, HAS_SCALE: tl.constexpr, PDL: tl.constexpr,
 ):
+    """Program (token · slot, column tile): a routed slot reads its expert's rows by id once the router has run;
+    a shared slot's weights are known up front, so it loads their first tile before the PDL wait (it streams
+    while the router finishes). fp8 weights convert in registers."""
     pid = tl.program_id(0)  # token * (TOP_K + N_SHARED) + slot
     nb = tl.program_id(1)
     t = pid // (TOP_K + N_SHARED)
@@ -495,15 +537,24 @@ def _moe_gate_up_kernel(
     mn = offs_n < I
     x_row = x_ptr + t * stride_x
     if s < TOP_K:
+        pdl_wait_and_release(PDL)
         e = tl.load(ids_ptr + t * TOP_K + s).to(tl.int64)
         rw = tl.load(rw_ptr + t * TOP_K + s).to(tl.float32)
-        h = _gate_up_tile(x_row, wg_ptr + e * stride_we, wu_ptr + e * stride_we, gs_ptr + e * I, us_ptr + e * I,
-                          offs_n, mn, D, BLOCK_N, BLOCK_K, REDUCE_EACH, HAS_SCALE)
-        h = h * rw
+        gate, up = _gate_up_sums(x_row, wg_ptr + e * stride_we, wu_ptr + e * stride_we, offs_n, mn, D, D,
+                                 BLOCK_N, BLOCK_K, REDUCE_EACH)
+        h = _swiglu(gate, up, gs_ptr + e * I, us_ptr + e * I, offs_n, mn, HAS_SCALE) * rw
     else:
         j = (s - TOP_K).to(tl.int64)
-        h = _gate_up_tile(x_row, sg_ptr + j * I * D, su_ptr + j * I * D, sgs_ptr + j * I, sus_ptr + j * I,
-                          offs_n, mn, D, BLOCK_N, BLOCK_K, REDUCE_EACH, HAS_SCALE)
+        g_base = sg_ptr + j * I * D
+        u_base = su_ptr + j * I * D
+        wg = _first_tile(g_base, offs_n, mn, D, D, BLOCK_K)
+        wu = _first_tile(u_base, offs_n, mn, D, D, BLOCK_K)
+        pdl_wait_and_release(PDL)
+        gate, up = _gate_up_sums(x_row + BLOCK_K, g_base + BLOCK_K, u_base + BLOCK_K, offs_n, mn, D - BLOCK_K, D,
+                                 BLOCK_N, BLOCK_K, REDUCE_EACH)  # the rest of D (nothing for whole-D tiles)
+        gate += _first_tile_dot(wg, x_row, D, BLOCK_K)
+        up += _first_tile_dot(wu, x_row, D, BLOCK_K)
+        h = _swiglu(gate, up, sgs_ptr + j * I, sus_ptr + j * I, offs_n, mn, HAS_SCALE)
     tl.store(out_ptr + pid.to(tl.int64) * I + offs_n, h.to(out_ptr.dtype.element_ty), mask=mn)
 
 
@@ -513,8 +564,9 @@ def _moe_down_kernel(
     h_ptr, ids_ptr, wd_ptr, sd_ptr, out_ptr, ds_ptr, sds_ptr,
     D, I, stride_we, shared_row, n_rows,
     TOP_K: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    REDUCE_EACH: tl.constexpr, HAS_SCALE: tl.constexpr,
+    REDUCE_EACH: tl.constexpr, HAS_SCALE: tl.constexpr, PDL: tl.constexpr,
 ):
+    """As the gate/up kernel: routed slots by id after the PDL wait, shared slots' first tile before it."""
     pid = tl.program_id(0)  # token * (TOP_K + N_SHARED) + slot
     nb = tl.program_id(1)
     t = pid // (TOP_K + N_SHARED)
@@ -523,13 +575,18 @@ def _moe_down_kernel(
     mn = offs_n < D
     h_row = h_ptr + pid.to(tl.int64) * I
     if s < TOP_K:
+        pdl_wait_and_release(PDL)
         e = tl.load(ids_ptr + t * TOP_K + s).to(tl.int64)
         y = _gemv_tile(h_row, wd_ptr + e * stride_we, offs_n, mn, I, I, BLOCK_N, BLOCK_K, REDUCE_EACH)
         if HAS_SCALE:  # fp8 weights: the output channel's scale, once per sum
             y = y * tl.load(ds_ptr + e * D + offs_n, mask=mn, other=0.0)
     else:
-        j = (s - TOP_K).to(tl.int64)
-        y = _gemv_tile(h_row, sd_ptr + j * I, offs_n, mn, I, shared_row, BLOCK_N, BLOCK_K, REDUCE_EACH)
+        w_base = sd_ptr + (s - TOP_K).to(tl.int64) * I
+        w = _first_tile(w_base, offs_n, mn, I, shared_row, BLOCK_K)
+        pdl_wait_and_release(PDL)
+        y = _first_tile_dot(w, h_row, I, BLOCK_K)
+        y += _gemv_tile(h_row + BLOCK_K, w_base + BLOCK_K, offs_n, mn, I - BLOCK_K, shared_row, BLOCK_N, BLOCK_K,
+                        REDUCE_EACH)
         if HAS_SCALE:
             y = y * tl.load(sds_ptr + offs_n, mask=mn, other=0.0)
     tl.store(out_ptr + pid.to(tl.int64) * D + offs_n, y, mask=mn)
@@ -607,6 +664,7 @@ def moe_gate_up(x, ids, weights, w_gate, w_up, shared_gate, shared_up,
     _moe_gate_up_kernel[grid](
         x, ids, weights, w_gate, w_up, shared_gate, shared_up, out, *scales,
         d, inter, x.stride(0), w_gate.stride(0), rows, TOP_K=top_k, N_SHARED=ns, HAS_SCALE=has_scale,
+        **launch_options(x),
     )
     return out
 
@@ -627,6 +685,7 @@ def moe_down(hidden, ids, w_down, shared_down, down_scale=None, shared_down_scal
     _moe_down_kernel[grid](
         hidden, ids, w_down, shared_down, out, *scales,
         d, inter, w_down.stride(0), shared_down.stride(0), rows, TOP_K=top_k, N_SHARED=ns, HAS_SCALE=has_scale,
+        **launch_options(hidden),
     )
     return out
 
@@ -654,13 +713,18 @@ _GEMV_CONFIGS_ROW = [
 def _row_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, stride_w,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    REDUCE_EACH: tl.constexpr,
+    REDUCE_EACH: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[n] = Σ_k w[n, k] x[k] for one row: CUDA-core GEMV, many small column tiles so every SM streams
-    weight (cuBLAS took 6.8 µs, ~1.1 TB/s, for the 7.5 MB fused qkv weight on an H100)."""
+    weight (cuBLAS took 6.8 µs, ~1.1 TB/s, for the 7.5 MB fused qkv weight on an H100). The first weight tile
+    is loaded before the PDL wait: it streams while the kernel that writes x finishes."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < N
-    y = _gemv_tile(x_ptr, w_ptr, offs_n, mn, K, stride_w, BLOCK_N, BLOCK_K, REDUCE_EACH)
+    w_first = _first_tile(w_ptr, offs_n, mn, K, stride_w, BLOCK_K)
+    pdl_wait_and_release(PDL)
+    y = _first_tile_dot(w_first, x_ptr, K, BLOCK_K)
+    y += _gemv_tile(x_ptr + BLOCK_K, w_ptr + BLOCK_K, offs_n, mn, K - BLOCK_K, stride_w, BLOCK_N, BLOCK_K,
+                    REDUCE_EACH)  # the rest of K (nothing for whole-K tiles)
     if HAS_SCALE:
         y = y * tl.load(s_ptr + offs_n, mask=mn, other=0.0)
     if HAS_BIAS:
@@ -668,18 +732,19 @@ def _row_gemv_kernel(
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mn)
 
 
-def row_gemv(x, weight, scale, bias):
-    """x (1, K) · weight (N, K)ᵀ (+ bias) in x's dtype; ``scale`` (N,) fp32 for an fp8 weight, else None."""
+def row_gemv(x, weight, scale, bias, out_dtype=None):
+    """x (1, K) · weight (N, K)ᵀ (+ bias) in ``out_dtype`` (x's dtype by default); ``scale`` (N,) fp32 for an fp8
+    weight, else None."""
     m, k = x.shape
     n = weight.shape[0]
     assert m == 1 and weight.shape[1] == k and weight.stride(-1) == 1
     x = x.contiguous()
-    out = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    out = torch.empty(1, n, device=x.device, dtype=out_dtype or x.dtype)
     dummy = scale.float().contiguous() if scale is not None else out
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
     _row_gemv_kernel[grid](x, weight, dummy, bias if bias is not None else dummy, out, n, k, weight.stride(0),
-                           HAS_SCALE=scale is not None, HAS_BIAS=bias is not None)
+                           HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, **launch_options(x))
     return out

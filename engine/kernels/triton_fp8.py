@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.triton_pdl import launch_options
+from engine.kernels.triton_pdl import wait_and_release as pdl_wait_and_release
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -59,7 +62,7 @@ def _skinny_linear_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
     M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -67,6 +70,7 @@ def _skinny_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mm = offs_m < M
     mn = offs_n < N
+    pdl_wait_and_release(PDL)
     acc = _scaled_tile(x_ptr, w_ptr, s_ptr, offs_m, mm, offs_n, mn, K, K, stride_xm, stride_wn,
                        BLOCK_M, BLOCK_N, BLOCK_K, HAS_SCALE)
     if HAS_BIAS:
@@ -102,7 +106,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
     _skinny_linear_kernel[grid](
         x, weight, dummy, bias if bias is not None else dummy, out,
         m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_M=bm,
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_M=bm, **launch_options(x),
     )
     return out
 

@@ -1,4 +1,4 @@
-"""Triton kernel behind ``engine.kernels.moe.silu_mul_scale`` (CUDA only)."""
+"""Triton kernels behind ``engine.kernels.moe`` (CUDA only)."""
 
 from __future__ import annotations
 
@@ -30,5 +30,40 @@ def silu_mul_scale(gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor) 
     block = min(1024, triton.next_power_of_2(cols))
     _silu_mul_scale_kernel[(rows, triton.cdiv(cols, block))](
         gate, up, w, out, cols, gate.stride(0), up.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _combine_kernel(out_ptr, inv_ptr, shared_ptr, dst_ptr, n_cols, stride_o, stride_s, stride_d,
+                    TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        row = tl.load(inv_ptr + t * TOP_K + j).to(tl.int64)
+        acc += tl.load(out_ptr + row * stride_o + offs, mask=mask, other=0.0).to(tl.float32)
+    y = acc.to(dst_ptr.dtype.element_ty)
+    if HAS_SHARED:  # rounded twice, as routed.to(dtype) + shared
+        s = tl.load(shared_ptr + t * stride_s + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + s).to(dst_ptr.dtype.element_ty)
+    tl.store(dst_ptr + t * stride_d + offs, y, mask=mask)
+
+
+def combine(outputs: torch.Tensor, inverse: torch.Tensor, top_k: int, shared: torch.Tensor | None) -> torch.Tensor:
+    rows, cols = outputs.shape
+    tokens = inverse.numel() // top_k
+    assert outputs.stride(-1) == 1 and inverse.numel() == rows
+    assert shared is None or (shared.shape == (tokens, cols) and shared.dtype == outputs.dtype)
+    inverse = inverse.contiguous()
+    if shared is not None and shared.stride(-1) != 1:
+        shared = shared.contiguous()
+    out = torch.empty(tokens, cols, device=outputs.device, dtype=outputs.dtype)
+    block = min(1024, triton.next_power_of_2(cols))
+    _combine_kernel[(tokens, triton.cdiv(cols, block))](
+        outputs, inverse, shared if shared is not None else out, out, cols, outputs.stride(0),
+        shared.stride(0) if shared is not None else 0, out.stride(0),
+        TOP_K=top_k, HAS_SHARED=shared is not None, BLOCK=block, num_warps=4,
     )
     return out

@@ -21,17 +21,20 @@ import triton
 import triton.language as tl
 
 from engine.kernels.triton_decode import _configs, _pow2, _shared_slots, down_operands, gate_up_operands
+from engine.kernels.triton_pdl import launch_options
+from engine.kernels.triton_pdl import wait_and_release as pdl_wait_and_release
 
 _ORDER_ROWS = 16  # pairs ranked per program of the order kernel
 
 
 @triton.jit
 def _expert_order_kernel(ids_ptr, order_ptr, starts_ptr, n_pairs, n_experts,
-                         BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_E: tl.constexpr):
+                         BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
     """order[rank(p)] = p with pairs ranked by (expert, p); starts[e] = pairs with an expert below e. Ranking by
     counting (every program sees all pairs) instead of sorting: one launch, no host sync, graph-capturable."""
     pid = tl.program_id(0)
     offs_j = tl.arange(0, BLOCK_P)
+    pdl_wait_and_release(PDL)
     e_j = tl.load(ids_ptr + offs_j, mask=offs_j < n_pairs, other=1 << 30).to(tl.int32)
     offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
     mi = offs_i < n_pairs
@@ -56,7 +59,7 @@ def expert_order(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch
     starts = torch.empty(n_experts + 1, dtype=torch.int32, device=ids.device)
     _expert_order_kernel[(triton.cdiv(n_pairs, _ORDER_ROWS),)](
         flat, order, starts, n_pairs, n_experts,
-        BLOCK_P=_pow2(n_pairs, 16), BLOCK_I=_ORDER_ROWS, BLOCK_E=16, num_warps=4,
+        BLOCK_P=_pow2(n_pairs, 16), BLOCK_I=_ORDER_ROWS, BLOCK_E=16, num_warps=4, **launch_options(flat),
     )
     return order, starts
 
@@ -137,8 +140,9 @@ def _tiled_gate_up_kernel(
     gs_ptr, us_ptr, sgs_ptr, sus_ptr,
     D, I, stride_x, stride_we, n_rows, rows_key, n_experts,
     TOP_K: tl.constexpr, N_SHARED: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait_and_release(PDL)
     e = tl.program_id(0)  # routed expert, or n_experts + shared slice
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < I
@@ -181,8 +185,9 @@ def _tiled_down_kernel(
     h_ptr, order_ptr, starts_ptr, wd_ptr, sd_ptr, out_ptr, ds_ptr, sds_ptr,
     D, I, stride_we, shared_row, n_rows, rows_key, n_experts,
     TOP_K: tl.constexpr, N_SHARED: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait_and_release(PDL)
     e = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < D
@@ -218,7 +223,7 @@ def tiled_gate_up(x, order, starts, weights, w_gate, w_up, shared_gate, shared_u
     _tiled_gate_up_kernel[grid](
         x, order, starts, weights, w_gate, w_up, shared_gate, shared_up, out, *scales,
         d, inter, x.stride(0), w_gate.stride(0), n, row_class(n), experts, TOP_K=top_k, N_SHARED=ns,
-        HAS_SCALE=has_scale,
+        HAS_SCALE=has_scale, **launch_options(x),
     )
     return out
 
@@ -239,6 +244,6 @@ def tiled_down(hidden, order, starts, w_down, shared_down, down_scale=None, shar
     _tiled_down_kernel[grid](
         hidden, order, starts, w_down, shared_down, out, *scales,
         d, inter, w_down.stride(0), shared_down.stride(0), n, row_class(n), experts, TOP_K=top_k, N_SHARED=ns,
-        HAS_SCALE=has_scale,
+        HAS_SCALE=has_scale, **launch_options(hidden),
     )
     return out

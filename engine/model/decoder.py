@@ -25,6 +25,7 @@ from torch import nn
 from engine.config import TextConfig
 from engine.kernels import decode as fused_ops
 from engine.kernels import fp8, use_triton
+from engine.kernels.moe import combine as moe_combine
 from engine.kernels.moe import silu_mul_scale
 from engine.model.rope import apply_interleaved_rope
 
@@ -318,8 +319,12 @@ class DeepseekV3MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """``fused`` (a decode step's rows): the three projections on the few-row kernels."""
+        if not fused:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = (fused_ops.linear(x, m.weight, fp8.weight_scale(m)) for m in (self.gate_proj, self.up_proj))
+        return fused_ops.linear(F.silu(gate) * up, self.down_proj.weight, fp8.weight_scale(self.down_proj))
 
 
 class MoEGate(nn.Module):
@@ -426,7 +431,10 @@ class ExpertBank(nn.Module):
                 out[f"{e}.{name}.weight"] = (name, e)
         return out
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                shared: torch.Tensor | None = None) -> torch.Tensor:
+        """x (T, D), the router's ids / weights (T, k) -> Σ_k weight · expert(x) (T, D) in x's dtype, plus
+        ``shared`` (T, D) (the shared experts' output) when given: added in the same pass as the slots' sum."""
         n_tokens, top_k = ids.shape
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
@@ -446,7 +454,7 @@ class ExpertBank(nn.Module):
             outputs = self._loop(gathered, counts, row_weights)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=x.device)
-        return outputs[inverse].view(n_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
+        return moe_combine(outputs, inverse, top_k, shared)  # fp32 sum of the k slots, one pass (engine.kernels.moe)
 
     def _grouped(self, sorted_x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
@@ -512,7 +520,7 @@ class DeepseekV3MoE(nn.Module):
         expert first and each expert's weights read once (expert tiles)."""
         gate, experts = self.gate, self.experts
         if self.fused_router:
-            logits = F.linear(x_fp32 if x_fp32 is not None else x.float(), gate.weight.float())
+            logits = fused_ops.router_logits(x, x_fp32, gate.weight)
             bias = gate.e_score_correction_bias.float() if gate.topk_method == "noaux_tc" else None
             ids, weights = fused_ops.route_topk(logits, bias, gate.top_k, gate.scoring_func, gate.norm_topk_prob,
                                                 gate.routed_scaling_factor)
@@ -534,10 +542,8 @@ class DeepseekV3MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         ids, weights = self.gate(flat)
-        out = self.experts(flat, ids, weights).view(shape)
-        if hasattr(self, "shared_experts"):
-            out = out + self.shared_experts(x)
-        return out
+        shared = self.shared_experts(flat) if hasattr(self, "shared_experts") else None
+        return self.experts(flat, ids, weights, shared).view(shape)
 
 
 # --------------------------------------------------------------------------------------------- layers / model
@@ -563,7 +569,12 @@ class DeepseekV3DecoderLayer(nn.Module):
         h, normed, normed_fp32 = self.post_attention_layernorm.add_forward(
             attn_out, h, ctx.fused, want_fp32=gemv and mlp.fused_router
         )
-        parts = mlp.forward_parts(normed, normed_fp32) if gemv else mlp(normed)
+        if gemv:
+            parts = mlp.forward_parts(normed, normed_fp32)
+        elif isinstance(mlp, DeepseekV3MLP):
+            parts = mlp(normed, fused=ctx.fused)
+        else:
+            parts = mlp(normed)
         h, normed, _ = next_norm.add_forward(parts, h, ctx.fused)
         return h, normed
 
@@ -631,4 +642,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None) -> torch.Tensor:
-        return self.lm_head(self.model(inputs_embeds, position_ids, attention_mask, cache)).float()
+        return self.logits(self.model(inputs_embeds, position_ids, attention_mask, cache))
+
+    def logits(self, normed: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """fp32 logits of final-normed hidden rows; ``fused`` (a decode step's rows): on the few-row kernels."""
+        if not fused:
+            return self.lm_head(normed).float()
+        return fused_ops.linear(normed, self.lm_head.weight, fp8.weight_scale(self.lm_head)).float()

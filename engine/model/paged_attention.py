@@ -68,10 +68,12 @@ class PagedAttention:
         W_UV applied in its epilogue."""
         n = x.shape[0]
         heads, nope, rope, rank = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank
+        # before the projection: the prologue reads W_UK ahead of its PDL wait, so the kernel that first makes
+        # the (fp8: dequantised) copy must not be the one right before it
+        w_uk, w_uv = attn.absorbed_weights()
         q, kv = attn.project_qkv(x, fused=True)
         cache = self.kv_cache[attn.layer_idx]
         norm = attn.kv_a_layernorm
-        w_uk, w_uv = attn.absorbed_weights()
         q_latent, q_pe = fused_ops.mla_decode_prologue(q, kv, w_uk, heads, nope, rope, rank, norm.weight, norm.eps,
                                                        cos, sin, cache, self.meta.slot_mapping, impl=self.kernels)
         values = fused_ops.mla_decode_attention(q_latent.transpose(0, 1), q_pe, cache, self.meta.decode_slots,

@@ -255,4 +255,4 @@ class ModelRunner:
         normed = decoder.run_layers(h, cos, sin, ctx)
         if meta.logit_rows.numel() == 0:
             return torch.empty(0, lm.config.vocab_size, device=self.device)
-        return lm.lm_head(normed[meta.logit_rows]).float()
+        return lm.logits(normed[meta.logit_rows], ctx.fused)
