@@ -123,11 +123,47 @@ def test_ocr_is_bounded_in_pages_and_time() -> None:
     assert [p.ocr for p in bounded.pages] == [True, False, False]
     assert (bounded.ocr_pages, bounded.ocr_skipped) == (1, 2)
     assert all(p.scanned and p.image_png for p in bounded.pages)  # the model still gets every page's image
-    timed = read_pdf(pdf, ocr=True, ocr_time_s=1e-6)  # the budget is checked between pages
+    timed = read_pdf(pdf, ocr=True, ocr_time_s=1e-6)  # checked between pages (a page started gets OCR_PAGE_MIN_S)
     assert (timed.ocr_pages, timed.ocr_skipped) == (1, 2)
     progress: list[tuple[int, int]] = []
     read_pdf(pdf, ocr=True, max_ocr_pages=1, on_page=lambda d, n: progress.append((d, n)))
     assert progress == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_ocr_leaves_the_callers_threads_running() -> None:
+    """MuPDF's Tesseract holds the GIL for a whole page: run in-process it froze a service's event loop (task
+    heartbeats, HTTP handlers) for seconds. It runs in a child process, so a thread beside the reader keeps ticking."""
+    import threading
+    import time
+
+    pdf = image_only_pdf([CLAUSE, TEXT_PAGE + " " + CLAUSE, CLAUSE])
+    gaps: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        last = time.monotonic()
+        while not stop.wait(0.02):
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    started = time.monotonic()
+    try:
+        document = read_pdf(pdf, ocr=True)
+    finally:
+        stop.set()
+        ticker.join()
+    assert document.ocr_pages == 3 and all("Delaware" in p.text for p in document.pages)
+    assert time.monotonic() - started > 0.5 and max(gaps) < 0.5, max(gaps)  # ticks every 20 ms throughout
+
+
+def test_a_page_past_its_time_limit_is_killed() -> None:
+    doc = pymupdf.open(stream=image_only_pdf([CLAUSE]), filetype="pdf")
+    with pytest.raises(ocr.OcrTimeout):
+        ocr.ocr_blocks(doc[0], tessdata=ocr.find_tessdata(), timeout_s=0.01)
+    assert any("Delaware" in ln.text for b in ocr.ocr_blocks(doc[0], tessdata=ocr.find_tessdata()) for ln in b.lines)
 
 
 def test_a_garbage_text_layer_is_read_with_ocr() -> None:

@@ -35,6 +35,7 @@ OUTLINED_MIN_DRAWINGS = 200  # no text but this many vector paths: text drawn as
 _SHRINK_EVERY = 25  # pages between trims of MuPDF's resource cache (decoded images, fonts)
 DEFAULT_MAX_OCR_PAGES = 500
 DEFAULT_OCR_TIME_S = 900.0
+OCR_PAGE_MIN_S = 30.0  # a page started inside the budget gets at least this long before its OCR is killed
 GARBAGE_MIN_CHARS = 40  # a text layer this long or longer is judged for garbage
 GARBAGE_SHARE = 0.3  # share of unreadable characters (replacement, private use, controls) that makes it garbage
 
@@ -225,8 +226,15 @@ class PdfReader:
             return None
         tessdata = ocr.require_tessdata(self.ocr_language)
         started = time.monotonic()
-        blocks = ocr.ocr_blocks(page, tessdata=tessdata, language=self.ocr_language)
-        self._ocr_seconds += time.monotonic() - started
+        try:  # the budget's remainder (at least OCR_PAGE_MIN_S) bounds this page too: its child is killed past it
+            blocks = ocr.ocr_blocks(page, tessdata=tessdata, language=self.ocr_language,
+                                    timeout_s=max(OCR_PAGE_MIN_S, self.ocr_time_s - self._ocr_seconds))
+        except ocr.OcrTimeout:
+            self._ocr_seconds = self.ocr_time_s
+            self.ocr_skipped += 1
+            return None
+        finally:
+            self._ocr_seconds += time.monotonic() - started
         self.ocr_pages += 1
         return blocks
 
