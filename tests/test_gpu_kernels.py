@@ -245,6 +245,43 @@ def test_moe_combine_kernel_matches_reference(tokens: int, shared: bool) -> None
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", [8192, 1, 777])
+def test_prefill_layout_kernels_match_reference(rows: int) -> None:
+    """The prefill prologue (kv norm, RoPE, cache write, head-major query) and the K/V layout kernel at A3B's dims
+    against their references: copies bit-exact, rounded values within two bf16 roundings, only the rows' slots
+    written."""
+    from engine.kernels import prefill_layout
+
+    heads, nope, rope, rank, v_dim, bf16 = 16, 128, 64, 512, 128, torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    q_cols = heads * (nope + rope)
+    fused = torch.randn(rows, q_cols + rank + rope, device="cuda", generator=gen).to(bf16)
+    q, kv = fused[:, :q_cols], fused[:, q_cols:]
+    angles = torch.rand(rows, rope // 2, device="cuda", generator=gen) * 100
+    cos, sin = angles.cos().to(bf16), angles.sin().to(bf16)
+    weight = (torch.rand(rank, device="cuda", generator=gen) + 0.5).to(bf16)
+    slots = torch.randperm(2 * rows, device="cuda", generator=gen)[:rows]
+    before = torch.randn(2 * rows, rank + rope, device="cuda", generator=gen).to(bf16)
+    cache_ref, cache_tri = before.clone(), before.clone()
+    args = (q, kv, heads, nope, rope, rank, weight, 1e-6, cos, sin)
+    expected = prefill_layout.prologue(*args, cache_ref, slots, impl="torch")
+    actual = prefill_layout.prologue(*args, cache_tri, slots, impl="triton")
+    assert actual.transpose(0, 1).is_contiguous() and torch.equal(actual[..., :nope], expected[..., :nope])
+    _close(actual[..., nope:], expected[..., nope:], 2 * 2**-8)
+    _close(cache_tri[slots], cache_ref[slots], 2 * 2**-8)
+    untouched = torch.ones(2 * rows, dtype=torch.bool, device="cuda")
+    untouched[slots] = False
+    assert torch.equal(cache_tri[untouched], before[untouched])
+
+    keys = rows + 4096  # a cached prefix and the chunk
+    kv_full = torch.randn(keys, heads * (nope + v_dim), device="cuda", generator=gen).to(bf16)
+    latents = torch.randn(keys, rank + rope, device="cuda", generator=gen).to(bf16)
+    k_ref, v_ref = prefill_layout.expand_kv(kv_full, latents[:, rank:], heads, nope, v_dim, impl="torch")
+    k_tri, v_tri = prefill_layout.expand_kv(kv_full, latents[:, rank:], heads, nope, v_dim, impl="triton")
+    assert torch.equal(k_tri, k_ref) and torch.equal(v_tri, v_ref)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("rows,cols", [(1, 1408), (3000, 1408), (77, 96)])
 def test_silu_mul_scale_kernel_matches_reference(rows: int, cols: int) -> None:
     from engine.kernels import triton_moe
@@ -258,3 +295,7 @@ def test_silu_mul_scale_kernel_matches_reference(rows: int, cols: int) -> None:
     actual = triton_moe.silu_mul_scale(gate, up, weights)
     assert actual.dtype == torch.bfloat16 and actual.shape == (rows, cols)
     _close(actual, expected, rel=1e-2)
+    # no routing weights (the shared experts' SwiGLU), gate and up as halves of one GEMM output
+    both = torch.cat([gate, up], dim=1)
+    dense = triton_moe.silu_mul_scale(both[:, :cols], both[:, cols:], None)
+    _close(dense, silu_mul_scale_torch(gate.float(), up.float(), None), rel=1e-2)

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 import engine.kernels as kernels  # noqa: E402
 from engine.kernels import decode as fused  # noqa: E402
-from engine.kernels import fp8, moe, triton_decode, triton_fp8, triton_moe, triton_moe_tiles  # noqa: E402
+from engine.kernels import fp8, moe, prefill_layout, triton_decode, triton_fp8, triton_moe, triton_moe_tiles  # noqa: E402
+from engine.kernels import triton_prefill_layout  # noqa: E402
 from engine.loader import load  # noqa: E402
 from engine.runtime.engine import EngineOptions, LLMEngine  # noqa: E402
 from engine.runtime.graphs import decode_views, packed_size, write_decode_inputs  # noqa: E402
@@ -62,8 +63,10 @@ _count(triton_moe_tiles, "tiled_down", lambda *a, **k: "tiled_down_fp8" if a[5] 
 _count(triton_fp8, "skinny_linear",
        lambda x, w, s, *a: f"{'fp8_linear' if s is not None else 'skinny_linear'}[{x.shape[0]}x{w.shape[0]}]")
 _count(triton_fp8, "fp8_grouped_linear", lambda x, *a: "fp8_grouped_linear")
-_count(triton_moe, "silu_mul_scale", lambda *a: "silu_mul_scale")
+_count(triton_moe, "silu_mul_scale", lambda *a: "silu_mul_scale" if a[2] is not None else "silu_mul")
 _count(triton_moe, "combine", lambda *a: "moe_combine")
+_count(triton_prefill_layout, "prologue", lambda *a: "prefill_prologue")
+_count(triton_prefill_layout, "expand_kv", lambda *a: "expand_kv")
 _count(triton_decode, "attention_splits", lambda n, width: f"attention_splits[{width}]")
 
 
@@ -79,7 +82,8 @@ def triton_forced(on: bool):
 
 
 def fallbacks() -> list[str]:
-    return sorted(fused._broken) + sorted(fp8._broken) + (["silu_mul_scale"] if moe._broken else [])
+    return (sorted(fused._broken) + sorted(fp8._broken) + sorted(moe._broken)
+            + sorted(prefill_layout._broken))
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -2,7 +2,7 @@
 
 ``silu_mul_scale(gate, up, weights)`` is ``silu(gate) * up * weights[:, None]``: three elementwise kernels and two
 intermediate tensors in PyTorch (~7 passes over a (tokens * k, I) activation, 8 ms of an 8K-token prefill on the
-H100), one pass in the Triton kernel. ``combine(outputs, inverse, top_k, shared)`` sums each token's k expert rows
+H100), one pass in the Triton kernel; with ``weights`` None the shared experts' ``silu(gate) * up``. ``combine(outputs, inverse, top_k, shared)`` sums each token's k expert rows
 (and adds the shared experts' output): in PyTorch a gather copy of every row, an fp32 sum, a cast and an add (~600
 MB of traffic a layer for an 8K prefill), one pass in the Triton kernel. The ``*_torch`` functions are the
 references, which CPU tests and non-CUDA tensors run; ``KIMIRAY_TRITON=0`` forces them everywhere.
@@ -19,12 +19,14 @@ from engine.kernels import first_working, use_triton
 _broken: set[str] = set()  # the kernel failed to build or launch here once: the reference from then on
 
 
-def silu_mul_scale_torch(gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up * weights
+def silu_mul_scale_torch(gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    hidden = F.silu(gate) * up
+    return hidden if weights is None else hidden * weights
 
 
-def silu_mul_scale(gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """gate, up: (N, I); weights: (N, 1) in the activations' dtype. Returns (N, I) in that dtype."""
+def silu_mul_scale(gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """gate, up: (N, I) (row-strided views are fine); weights: (N, 1) in the activations' dtype, or None (a dense
+    SwiGLU: the shared experts). Returns (N, I) in that dtype."""
     if use_triton(gate) and gate.shape[0] > 0:
         from engine.kernels import triton_moe
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from engine.config import TextConfig
 from engine.kernels import decode as fused_ops
-from engine.kernels import fp8, use_triton
+from engine.kernels import fp8, prefill_layout, use_triton
 from engine.kernels.moe import combine as moe_combine
 from engine.kernels.moe import silu_mul_scale
 from engine.model.rope import apply_interleaved_rope
@@ -141,13 +141,14 @@ class LatentCache:
 class AttentionContext(Protocol):
     """What the decoder's modules need from a step: where keys live and which kernels attend (nano-vllm's
     "context"). ``fused``: the fused decode backend runs (one prologue kernel, residual add fused with each norm,
-    expert GEMVs); ``attend`` gets the projected, normed and rotated q / latent and returns the attention output
-    before ``o_proj``; ``attend_fused`` does the same from the normed hidden rows (fused contexts only)."""
+    expert GEMVs); ``attend`` gets the fused projection's q and kv (not yet normed or rotated: the kv norm,
+    RoPE and cache write are the context's, so a paged context does them in one kernel) and returns the attention
+    output before ``o_proj``; ``attend_fused`` does the same from the normed hidden rows (fused contexts only)."""
 
     fused: bool
 
-    def attend(self, attn: DeepseekV3Attention, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
-               k_pe: torch.Tensor) -> torch.Tensor: ...
+    def attend(self, attn: DeepseekV3Attention, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor: ...
 
     def attend_fused(self, attn: DeepseekV3Attention, x: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> torch.Tensor: ...
@@ -167,17 +168,19 @@ class DenseAttention:
     def __init__(self, mask: torch.Tensor | None, softmax_scale: float, cache: LatentCache | None = None) -> None:
         self.mask, self.softmax_scale, self.cache = mask, softmax_scale, cache
 
-    def attend(self, attn: DeepseekV3Attention, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
-               k_pe: torch.Tensor) -> torch.Tensor:
-        """q_nope/q_pe (B, L, H, ·) with q_pe rotated; c_kv (B, L, R) normed; k_pe (B, L, P) rotated -> (B, L, H*v)."""
+    def attend(self, attn: DeepseekV3Attention, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+        """q (B, L, H*(nope+rope)), kv (B, L, R+P) from the projection, cos/sin (B, L, P/2) -> (B, L, H*v)."""
+        query, latent = attn.query_and_latent(q, kv, cos, sin)
+        c_kv, k_pe = latent.split([attn.kv_lora_rank, attn.qk_rope_head_dim], dim=-1)
         if self.cache is not None:
             c_kv, k_pe = self.cache.update(attn.layer_idx, c_kv, k_pe)
-        bsz, q_len, heads = q_nope.shape[:3]
+        bsz, q_len, heads = query.shape[:3]
         kv_len = c_kv.shape[1]
         kv = attn.kv_b_proj(c_kv).view(bsz, kv_len, heads, attn.qk_nope_head_dim + attn.v_head_dim)
         k_nope, v = kv.transpose(1, 2).split([attn.qk_nope_head_dim, attn.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None].expand(-1, heads, -1, -1)], dim=-1)
-        query = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        query = query.transpose(1, 2)
         causal = self.mask is None and q_len > 1  # only produced when the queries start at position 0
         out = F.scaled_dot_product_attention(query, k, v, attn_mask=self.mask, is_causal=causal,
                                              scale=self.softmax_scale)
@@ -291,22 +294,24 @@ class DeepseekV3Attention(nn.Module):
             self._absorbed = cached
         return cached[1], cached[2]
 
+    def query_and_latent(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projections q (..., H*(nope+rope)) and kv (..., R+P) -> (query (..., H, nope+rope) with its rope
+        part rotated, latent (..., R+P) = [kv_a_layernorm(c_kv) | rope(k_pe)]): the reference; a paged context
+        does it in one kernel with the cache write (``engine.kernels.prefill_layout.prologue``)."""
+        norm = self.kv_a_layernorm
+        return prefill_layout.query_and_latent_torch(q, kv, self.num_heads, self.qk_nope_head_dim,
+                                                     self.qk_rope_head_dim, self.kv_lora_rank, norm.weight,
+                                                     norm.eps, cos, sin)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """x (..., D) -> (..., D); cos/sin (..., P/2) for x's positions; ``ctx`` the step's attention context.
-        A fused context (pure decode on the paged cache) runs its one-kernel prologue; otherwise the projections,
-        kv norm and one RoPE pass over the query heads and the shared key happen here."""
+        A fused context (pure decode on the paged cache) runs its one-kernel prologue from x; otherwise the
+        projections happen here and the context norms, rotates and attends (:meth:`query_and_latent`)."""
         if ctx.fused:
             return self.project_out(ctx.attend_fused(self, x, cos, sin), fused=True)
-        heads, nope, rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         q, kv = self.project_qkv(x)
-        q_nope, q_pe = q.view(*x.shape[:-1], heads, nope + rope).split([nope, rope], dim=-1)
-        c_kv, k_pe = kv.split([self.kv_lora_rank, rope], dim=-1)
-        rotated = apply_interleaved_rope(
-            torch.cat([q_pe, k_pe.unsqueeze(-2)], dim=-2), cos.unsqueeze(-2), sin.unsqueeze(-2)
-        )
-        return self.o_proj(
-            ctx.attend(self, q_nope, rotated[..., :heads, :], self.kv_a_layernorm(c_kv), rotated[..., heads, :])
-        )
+        return self.o_proj(ctx.attend(self, q, kv, cos, sin))
 
 
 # --------------------------------------------------------------------------------------------- FFN / MoE
@@ -321,8 +326,9 @@ class DeepseekV3MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """``fused`` (a decode step's rows): the three projections on the few-row kernels."""
-        if not fused:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if not fused:  # silu(gate) * up in one pass where the kernel runs (engine.kernels.moe)
+            return self.down_proj(silu_mul_scale(self.gate_proj(x).flatten(0, -2), self.up_proj(x).flatten(0, -2),
+                                                 None).view(*x.shape[:-1], -1))
         gate, up = (fused_ops.linear(x, m.weight, fp8.weight_scale(m)) for m in (self.gate_proj, self.up_proj))
         return fused_ops.linear(F.silu(gate) * up, self.down_proj.weight, fp8.weight_scale(self.down_proj))
 

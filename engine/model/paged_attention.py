@@ -15,7 +15,9 @@ sequences:
   layer on A3B; a chunk of C queries spends 2·H·(192+128)·C = 10 KFLOP·C attending to that key, so the
   expansion is 410/C of the prefix attention (5 % at C = 8K, 1.3 % at 32K) plus ~14 KB of expanded K/V written per key
   (1.8 GB for a 128K prefix, one layer at a time). Larger chunks (fewer re-expansions) are the
-  lever; attention in latent space for prefill would cost 3.4x the attention FLOPs (R+P = 576 per key).
+  lever; attention in latent space for prefill would cost 3.4x the attention FLOPs (R+P = 576 per key). The kv
+  norm, RoPE and cache write of every row are one kernel that also lays the query out head-major, and the expanded
+  keys and values are laid out for attention in one more (``engine.kernels.prefill_layout``).
 
 ``fused`` (pure-decode steps of the fused backend) projects with few-row kernels, replaces the projections' glue
 with one prologue kernel (kv RMSNorm, RoPE of q and k, the cache write, q_nope through W_UK), applies W_UV in the
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.kernels import decode as fused_ops
+from engine.kernels import prefill_layout
 from engine.kernels.prefill import chunk_attention
 
 if TYPE_CHECKING:
@@ -81,32 +84,33 @@ class PagedAttention:
         return values.view(n, heads * attn.v_head_dim)
 
     # ------------------------------------------------------------------ any step
-    def attend(self, attn: DeepseekV3Attention, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
-               k_pe: torch.Tensor) -> torch.Tensor:
-        """q_nope/q_pe (T, H, ·) with q_pe rotated, c_kv (T, R) normed, k_pe (T, P) rotated -> (T, H*v). Writes
-        the step's latents into the layer's cache first: prompt chunks read their own keys back from it."""
+    def attend(self, attn: DeepseekV3Attention, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+        """q (T, H*(nope+rope)) and kv (T, R+P) from the projection, cos/sin (T, P/2) -> (T, H*v). Writes the step's
+        latents into the layer's cache first (prompt chunks read their own keys back from it), in the kernel that
+        norms and rotates them."""
         meta = self.meta
-        n, heads = q_nope.shape[:2]
-        v_dim, rank = attn.v_head_dim, attn.kv_lora_rank
+        n, heads = q.shape[0], attn.num_heads
+        nope, rope, v_dim, rank = attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim, attn.kv_lora_rank
         cache = self.kv_cache[attn.layer_idx]
-        cache[meta.slot_mapping] = torch.cat([c_kv, k_pe], dim=-1).to(cache.dtype)
+        norm = attn.kv_a_layernorm
+        impl = "torch" if self.kernels == "torch" else "auto"
+        query = prefill_layout.prologue(q, kv, heads, nope, rope, rank, norm.weight, norm.eps, cos, sin, cache,
+                                        meta.slot_mapping, impl=impl)  # (T, H, nope+rope), rope part rotated
+        q_nope, q_pe = query.split([nope, rope], dim=-1)
         if self.pure_decode:
             return self._decode(attn, cache, q_nope, q_pe).view(n, heads * v_dim)
-        out = q_nope.new_empty(n, heads, v_dim)
+        out = q.new_empty(n, heads, v_dim)
         if meta.decode_rows.numel():
             rows = meta.decode_rows
             out[rows] = self._decode(attn, cache, q_nope[rows], q_pe[rows])
-        nope = attn.qk_nope_head_dim
         for chunk in meta.prefills:
-            c, k_rope = cache[chunk.slots].split([rank, attn.qk_rope_head_dim], dim=-1)
-            kv = attn.kv_b_proj(c).view(chunk.ctx_len, heads, nope + v_dim)  # prefix + chunk in one GEMM
-            k_nope, v = kv.split([nope, v_dim], dim=-1)
-            k = torch.cat([k_nope, k_rope[:, None].expand(-1, heads, -1)], dim=-1)
+            c, k_rope = cache[chunk.slots].split([rank, rope], dim=-1)
+            # prefix + chunk through kv_b_proj in one GEMM, then K/V in the (H, L, ·) layout attention takes
+            k, v = prefill_layout.expand_kv(attn.kv_b_proj(c), k_rope, heads, nope, v_dim, impl=impl)
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
-            query = torch.cat([q_nope[rows], q_pe[rows]], dim=-1)
-            # (1, heads, len, dim) views: the layout SDPA's fused kernels take
-            o = chunk_attention(query.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                chunk.ctx_len - chunk.q_len, self.softmax_scale,
-                                impl="torch" if self.kernels == "torch" else "auto")
+            # (1, heads, len, dim): for a step of one chunk the prologue's layout makes the query's view dense
+            o = chunk_attention(query[rows].transpose(0, 1)[None], k[None], v[None], chunk.ctx_len - chunk.q_len,
+                                self.softmax_scale, impl=impl)
             out[rows] = o[0].transpose(0, 1)
         return out.view(n, heads * v_dim)
