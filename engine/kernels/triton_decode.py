@@ -83,6 +83,32 @@ def add_rms_norm(parts, residual, weight, eps, want_fp32):
 
 # --------------------------------------------------------------------------------------------- MLA prologue
 @triton.jit
+def write_latent_row(t, kv_ptr, cos_ptr, sin_ptr, nw_ptr, cache_ptr, slot_ptr, stride_kv, stride_cs, stride_cache,
+                     eps, ROPE: tl.constexpr, RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Row t's latent into its cache slot: RMSNorm (fp32) of the compressed kv, interleaved RoPE (pairs (2j, 2j+1))
+    of the shared key, each rounded once. Returns the row's (cos, sin) in fp32 with the pair offsets and mask, for
+    the query's rope part (shared by the decode and prefill prologues)."""
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    row = cache_ptr + slot * stride_cache
+    cache_ty = cache_ptr.dtype.element_ty
+    offs_r = tl.arange(0, BLOCK_R)
+    mr = offs_r < RANK
+    c = tl.load(kv_ptr + t * stride_kv + offs_r, mask=mr, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(c * c, axis=0) / RANK + eps)
+    nw = tl.load(nw_ptr + offs_r, mask=mr, other=0.0).to(tl.float32)
+    tl.store(row + offs_r, (c * rstd * nw).to(cache_ty), mask=mr)
+    offs_j = tl.arange(0, BLOCK_J)
+    mj = offs_j < ROPE // 2
+    cos = tl.load(cos_ptr + t * stride_cs + offs_j, mask=mj, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + t * stride_cs + offs_j, mask=mj, other=0.0).to(tl.float32)
+    k_even = tl.load(kv_ptr + t * stride_kv + RANK + 2 * offs_j, mask=mj, other=0.0).to(tl.float32)
+    k_odd = tl.load(kv_ptr + t * stride_kv + RANK + 2 * offs_j + 1, mask=mj, other=0.0).to(tl.float32)
+    tl.store(row + RANK + 2 * offs_j, (k_even * cos - k_odd * sin).to(cache_ty), mask=mj)
+    tl.store(row + RANK + 2 * offs_j + 1, (k_even * sin + k_odd * cos).to(cache_ty), mask=mj)
+    return cos, sin, offs_j, mj
+
+
+@triton.jit
 def _mla_prologue_kernel(
     q_ptr, kv_ptr, cos_ptr, sin_ptr, nw_ptr, cache_ptr, slot_ptr, qpe_ptr, wuk_ptr, ql_ptr,
     T, stride_q, stride_kv, stride_cs, stride_cache, stride_wh, stride_wn, eps,
@@ -113,24 +139,8 @@ def _mla_prologue_kernel(
     else:
         pdl_wait_and_release(PDL)
         t = pid - H * R_TILES
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        row = cache_ptr + slot * stride_cache
-        # compressed kv: RMSNorm in fp32
-        offs_r = tl.arange(0, BLOCK_R)
-        mr = offs_r < RANK
-        c = tl.load(kv_ptr + t * stride_kv + offs_r, mask=mr, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(c * c, axis=0) / RANK + eps)
-        nw = tl.load(nw_ptr + offs_r, mask=mr, other=0.0).to(tl.float32)
-        tl.store(row + offs_r, (c * rstd * nw).to(cache_ptr.dtype.element_ty), mask=mr)
-        # interleaved rope: pairs (2j, 2j+1)
-        offs_j = tl.arange(0, BLOCK_J)
-        mj = offs_j < ROPE // 2
-        cos = tl.load(cos_ptr + t * stride_cs + offs_j, mask=mj, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + t * stride_cs + offs_j, mask=mj, other=0.0).to(tl.float32)
-        k_even = tl.load(kv_ptr + t * stride_kv + RANK + 2 * offs_j, mask=mj, other=0.0).to(tl.float32)
-        k_odd = tl.load(kv_ptr + t * stride_kv + RANK + 2 * offs_j + 1, mask=mj, other=0.0).to(tl.float32)
-        tl.store(row + RANK + 2 * offs_j, (k_even * cos - k_odd * sin).to(cache_ptr.dtype.element_ty), mask=mj)
-        tl.store(row + RANK + 2 * offs_j + 1, (k_even * sin + k_odd * cos).to(cache_ptr.dtype.element_ty), mask=mj)
+        cos, sin, offs_j, mj = write_latent_row(t, kv_ptr, cos_ptr, sin_ptr, nw_ptr, cache_ptr, slot_ptr, stride_kv,
+                                                stride_cs, stride_cache, eps, ROPE, RANK, BLOCK_R, BLOCK_J)
         offs_h = tl.arange(0, BLOCK_H)
         m2 = (offs_h < H)[:, None] & mj[None, :]
         src = q_ptr + t * stride_q + offs_h[:, None] * (NOPE + ROPE) + NOPE + 2 * offs_j[None, :]

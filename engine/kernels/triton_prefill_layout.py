@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.triton_decode import write_latent_row
+
 
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
@@ -22,24 +24,8 @@ def _prologue_kernel(
     """Row t: the kv RMSNorm (fp32) and the key's RoPE into the cache slot, the query's nope part copied and its
     rope part rotated into query[h, t, :] of an (H, T, NOPE+ROPE) tensor. Each value is rounded once."""
     t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    row = cache_ptr + slot * stride_cache
-    cache_ty = cache_ptr.dtype.element_ty
-    offs_r = tl.arange(0, BLOCK_R)
-    mr = offs_r < RANK
-    c = tl.load(kv_ptr + t * stride_kv + offs_r, mask=mr, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(c * c, axis=0) / RANK + eps)
-    nw = tl.load(nw_ptr + offs_r, mask=mr, other=0.0).to(tl.float32)
-    tl.store(row + offs_r, (c * rstd * nw).to(cache_ty), mask=mr)
-    # interleaved rope: pairs (2j, 2j+1)
-    offs_j = tl.arange(0, BLOCK_J)
-    mj = offs_j < ROPE // 2
-    cos = tl.load(cos_ptr + t * stride_cs + offs_j, mask=mj, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + t * stride_cs + offs_j, mask=mj, other=0.0).to(tl.float32)
-    k_even = tl.load(kv_ptr + t * stride_kv + RANK + 2 * offs_j, mask=mj, other=0.0).to(tl.float32)
-    k_odd = tl.load(kv_ptr + t * stride_kv + RANK + 2 * offs_j + 1, mask=mj, other=0.0).to(tl.float32)
-    tl.store(row + RANK + 2 * offs_j, (k_even * cos - k_odd * sin).to(cache_ty), mask=mj)
-    tl.store(row + RANK + 2 * offs_j + 1, (k_even * sin + k_odd * cos).to(cache_ty), mask=mj)
+    cos, sin, offs_j, mj = write_latent_row(t, kv_ptr, cos_ptr, sin_ptr, nw_ptr, cache_ptr, slot_ptr, stride_kv,
+                                            stride_cs, stride_cache, eps, ROPE, RANK, BLOCK_R, BLOCK_J)
     # the query, head-major
     DIM: tl.constexpr = NOPE + ROPE
     offs_h = tl.arange(0, BLOCK_H)

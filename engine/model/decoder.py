@@ -519,19 +519,25 @@ class DeepseekV3MoE(nn.Module):
         """The router's tail is one kernel when no group restriction applies (it then wants fp32 input)."""
         return self.gate.n_group == 1 or self.gate.topk_group >= self.gate.n_group
 
+    def route(self, x: torch.Tensor, x_fp32: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, D) -> (expert ids (T, k), weights (T, k) fp32), as :class:`MoEGate` computes them (its reference
+        is the same ops); where no group restriction applies the tail after the logits is one kernel
+        (``engine.kernels.decode.route_topk``) instead of ~8. ``x_fp32``: x upcast, when the caller has it."""
+        gate = self.gate
+        if not self.fused_router:
+            return gate(x)
+        logits = fused_ops.router_logits(x, x_fp32, gate.weight)
+        bias = gate.e_score_correction_bias.float() if gate.topk_method == "noaux_tc" else None
+        return fused_ops.route_topk(logits, bias, gate.top_k, gate.scoring_func, gate.norm_topk_prob,
+                                    gate.routed_scaling_factor)
+
     def forward_parts(self, x: torch.Tensor, x_fp32: torch.Tensor | None) -> torch.Tensor:
         """The fused backend: per-slot partial outputs (T, k+ns, D) fp32 (routed slots already weighted, shared
         experts as extra slots), summed with the residual by the next :meth:`RMSNorm.add_forward`. Within the GEMV
         limit the experts' weights are read by id (GEMVs: no sort, no dispatch); past it the pairs are grouped by
         expert first and each expert's weights read once (expert tiles)."""
-        gate, experts = self.gate, self.experts
-        if self.fused_router:
-            logits = fused_ops.router_logits(x, x_fp32, gate.weight)
-            bias = gate.e_score_correction_bias.float() if gate.topk_method == "noaux_tc" else None
-            ids, weights = fused_ops.route_topk(logits, bias, gate.top_k, gate.scoring_func, gate.norm_topk_prob,
-                                                gate.routed_scaling_factor)
-        else:
-            ids, weights = gate(x)
+        experts = self.experts
+        ids, weights = self.route(x, x_fp32)
         shared = getattr(self, "shared_experts", None)
         sg = su = sd = sgs = sus = sds = None
         if shared is not None:
@@ -547,7 +553,7 @@ class DeepseekV3MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        ids, weights = self.gate(flat)
+        ids, weights = self.route(flat)
         shared = self.shared_experts(flat) if hasattr(self, "shared_experts") else None
         return self.experts(flat, ids, weights, shared).view(shape)
 
