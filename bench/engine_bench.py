@@ -431,6 +431,8 @@ def main() -> None:
                         help="the engine's run-ahead (step N+1 launched before step N's samples are read); both: "
                              "decode measured with it on, then again with it off, same process")
     parser.add_argument("--no-graphs", action="store_true")
+    parser.add_argument("--warm-up", action="store_true", help="EngineOptions.warm_up_decode: every decode bucket's "
+                        "kernels compiled at engine start (its seconds recorded); the first rounds then show what is left")
     parser.add_argument("--nan-probe", action="store_true",
                         help="debug: sync after each step and report the first rows with non-finite logits")
     parser.add_argument("--breakdown", type=Path, help="time a decode step's phases; CPU op table here (one file "
@@ -445,10 +447,14 @@ def main() -> None:
     results: dict[str, object] = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__}
     workdir = Path(tempfile.mkdtemp())
     bundle = a3b_bundle(workdir, args.device, layers=args.layers)
+    started = time.perf_counter()
     engine = LLMEngine(bundle, EngineOptions(max_num_seqs=max(64, max(args.batches)), max_num_batched_tokens=8192,
                                              cache_tokens=args.longest + 4096, block_size=16,
-                                             cuda_graphs=not args.no_graphs, quantization=args.quantization))
+                                             cuda_graphs=not args.no_graphs, quantization=args.quantization,
+                                             warm_up_decode=args.warm_up))
     results["quantization"] = args.quantization
+    results["engine_start_s"] = round(time.perf_counter() - started, 1)  # with --warm-up: the warm-up included
+    results["warm_up_decode"] = args.warm_up
     engine.options.overlap = args.overlap != "off"
     results["cache_tokens"] = engine.cache_capacity_tokens
     if args.nan_probe:

@@ -191,3 +191,32 @@ def test_graph_steps_with_run_ahead_equal_eager_sequential_steps(tiny_bundle) ->
     assert {b for b, _ in engine.runner.graphs.graphs} >= {4, 8}  # padded buckets (5 rows, then fewer)
     for r in requests:
         assert _summary(actual[r["request_id"]]) == _summary(expected[r["request_id"]]), r["request_id"]
+
+
+def test_decode_warm_up_runs_every_bucket_on_scratch_and_changes_no_output(tiny_bundle) -> None:
+    """DecodeGraphs.warm_up (EngineOptions.warm_up_decode) runs each batch bucket up to max_num_seqs's and each key
+    bucket up to WARM_UP_MAX_KEYS once on padded rows: only the scratch block is written, nothing is captured, and
+    greedy outputs afterwards equal an engine that never warmed up."""
+    requests = [{"messages": text_message(f"warm {i} " + "word " * (2 * i)), "max_tokens": 4, "ignore_eos": True,
+                 "request_id": f"w{i}"} for i in range(3)]
+    expected = _drive(LLMEngine(tiny_bundle, EngineOptions(cache_tokens=4096, block_size=8, overlap=False)), requests)
+    engine = LLMEngine(tiny_bundle, EngineOptions(cache_tokens=4096, block_size=8, max_num_seqs=5))
+    graphs = engine.runner.graphs = _cpu_decode_graphs(engine.runner)
+    runner = engine.runner
+    runner.kv_cache.normal_()
+    before = runner.kv_cache.clone()
+    shapes: list[tuple[int, int]] = []
+    eager = runner.forward_eager
+    runner.forward_eager = lambda meta: shapes.append(tuple(meta.decode_slots.shape)) or eager(meta)
+    steps = graphs.warm_up(engine.options.max_num_seqs)
+    runner.forward_eager = eager
+    widths = [256, 512, 1024, 2048, 4096]
+    assert steps == 4 * len(widths) and sorted(set(shapes)) == [(b, w) for b in (1, 2, 4, 8) for w in widths]
+    changed = (runner.kv_cache != before).any(dim=-1).any(dim=0).nonzero().flatten()  # (layers, slots, dim)
+    scratch = set(range(runner.scratch_slot, runner.kv_cache.shape[1]))
+    assert set(changed.tolist()) <= scratch and len(changed) > 0
+    assert graphs.graphs == {} and graphs.replays == 0
+    runner.kv_cache.zero_()
+    actual = _drive(engine, requests)
+    for r in requests:
+        assert _summary(actual[r["request_id"]]) == _summary(expected[r["request_id"]]), r["request_id"]

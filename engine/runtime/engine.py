@@ -67,6 +67,10 @@ class EngineOptions(BaseModel):
     image_pixels: Literal["auto", "host", "device"] = Field(
         "auto", description="where images are resized/normalised/patchified: auto = on the model's GPU, else host"
     )
+    warm_up_decode: bool = Field(False, description=(
+        "at start, run each CUDA-graph batch bucket's decode kernels once on padded rows, so Triton compiles and "
+        "autotunes them before serving rather than in the first step at a new batch size (GPU, graphs on; "
+        "ray_config.yaml turns it on for replicas)"))
     overlap: bool = Field(True, description=(
         "launch the next decode step before reading this one's samples, so the host's emit work overlaps the "
         "device's next step (exact: see LLMEngine.step)"))
@@ -126,6 +130,10 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, num_blocks, options.block_size, options.vision_cache_rows, use_cuda_graphs=options.cuda_graphs
         )
+        if options.warm_up_decode and self.runner.graphs is not None:
+            started = time.monotonic()
+            steps = self.runner.graphs.warm_up(options.max_num_seqs)
+            log.info("decode warm-up: %d padded steps in %.1f s", steps, time.monotonic() - started)
         self.reasoning = (
             "thinking" in str(bundle.path).lower() if options.reasoning == "auto" else bool(options.reasoning)
         )

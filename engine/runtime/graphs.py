@@ -181,6 +181,32 @@ class DecodeGraphs:
         without Triton, or with the fused path off, decode steps run eagerly."""
         return self.runner.decode_backend != "modules" and use_triton(self.runner.kv_cache)
 
+    # ------------------------------------------------------------------ warm-up
+    # past 4,096 key slots no decode kernel's compile-time constants change (attention splits are capped at 128
+    # programs a step, reached at 32 keys a split), so smaller key buckets are all a warm-up needs
+    WARM_UP_MAX_KEYS = 4096
+
+    def warm_up(self, max_batch: int) -> int:
+        """Run the decode step of every batch bucket up to ``max_batch``'s and every key bucket up to
+        WARM_UP_MAX_KEYS once, eagerly, on padded rows (they write only the scratch block): Triton compiles and
+        autotunes each kernel variant those steps need now, not inside the first request step at a new batch
+        size (a bucket's first round ran at about twice its steady step time: bench/RESULTS.md, "Fifth H100
+        run"). Graphs are still captured on first use. Returns the steps run (0 when graphs are off)."""
+        if not self.fused():
+            return 0
+        runner, bs = self.runner, self.runner.block_size
+        last = self._bucket(min(max_batch, self.BATCH_BUCKETS[-1]), self.BATCH_BUCKETS)
+        batches = [b for b in self.BATCH_BUCKETS if b <= last]
+        keys = [k for k in (self.MIN_KEYS * 2**i for i in range(16))
+                if k <= min(self.WARM_UP_MAX_KEYS, self.key_bucket(self.max_keys))]
+        for batch in batches:
+            for width in keys:
+                host = np.zeros(packed_size(batch, width, bs), dtype=np.int64)
+                write_padded_inputs(host, batch, runner.scratch_slot // bs)
+                runner.forward_eager(decode_views(torch.from_numpy(host).to(runner.device), batch, width, bs,
+                                                  self.carry))
+        return len(batches) * len(keys)
+
     # ------------------------------------------------------------------ capture
     def _capture(self, batch: int, keys: int) -> CapturedDecode:
         runner = self.runner
