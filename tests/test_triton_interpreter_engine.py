@@ -85,6 +85,7 @@ def test_engine_triton_paths_under_interpreter(tiny_checkpoint_a3b: Path) -> Non
     assert prefill.get("prefill_prologue", 0) > 0 and prefill.get("expand_kv", 0) > 0, prefill
     assert prefill.get("silu_mul", 0) > 0, prefill  # the shared experts' (and dense MLP's) SwiGLU in one pass
     assert prefill.get("route_topk", 0) > 0, prefill  # the router's tail in one kernel for prompt rows too
+    assert prefill.get("add_rms_norm", 0) > 0, prefill  # each residual add fused with the norm after it
 
     # greedy generation: prefill (grouped experts, fused silu) then the fused decode steps, run ahead. The model,
     # prompts and checkpoint seed are fixed, so the tokens are deterministic; they are equal here (no fp16

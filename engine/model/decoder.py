@@ -61,8 +61,9 @@ class RMSNorm(nn.Module):
         """h = residual + parts and its norm: (h, norm(h), norm(h) in fp32 when ``want_fp32``).
 
         ``fused``: one kernel (``engine.kernels.decode.add_rms_norm``) that also sums per-slot MoE partial
-        outputs (T, S, D); otherwise the plain add (rounded once, as the fused kernel) and this module."""
-        if fused:
+        outputs (T, S, D); token rows (T, D) where Triton runs (a prompt chunk) take the same kernel; otherwise the
+        plain add (rounded once, as the kernel) and this module."""
+        if fused or (parts.dim() == 2 and use_triton(parts)):
             return fused_ops.add_rms_norm(parts, residual, self.weight, self.eps, want_fp32)
         h = parts if residual is None else residual + parts
         normed = self(h)
