@@ -2,9 +2,10 @@
 
 ``silu_mul_scale(gate, up, weights)`` is ``silu(gate) * up * weights[:, None]``: three elementwise kernels and two
 intermediate tensors in PyTorch (~7 passes over a (tokens * k, I) activation, 8 ms of an 8K-token prefill on the
-H100), one pass in the Triton kernel; with ``weights`` None the shared experts' ``silu(gate) * up``. ``combine(outputs, inverse, top_k, shared)`` sums each token's k expert rows
-(and adds the shared experts' output): in PyTorch a gather copy of every row, an fp32 sum, a cast and an add (~600
-MB of traffic a layer for an 8K prefill), one pass in the Triton kernel. The ``*_torch`` functions are the
+H100), one pass in the Triton kernel; with ``weights`` None it is the shared experts' ``silu(gate) * up``.
+``combine(outputs, inverse, top_k, shared)`` sums each token's k expert rows (and adds the shared experts' output):
+in PyTorch a gather copy of every row, an fp32 sum, a cast and an add (~600 MB of traffic a layer for an 8K
+prefill), one pass in the Triton kernel. The ``*_torch`` functions are the
 references, which CPU tests and non-CUDA tensors run; ``KIMIRAY_TRITON=0`` forces them everywhere.
 """
 

@@ -7,11 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton_decode import write_latent_row
-
-
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+from engine.kernels.triton_decode import _pow2, write_latent_row
 
 
 @triton.jit

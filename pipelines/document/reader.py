@@ -226,11 +226,12 @@ class PdfReader:
             return None
         tessdata = ocr.require_tessdata(self.ocr_language)
         started = time.monotonic()
-        try:  # the budget's remainder (at least OCR_PAGE_MIN_S) bounds this page too: its child is killed past it
+        # the budget's remainder (at least OCR_PAGE_MIN_S) bounds this page too: its child is killed past it, and
+        # the time spent then uses up the budget, so no later page starts
+        try:
             blocks = ocr.ocr_blocks(page, tessdata=tessdata, language=self.ocr_language,
                                     timeout_s=max(OCR_PAGE_MIN_S, self.ocr_time_s - self._ocr_seconds))
         except ocr.OcrTimeout:
-            self._ocr_seconds = self.ocr_time_s
             self.ocr_skipped += 1
             return None
         finally:
