@@ -25,7 +25,7 @@ from torch import nn
 
 from engine.config import KimiVLConfig, load_config
 from engine.kernels.fp8 import Fp8Linear, quantize_rows
-from engine.model.decoder import DeepseekV3Attention, DeepseekV3MoE, ExpertBank, MoEGate
+from engine.model.decoder import DeepseekV3Attention, DeepseekV3MLP, DeepseekV3MoE, ExpertBank, MoEGate
 from engine.model.kimi_vl import KimiVLForConditionalGeneration
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -107,9 +107,11 @@ def build_empty_model(config: KimiVLConfig, device: torch.device, dtype: torch.d
         for name, buf in list(module._buffers.items()):
             if buf is not None:
                 module._buffers[name] = buf.to(device)
-    for module in model.modules():  # the fused q/kv layout, made before loading: weights load into its views
+    for module in model.modules():  # merged layouts, made before loading: weights load into their views
         if isinstance(module, DeepseekV3Attention):
             module.fuse_qkv_()
+        elif isinstance(module, (DeepseekV3MLP, ExpertBank)):
+            module.fuse_gate_up_()
     return model.eval()
 
 
@@ -240,6 +242,18 @@ def _quantize_attention(attn: DeepseekV3Attention) -> None:
         _to_fp8(attn, name)
 
 
+def _quantize_mlp(mlp: DeepseekV3MLP) -> None:
+    """As :func:`_quantize_attention` for the merged gate/up layout (``fuse_gate_up_``)."""
+    merged = mlp.gate_up_weight
+    if merged is not None:
+        q, s = quantize_rows(merged.detach())
+        n = mlp.gate_proj.out_features
+        mlp.gate_proj, mlp.up_proj = Fp8Linear(q[:n], s[:n]), Fp8Linear(q[n:], s[n:])
+        mlp._gate_up, mlp._gate_up_scale = q, s
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        _to_fp8(mlp, name)
+
+
 @torch.no_grad()
 def quantize_model_(model: KimiVLForConditionalGeneration, quantization: str | None) -> None:
     """Quantise the loaded decoder in place: every attention projection, the dense MLPs and shared experts,
@@ -257,8 +271,7 @@ def quantize_model_(model: KimiVLForConditionalGeneration, quantization: str | N
             mlp.experts.quantize_fp8_()
             mlp = getattr(mlp, "shared_experts", None)
         if mlp is not None:
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                _to_fp8(mlp, name)
+            _quantize_mlp(mlp)
     if lm.lm_head.weight is not lm.model.embed_tokens.weight:  # a tied head stays with the embedding's dtype
         _to_fp8(lm, "lm_head")
     model.quantization = quantization

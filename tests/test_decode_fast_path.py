@@ -105,6 +105,68 @@ def test_fused_qkv_layout_is_made_at_load_time(tiny_checkpoint) -> None:
     assert plain.fused_qkv_weight is None
 
 
+def test_merged_gate_up_layouts_are_made_at_load_time_and_quantised_as_one(tiny_checkpoint_a3b) -> None:
+    """The loader lays each ExpertBank's gate/up out as one (E, 2I, D) tensor and each SwiGLU MLP's (shared experts,
+    dense layers) as one (2I, D) matrix, the parameters views of them holding the checkpoint's values; prompt rows
+    then run one (grouped) GEMM for both, with the numbers of the separate ones. fp8 quantises each merged tensor
+    once: the same bits as quantising the parts."""
+    from safetensors import safe_open
+
+    from engine.kernels import fp8
+    from engine.loader import _weight_files, load, quantize_model_
+    from engine.model.decoder import DeepseekV3MoE
+
+    bundle = load(tiny_checkpoint_a3b, device="cpu", dtype=torch.float32)
+    layers = bundle.model.language_model.model.layers
+    index = next(i for i, layer in enumerate(layers) if isinstance(layer.mlp, DeepseekV3MoE))
+    moe, dense = layers[index].mlp, next(layer.mlp for layer in layers if not isinstance(layer.mlp, DeepseekV3MoE))
+    bank, shared = moe.experts, moe.shared_experts
+    inter = bank.gate_proj.shape[1]
+    merged = bank.gate_up_weight
+    assert merged is not None and merged.shape == (bank.gate_proj.shape[0], 2 * inter, bank.gate_proj.shape[2])
+    assert bank.gate_proj.data_ptr() == merged.data_ptr() and bank.up_proj.data_ptr() == merged[:, inter:].data_ptr()
+    assert shared.gate_up_weight is not None and dense.gate_up_weight is not None
+    assert not any("_gate_up" in k for k in bundle.model.state_dict())  # nothing new to save
+    files = _weight_files(tiny_checkpoint_a3b)
+    for name in ("gate_proj", "up_proj"):
+        key = f"language_model.model.layers.{index}.mlp.experts.3.{name}.weight"
+        with safe_open(str(files[key]), "pt") as f:
+            assert torch.equal(getattr(bank, name)[3], f.get_tensor(key))
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, bank.gate_proj.shape[2], generator=gen)
+    ids = torch.randint(0, bank.gate_proj.shape[0], (37, moe.gate.top_k), generator=gen)
+    weights = torch.rand(37, moe.gate.top_k, generator=gen)
+
+    def separate(module, *args):  # the same module with its merged layout forgotten
+        saved = module._gate_up
+        module._gate_up = None
+        try:
+            return module(*args)
+        finally:
+            module._gate_up = saved
+
+    assert torch.allclose(bank(x, ids, weights), separate(bank, x, ids, weights), atol=1e-5)
+    assert torch.allclose(shared(x), separate(shared, x), atol=1e-5)
+
+    parts = {name: fp8.quantize_rows(getattr(bank, name).detach()) for name in ("gate_proj", "up_proj")}
+    quantize_model_(bundle.model, "fp8")
+    assert bank.gate_up_weight is not None and fp8.is_fp8(bank.gate_up_weight)
+    assert bank.gate_proj.data_ptr() == bank.gate_up_weight.data_ptr()
+    for name, scale in (("gate_proj", bank.gate_scale), ("up_proj", bank.up_scale)):
+        assert torch.equal(getattr(bank, name).view(torch.uint8), parts[name][0].view(torch.uint8))
+        assert torch.equal(scale, parts[name][1]) and scale.is_contiguous()
+    assert isinstance(shared.gate_proj, fp8.Fp8Linear) and shared.gate_up_scale is not None
+    assert shared.gate_proj.weight.data_ptr() == shared.gate_up_weight.data_ptr()
+    bank_scale = bank._gate_up_scale
+    bank._gate_up_scale = None  # the forgotten layout must not be half used
+    saved = bank._gate_up
+    bank._gate_up = None
+    expected = bank(x, ids, weights)
+    bank._gate_up, bank._gate_up_scale = saved, bank_scale
+    assert torch.allclose(bank(x, ids, weights), expected, atol=1e-5)
+
+
 def test_q_lora_checkpoint_has_no_fused_layout(tiny_checkpoint_q_lora) -> None:
     from engine.loader import load_model
 

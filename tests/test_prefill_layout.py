@@ -65,4 +65,25 @@ def test_triton_kernels_under_interpreter() -> None:
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "prefill layout interpreter checks passed" in done.stdout
-    assert done.stdout.count("ok ") == 6
+    assert done.stdout.count("ok ") == 8
+
+
+def test_router_weight_exact_in_16_bits_only_when_every_value_is(tiny_checkpoint_a3b) -> None:
+    """Prompt rows' router logits take the 16-bit kernel only when the fp32 router weight loses nothing in x's
+    dtype (then every product is exact in fp32); otherwise they keep the fp32 product."""
+    from engine.loader import load_model
+    from engine.model.decoder import MoEGate
+
+    model = load_model(tiny_checkpoint_a3b, dtype=torch.bfloat16)
+    gate = next(m for m in model.modules() if isinstance(m, MoEGate))
+    assert gate.weight.dtype == torch.float32  # the loader keeps the router in fp32
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(gate.weight.shape).to(torch.bfloat16).float())
+    low = gate.weight_exact_in(torch.bfloat16)
+    assert low is not None and low.dtype == torch.bfloat16 and torch.equal(low.float(), gate.weight)
+    assert gate.weight_exact_in(torch.bfloat16) is low  # checked once
+    assert gate.weight_exact_in(torch.float32) is None
+    with torch.no_grad():
+        gate.weight[3, 5] = 1.0 + 2**-12  # no longer a bf16 value
+    gate.weight = torch.nn.Parameter(gate.weight.detach().clone())  # a new weight: checked again
+    assert gate.weight_exact_in(torch.bfloat16) is None

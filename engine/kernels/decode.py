@@ -183,19 +183,32 @@ def mla_decode_attention_torch(q_latent, q_pe, cache, slots, lengths, scale, w_u
 
 
 # --------------------------------------------------------------------------------------------- router
+# prompt chunks' logits from the 16-bit rows (decode batches keep the measured paths)
+ROUTER_16BIT_MIN_ROWS = 512
 ROUTER_GEMV_MAX_ROWS = 1  # one row's router logits on the one-row GEMV (one chained kernel, not cuBLAS's two)
 
 
 def router_logits(x: torch.Tensor, x_fp32: torch.Tensor | None, weight: torch.Tensor,
-                  impl: Impl = "auto") -> torch.Tensor:
+                  impl: Impl = "auto", weight_16bit: torch.Tensor | None = None) -> torch.Tensor:
     """The router's logits (T, E) in fp32: x (T, D) · weight (E, D)ᵀ with x upcast (``x_fp32``, that upcast, when
-    the caller has it), as ``MoEGate.selection_scores``."""
+    the caller has it), as ``MoEGate.selection_scores``. ``weight_16bit``: the fp32 weight in x's 16-bit dtype when
+    every value is exact there (``MoEGate.weight_exact_in``); then many rows take a tensor-core kernel whose
+    products are exact (``engine.kernels.triton_router``): the same sums up to their order, with no fp32 copy of x."""
     # an fp32 weight as loaded: the GEMV reads it ahead of its PDL wait, so it must not be a fresh cast
     use = (_triton(impl, x) and x.dim() == 2 and x.shape[0] <= ROUTER_GEMV_MAX_ROWS
            and weight.dtype == torch.float32)
     if use:
         return _dispatch("router_gemv", impl, True, "row_gemv", linear_torch, x, weight, None, None, torch.float32)
-    return F.linear(x.float() if x_fp32 is None else x_fp32, weight.float())
+    many = (weight_16bit is not None and x.dim() == 2 and x.shape[0] >= ROUTER_16BIT_MIN_ROWS
+            and weight_16bit.dtype == x.dtype and _triton(impl, x))
+    if many:
+        return _dispatch("router_logits_16bit", impl, True, "router_logits", lambda x, _w: router_logits_torch(x, weight),
+                         x, weight_16bit, module="triton_router")
+    return router_logits_torch(x if x_fp32 is None else x_fp32, weight)
+
+
+def router_logits_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.float(), weight.float())
 
 
 def route_topk(

@@ -623,7 +623,10 @@ def gate_up_operands(w_gate, w_up, shared_gate, shared_up, scales, dummy):
     shared_up, the four scales as fp32 contiguous tensors). ``scales``: (gate, up, shared_gate, shared_up) scales,
     all given (fp8 weights) or none; without scales each is ``dummy`` (never read), without shared experts the
     routed weights stand in for them (never read: N_SHARED = 0)."""
-    assert w_gate.is_contiguous() and w_up.is_contiguous()
+    # each expert's (I, D) rows contiguous; gate and up may be views of one merged (E, 2I, D) tensor (the
+    # ExpertBank's prefill layout): the kernels step both by w_gate's expert stride
+    assert w_gate.shape == w_up.shape and w_gate.stride(0) == w_up.stride(0)
+    assert w_gate[0].is_contiguous() and w_up[0].is_contiguous()
     has_scale, (gate_scale, up_scale, shared_gate_scale, shared_up_scale) = _scales(*scales)
     if has_scale:
         assert gate_scale is not None and up_scale is not None

@@ -36,10 +36,12 @@ def block_extra_keys(images: list[ImageSpan], start: int, end: int) -> bytes:
     return b"".join(parts)
 
 
-def chain_hash(previous: bytes, token_ids: list[int], extra: bytes) -> bytes:
+def chain_hash(previous: bytes, token_bytes: bytes | memoryview, extra: bytes) -> bytes:
+    """A block's key: the previous block's, its token ids as ``token_bytes`` (4 bytes per id, native order:
+    hashes never leave the process) and its image keys."""
     digest = hashlib.blake2b(previous, digest_size=16)
-    digest.update(len(token_ids).to_bytes(4, "little"))
-    digest.update(array("I", token_ids).tobytes())  # 4 bytes per id, native order (hashes never leave the process)
+    digest.update((len(token_bytes) // 4).to_bytes(4, "little"))
+    digest.update(token_bytes)
     digest.update(extra)
     return digest.digest()
 
@@ -111,11 +113,14 @@ class BlockManager:
         bs = self.block_size
         count = upto_tokens // bs
         hashes = seq.block_hashes
-        for b in range(len(hashes), count):
-            start = b * bs
-            previous = hashes[-1] if hashes else b""
-            extra = block_extra_keys(seq.images, start, start + bs)
-            hashes.append(chain_hash(previous, seq.tokens_between(start, start + bs), extra))
+        first = len(hashes)
+        if first < count:  # the new blocks' ids converted once, then hashed slice by slice
+            tokens = memoryview(array("I", seq.tokens_between(first * bs, count * bs)).tobytes())
+            for b in range(first, count):
+                start = b * bs
+                previous = hashes[-1] if hashes else b""
+                extra = block_extra_keys(seq.images, start, start + bs) if seq.images else b""
+                hashes.append(chain_hash(previous, tokens[(start - first * bs) * 4:(start - first * bs + bs) * 4], extra))
         return hashes[:count]
 
     def match_prefix(self, seq: Sequence) -> list[int]:

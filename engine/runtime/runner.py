@@ -95,10 +95,11 @@ class ModelRunner:
         return config.num_hidden_layers * latent * torch.empty((), dtype=dtype).element_size()
 
     # ------------------------------------------------------------------ inputs
-    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        positions = torch.arange(start, end)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+    def _slots(self, seq: Sequence, end: int) -> np.ndarray:
+        """Cache slots of the sequence's first ``end`` positions (every block holds ``block_size`` of them)."""
+        bs = self.block_size
+        blocks = np.asarray(seq.block_table[: -(-end // bs)], dtype=np.int64)
+        return (blocks[:, None] * bs + np.arange(bs)).reshape(-1)[:end]
 
     def _image_features(self, images: list[ImageSpan]) -> dict[bytes, torch.Tensor]:
         """Features for the given images, encoding the uncached ones in one packed vision call. Pixels deferred
@@ -140,9 +141,12 @@ class ModelRunner:
         Python work), so a step's CPU cost grows with the number of sequences, not their lengths.
         """
         bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
+        total = sum(num_new_tokens)
+        # token-wise inputs filled slice by slice in numpy: a prompt chunk's 8K+ tokens cost no per-token Python
+        # work (the device waits on this before a prompt's first kernel)
+        ids = np.empty(total, dtype=np.int64)
+        positions = np.empty(total, dtype=np.int64)
+        slot_mapping = np.empty(total, dtype=np.int64)
         logit_rows: list[int] = []
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
@@ -154,17 +158,18 @@ class ModelRunner:
         for seq, n in zip(seqs, num_new_tokens):
             start = seq.num_computed_tokens
             end = start + n
-            ids.extend(seq.tokens_between(start, end))
-            positions.extend(range(start, end))
+            rows = slice(row, row + n)
+            ids[rows] = seq.tokens_between(start, end)
+            positions[rows] = np.arange(start, end)
             if n == 1 and start > 0:
                 decode_rows.append(row)
                 decode_tables.append(seq.block_table)
                 decode_lens.append(end)
-                slot_mapping.append(seq.block_table[start // bs] * bs + start % bs)
+                slot_mapping[row] = seq.block_table[start // bs] * bs + start % bs
             else:
-                seq_slots = self._slots(seq, 0, end)
-                slot_mapping.extend(seq_slots[start:end].tolist())
-                prefills.append(PrefillChunk(row, n, end, seq_slots.to(self.device)))
+                seq_slots = self._slots(seq, end)
+                slot_mapping[rows] = seq_slots[start:end]
+                prefills.append(PrefillChunk(row, n, end, torch.from_numpy(seq_slots).to(self.device)))
             for image in seq.images:
                 lo, hi = max(image.start, start), min(image.end, end)
                 if lo < hi:
@@ -190,9 +195,9 @@ class ModelRunner:
             decode_mask = torch.zeros(0, 1, dtype=torch.bool)
         dev = self.device
         return StepMetadata(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-            positions=torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long).to(dev, non_blocking=True),
+            input_ids=torch.from_numpy(ids).to(dev, non_blocking=True),
+            positions=torch.from_numpy(positions).to(dev, non_blocking=True),
+            slot_mapping=torch.from_numpy(slot_mapping).to(dev, non_blocking=True),
             decode_rows=torch.tensor(decode_rows, dtype=torch.long).to(dev, non_blocking=True),
             decode_slots=decode_slots.to(dev, non_blocking=True),
             decode_mask=decode_mask.to(dev, non_blocking=True),
