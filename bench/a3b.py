@@ -66,6 +66,8 @@ def random_a3b_model(
             if name.endswith("pos_emb.weight") or name.endswith("embed_tokens.weight"):
                 fan_in = 1 if "embed_tokens" in name else 1e4
             param.normal_(0, 1 / math.sqrt(fan_in))
+            if param.dtype == torch.float32:  # the router, kept fp32 by the loader: values a bf16 checkpoint holds
+                param.copy_(param.to(torch.bfloat16).float())
         else:
             param.normal_(0, 0.02)
     return model

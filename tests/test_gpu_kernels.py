@@ -299,3 +299,109 @@ def test_silu_mul_scale_kernel_matches_reference(rows: int, cols: int) -> None:
     both = torch.cat([gate, up], dim=1)
     dense = triton_moe.silu_mul_scale(both[:, :cols], both[:, cols:], None)
     _close(dense, silu_mul_scale_torch(gate.float(), up.float(), None), rel=1e-2)
+
+
+def _routing(tokens: int, top_k: int, experts: int, seed: int, hot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's top-k ids (int64) and softmax weights (fp32); with ``hot``, 90% of the pairs on experts
+    0..hot-1 (slots drawn independently: dispatch needs no distinct ids per token)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    weights, ids = torch.randn(tokens, experts, device="cuda", generator=gen).softmax(dim=-1).topk(top_k, dim=-1)
+    if hot:
+        hot_ids = torch.randint(0, hot, ids.shape, device="cuda", generator=gen)
+        ids = torch.where(torch.rand(ids.shape, device="cuda", generator=gen) < 0.9, hot_ids, ids)
+    return ids, weights
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens,hot,int32", [(8192, 0, False), (1, 0, False), (777, 0, True), (8192, 3, False),
+                                              (131072, 0, False)])
+def test_moe_dispatch_kernel_matches_reference(tokens: int, hot: int, int32: bool) -> None:
+    """The two-launch counting sort against the argsort dispatch it replaces at A3B's E=64, k=6: every output
+    bit for bit (integers and a gathered, rounded weight), through moe.dispatch's gate; uneven routing (most pairs
+    on 3 experts, the rest with few or none) and a 131K-token chunk's 786K pairs too."""
+    from engine.kernels import moe
+
+    ids, weights = _routing(tokens, 6, 64, tokens + hot, hot)
+    if int32:
+        ids = ids.int()
+    actual = moe.dispatch(ids, weights, 64, torch.bfloat16)
+    expected = moe.dispatch_torch(ids, weights, 64, torch.bfloat16)
+    assert not moe._broken
+    for name, a, e in zip(("tokens", "row_weights", "offsets", "inverse"), actual, expected):
+        assert a.dtype == e.dtype and a.shape == e.shape and torch.equal(a, e), name
+    if hot:
+        assert expected[2][2].item() > 0.8 * ids.numel()
+
+
+@pytest.mark.gpu
+def test_moe_dispatch_kernel_replays_in_a_cuda_graph() -> None:
+    """No host sync and shapes from the input's alone: captured once, a replay on new routing gives the new
+    dispatch."""
+    from engine.kernels import triton_moe
+    from engine.kernels.moe import dispatch_torch
+
+    ids, weights = _routing(777, 6, 64, 1)
+    triton_moe.dispatch(ids, weights, 64, torch.bfloat16)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = triton_moe.dispatch(ids, weights, 64, torch.bfloat16)
+    new_ids, new_weights = _routing(777, 6, 64, 2, hot=2)
+    ids.copy_(new_ids)
+    weights.copy_(new_weights)
+    graph.replay()
+    for a, e in zip(outputs, dispatch_torch(new_ids, new_weights, 64, torch.bfloat16)):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [8192, 600])
+def test_router_logits_from_16bit_rows_match_fp32(rows: int) -> None:
+    """Prompt rows' router logits from bf16 rows and the weight's exact bf16 copy (tensor cores, exact products)
+    against the fp32 product at A3B's sizes: the same sums up to their order, so the same top-k almost always."""
+    from engine.kernels import decode
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 2048, device="cuda", generator=gen).to(torch.bfloat16)
+    weight = (torch.randn(64, 2048, device="cuda", generator=gen) / 45).to(torch.bfloat16).float()
+    expected = torch.nn.functional.linear(x.double(), weight.double())
+    actual = decode.router_logits(x, None, weight, impl="triton", weight_16bit=weight.to(torch.bfloat16))
+    assert actual.dtype == torch.float32 and actual.shape == (rows, 64)
+    assert ((actual.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
+    auto = decode.router_logits(x, None, weight, weight_16bit=weight.to(torch.bfloat16))  # "auto" takes it too
+    assert torch.equal(auto, actual)
+    same = (actual.topk(6).indices.sort().values == expected.float().topk(6).indices.sort().values).all(dim=1)
+    assert same.float().mean().item() > 0.995
+
+
+@pytest.mark.gpu
+def test_merged_gate_up_grouped_gemm_matches_separate_on_gpu() -> None:
+    """An ExpertBank and a shared MLP with the merged gate/up layouts (one grouped GEMM / GEMM for both) against
+    the same modules projecting gate and up separately, bf16 at A3B's expert sizes, 8K tokens; the decode expert
+    kernels read the merged views."""
+    from engine.model.decoder import DeepseekV3MLP, ExpertBank
+
+    torch.manual_seed(0)
+    bank = ExpertBank(64, 2048, 1408).to("cuda", torch.bfloat16)
+    shared = DeepseekV3MLP(2048, 2816).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for p in [*bank.parameters(), *shared.parameters()]:
+            p.normal_(0, 2048 ** -0.5)
+    x = torch.randn(8192, 2048, device="cuda").to(torch.bfloat16)
+    ids = torch.randn(8192, 64, device="cuda").topk(6, dim=-1).indices
+    weights = torch.rand(8192, 6, device="cuda")
+    with torch.inference_mode():
+        separate_bank, separate_shared = bank(x, ids, weights), shared(x)
+        bank.fuse_gate_up_()
+        shared.fuse_gate_up_()
+        assert bank.gate_up_weight is not None and shared.gate_up_weight is not None
+        merged_bank, merged_shared = bank(x, ids, weights), shared(x)
+    for a, b in ((merged_bank, separate_bank), (merged_shared, separate_shared)):
+        assert (a.float() - b.float()).abs().max().item() <= 2 ** -6 * b.float().abs().max().item()
+    from engine.kernels import decode
+
+    rows = x[:3]
+    hidden = decode.moe_gate_up(rows, ids[:3], weights[:3], bank.gate_proj, bank.up_proj, impl="triton")
+    reference = decode.moe_gate_up(rows, ids[:3], weights[:3], bank.gate_proj.contiguous(), bank.up_proj.contiguous(),
+                                   impl="torch")
+    assert (hidden.float() - reference.float()).abs().max().item() <= 2 ** -6 * reference.float().abs().max().item()

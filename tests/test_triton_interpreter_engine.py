@@ -81,6 +81,7 @@ def test_engine_triton_paths_under_interpreter(tiny_checkpoint_a3b: Path) -> Non
     assert report["prefill_fp8"]["tokens"] > 64  # past the GEMV row limit of Fp8Linear's weight-only GEMM
     assert prefill.get("fp8_grouped_linear", 0) > 0 and prefill.get("silu_mul_scale", 0) > 0, prefill
     assert prefill.get("moe_combine", 0) > 0, prefill  # the k slots + shared output summed in one pass
+    assert prefill.get("moe_dispatch", 0) > 0, prefill  # the pairs grouped by expert in a counting sort
     # the projections' glue and the K/V layout in one pass each (norm, RoPE, cache write; head-major query)
     assert prefill.get("prefill_prologue", 0) > 0 and prefill.get("expand_kv", 0) > 0, prefill
     assert prefill.get("silu_mul", 0) > 0, prefill  # the shared experts' (and dense MLP's) SwiGLU in one pass

@@ -65,6 +65,7 @@ _count(triton_fp8, "skinny_linear",
 _count(triton_fp8, "fp8_grouped_linear", lambda x, *a: "fp8_grouped_linear")
 _count(triton_moe, "silu_mul_scale", lambda *a: "silu_mul_scale" if a[2] is not None else "silu_mul")
 _count(triton_moe, "combine", lambda *a: "moe_combine")
+_count(triton_moe, "dispatch", lambda *a, **k: "moe_dispatch")
 _count(triton_prefill_layout, "prologue", lambda *a: "prefill_prologue")
 _count(triton_prefill_layout, "expand_kv", lambda *a: "expand_kv")
 _count(triton_decode, "attention_splits", lambda n, width: f"attention_splits[{width}]")

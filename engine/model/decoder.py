@@ -26,6 +26,7 @@ from engine.config import TextConfig
 from engine.kernels import decode as fused_ops
 from engine.kernels import fp8, prefill_layout, use_triton
 from engine.kernels.moe import combine as moe_combine
+from engine.kernels.moe import dispatch as moe_dispatch
 from engine.kernels.moe import silu_mul_scale
 from engine.model.rope import apply_interleaved_rope
 
@@ -528,29 +529,21 @@ class ExpertBank(nn.Module):
                 shared: torch.Tensor | None = None) -> torch.Tensor:
         """x (T, D), the router's ids / weights (T, k) -> Σ_k weight · expert(x) (T, D) in x's dtype, plus
         ``shared`` (T, D) (the shared experts' output) when given: added in the same pass as the slots' sum."""
-        n_tokens, top_k = ids.shape
-        flat_ids = ids.flatten()
-        order = flat_ids.argsort(stable=True)
-        gathered = x[order // top_k]
-        # scatter_add instead of bincount: bincount's output size depends on the data (a host sync), which would
-        # also break CUDA-graph capture of the decode step
-        counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=x.device)
-        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+        top_k = ids.shape[1]
+        # the (token, slot) pairs grouped by expert: one counting-sort kernel on CUDA (engine.kernels.moe)
+        tokens, row_weights, offsets, inverse = moe_dispatch(ids, weights, self.gate_proj.shape[0], x.dtype)
+        gathered = x[tokens]
         # the routing weight scales the expert's hidden activation (the down projection is linear, so this
         # equals weighting its output) and the k slots of a token are then summed with fp32 accumulation:
         # one gather and one reduction instead of float atomics
-        row_weights = weights.flatten()[order].to(x.dtype)[:, None]
         use_grouped = self.backend == "grouped" or (self.backend == "auto" and grouped_mm_available(x))
         if use_grouped:
-            outputs = self._grouped(gathered, counts, row_weights)
+            outputs = self._grouped(gathered, offsets, row_weights)
         else:
-            outputs = self._loop(gathered, counts, row_weights)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=x.device)
+            outputs = self._loop(gathered, offsets, row_weights)
         return moe_combine(outputs, inverse, top_k, shared)  # fp32 sum of the k slots, one pass (engine.kernels.moe)
 
-    def _grouped(self, sorted_x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
-        offsets = counts.cumsum(0).to(torch.int32)
+    def _grouped(self, sorted_x: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         merged = self.gate_up_weight
         if merged is not None:  # gate and up in one grouped GEMM
             gate, up = self._project(sorted_x, merged, getattr(self, "_gate_up_scale", None), offsets).chunk(2, -1)
@@ -567,10 +560,11 @@ class ExpertBank(nn.Module):
             return fp8.grouped_linear(x, weight, scale, offsets)
         return F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
 
-    def _loop(self, sorted_x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    def _loop(self, sorted_x: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         outputs = torch.empty_like(sorted_x)
         start = 0
-        for expert, count in enumerate(counts.tolist()):
+        for expert, end in enumerate(offsets.tolist()):
+            count = end - start
             if count == 0:
                 continue
             rows = slice(start, start + count)
