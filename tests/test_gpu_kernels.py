@@ -365,9 +365,12 @@ def test_router_logits_from_16bit_rows_match_fp32(rows: int) -> None:
     x = torch.randn(rows, 2048, device="cuda", generator=gen).to(torch.bfloat16)
     weight = (torch.randn(64, 2048, device="cuda", generator=gen) / 45).to(torch.bfloat16).float()
     expected = torch.nn.functional.linear(x.double(), weight.double())
+    fp32 = torch.nn.functional.linear(x.float(), weight)  # the path it replaces: its own rounding of the sums
     actual = decode.router_logits(x, None, weight, impl="triton", weight_16bit=weight.to(torch.bfloat16))
     assert actual.dtype == torch.float32 and actual.shape == (rows, 64)
-    assert ((actual.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
+    scale = expected.abs().max()
+    err, err_fp32 = ((actual.double() - expected).abs().max() / scale).item(), ((fp32 - expected).abs().max() / scale).item()
+    assert err < max(4 * err_fp32, 1e-5), (err, err_fp32)  # fp32 sums of 2,048 exact products (H100: 2.3e-6)
     auto = decode.router_logits(x, None, weight, weight_16bit=weight.to(torch.bfloat16))  # "auto" takes it too
     assert torch.equal(auto, actual)
     same = (actual.topk(6).indices.sort().values == expected.float().topk(6).indices.sort().values).all(dim=1)
