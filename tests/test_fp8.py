@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.interpreter import run_interpret_checks
 import torch.nn.functional as F
 from torch import nn
 
@@ -195,12 +197,7 @@ def test_unknown_quantization_is_refused(tiny_checkpoint) -> None:
 def test_triton_kernels_under_interpreter() -> None:
     """Triton's interpreter runs the fp8 kernels on CPU tensors: a subprocess, since TRITON_INTERPRET must be set
     before triton is first imported."""
-    pytest.importorskip("triton")
-    script = Path(__file__).with_name("fp8_interpret_checks.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(script.parent.parent)}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "fp8 interpreter checks passed" in done.stdout
+    assert "fp8 interpreter checks passed" in run_interpret_checks("fp8_interpret_checks.py")
 
 
 def test_fp8_agreement_harness_scores_a_checkpoint_on_text(tiny_checkpoint_a3b: Path, tmp_path: Path) -> None:

@@ -5,13 +5,11 @@ tests/test_gpu_kernels.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.interpreter import run_interpret_checks
 import torch.nn.functional as F
 
 from engine.kernels import moe
@@ -78,11 +76,6 @@ def test_outputs_feed_grouped_mm_and_combine() -> None:
 
 
 def test_triton_kernel_under_interpreter() -> None:
-    pytest.importorskip("triton")
-    script = Path(__file__).with_name("moe_dispatch_interpret_checks.py")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "moe dispatch interpreter checks passed" in done.stdout
-    assert done.stdout.count("ok ") == 11
+    out = run_interpret_checks("moe_dispatch_interpret_checks.py")
+    assert "moe dispatch interpreter checks passed" in out
+    assert out.count("ok ") == 11

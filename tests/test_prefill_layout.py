@@ -4,13 +4,10 @@ GPU in tests/test_gpu_kernels.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
 import torch
+
+from tests.interpreter import run_interpret_checks
 
 from engine.kernels import prefill_layout
 from engine.model.rope import apply_interleaved_rope
@@ -58,14 +55,9 @@ def test_reference_prologue_writes_the_cache_and_expand_kv_lays_out_heads() -> N
 
 
 def test_triton_kernels_under_interpreter() -> None:
-    pytest.importorskip("triton")
-    script = Path(__file__).with_name("prefill_layout_interpret_checks.py")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "prefill layout interpreter checks passed" in done.stdout
-    assert done.stdout.count("ok ") == 8
+    out = run_interpret_checks("prefill_layout_interpret_checks.py")
+    assert "prefill layout interpreter checks passed" in out
+    assert out.count("ok ") == 8
 
 
 def test_router_weight_exact_in_16_bits_only_when_every_value_is(tiny_checkpoint_a3b) -> None:

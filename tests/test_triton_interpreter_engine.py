@@ -15,12 +15,11 @@ The model is float16: the interpreter's tl.dot with bf16 operands computes garba
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.interpreter import run_interpret_checks
 
 pytestmark = pytest.mark.slow  # ~19 s under the interpreter on 2 cores
 
@@ -33,13 +32,8 @@ BF16_LOGITS_TOL = 5e-2
 
 
 def test_engine_triton_paths_under_interpreter(tiny_checkpoint_a3b: Path) -> None:
-    pytest.importorskip("triton")
-    script = Path(__file__).with_name("triton_interpret_engine_checks.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(script.parent.parent)}
-    done = subprocess.run([sys.executable, str(script), str(tiny_checkpoint_a3b)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_interpret_checks("triton_interpret_engine_checks.py", str(tiny_checkpoint_a3b))
+    report = json.loads(out.strip().splitlines()[-1])
 
     assert report["fallbacks"] == [], report["fallbacks"]  # no kernel failed and was replaced by its reference
     for check in ("decode", "decode_tiled", "decode_padded", "decode_fp8", "decode_fp8_tiled", "decode_fp8_grouped",
